@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what a fresh Debian bookworm machine lacks to run snapblk's guest tests and
+# benchmark: QEMU 10 (bookworm-backports), qemu-storage-daemon, busybox-static and cpio.
+# Idempotent: does nothing when everything is already there.
+set -euo pipefail
+
+need=()
+qemu_ok() {
+    command -v qemu-system-x86_64 >/dev/null 2>&1 &&
+        qemu-system-x86_64 --version | grep -qE 'version (9|[1-9][0-9])\.'
+}
+qemu_ok || need+=(qemu)
+command -v qemu-storage-daemon >/dev/null 2>&1 || need+=(qemu)
+[ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 || need+=(busybox)
+command -v cpio >/dev/null 2>&1 || need+=(cpio)
+[ ${#need[@]} -eq 0 ] && exit 0
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+
+src=/etc/apt/sources.list.d/bookworm-backports.sources
+if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    $SUDO tee "$src" >/dev/null <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+fi
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils qemu-block-extra >/dev/null
+$SUDO apt-get install -y -qq busybox-static cpio xz-utils zstd >/dev/null
+qemu-system-x86_64 --version | head -1

@@ -1,0 +1,57 @@
+//! The storage I/O layer: positional reads and writes on a byte store.
+//!
+//! Everything above this module (the virtio-blk data path, the copy-on-write engine) does I/O
+//! through [`Storage`], so tests can substitute an in-memory or crash-injecting store.
+
+mod file;
+
+pub use file::FileStorage;
+
+use std::io::{self, IoSlice, IoSliceMut};
+
+/// A byte-addressed store with positional, thread-safe I/O.
+///
+/// All methods take `&self`: implementations must allow concurrent calls from many threads
+/// (one per queue). Reads past the end return an error, never a short read.
+pub trait Storage: Send + Sync {
+    /// Current size in bytes.
+    fn size(&self) -> u64;
+
+    /// Fills `buf` from `offset`; fails if any part lies past the end.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Writes all of `buf` at `offset`, extending the store if needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+
+    /// Fills the buffers in order, starting at `offset`.
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
+        let mut pos = offset;
+        for buf in bufs.iter_mut() {
+            self.read_at(buf, pos)?;
+            pos += buf.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Writes the buffers in order, starting at `offset`.
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
+        let mut pos = offset;
+        for buf in bufs {
+            self.write_at(buf, pos)?;
+            pos += buf.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable (fdatasync for files).
+    fn sync(&self) -> io::Result<()>;
+
+    /// Grows or shrinks the store.
+    fn set_size(&self, size: u64) -> io::Result<()>;
+
+    /// Deallocates `[offset, offset+len)`; it reads as zeros afterwards.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Makes `[offset, offset+len)` read as zeros, keeping it allocated.
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()>;
+}
