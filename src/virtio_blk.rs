@@ -322,7 +322,9 @@ impl Request {
         match request_type {
             VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
                 let block = u64::from(limits.logical_block_size);
-                if !self.data_len.is_multiple_of(block) || !sector.is_multiple_of(limits.sectors_per_block()) {
+                if !self.data_len.is_multiple_of(block)
+                    || !sector.is_multiple_of(limits.sectors_per_block())
+                {
                     return Err(ParseError::Misaligned(self.data_len));
                 }
                 let sectors = self.data_len >> SECTOR_SHIFT;
