@@ -6,9 +6,11 @@
 //! - [`virtio_blk`]: virtio-blk request parsing and validation; pure, transport-independent.
 //! - [`device`]: the block devices the daemon serves (the raw origin today).
 //! - [`vhost`]: the vhost-user face: backend, queue workers, config space, listener loop.
+//! - [`cow`]: the copy-on-write engine: snapshots sharing one cache object (docs/engine.md).
 //! - [`cli`]: command-line parsing and the `serve` command.
 
 pub mod cli;
+pub mod cow;
 pub mod device;
 pub mod storage;
 pub mod vhost;
