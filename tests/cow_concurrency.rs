@@ -45,7 +45,11 @@ fn origin_write_copies_once_whatever_the_number_of_snapshots() {
         let after = eng.stats();
         assert_eq!(after.copies - before.copies, 16, "{n} snapshots");
         assert_eq!(after.bytes_copied - before.bytes_copied, 16 * CHUNK);
-        assert_eq!(after.blocks_used - before.blocks_used, 16, "one shared block each");
+        assert_eq!(
+            after.blocks_used - before.blocks_used,
+            16,
+            "one shared block each"
+        );
         // Rewriting copies nothing more.
         eng.write(DeviceId::ORIGIN, 512, &data[..4096]).unwrap();
         assert_eq!(eng.stats().copies, after.copies);
@@ -131,7 +135,10 @@ fn cache_full_makes_the_snapshot_inoperative_never_the_origin() {
     ));
     let st = eng.stats();
     assert_eq!(st.inoperative_devices, 3);
-    assert_eq!(st.blocks_used, 0, "blocks of inoperative snapshots are released");
+    assert_eq!(
+        st.blocks_used, 0,
+        "blocks of inoperative snapshots are released"
+    );
     eng.read(DeviceId::ORIGIN, 0, &mut buf).unwrap();
     assert_eq!(buf[0], 9);
     // The state survives a reopen and the checker finds the object clean.
@@ -140,8 +147,11 @@ fn cache_full_makes_the_snapshot_inoperative_never_the_origin() {
     let eng = CacheObject::open(origin, cache, OpenOptions::default()).unwrap();
     assert_eq!(eng.stats().inoperative_devices, 3);
     // New snapshots work again.
-    let s = eng.create_snapshot(DeviceId::ORIGIN, "again", false).unwrap();
-    eng.write(DeviceId::ORIGIN, 0, &vec![1u8; CHUNK as usize]).unwrap();
+    let s = eng
+        .create_snapshot(DeviceId::ORIGIN, "again", false)
+        .unwrap();
+    eng.write(DeviceId::ORIGIN, 0, &vec![1u8; CHUNK as usize])
+        .unwrap();
     eng.read(s, 0, &mut buf).unwrap();
     assert_eq!(buf[0], 9);
 }
@@ -200,11 +210,16 @@ struct Registered {
 
 #[test]
 fn stress_concurrent_writers_readers_and_snapshots() {
-    let dir = tempfile::tempdir_in("/dev/shm").or_else(|_| tempfile::tempdir()).unwrap();
+    let dir = tempfile::tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .unwrap();
     let size = 256 * CHUNK;
     let opath = dir.path().join("origin");
     let cpath = dir.path().join("cache");
-    std::fs::File::create(&opath).unwrap().set_len(size).unwrap();
+    std::fs::File::create(&opath)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
     std::fs::File::create(&cpath).unwrap();
     let origin: Arc<dyn Storage> = Arc::new(FileStorage::open(&opath, false).unwrap());
     let cache: Arc<dyn Storage> = Arc::new(FileStorage::open(&cpath, false).unwrap());
@@ -251,8 +266,12 @@ fn stress_concurrent_writers_readers_and_snapshots() {
                     }
                     // Write each owned sector (runs may be split by band boundaries).
                     for (i, &sct) in sectors.iter().enumerate() {
-                        eng.write(DeviceId::ORIGIN, sct as u64 * 512, &buf[i * 512..(i + 1) * 512])
-                            .unwrap();
+                        eng.write(
+                            DeviceId::ORIGIN,
+                            sct as u64 * 512,
+                            &buf[i * 512..(i + 1) * 512],
+                        )
+                        .unwrap();
                     }
                     if rng.u8(0..50) == 0 {
                         eng.flush().unwrap();

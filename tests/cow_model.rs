@@ -220,9 +220,7 @@ fn sector_token(s: &[u8]) -> Option<u64> {
     let mut w = [0u8; 8];
     w.copy_from_slice(&s[..8]);
     let t = u64::from_le_bytes(w);
-    s.chunks(8)
-        .all(|x| x == w.as_slice())
-        .then_some(t)
+    s.chunks(8).all(|x| x == w.as_slice()).then_some(t)
 }
 
 #[derive(Clone)]
@@ -401,7 +399,14 @@ fn run_crash_case(seed: u64) {
         if present.contains(&id) {
             let writable = eng.device(DeviceId(id)).unwrap().writable;
             let cur = cands.iter().map(|c| c[0]).collect();
-            model.insert(id, CrashDev { writable, cur, cands });
+            model.insert(
+                id,
+                CrashDev {
+                    writable,
+                    cur,
+                    cands,
+                },
+            );
         }
     }
     for id in &present {
@@ -433,11 +438,21 @@ fn run_crash_case(seed: u64) {
     // writable, then every other device must be unchanged.
     let mut after: BTreeMap<u64, CrashDev> = BTreeMap::new();
     let mut buf = vec![0u8; size as usize];
-    for (&id, _) in &model {
+    for &id in model.keys() {
         eng.read(DeviceId(id), 0, &mut buf).unwrap();
-        let cur: Vec<u64> = buf.chunks(SECTOR).map(|s| sector_token(s).unwrap()).collect();
+        let cur: Vec<u64> = buf
+            .chunks(SECTOR)
+            .map(|s| sector_token(s).unwrap())
+            .collect();
         let cands = cur.iter().map(|&t| vec![t]).collect();
-        after.insert(id, CrashDev { writable: model[&id].writable, cur, cands });
+        after.insert(
+            id,
+            CrashDev {
+                writable: model[&id].writable,
+                cur,
+                cands,
+            },
+        );
     }
     for (&id, m) in after.iter_mut() {
         if m.writable && rng.bool() {
@@ -447,7 +462,8 @@ fn run_crash_case(seed: u64) {
             for &t in &tokens {
                 data.extend_from_slice(&sector_bytes(t));
             }
-            eng.write(DeviceId(id), (first * SECTOR) as u64, &data).unwrap();
+            eng.write(DeviceId(id), (first * SECTOR) as u64, &data)
+                .unwrap();
             m.write(first, &tokens);
             m.flushed();
         }

@@ -100,9 +100,7 @@ pub fn check_cache(cache: &dyn Storage) -> CheckReport {
     let mut r = CheckReport::default();
     for slot in 0..2u64 {
         let mut buf = vec![0u8; HEADER_SLOT_SIZE as usize];
-        if cache.read_at(&mut buf, slot * HEADER_SLOT_SIZE).is_ok()
-            && buf.iter().any(|&b| b != 0)
-        {
+        if cache.read_at(&mut buf, slot * HEADER_SLOT_SIZE).is_ok() && buf.iter().any(|&b| b != 0) {
             if let Err(e) = Header::decode(&buf) {
                 r.notes.push(format!(
                     "header slot {slot} is invalid ({e}); the other slot is used"
@@ -195,10 +193,8 @@ fn check_meta(m: &Meta, h: &Header, file_size: u64, ckpt: &[u64], r: &mut CheckR
                 let u = uses.entry(b).or_insert((0, c));
                 u.0 += 1;
                 if u.1 != c {
-                    r.problems.push(format!(
-                        "block {b} mapped at chunks {} and {c}",
-                        u.1
-                    ));
+                    r.problems
+                        .push(format!("block {b} mapped at chunks {} and {c}", u.1));
                 }
             }
         }

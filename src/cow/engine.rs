@@ -14,8 +14,7 @@
 use super::format::{
     decode_ckpt_block, encode_ckpt_block, encode_txn, entry_block, entry_to_block,
     parse_txn_header, txn_len, verify_txn, Enc, Header, Record, CKPT_BLOCK_HEADER, ENTRY_UNMAPPED,
-    ENTRY_ZERO,
-    HEADER_SLOT_SIZE, JOURNAL_OFFSET, NO_BLOCK, TXN_ALIGN, TXN_HEADER, TXN_WRAP,
+    ENTRY_ZERO, HEADER_SLOT_SIZE, JOURNAL_OFFSET, NO_BLOCK, TXN_ALIGN, TXN_HEADER, TXN_WRAP,
 };
 use super::meta::{Meta, View, META_REF, NO_PARENT, ORIGIN_ID};
 use super::{CowError, DeviceId, Result};
@@ -256,7 +255,7 @@ impl CacheObject {
             )));
         }
         let origin_size = origin.size();
-        if origin_size == 0 || origin_size % SECTOR != 0 {
+        if origin_size == 0 || !origin_size.is_multiple_of(SECTOR) {
             return Err(CowError::InvalidOption(format!(
                 "origin size {origin_size} must be a non-zero multiple of 512"
             )));
@@ -561,8 +560,8 @@ impl CacheObject {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
-        let ok = offset % SECTOR == 0
-            && len % SECTOR == 0
+        let ok = offset.is_multiple_of(SECTOR)
+            && len.is_multiple_of(SECTOR)
             && offset
                 .checked_add(len)
                 .is_some_and(|end| end <= self.origin_size);
@@ -595,7 +594,10 @@ impl CacheObject {
             let inoff = pos & (self.chunk_size - 1);
             let n = ((self.chunk_size - inoff) as usize).min(buf.len() - done);
             let piece = &mut buf[done..done + n];
-            let _stripe = self.stripe(c).read().unwrap_or_else(PoisonError::into_inner);
+            let _stripe = self
+                .stripe(c)
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
             let view = {
                 let st = self.read_state();
                 Self::check_dev(&st.meta, dev.0)?;
@@ -655,7 +657,10 @@ impl CacheObject {
     }
 
     fn write_chunk(&self, dev: u64, c: u64, inoff: usize, len: usize, src: Src<'_>) -> Result<()> {
-        let _stripe = self.stripe(c).write().unwrap_or_else(PoisonError::into_inner);
+        let _stripe = self
+            .stripe(c)
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         self.write_chunk_locked(dev, c, inoff, len, src)
     }
 
@@ -668,8 +673,11 @@ impl CacheObject {
             .iter()
             .flatten()
             .map(|d| {
-                (d.name.len() + d.attrs.iter().map(|(k, v)| k.len() + v.len() + 8).sum::<usize>())
-                    as u64
+                (d.name.len()
+                    + d.attrs
+                        .iter()
+                        .map(|(k, v)| k.len() + v.len() + 8)
+                        .sum::<usize>()) as u64
             })
             .sum();
         let ckpt_bytes = 64 + ndev * 64 + attr_bytes + (m.total_entries + 64) * 16;
@@ -1097,7 +1105,12 @@ impl CacheObject {
     /// Creates a snapshot of `parent` (the origin or any snapshot) in O(1): an empty table and
     /// a link. Flushes first, so the snapshot's point-in-time content is durable; returns once
     /// the new device record is durable.
-    pub fn create_snapshot(&self, parent: DeviceId, name: &str, writable: bool) -> Result<DeviceId> {
+    pub fn create_snapshot(
+        &self,
+        parent: DeviceId,
+        name: &str,
+        writable: bool,
+    ) -> Result<DeviceId> {
         if name.is_empty() || name.len() > 255 {
             return Err(CowError::InvalidOption(
                 "device name must be 1 to 255 bytes".into(),
@@ -1156,7 +1169,10 @@ impl CacheObject {
         Self::check_dev(&self.read_state().meta, from.0)?;
         let mut buf = vec![0u8; self.chunk_size as usize];
         for c in 0..self.nchunks {
-            let _stripe = self.stripe(c).write().unwrap_or_else(PoisonError::into_inner);
+            let _stripe = self
+                .stripe(c)
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
             let view = {
                 let st = self.read_state();
                 Self::check_dev(&st.meta, from.0)?;
@@ -1167,8 +1183,7 @@ impl CacheObject {
                 View::Origin => {}
                 View::Zero => self.write_chunk_locked(ORIGIN_ID, c, 0, clen, Src::Zeroes)?,
                 View::Block(b) => {
-                    self.cache
-                        .read_at(&mut buf[..clen], self.block_offset(b))?;
+                    self.cache.read_at(&mut buf[..clen], self.block_offset(b))?;
                     self.write_chunk_locked(ORIGIN_ID, c, 0, clen, Src::Data(&buf[..clen]))?;
                 }
             }

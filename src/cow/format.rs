@@ -235,12 +235,12 @@ impl Header {
         let ok = self.chunk_size.is_power_of_two()
             && (4096..=1 << 20).contains(&self.chunk_size)
             && self.journal_size >= 4 * TXN_ALIGN
-            && self.journal_size % TXN_ALIGN == 0
+            && self.journal_size.is_multiple_of(TXN_ALIGN)
             && self.journal_start < self.journal_size
-            && self.journal_start % TXN_ALIGN == 0
+            && self.journal_start.is_multiple_of(TXN_ALIGN)
             && self.data_offset >= JOURNAL_OFFSET + self.journal_size
-            && self.data_offset % self.chunk_size == 0
-            && self.origin_size % 512 == 0;
+            && self.data_offset.is_multiple_of(self.chunk_size)
+            && self.origin_size.is_multiple_of(512);
         if ok {
             Ok(())
         } else {

@@ -259,7 +259,11 @@ impl Meta {
     }
 
     fn share_down(&mut self, id: u64, chunk: u64, entry: u64) -> Result<(), MetaError> {
-        let children = self.dev(id).ok_or(MetaError::NoDevice(id))?.children.clone();
+        let children = self
+            .dev(id)
+            .ok_or(MetaError::NoDevice(id))?
+            .children
+            .clone();
         for c in children {
             if self
                 .dev(c)
@@ -419,11 +423,7 @@ impl Meta {
 
     /// Rebuilds the state from a checkpoint. Parents precede children in the encoding only
     /// by accident, so links are made after all devices are read.
-    pub fn decode_checkpoint(
-        buf: &[u8],
-        nchunks: u64,
-        max_blocks: u64,
-    ) -> Result<Self, MetaError> {
+    pub fn decode_checkpoint(buf: &[u8], nchunks: u64, max_blocks: u64) -> Result<Self, MetaError> {
         let mut m = Meta::new(nchunks, max_blocks);
         m.devices.clear();
         let mut d = Dec::new(buf, "checkpoint");
@@ -467,7 +467,12 @@ impl Meta {
         if m.dev(ORIGIN_ID).is_none() {
             return Err(MetaError::NoDevice(ORIGIN_ID));
         }
-        let ids: Vec<(u64, u64)> = m.devices.iter().flatten().map(|d| (d.id, d.parent)).collect();
+        let ids: Vec<(u64, u64)> = m
+            .devices
+            .iter()
+            .flatten()
+            .map(|d| (d.id, d.parent))
+            .collect();
         for (id, parent) in ids {
             if id != ORIGIN_ID {
                 m.dev_mut(parent)?.children.push(id);

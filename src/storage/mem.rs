@@ -18,7 +18,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn eof() -> io::Error {
-    io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the store")
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "read past the end of the store",
+    )
 }
 
 /// A growable byte array behind a mutex.
@@ -55,9 +58,7 @@ fn put(data: &mut Vec<u8>, buf: &[u8], offset: u64) {
 }
 
 fn get(data: &[u8], buf: &mut [u8], offset: u64) -> io::Result<()> {
-    let end = offset
-        .checked_add(buf.len() as u64)
-        .ok_or_else(eof)?;
+    let end = offset.checked_add(buf.len() as u64).ok_or_else(eof)?;
     if end > data.len() as u64 {
         return Err(eof());
     }
