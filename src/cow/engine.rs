@@ -814,6 +814,9 @@ impl CacheObject {
             }
             // Step 2: our own change.
             if dev == ORIGIN_ID {
+                if must_be_durable.is_some() || !st.meta.has_unmapped_child(dev, c) {
+                    st.meta.mark_origin_shared(c);
+                }
                 let shield = st.chunk_epochs[(c as usize) % CHUNK_EPOCH_SLOTS];
                 drop(st);
                 if shield > self.durable_epoch.load(Ordering::Acquire) {

@@ -149,6 +149,11 @@ pub struct Meta {
     pub dropped: Vec<u64>,
     /// Sum over devices of non-unmapped entries (sizes the checkpoint).
     pub total_entries: u64,
+    /// Bumped whenever the set of the origin's children changes.
+    pub origin_children_gen: u32,
+    /// Per origin chunk: the `origin_children_gen` at which every child was known to be
+    /// mapped there. Lets an origin rewrite skip scanning 1000 children (not persisted).
+    pub origin_shared_gen: Vec<u32>,
 }
 
 impl Meta {
@@ -164,6 +169,24 @@ impl Meta {
             high_water: 0,
             dropped: Vec::new(),
             total_entries: 0,
+            origin_children_gen: 1,
+            origin_shared_gen: vec![0; nchunks as usize],
+        }
+    }
+
+    fn origin_children_changed(&mut self) {
+        self.origin_children_gen = self.origin_children_gen.wrapping_add(1);
+        if self.origin_children_gen == 0 {
+            // Wrapped: forget every cached answer.
+            self.origin_shared_gen.fill(0);
+            self.origin_children_gen = 1;
+        }
+    }
+
+    /// Records that every child of the origin is mapped at `chunk` now.
+    pub fn mark_origin_shared(&mut self, chunk: u64) {
+        if let Some(g) = self.origin_shared_gen.get_mut(chunk as usize) {
+            *g = self.origin_children_gen;
         }
     }
 
@@ -200,6 +223,11 @@ impl Meta {
 
     /// Whether some child of `id` is unmapped at `chunk` (and so shares `id`'s view).
     pub fn has_unmapped_child(&self, id: u64, chunk: u64) -> bool {
+        if id == ORIGIN_ID
+            && self.origin_shared_gen.get(chunk as usize) == Some(&self.origin_children_gen)
+        {
+            return false;
+        }
         self.dev(id).is_some_and(|d| {
             d.children.iter().any(|&c| {
                 self.dev(c)
@@ -288,6 +316,9 @@ impl Meta {
                     return Err(MetaError::DuplicateDevice(*id));
                 }
                 self.dev_mut(*parent)?.children.push(*id);
+                if *parent == ORIGIN_ID {
+                    self.origin_children_changed();
+                }
                 let slot = *id as usize;
                 if self.devices.len() <= slot {
                     self.devices.resize_with(slot + 1, || None);
@@ -313,6 +344,9 @@ impl Meta {
                 let p = self.dev_mut(parent)?;
                 p.children.retain(|c| c != id);
                 p.children.extend_from_slice(&children);
+                if parent == ORIGIN_ID {
+                    self.origin_children_changed();
+                }
                 self.devices[*id as usize] = None;
             }
             Record::SetEntry { dev, chunk, entry } => {
