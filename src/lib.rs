@@ -4,12 +4,18 @@
 //! Module layout, one job each (see README.md, "Architecture"):
 //! - [`storage`]: positional I/O on files (and test doubles) behind one trait.
 //! - [`virtio_blk`]: virtio-blk request parsing and validation; pure, transport-independent.
-//! - [`device`]: the block devices the daemon serves (the raw origin today).
+//! - [`device`]: the block-device trait queue workers call, and the raw-file device.
 //! - [`vhost`]: the vhost-user face: backend, queue workers, config space, listener loop.
-//! - [`cli`]: command-line parsing and the `serve` command.
+//! - [`cow`]: the copy-on-write engine: snapshots sharing one cache object (docs/engine.md).
+//! - [`control`]: the control socket: versioned JSON-lines protocol, server, client.
+//! - [`daemon`]: joins the engine, the vhost servers and the control plane.
+//! - [`sock`]: unix socket binding shared by the vhost and control servers.
+//! - [`cli`]: command-line parsing, `serve`, and the administration commands.
 
 pub mod cli;
 pub mod control;
+pub mod cow;
+pub mod daemon;
 pub mod device;
 pub mod sock;
 pub mod storage;

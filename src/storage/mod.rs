@@ -4,6 +4,7 @@
 //! through [`Storage`], so tests can substitute an in-memory or crash-injecting store.
 
 mod file;
+pub mod mem;
 
 pub use file::FileStorage;
 

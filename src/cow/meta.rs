@@ -1,0 +1,518 @@
+//! The in-memory metadata: device tree, remap tables, reference counts and the block allocator.
+//!
+//! Every change goes through [`Meta::apply`], both live and during journal replay, so the
+//! recovered state is by construction the state the journal describes.
+
+use super::format::{
+    entry_block, entry_to_block, Dec, Enc, FormatError, Record, ENTRY_UNMAPPED, ENTRY_ZERO,
+};
+use std::collections::BTreeMap;
+
+/// Device id of the origin.
+pub const ORIGIN_ID: u64 = 0;
+/// Parent of the origin.
+pub const NO_PARENT: u64 = u64::MAX;
+/// Reference-count marker of a block holding a checkpoint.
+pub const META_REF: u32 = u32::MAX;
+
+const PAGE_SHIFT: u32 = 9;
+const PAGE: usize = 1 << PAGE_SHIFT;
+
+/// A remap table: entries in lazily allocated pages of 512, so an empty table costs nothing
+/// (snapshot create is O(1)) and a mapped entry costs 8 bytes.
+#[derive(Debug, Default, Clone)]
+pub struct Table {
+    pages: Vec<Option<Box<[u64; PAGE]>>>,
+}
+
+impl Table {
+    #[inline]
+    pub fn get(&self, chunk: u64) -> u64 {
+        match self.pages.get((chunk >> PAGE_SHIFT) as usize) {
+            Some(Some(p)) => p[(chunk as usize) & (PAGE - 1)],
+            _ => ENTRY_UNMAPPED,
+        }
+    }
+
+    pub fn set(&mut self, chunk: u64, entry: u64) {
+        let pi = (chunk >> PAGE_SHIFT) as usize;
+        if entry == ENTRY_UNMAPPED && !matches!(self.pages.get(pi), Some(Some(_))) {
+            return;
+        }
+        if self.pages.len() <= pi {
+            self.pages.resize_with(pi + 1, || None);
+        }
+        let page = self.pages[pi].get_or_insert_with(|| Box::new([ENTRY_UNMAPPED; PAGE]));
+        page[(chunk as usize) & (PAGE - 1)] = entry;
+    }
+
+    /// Every (chunk, entry) that is not unmapped.
+    pub fn mapped(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.pages.iter().enumerate().flat_map(|(pi, p)| {
+            p.iter().flat_map(move |page| {
+                page.iter().enumerate().filter_map(move |(i, &e)| {
+                    (e != ENTRY_UNMAPPED).then_some((((pi << PAGE_SHIFT) + i) as u64, e))
+                })
+            })
+        })
+    }
+
+    /// Bytes of memory held by the pages.
+    pub fn memory_bytes(&self) -> usize {
+        self.pages.len() * 8 + self.pages.iter().flatten().count() * PAGE * 8
+    }
+}
+
+/// One device.
+#[derive(Debug, Clone)]
+pub struct Dev {
+    pub id: u64,
+    pub parent: u64,
+    pub name: String,
+    pub writable: bool,
+    pub inoperative: bool,
+    pub children: Vec<u64>,
+    pub attrs: BTreeMap<String, String>,
+    pub table: Table,
+    /// Number of entries pointing at blocks.
+    pub mapped_blocks: u64,
+    /// Number of entries that are not unmapped.
+    pub entries: u64,
+}
+
+impl Dev {
+    fn new(id: u64, parent: u64, name: String, writable: bool) -> Self {
+        Self {
+            id,
+            parent,
+            name,
+            writable,
+            inoperative: false,
+            children: Vec::new(),
+            attrs: BTreeMap::new(),
+            table: Table::default(),
+            mapped_blocks: 0,
+            entries: 0,
+        }
+    }
+}
+
+/// What a device shows at a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    Origin,
+    Zero,
+    Block(u64),
+}
+
+impl View {
+    pub fn entry(self) -> u64 {
+        match self {
+            View::Origin => ENTRY_UNMAPPED,
+            View::Zero => ENTRY_ZERO,
+            View::Block(b) => entry_block(b),
+        }
+    }
+}
+
+/// Errors applying records (only reachable with a damaged or foreign journal).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MetaError {
+    #[error("record names unknown device {0}")]
+    NoDevice(u64),
+    #[error("device id {0} already exists")]
+    DuplicateDevice(u64),
+    #[error("chunk {0} out of range")]
+    ChunkRange(u64),
+    #[error("block {0} out of range")]
+    BlockRange(u64),
+    #[error("operation not allowed on the origin")]
+    Origin,
+    #[error("malformed checkpoint: {0}")]
+    Format(#[from] FormatError),
+}
+
+/// The whole metadata state.
+#[derive(Debug)]
+pub struct Meta {
+    pub nchunks: u64,
+    pub max_blocks: u64,
+    /// Slot `id` holds device `id` (ids are never reused).
+    pub devices: Vec<Option<Dev>>,
+    pub next_id: u64,
+    pub refcounts: Vec<u32>,
+    /// Blocks below `high_water` that are free for reuse now (lowest last, popped first).
+    pub free: Vec<u64>,
+    pub high_water: u64,
+    /// Blocks whose reference count was decremented by the last `apply`s, for the caller to
+    /// hold back until the change is durable (drained by the engine).
+    pub dropped: Vec<u64>,
+    /// Sum over devices of non-unmapped entries (sizes the checkpoint).
+    pub total_entries: u64,
+    /// Bumped whenever the set of the origin's children changes.
+    pub origin_children_gen: u32,
+    /// Per origin chunk: the `origin_children_gen` at which every child was known to be
+    /// mapped there. Lets an origin rewrite skip scanning 1000 children (not persisted).
+    pub origin_shared_gen: Vec<u32>,
+}
+
+impl Meta {
+    pub fn new(nchunks: u64, max_blocks: u64) -> Self {
+        let origin = Dev::new(ORIGIN_ID, NO_PARENT, "origin".into(), true);
+        Self {
+            nchunks,
+            max_blocks,
+            devices: vec![Some(origin)],
+            next_id: 1,
+            refcounts: Vec::new(),
+            free: Vec::new(),
+            high_water: 0,
+            dropped: Vec::new(),
+            total_entries: 0,
+            origin_children_gen: 1,
+            origin_shared_gen: vec![0; nchunks as usize],
+        }
+    }
+
+    fn origin_children_changed(&mut self) {
+        self.origin_children_gen = self.origin_children_gen.wrapping_add(1);
+        if self.origin_children_gen == 0 {
+            // Wrapped: forget every cached answer.
+            self.origin_shared_gen.fill(0);
+            self.origin_children_gen = 1;
+        }
+    }
+
+    /// Records that every child of the origin is mapped at `chunk` now.
+    pub fn mark_origin_shared(&mut self, chunk: u64) {
+        if let Some(g) = self.origin_shared_gen.get_mut(chunk as usize) {
+            *g = self.origin_children_gen;
+        }
+    }
+
+    #[inline]
+    pub fn dev(&self, id: u64) -> Option<&Dev> {
+        self.devices.get(id as usize).and_then(Option::as_ref)
+    }
+
+    fn dev_mut(&mut self, id: u64) -> Result<&mut Dev, MetaError> {
+        self.devices
+            .get_mut(id as usize)
+            .and_then(Option::as_mut)
+            .ok_or(MetaError::NoDevice(id))
+    }
+
+    /// The read rule: walk up until a mapping is found.
+    #[inline]
+    pub fn resolve(&self, mut id: u64, chunk: u64) -> View {
+        while id != ORIGIN_ID {
+            let Some(d) = self.dev(id) else {
+                return View::Origin;
+            };
+            let e = d.table.get(chunk);
+            if e != ENTRY_UNMAPPED {
+                return match entry_to_block(e) {
+                    Some(b) => View::Block(b),
+                    None => View::Zero,
+                };
+            }
+            id = d.parent;
+        }
+        View::Origin
+    }
+
+    /// Whether some child of `id` is unmapped at `chunk` (and so shares `id`'s view).
+    pub fn has_unmapped_child(&self, id: u64, chunk: u64) -> bool {
+        if id == ORIGIN_ID
+            && self.origin_shared_gen.get(chunk as usize) == Some(&self.origin_children_gen)
+        {
+            return false;
+        }
+        self.dev(id).is_some_and(|d| {
+            d.children.iter().any(|&c| {
+                self.dev(c)
+                    .is_some_and(|cd| !cd.inoperative && cd.table.get(chunk) == ENTRY_UNMAPPED)
+            })
+        })
+    }
+
+    pub fn refcount(&self, b: u64) -> u32 {
+        self.refcounts.get(b as usize).copied().unwrap_or(0)
+    }
+
+    fn check_entry(&self, chunk: u64, entry: u64) -> Result<(), MetaError> {
+        if chunk >= self.nchunks {
+            return Err(MetaError::ChunkRange(chunk));
+        }
+        if let Some(b) = entry_to_block(entry) {
+            if b >= self.max_blocks {
+                return Err(MetaError::BlockRange(b));
+            }
+        }
+        Ok(())
+    }
+
+    fn take_ref(&mut self, entry: u64) {
+        if let Some(b) = entry_to_block(entry) {
+            let b = b as usize;
+            if self.refcounts.len() <= b {
+                self.refcounts.resize(b + 1, 0);
+            }
+            self.refcounts[b] = self.refcounts[b].saturating_add(1);
+        }
+    }
+
+    fn drop_ref(&mut self, entry: u64) {
+        if let Some(b) = entry_to_block(entry) {
+            if let Some(r) = self.refcounts.get_mut(b as usize) {
+                *r = r.saturating_sub(1);
+            }
+            self.dropped.push(b);
+        }
+    }
+
+    /// Sets one entry, keeping reference counts and counters right.
+    fn set_entry(&mut self, id: u64, chunk: u64, entry: u64) -> Result<(), MetaError> {
+        let d = self.dev_mut(id)?;
+        let old = d.table.get(chunk);
+        d.table.set(chunk, entry);
+        d.mapped_blocks = d.mapped_blocks + entry_to_block(entry).is_some() as u64
+            - entry_to_block(old).is_some() as u64;
+        d.entries = d.entries + (entry != ENTRY_UNMAPPED) as u64 - (old != ENTRY_UNMAPPED) as u64;
+        self.total_entries =
+            self.total_entries + (entry != ENTRY_UNMAPPED) as u64 - (old != ENTRY_UNMAPPED) as u64;
+        self.take_ref(entry);
+        self.drop_ref(old);
+        Ok(())
+    }
+
+    fn share_down(&mut self, id: u64, chunk: u64, entry: u64) -> Result<(), MetaError> {
+        let children = self
+            .dev(id)
+            .ok_or(MetaError::NoDevice(id))?
+            .children
+            .clone();
+        for c in children {
+            if self
+                .dev(c)
+                .is_some_and(|d| !d.inoperative && d.table.get(chunk) == ENTRY_UNMAPPED)
+            {
+                self.set_entry(c, chunk, entry)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one record.
+    pub fn apply(&mut self, rec: &Record) -> Result<(), MetaError> {
+        match rec {
+            Record::CreateDevice {
+                id,
+                parent,
+                writable,
+                name,
+            } => {
+                if self.dev(*id).is_some() || *id == NO_PARENT {
+                    return Err(MetaError::DuplicateDevice(*id));
+                }
+                self.dev_mut(*parent)?.children.push(*id);
+                if *parent == ORIGIN_ID {
+                    self.origin_children_changed();
+                }
+                let slot = *id as usize;
+                if self.devices.len() <= slot {
+                    self.devices.resize_with(slot + 1, || None);
+                }
+                self.devices[slot] = Some(Dev::new(*id, *parent, name.clone(), *writable));
+                self.next_id = self.next_id.max(id + 1);
+            }
+            Record::DeleteDevice { id } => {
+                if *id == ORIGIN_ID {
+                    return Err(MetaError::Origin);
+                }
+                let d = self.dev(*id).ok_or(MetaError::NoDevice(*id))?;
+                let parent = d.parent;
+                let children = d.children.clone();
+                let mapped: Vec<(u64, u64)> = d.table.mapped().collect();
+                for (chunk, entry) in mapped {
+                    self.share_down(*id, chunk, entry)?;
+                    self.set_entry(*id, chunk, ENTRY_UNMAPPED)?;
+                }
+                for &c in &children {
+                    self.dev_mut(c)?.parent = parent;
+                }
+                let p = self.dev_mut(parent)?;
+                p.children.retain(|c| c != id);
+                p.children.extend_from_slice(&children);
+                if parent == ORIGIN_ID {
+                    self.origin_children_changed();
+                }
+                self.devices[*id as usize] = None;
+            }
+            Record::SetEntry { dev, chunk, entry } => {
+                if *dev == ORIGIN_ID {
+                    return Err(MetaError::Origin);
+                }
+                self.check_entry(*chunk, *entry)?;
+                self.set_entry(*dev, *chunk, *entry)?;
+            }
+            Record::ShareDown { dev, chunk, entry } => {
+                self.check_entry(*chunk, *entry)?;
+                self.share_down(*dev, *chunk, *entry)?;
+            }
+            Record::SetInoperative { dev } => {
+                if *dev == ORIGIN_ID {
+                    return Err(MetaError::Origin);
+                }
+                let mapped: Vec<(u64, u64)> = self
+                    .dev(*dev)
+                    .ok_or(MetaError::NoDevice(*dev))?
+                    .table
+                    .mapped()
+                    .collect();
+                for (chunk, _) in mapped {
+                    self.set_entry(*dev, chunk, ENTRY_UNMAPPED)?;
+                }
+                self.dev_mut(*dev)?.inoperative = true;
+            }
+            Record::SetAttr { dev, key, value } => {
+                let d = self.dev_mut(*dev)?;
+                match value {
+                    Some(v) => d.attrs.insert(key.clone(), v.clone()),
+                    None => d.attrs.remove(key),
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the allocator from the reference counts (after open or replay). Blocks in
+    /// `meta_blocks` hold the checkpoint and are neither free nor data.
+    pub fn rebuild_allocator(&mut self, meta_blocks: &[u64]) {
+        for &b in meta_blocks {
+            let b = b as usize;
+            if self.refcounts.len() <= b {
+                self.refcounts.resize(b + 1, 0);
+            }
+            self.refcounts[b] = META_REF;
+        }
+        let hw = self
+            .refcounts
+            .iter()
+            .rposition(|&r| r != 0)
+            .map_or(0, |i| i + 1);
+        self.refcounts.truncate(hw);
+        self.high_water = hw as u64;
+        self.free = (0..hw as u64)
+            .rev()
+            .filter(|&b| self.refcounts[b as usize] == 0)
+            .collect();
+        self.dropped.clear();
+    }
+
+    /// Takes a free block (lowest first), if any is left under the limit.
+    pub fn alloc(&mut self) -> Option<u64> {
+        if let Some(b) = self.free.pop() {
+            return Some(b);
+        }
+        if self.high_water < self.max_blocks {
+            self.high_water += 1;
+            if self.refcounts.len() < self.high_water as usize {
+                self.refcounts.resize(self.high_water as usize, 0);
+            }
+            return Some(self.high_water - 1);
+        }
+        None
+    }
+
+    /// Blocks that `alloc` can still hand out.
+    pub fn free_blocks(&self) -> u64 {
+        self.free.len() as u64 + (self.max_blocks - self.high_water.min(self.max_blocks))
+    }
+
+    /// Serializes the state for a checkpoint.
+    pub fn encode_checkpoint(&self) -> Vec<u8> {
+        let mut e = Enc::default();
+        e.u64(self.next_id);
+        let devs: Vec<&Dev> = self.devices.iter().flatten().collect();
+        e.u64(devs.len() as u64);
+        for d in devs {
+            e.u64(d.id);
+            e.u64(d.parent);
+            e.u8(d.writable as u8 | (d.inoperative as u8) << 1);
+            e.str(&d.name);
+            e.u64(d.attrs.len() as u64);
+            for (k, v) in &d.attrs {
+                e.str(k);
+                e.str(v);
+            }
+            e.u64(d.entries);
+            for (c, ent) in d.table.mapped() {
+                e.u64(c);
+                e.u64(ent);
+            }
+        }
+        e.0
+    }
+
+    /// Rebuilds the state from a checkpoint. Parents precede children in the encoding only
+    /// by accident, so links are made after all devices are read.
+    pub fn decode_checkpoint(buf: &[u8], nchunks: u64, max_blocks: u64) -> Result<Self, MetaError> {
+        let mut m = Meta::new(nchunks, max_blocks);
+        m.devices.clear();
+        let mut d = Dec::new(buf, "checkpoint");
+        m.next_id = d.u64()?;
+        let ndev = d.u64()?;
+        for _ in 0..ndev {
+            let id = d.u64()?;
+            let parent = d.u64()?;
+            let flags = d.u8()?;
+            let name = d.str()?;
+            let mut dev = Dev::new(id, parent, name, flags & 1 != 0);
+            dev.inoperative = flags & 2 != 0;
+            let nattrs = d.u64()?;
+            for _ in 0..nattrs {
+                let k = d.str()?;
+                let v = d.str()?;
+                dev.attrs.insert(k, v);
+            }
+            let slot = usize::try_from(id).map_err(|_| MetaError::NoDevice(id))?;
+            if id >= m.next_id || m.devices.get(slot).is_some_and(Option::is_some) {
+                return Err(MetaError::DuplicateDevice(id));
+            }
+            if m.devices.len() <= slot {
+                m.devices.resize_with(slot + 1, || None);
+            }
+            m.devices[slot] = Some(dev);
+            let nent = d.u64()?;
+            for _ in 0..nent {
+                let c = d.u64()?;
+                let ent = d.u64()?;
+                if ent == ENTRY_UNMAPPED {
+                    return Err(FormatError::Malformed("checkpoint entry").into());
+                }
+                m.check_entry(c, ent)?;
+                m.set_entry(id, c, ent)?;
+            }
+        }
+        if !d.done() {
+            return Err(FormatError::Malformed("checkpoint trailer").into());
+        }
+        if m.dev(ORIGIN_ID).is_none() {
+            return Err(MetaError::NoDevice(ORIGIN_ID));
+        }
+        let ids: Vec<(u64, u64)> = m
+            .devices
+            .iter()
+            .flatten()
+            .map(|d| (d.id, d.parent))
+            .collect();
+        for (id, parent) in ids {
+            if id != ORIGIN_ID {
+                m.dev_mut(parent)?.children.push(id);
+            }
+        }
+        m.dropped.clear();
+        Ok(m)
+    }
+}

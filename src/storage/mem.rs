@@ -1,0 +1,305 @@
+//! In-memory [`Storage`] doubles for tests: a plain store and a crash-injecting one.
+//!
+//! [`CrashStorage`] keeps every write since the last `sync` apart from the durable image, so a
+//! test can "pull the plug" at any instant: [`CrashController`] counts I/O events across all the
+//! stores it controls and, at a chosen event, freezes for each store the image a power loss could
+//! leave: the durable bytes plus any subset of the unsynced writes, each possibly torn at
+//! 512-byte granularity.
+
+use super::Storage;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+const SECTOR: usize = 512;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn eof() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "read past the end of the store",
+    )
+}
+
+/// A growable byte array behind a mutex.
+#[derive(Debug, Default)]
+pub struct MemStorage {
+    data: Mutex<Vec<u8>>,
+}
+
+impl MemStorage {
+    /// A store of `size` zero bytes.
+    pub fn new(size: u64) -> Self {
+        Self::from_bytes(vec![0; size as usize])
+    }
+
+    /// A store holding `bytes`.
+    pub fn from_bytes(bytes: Vec<u8>) -> Self {
+        Self {
+            data: Mutex::new(bytes),
+        }
+    }
+
+    /// A copy of the whole content.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        lock(&self.data).clone()
+    }
+}
+
+fn put(data: &mut Vec<u8>, buf: &[u8], offset: u64) {
+    let end = offset as usize + buf.len();
+    if data.len() < end {
+        data.resize(end, 0);
+    }
+    data[offset as usize..end].copy_from_slice(buf);
+}
+
+fn get(data: &[u8], buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let end = offset.checked_add(buf.len() as u64).ok_or_else(eof)?;
+    if end > data.len() as u64 {
+        return Err(eof());
+    }
+    buf.copy_from_slice(&data[offset as usize..end as usize]);
+    Ok(())
+}
+
+fn zero_range(data: &mut [u8], offset: u64, len: u64) {
+    let start = (offset as usize).min(data.len());
+    let end = ((offset + len) as usize).min(data.len());
+    data[start..end].fill(0);
+}
+
+impl Storage for MemStorage {
+    fn size(&self) -> u64 {
+        lock(&self.data).len() as u64
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        get(&lock(&self.data), buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        put(&mut lock(&self.data), buf, offset);
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn set_size(&self, size: u64) -> io::Result<()> {
+        lock(&self.data).resize(size as usize, 0);
+        Ok(())
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        zero_range(&mut lock(&self.data), offset, len);
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        zero_range(&mut lock(&self.data), offset, len);
+        Ok(())
+    }
+}
+
+/// Decides when the simulated power loss happens, shared by all stores of one test.
+#[derive(Debug)]
+pub struct CrashController {
+    events: AtomicU64,
+    crash_at: AtomicU64,
+    rng: Mutex<fastrand_like::Rng>,
+    stores: Mutex<Vec<Arc<CrashStorage>>>,
+}
+
+/// A tiny deterministic generator so the crash image depends only on the seed
+/// (kept local: the storage module must not depend on test-only crates).
+mod fastrand_like {
+    #[derive(Debug)]
+    pub struct Rng(pub u64);
+    impl Rng {
+        pub fn next(&mut self) -> u64 {
+            // splitmix64
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+    }
+}
+
+impl CrashController {
+    /// A controller that crashes just before I/O event number `crash_at` (1-based; 0 = never).
+    pub fn new(seed: u64, crash_at: u64) -> Arc<Self> {
+        Arc::new(Self {
+            events: AtomicU64::new(0),
+            crash_at: AtomicU64::new(crash_at),
+            rng: Mutex::new(fastrand_like::Rng(seed)),
+            stores: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// A new crash-injecting store with `initial` as its durable content.
+    pub fn store(self: &Arc<Self>, initial: Vec<u8>) -> Arc<CrashStorage> {
+        let s = Arc::new(CrashStorage {
+            ctl: Arc::downgrade(self),
+            state: Mutex::new(CrashState {
+                durable: initial.clone(),
+                current: initial,
+                pending: Vec::new(),
+                crash_image: None,
+            }),
+        });
+        lock(&self.stores).push(s.clone());
+        s
+    }
+
+    /// Arms the crash `after` events from now.
+    pub fn arm(&self, after: u64) {
+        let n = self.events.load(Ordering::SeqCst);
+        self.crash_at.store(n + after.max(1), Ordering::SeqCst);
+    }
+
+    /// Whether the crash has happened.
+    pub fn crashed(&self) -> bool {
+        let at = self.crash_at.load(Ordering::SeqCst);
+        at != 0 && self.events.load(Ordering::SeqCst) >= at
+    }
+
+    /// I/O events counted so far.
+    pub fn events(&self) -> u64 {
+        self.events.load(Ordering::SeqCst)
+    }
+
+    /// Crashes now, if the crash has not happened yet.
+    pub fn crash_now(&self) {
+        let n = self.events.load(Ordering::SeqCst);
+        if self.crash_at.load(Ordering::SeqCst) == 0 || n < self.crash_at.load(Ordering::SeqCst) {
+            self.crash_at.store(n.max(1), Ordering::SeqCst);
+            self.freeze_all();
+        }
+    }
+
+    fn freeze_all(&self) {
+        let stores = lock(&self.stores).clone();
+        let mut rng = lock(&self.rng);
+        for s in stores {
+            s.freeze(&mut rng);
+        }
+    }
+
+    /// Counts one event; at the crash point, freezes every store's crash image first.
+    fn event(&self) {
+        let n = self.events.fetch_add(1, Ordering::SeqCst) + 1;
+        if n == self.crash_at.load(Ordering::SeqCst) {
+            self.freeze_all();
+        }
+    }
+}
+
+#[derive(Debug)]
+struct CrashState {
+    durable: Vec<u8>,
+    current: Vec<u8>,
+    /// Unsynced writes in issue order: offset and bytes (zeroing is a write of zeros).
+    pending: Vec<(u64, Vec<u8>)>,
+    crash_image: Option<Vec<u8>>,
+}
+
+/// A store that can lose or tear unsynced writes at a simulated crash.
+#[derive(Debug)]
+pub struct CrashStorage {
+    ctl: std::sync::Weak<CrashController>,
+    state: Mutex<CrashState>,
+}
+
+impl CrashStorage {
+    fn tick(&self) {
+        if let Some(c) = self.ctl.upgrade() {
+            c.event();
+        }
+    }
+
+    fn freeze(&self, rng: &mut fastrand_like::Rng) {
+        let mut st = lock(&self.state);
+        if st.crash_image.is_some() {
+            return;
+        }
+        let mut img = st.durable.clone();
+        for (off, data) in &st.pending {
+            match rng.next() % 3 {
+                0 => {}                         // lost
+                1 => put(&mut img, data, *off), // fully written
+                _ => {
+                    // torn: each sector independently
+                    let mut pos = 0usize;
+                    while pos < data.len() {
+                        let sector_end = ((*off as usize + pos) / SECTOR + 1) * SECTOR;
+                        let end = (sector_end - *off as usize).min(data.len());
+                        if rng.next() & 1 == 1 {
+                            put(&mut img, &data[pos..end], *off + pos as u64);
+                        }
+                        pos = end;
+                    }
+                }
+            }
+        }
+        st.crash_image = Some(img);
+    }
+
+    /// The image a crash left, if it happened.
+    pub fn crash_image(&self) -> Option<Vec<u8>> {
+        lock(&self.state).crash_image.clone()
+    }
+
+    /// Everything written so far, as if all of it reached the disk.
+    pub fn current_image(&self) -> Vec<u8> {
+        lock(&self.state).current.clone()
+    }
+
+    fn record(&self, buf: &[u8], offset: u64) {
+        self.tick();
+        let mut st = lock(&self.state);
+        put(&mut st.current, buf, offset);
+        st.pending.push((offset, buf.to_vec()));
+    }
+}
+
+impl Storage for CrashStorage {
+    fn size(&self) -> u64 {
+        lock(&self.state).current.len() as u64
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        get(&lock(&self.state).current, buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.record(buf, offset);
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.tick();
+        let mut st = lock(&self.state);
+        let pending = std::mem::take(&mut st.pending);
+        for (off, data) in pending {
+            put(&mut st.durable, &data, off);
+        }
+        Ok(())
+    }
+    fn set_size(&self, size: u64) -> io::Result<()> {
+        // Size changes are treated as durable at once (like a journaled file system).
+        self.tick();
+        let mut st = lock(&self.state);
+        st.current.resize(size as usize, 0);
+        st.durable.resize(size as usize, 0);
+        Ok(())
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let size = self.size();
+        let end = (offset + len).min(size);
+        if end > offset {
+            self.record(&vec![0; (end - offset) as usize], offset);
+        }
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.punch_hole(offset, len)
+    }
+}

@@ -1,0 +1,148 @@
+//! The offline checker catches damage.
+
+use snapblk::cow::format::{encode_txn, Enc, Header, Record, JOURNAL_OFFSET};
+use snapblk::cow::{check_cache, check_cache_path, CacheObject, CreateOptions, DeviceId};
+use snapblk::storage::mem::MemStorage;
+use snapblk::storage::{FileStorage, Storage};
+use std::sync::Arc;
+
+const CHUNK: u64 = 4096;
+
+fn build(journal_size: u64, writes: u64) -> Arc<MemStorage> {
+    let origin = Arc::new(MemStorage::new(64 * CHUNK));
+    let cache = Arc::new(MemStorage::new(0));
+    let eng = CacheObject::create(
+        origin,
+        cache.clone(),
+        CreateOptions {
+            chunk_size: CHUNK,
+            max_size: 1 << 30,
+            journal_size,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let a = eng.create_snapshot(DeviceId::ORIGIN, "a", true).unwrap();
+    let _b = eng.create_snapshot(a, "b", false).unwrap();
+    for i in 0..writes {
+        let c = i % 64;
+        eng.write(DeviceId::ORIGIN, c * CHUNK, &vec![i as u8; 1024])
+            .unwrap();
+        eng.write(a, c * CHUNK + 2048, &vec![i as u8; 512]).unwrap();
+        eng.flush().unwrap();
+    }
+    drop(eng);
+    cache
+}
+
+fn header(cache: &MemStorage) -> Header {
+    let mut best: Option<Header> = None;
+    for slot in 0..2 {
+        let mut buf = vec![0u8; 4096];
+        cache.read_at(&mut buf, slot * 4096).unwrap();
+        if let Ok(h) = Header::decode(&buf) {
+            if best.as_ref().is_none_or(|b| h.generation > b.generation) {
+                best = Some(h);
+            }
+        }
+    }
+    best.unwrap()
+}
+
+#[test]
+fn clean_object_is_clean() {
+    let cache = build(16 << 10, 40);
+    let r = check_cache(cache.as_ref());
+    assert!(r.is_clean(), "{r}");
+    let text = r.to_string();
+    assert!(text.contains("verdict: clean"), "{text}");
+    assert_eq!(r.devices, 3);
+}
+
+#[test]
+fn corrupt_header_is_caught() {
+    let cache = build(16 << 10, 3);
+    let mut buf = vec![0u8; 8192];
+    cache.read_at(&mut buf, 0).unwrap();
+    for slot in 0..2 {
+        buf[slot * 4096 + 30] ^= 0x55;
+    }
+    cache.write_at(&buf, 0).unwrap();
+    let r = check_cache(cache.as_ref());
+    assert!(!r.is_clean());
+    assert!(r.to_string().contains("NOT CLEAN"), "{r}");
+}
+
+#[test]
+fn corrupt_checkpoint_is_caught() {
+    // A small journal forces checkpoints.
+    let cache = build(16 << 10, 60);
+    let h = header(&cache);
+    assert_ne!(h.ckpt_block, u64::MAX, "test needs a checkpoint");
+    let at = h.data_offset + h.ckpt_block * h.chunk_size + 40;
+    let mut b = [0u8; 1];
+    cache.read_at(&mut b, at).unwrap();
+    cache.write_at(&[b[0] ^ 0xff], at).unwrap();
+    let r = check_cache(cache.as_ref());
+    assert!(!r.is_clean(), "{r}");
+    assert!(r.to_string().contains("checkpoint"), "{r}");
+}
+
+#[test]
+fn bad_mapping_in_a_valid_transaction_is_caught() {
+    let cache = build(1 << 20, 3);
+    let before = check_cache(cache.as_ref());
+    assert!(before.is_clean(), "{before}");
+    let h = header(&cache);
+    // Append a well-formed, correctly checksummed transaction that maps chunk 0 of device 1
+    // to a block far outside the cache object.
+    let mut e = Enc::default();
+    Record::SetEntry {
+        dev: 1,
+        chunk: 0,
+        entry: 1 << 40,
+    }
+    .encode(&mut e);
+    let seq = h.ckpt_seq + before.journal_transactions + 1;
+    let pos = h.journal_start + before.journal_bytes;
+    cache
+        .write_at(&encode_txn(seq, 0, &e.0), JOURNAL_OFFSET + pos)
+        .unwrap();
+    let r = check_cache(cache.as_ref());
+    assert!(!r.is_clean(), "{r}");
+    // Within the limit but never written: also caught.
+    let mut e = Enc::default();
+    Record::SetEntry {
+        dev: 1,
+        chunk: 0,
+        entry: 5000,
+    }
+    .encode(&mut e);
+    cache
+        .write_at(&encode_txn(seq, 0, &e.0), JOURNAL_OFFSET + pos)
+        .unwrap();
+    let r = check_cache(cache.as_ref());
+    assert!(!r.is_clean(), "{r}");
+    assert!(r.to_string().contains("past the end"), "{r}");
+}
+
+#[test]
+fn check_by_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let opath = dir.path().join("o");
+    let cpath = dir.path().join("c");
+    std::fs::File::create(&opath)
+        .unwrap()
+        .set_len(16 * CHUNK)
+        .unwrap();
+    std::fs::File::create(&cpath).unwrap();
+    let origin: Arc<dyn Storage> = Arc::new(FileStorage::open(&opath, false).unwrap());
+    let cache: Arc<dyn Storage> = Arc::new(FileStorage::open(&cpath, false).unwrap());
+    let eng = CacheObject::create(origin, cache, CreateOptions::default()).unwrap();
+    eng.create_snapshot(DeviceId::ORIGIN, "s", false).unwrap();
+    eng.write(DeviceId::ORIGIN, 0, &[1u8; 4096]).unwrap();
+    drop(eng);
+    let r = check_cache_path(&cpath).unwrap();
+    assert!(r.is_clean(), "{r}");
+    assert!(check_cache_path(&dir.path().join("missing")).is_err());
+}

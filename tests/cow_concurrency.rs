@@ -1,0 +1,430 @@
+//! Copy counting, cache-full behaviour and a multi-threaded stress test with a checker.
+
+use snapblk::cow::{
+    check_cache, CacheObject, CowError, CreateOptions, DeviceId, DeviceState, OpenOptions,
+};
+use snapblk::storage::mem::MemStorage;
+use snapblk::storage::{FileStorage, Storage};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const CHUNK: u64 = 4096;
+
+fn mem_engine(chunks: u64, max_size: u64) -> (Arc<MemStorage>, Arc<MemStorage>, CacheObject) {
+    let origin = Arc::new(MemStorage::new(chunks * CHUNK));
+    let cache = Arc::new(MemStorage::new(0));
+    let eng = CacheObject::create(
+        origin.clone(),
+        cache.clone(),
+        CreateOptions {
+            chunk_size: CHUNK,
+            max_size,
+            journal_size: 64 << 10,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    (origin, cache, eng)
+}
+
+#[test]
+fn origin_write_copies_once_whatever_the_number_of_snapshots() {
+    for n in [1usize, 10, 100, 1000] {
+        let (_o, _c, eng) = mem_engine(32, 1 << 30);
+        let snaps: Vec<DeviceId> = (0..n)
+            .map(|i| {
+                eng.create_snapshot(DeviceId::ORIGIN, &format!("s{i}"), i % 2 == 0)
+                    .unwrap()
+            })
+            .collect();
+        let before = eng.stats();
+        let data = vec![0xabu8; 16 * CHUNK as usize];
+        eng.write(DeviceId::ORIGIN, 0, &data).unwrap();
+        let after = eng.stats();
+        assert_eq!(after.copies - before.copies, 16, "{n} snapshots");
+        assert_eq!(after.bytes_copied - before.bytes_copied, 16 * CHUNK);
+        assert_eq!(
+            after.blocks_used - before.blocks_used,
+            16,
+            "one shared block each"
+        );
+        // Rewriting copies nothing more.
+        eng.write(DeviceId::ORIGIN, 512, &data[..4096]).unwrap();
+        assert_eq!(eng.stats().copies, after.copies);
+        // Writable siblings never copy for each other: a whole-chunk write to one of them
+        // takes a new block for it alone and neither copies nor fills.
+        let s0 = snaps[0];
+        eng.write(s0, 20 * CHUNK, &data[..CHUNK as usize]).unwrap();
+        let st = eng.stats();
+        assert_eq!(st.copies, after.copies);
+        assert_eq!(st.cow_fills, after.cow_fills);
+        let mut buf = vec![0u8; CHUNK as usize];
+        for &s in snaps.iter().skip(1).take(5) {
+            eng.read(s, 0, &mut buf).unwrap();
+            assert!(buf.iter().all(|&b| b == 0), "snapshot keeps the old origin");
+            eng.read(s, 20 * CHUNK, &mut buf).unwrap();
+            assert!(buf.iter().all(|&b| b == 0), "sibling write not visible");
+        }
+        eng.verify_in_memory().unwrap();
+    }
+}
+
+#[test]
+fn snapshot_of_snapshot_and_delete_pass_blocks_without_copying() {
+    let (_o, cache, eng) = mem_engine(16, 1 << 30);
+    let a = eng.create_snapshot(DeviceId::ORIGIN, "a", true).unwrap();
+    eng.write(a, 0, &vec![1u8; 3 * CHUNK as usize]).unwrap();
+    let b = eng.create_snapshot(a, "b", false).unwrap();
+    eng.write(a, 0, &vec![2u8; CHUNK as usize]).unwrap();
+    let copies = eng.stats().copies;
+    eng.delete_snapshot(a).unwrap();
+    assert_eq!(eng.stats().copies, copies, "delete copies no data");
+    let mut buf = vec![0u8; 3 * CHUNK as usize];
+    eng.read(b, 0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&x| x == 1));
+    let info = eng.device(b).unwrap();
+    assert_eq!(info.parent, Some(0));
+    assert_eq!(info.owned_chunks, 3);
+    eng.flush().unwrap();
+    assert!(check_cache(cache.as_ref()).is_clean());
+}
+
+#[test]
+fn cache_full_makes_the_snapshot_inoperative_never_the_origin() {
+    // Room for about 20 data blocks (the journal and a checkpoint reserve take the rest).
+    let journal = 64 << 10;
+    let data_offset = (8192 + journal as u64).div_ceil(CHUNK) * CHUNK;
+    let (origin, cache, eng) = mem_engine(64, data_offset + 24 * CHUNK);
+    let ro = eng.create_snapshot(DeviceId::ORIGIN, "ro", false).unwrap();
+    let rw = eng.create_snapshot(DeviceId::ORIGIN, "rw", true).unwrap();
+    let rw_child = eng.create_snapshot(rw, "rw-child", false).unwrap();
+    // Fill the cache through the writable snapshot until it reports no space.
+    let mut filled = 0;
+    loop {
+        match eng.write(rw, 40 * CHUNK + filled * CHUNK, &vec![7u8; CHUNK as usize]) {
+            Ok(()) => filled += 1,
+            Err(CowError::NoSpace) => break,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(filled < 24);
+    }
+    assert!(filled > 0);
+    // The writable snapshot's failure broke nothing: it still reads.
+    let mut buf = vec![0u8; CHUNK as usize];
+    eng.read(rw, 40 * CHUNK, &mut buf).unwrap();
+    assert_eq!(buf[0], 7);
+    // Origin writes never fail; the snapshots that cannot be preserved become inoperative.
+    for c in 0..8 {
+        eng.write(DeviceId::ORIGIN, c * CHUNK, &vec![9u8; CHUNK as usize])
+            .unwrap();
+    }
+    let devs = eng.devices();
+    let state = |id: DeviceId| devs.iter().find(|d| d.id == id.0).unwrap().state;
+    assert_eq!(state(ro), DeviceState::Inoperative);
+    assert_eq!(state(rw), DeviceState::Inoperative);
+    assert_eq!(state(rw_child), DeviceState::Inoperative);
+    assert!(matches!(
+        eng.read(ro, 0, &mut buf),
+        Err(CowError::Inoperative(_))
+    ));
+    assert!(matches!(
+        eng.write(rw, 0, &buf),
+        Err(CowError::Inoperative(_))
+    ));
+    let st = eng.stats();
+    assert_eq!(st.inoperative_devices, 3);
+    assert_eq!(
+        st.blocks_used, 0,
+        "blocks of inoperative snapshots are released"
+    );
+    eng.read(DeviceId::ORIGIN, 0, &mut buf).unwrap();
+    assert_eq!(buf[0], 9);
+    // The state survives a reopen and the checker finds the object clean.
+    drop(eng);
+    assert!(check_cache(cache.as_ref()).is_clean());
+    let eng = CacheObject::open(origin, cache, OpenOptions::default()).unwrap();
+    assert_eq!(eng.stats().inoperative_devices, 3);
+    // New snapshots work again.
+    let s = eng
+        .create_snapshot(DeviceId::ORIGIN, "again", false)
+        .unwrap();
+    eng.write(DeviceId::ORIGIN, 0, &vec![1u8; CHUNK as usize])
+        .unwrap();
+    eng.read(s, 0, &mut buf).unwrap();
+    assert_eq!(buf[0], 9);
+}
+
+#[test]
+fn refuses_foreign_origin_and_unknown_features() {
+    let (origin, cache, eng) = mem_engine(8, 1 << 30);
+    drop(eng);
+    let other: Arc<dyn Storage> = Arc::new(MemStorage::new(16 * CHUNK));
+    assert!(matches!(
+        CacheObject::open(other, cache.clone(), OpenOptions::default()),
+        Err(CowError::WrongOrigin(_))
+    ));
+    let opts = OpenOptions {
+        origin_tag: Some("elsewhere".into()),
+        ..Default::default()
+    };
+    assert!(matches!(
+        CacheObject::open(origin.clone(), cache.clone(), opts),
+        Err(CowError::WrongOrigin(_))
+    ));
+    // Set an unknown incompatible feature bit in the header and re-checksum it.
+    let mut slot = vec![0u8; 4096];
+    cache.read_at(&mut slot, 4096).unwrap();
+    let mut h = snapblk::cow::format::Header::decode(&slot).unwrap();
+    h.incompat = 1 << 7;
+    cache.write_at(&h.encode(), 4096).unwrap();
+    let err = CacheObject::open(origin, cache, OpenOptions::default())
+        .err()
+        .expect("must refuse");
+    assert!(err.to_string().contains("incompatible"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Stress: origin writers, snapshot readers, a snapshot writer, create/delete, at once.
+// ---------------------------------------------------------------------------------------
+
+fn token_sector(writer: u64, seq: u64) -> [u8; 512] {
+    let mut s = [0u8; 512];
+    let t = (writer << 56) | seq;
+    for w in s.chunks_mut(8) {
+        w.copy_from_slice(&t.to_le_bytes());
+    }
+    s
+}
+
+fn sector_token(s: &[u8]) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&s[..8]);
+    u64::from_le_bytes(w)
+}
+
+struct Registered {
+    image: Vec<u8>,
+}
+
+#[test]
+fn stress_concurrent_writers_readers_and_snapshots() {
+    let dir = tempfile::tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .unwrap();
+    let size = 256 * CHUNK;
+    let opath = dir.path().join("origin");
+    let cpath = dir.path().join("cache");
+    std::fs::File::create(&opath)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    std::fs::File::create(&cpath).unwrap();
+    let origin: Arc<dyn Storage> = Arc::new(FileStorage::open(&opath, false).unwrap());
+    let cache: Arc<dyn Storage> = Arc::new(FileStorage::open(&cpath, false).unwrap());
+    let eng = CacheObject::create(
+        origin,
+        cache.clone(),
+        CreateOptions {
+            chunk_size: CHUNK,
+            max_size: 1 << 30,
+            journal_size: 256 << 10,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let nwriters = 2u64;
+    let started: Vec<AtomicU64> = (0..nwriters).map(|_| AtomicU64::new(0)).collect();
+    let registry: Mutex<HashMap<u64, Arc<Registered>>> = Mutex::new(HashMap::new());
+    let stop = AtomicBool::new(false);
+    let checks = AtomicU64::new(0);
+    let deadline = Instant::now() + Duration::from_millis(2500);
+    let nsect = (size / 512) as usize;
+    // Each origin writer owns alternate 16-chunk bands, so its sectors' seqs only grow.
+    let owner = |sector: usize| ((sector * 512 / CHUNK as usize) / 16) as u64 % nwriters;
+    std::thread::scope(|s| {
+        for w in 0..nwriters {
+            let (eng, started, stop) = (&eng, &started, &stop);
+            s.spawn(move || {
+                let mut rng = fastrand::Rng::with_seed(w);
+                let mut seq = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let first = rng.usize(0..nsect - 32);
+                    let n = rng.usize(1..32);
+                    seq += 1;
+                    started[w as usize].store(seq, Ordering::SeqCst);
+                    let mut buf = Vec::with_capacity(n * 512);
+                    let mut sectors = Vec::new();
+                    for sct in first..first + n {
+                        if owner(sct) == w {
+                            sectors.push(sct);
+                        }
+                    }
+                    for _ in &sectors {
+                        buf.extend_from_slice(&token_sector(w + 1, seq));
+                    }
+                    // Write each owned sector (runs may be split by band boundaries).
+                    for (i, &sct) in sectors.iter().enumerate() {
+                        eng.write(
+                            DeviceId::ORIGIN,
+                            sct as u64 * 512,
+                            &buf[i * 512..(i + 1) * 512],
+                        )
+                        .unwrap();
+                    }
+                    if rng.u8(0..50) == 0 {
+                        eng.flush().unwrap();
+                    }
+                }
+            });
+        }
+        // Creator / deleter: snapshots of the origin and of snapshots.
+        {
+            let (eng, started, registry, stop) = (&eng, &started, &registry, &stop);
+            s.spawn(move || {
+                let mut rng = fastrand::Rng::with_seed(99);
+                let mut n = 0;
+                let mut buf = vec![0u8; size as usize];
+                let mut latencies = Vec::new();
+                while Instant::now() < deadline {
+                    n += 1;
+                    let parent = {
+                        let reg = registry.lock().unwrap();
+                        let ids: Vec<u64> = reg.keys().copied().collect();
+                        if ids.is_empty() || rng.bool() {
+                            None
+                        } else {
+                            Some(ids[rng.usize(0..ids.len())])
+                        }
+                    };
+                    let t0 = Instant::now();
+                    let created = eng.create_snapshot(
+                        DeviceId(parent.unwrap_or(0)),
+                        &format!("snap{n}"),
+                        false,
+                    );
+                    latencies.push(t0.elapsed());
+                    let id = match created {
+                        Ok(id) => id,
+                        Err(CowError::NoDevice(_)) => continue, // parent deleted meanwhile
+                        Err(e) => panic!("{e}"),
+                    };
+                    let bound: Vec<u64> =
+                        started.iter().map(|a| a.load(Ordering::SeqCst)).collect();
+                    eng.read(id, 0, &mut buf).unwrap();
+                    match parent {
+                        None => {
+                            for (i, sct) in buf.chunks(512).enumerate() {
+                                let t = sector_token(sct);
+                                if t != 0 {
+                                    let w = (t >> 56) - 1;
+                                    assert_eq!(w, owner(i));
+                                    assert!(
+                                        t & ((1 << 56) - 1) <= bound[w as usize],
+                                        "snapshot {id} sector {i} shows a write started after it"
+                                    );
+                                }
+                            }
+                        }
+                        Some(p) => {
+                            if let Some(r) = registry.lock().unwrap().get(&p).cloned() {
+                                assert!(buf == r.image, "snapshot of snapshot differs");
+                            }
+                        }
+                    }
+                    registry
+                        .lock()
+                        .unwrap()
+                        .insert(id.0, Arc::new(Registered { image: buf.clone() }));
+                    if registry.lock().unwrap().len() > 8 {
+                        let victim = {
+                            let reg = registry.lock().unwrap();
+                            let ids: Vec<u64> = reg.keys().copied().collect();
+                            ids[rng.usize(0..ids.len())]
+                        };
+                        registry.lock().unwrap().remove(&victim);
+                        eng.delete_snapshot(DeviceId(victim)).unwrap();
+                    }
+                }
+                stop.store(true, Ordering::Relaxed);
+                latencies.sort();
+                eprintln!(
+                    "stress: {} snapshots created, create p50 {:?} p99 {:?}",
+                    n,
+                    latencies[latencies.len() / 2],
+                    latencies[latencies.len() * 99 / 100]
+                );
+            });
+        }
+        // Readers: a snapshot's content never changes.
+        for r in 0..2u64 {
+            let (eng, registry, stop, checks) = (&eng, &registry, &stop, &checks);
+            s.spawn(move || {
+                let mut rng = fastrand::Rng::with_seed(1000 + r);
+                let mut buf = vec![0u8; size as usize];
+                while !stop.load(Ordering::Relaxed) {
+                    let pick = {
+                        let reg = registry.lock().unwrap();
+                        let ids: Vec<(u64, Arc<Registered>)> =
+                            reg.iter().map(|(k, v)| (*k, v.clone())).collect();
+                        if ids.is_empty() {
+                            None
+                        } else {
+                            Some(ids[rng.usize(0..ids.len())].clone())
+                        }
+                    };
+                    let Some((id, reg)) = pick else {
+                        std::thread::yield_now();
+                        continue;
+                    };
+                    let off = rng.u64(0..size / CHUNK - 8) * CHUNK;
+                    let len = 8 * CHUNK as usize;
+                    match eng.read(DeviceId(id), off, &mut buf[..len]) {
+                        Ok(()) => {
+                            assert!(
+                                buf[..len] == reg.image[off as usize..off as usize + len],
+                                "snapshot {id} changed at {off}"
+                            );
+                            checks.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(CowError::NoDevice(_)) => {}
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            });
+        }
+        // A writable snapshot with its own writer, checked against its model.
+        {
+            let (eng, stop) = (&eng, &stop);
+            s.spawn(move || {
+                let w = eng.create_snapshot(DeviceId::ORIGIN, "rw", true).unwrap();
+                let mut model = vec![0u8; size as usize];
+                eng.read(w, 0, &mut model).unwrap();
+                let mut rng = fastrand::Rng::with_seed(7);
+                let mut buf = vec![0u8; size as usize];
+                let mut seq = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    seq += 1;
+                    let first = rng.usize(0..nsect - 40);
+                    let n = rng.usize(1..40);
+                    let mut data = Vec::new();
+                    for _ in 0..n {
+                        data.extend_from_slice(&token_sector(9, seq));
+                    }
+                    eng.write(w, first as u64 * 512, &data).unwrap();
+                    model[first * 512..(first + n) * 512].copy_from_slice(&data);
+                    if seq % 20 == 0 {
+                        eng.read(w, 0, &mut buf).unwrap();
+                        assert!(buf == model, "writable snapshot diverged");
+                    }
+                }
+            });
+        }
+    });
+    assert!(checks.load(Ordering::Relaxed) > 10);
+    eng.verify_in_memory().unwrap();
+    eng.flush().unwrap();
+    let report = check_cache(cache.as_ref());
+    assert!(report.is_clean(), "{report}");
+}

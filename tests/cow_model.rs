@@ -1,0 +1,482 @@
+//! Model-based randomized test and crash-injection test of the copy-on-write engine.
+//!
+//! Every failure message carries the seed; rerun one case with `COW_SEED=<seed>`.
+
+use snapblk::cow::{check_cache, CacheObject, CowError, CreateOptions, DeviceId, OpenOptions};
+use snapblk::storage::mem::{CrashController, MemStorage};
+use snapblk::storage::Storage;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+const CHUNK: u64 = 4096;
+const SECTOR: usize = 512;
+
+fn seeds(default_count: u64, salt: u64) -> Vec<u64> {
+    match std::env::var("COW_SEED").ok().and_then(|s| s.parse().ok()) {
+        Some(s) => vec![s],
+        None => (0..default_count).map(|i| i * 7919 + salt).collect(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Model-based test: a byte array per device.
+// ---------------------------------------------------------------------------------------
+
+struct ModelDev {
+    writable: bool,
+    data: Vec<u8>,
+}
+
+fn random_range(rng: &mut fastrand::Rng, size: u64) -> (u64, u64) {
+    let sectors = size / 512;
+    let start = rng.u64(0..sectors);
+    let max_len = (sectors - start).min(3 * CHUNK / 512);
+    let len = rng.u64(1..=max_len);
+    // Favour whole, aligned chunks sometimes (the no-read path).
+    if rng.u8(0..4) == 0 {
+        let c = start * 512 / CHUNK;
+        let end = ((c + 1) * CHUNK).min(size);
+        return (c * CHUNK, end - c * CHUNK);
+    }
+    (start * 512, len * 512)
+}
+
+fn check_all(eng: &CacheObject, model: &BTreeMap<u64, ModelDev>, ctx: &str) {
+    let mut buf = vec![0u8; eng.origin_size() as usize];
+    for (&id, m) in model {
+        eng.read(DeviceId(id), 0, &mut buf)
+            .unwrap_or_else(|e| panic!("{ctx}: read dev {id}: {e}"));
+        if buf != m.data {
+            let first = buf
+                .iter()
+                .zip(&m.data)
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
+            panic!(
+                "{ctx}: device {id} differs from the model at byte {first} (chunk {})",
+                first as u64 / CHUNK
+            );
+        }
+    }
+    let listed: Vec<u64> = eng.devices().iter().map(|d| d.id).collect();
+    let want: Vec<u64> = model.keys().copied().collect();
+    assert_eq!(listed, want, "{ctx}: device list");
+    eng.verify_in_memory()
+        .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+}
+
+fn run_model_case(seed: u64, steps: usize) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    // A partial last chunk on purpose.
+    let size = 12 * CHUNK + 1536;
+    let mut init = vec![0u8; size as usize];
+    rng.fill(&mut init);
+    let origin = Arc::new(MemStorage::from_bytes(init.clone()));
+    let cache = Arc::new(MemStorage::new(0));
+    let opts = CreateOptions {
+        chunk_size: CHUNK,
+        max_size: 1 << 30,
+        journal_size: 16 << 10,
+        origin_tag: "model".into(),
+        ..Default::default()
+    };
+    let mut eng = CacheObject::create(origin.clone(), cache.clone(), opts).unwrap();
+    let mut model = BTreeMap::new();
+    model.insert(
+        0u64,
+        ModelDev {
+            writable: true,
+            data: init,
+        },
+    );
+    let mut names = 0u32;
+    for step in 0..steps {
+        let ctx = format!("seed {seed} step {step}");
+        let ids: Vec<u64> = model.keys().copied().collect();
+        let dev = ids[rng.usize(0..ids.len())];
+        let op = rng.u8(0..100);
+        if std::env::var("COW_TRACE").is_ok() {
+            eprintln!("step {step}: op {op} dev {dev}");
+        }
+        match op {
+            0..=39 => {
+                let (off, len) = random_range(&mut rng, size);
+                let mut data = vec![0u8; len as usize];
+                rng.fill(&mut data);
+                if std::env::var("COW_TRACE").is_ok() {
+                    eprintln!("  write {off}+{len}");
+                }
+                let r = eng.write(DeviceId(dev), off, &data);
+                let m = model.get_mut(&dev).unwrap();
+                if m.writable {
+                    r.unwrap_or_else(|e| panic!("{ctx}: write dev {dev} {off}+{len}: {e}"));
+                    m.data[off as usize..(off + len) as usize].copy_from_slice(&data);
+                } else {
+                    assert!(matches!(r, Err(CowError::ReadOnly(_))), "{ctx}: ro write");
+                }
+            }
+            40..=49 => {
+                let (off, len) = random_range(&mut rng, size);
+                let discard = rng.bool();
+                if std::env::var("COW_TRACE").is_ok() {
+                    eprintln!("  zero {off}+{len} discard {discard}");
+                }
+                let r = if discard {
+                    eng.discard(DeviceId(dev), off, len)
+                } else {
+                    eng.write_zeroes(DeviceId(dev), off, len)
+                };
+                let m = model.get_mut(&dev).unwrap();
+                if m.writable {
+                    r.unwrap_or_else(|e| panic!("{ctx}: zero/discard dev {dev}: {e}"));
+                    m.data[off as usize..(off + len) as usize].fill(0);
+                } else {
+                    assert!(r.is_err(), "{ctx}: ro zero");
+                }
+            }
+            50..=64 if model.len() < 8 => {
+                let writable = rng.u8(0..4) != 0;
+                names += 1;
+                let id = eng
+                    .create_snapshot(DeviceId(dev), &format!("s{names}"), writable)
+                    .unwrap_or_else(|e| panic!("{ctx}: create: {e}"));
+                let data = model[&dev].data.clone();
+                model.insert(id.0, ModelDev { writable, data });
+            }
+            65..=72 if dev != 0 => {
+                eng.delete_snapshot(DeviceId(dev))
+                    .unwrap_or_else(|e| panic!("{ctx}: delete: {e}"));
+                model.remove(&dev);
+            }
+            73..=76 if dev != 0 => {
+                eng.restore(DeviceId(dev))
+                    .unwrap_or_else(|e| panic!("{ctx}: restore: {e}"));
+                let data = model[&dev].data.clone();
+                model.get_mut(&0).unwrap().data = data;
+            }
+            77..=84 => {
+                if rng.bool() {
+                    eng.flush().unwrap();
+                }
+                drop(eng);
+                eng = CacheObject::open(
+                    origin.clone(),
+                    cache.clone(),
+                    OpenOptions {
+                        origin_tag: Some("model".into()),
+                        ..Default::default()
+                    },
+                )
+                .unwrap_or_else(|e| panic!("{ctx}: reopen: {e}"));
+                let report = check_cache(cache.as_ref());
+                assert!(report.is_clean(), "{ctx}: check after reopen:\n{report}");
+            }
+            85..=89 => {
+                eng.set_device_attr(DeviceId(dev), "serial", Some(&format!("sn{step}")))
+                    .unwrap();
+                assert_eq!(
+                    eng.device(DeviceId(dev)).unwrap().attrs["serial"],
+                    format!("sn{step}")
+                );
+            }
+            _ => eng.flush().unwrap(),
+        }
+        check_all(&eng, &model, &ctx);
+    }
+    let report = check_cache(cache.as_ref());
+    assert!(report.is_clean(), "seed {seed}: final check:\n{report}");
+}
+
+#[test]
+fn model_randomized_sequences() {
+    for seed in seeds(1500, 1) {
+        run_model_case(seed, 24);
+    }
+}
+
+#[test]
+fn model_long_sequences() {
+    for seed in seeds(20, 2) {
+        run_model_case(seed, 400);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Crash injection: tokens per sector, with the set of values each sector may hold after a
+// crash (its value at the last completed flush plus everything written since).
+// ---------------------------------------------------------------------------------------
+
+fn sector_bytes(token: u64) -> [u8; SECTOR] {
+    let mut s = [0u8; SECTOR];
+    if token != 0 {
+        for w in s.chunks_mut(8) {
+            w.copy_from_slice(&token.to_le_bytes());
+        }
+    }
+    s
+}
+
+fn sector_token(s: &[u8]) -> Option<u64> {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&s[..8]);
+    let t = u64::from_le_bytes(w);
+    s.chunks(8).all(|x| x == w.as_slice()).then_some(t)
+}
+
+#[derive(Clone)]
+struct CrashDev {
+    writable: bool,
+    /// Current value per sector.
+    cur: Vec<u64>,
+    /// Values each sector may show after a crash.
+    cands: Vec<Vec<u64>>,
+}
+
+impl CrashDev {
+    fn flushed(&mut self) {
+        for (c, &v) in self.cands.iter_mut().zip(&self.cur) {
+            c.clear();
+            c.push(v);
+        }
+    }
+    fn write(&mut self, first: usize, tokens: &[u64]) {
+        for (i, &t) in tokens.iter().enumerate() {
+            self.cur[first + i] = t;
+            self.cands[first + i].push(t);
+        }
+    }
+}
+
+fn run_crash_case(seed: u64) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let size = 16 * CHUNK;
+    let nsect = (size as usize) / SECTOR;
+    let ctl = CrashController::new(seed, 0);
+    let init_tokens: Vec<u64> = (0..nsect as u64).map(|i| (1 << 63) | i).collect();
+    let mut init = Vec::with_capacity(size as usize);
+    for &t in &init_tokens {
+        init.extend_from_slice(&sector_bytes(t));
+    }
+    let origin = ctl.store(init);
+    let cache = ctl.store(Vec::new());
+    let opts = CreateOptions {
+        chunk_size: CHUNK,
+        max_size: 1 << 30,
+        journal_size: 16 << 10,
+        ..Default::default()
+    };
+    let eng = CacheObject::create(origin.clone(), cache.clone(), opts).unwrap();
+    let mut model: BTreeMap<u64, CrashDev> = BTreeMap::new();
+    model.insert(
+        0,
+        CrashDev {
+            writable: true,
+            cur: init_tokens.clone(),
+            cands: init_tokens.iter().map(|&t| vec![t]).collect(),
+        },
+    );
+    let mut next_token = 1u64;
+    ctl.arm(rng.u64(1..500));
+    // A create whose completion is unknown: (expected id, possible content per sector).
+    let mut maybe_created: Option<(u64, Vec<Vec<u64>>)> = None;
+    let mut maybe_deleted: Option<u64> = None;
+    let mut log = Vec::new();
+    for _step in 0..60 {
+        if ctl.crashed() {
+            break;
+        }
+        let ids: Vec<u64> = model.keys().copied().collect();
+        let dev = ids[rng.usize(0..ids.len())];
+        let op = rng.u8(0..100);
+        match op {
+            0..=54 if model[&dev].writable => {
+                let first = rng.usize(0..nsect);
+                let n = rng.usize(1..=(nsect - first).min(24));
+                let tokens: Vec<u64> = (0..n)
+                    .map(|_| {
+                        next_token += 1;
+                        next_token
+                    })
+                    .collect();
+                let mut data = Vec::with_capacity(n * SECTOR);
+                for &t in &tokens {
+                    data.extend_from_slice(&sector_bytes(t));
+                }
+                log.push(format!("write dev {dev} sectors {first}+{n}"));
+                eng.write(DeviceId(dev), (first * SECTOR) as u64, &data)
+                    .unwrap();
+                model.get_mut(&dev).unwrap().write(first, &tokens);
+            }
+            55..=62 if model[&dev].writable => {
+                let first = rng.usize(0..nsect);
+                let n = rng.usize(1..=(nsect - first).min(24));
+                log.push(format!("zero dev {dev} sectors {first}+{n}"));
+                if rng.bool() {
+                    eng.discard(DeviceId(dev), (first * SECTOR) as u64, (n * SECTOR) as u64)
+                } else {
+                    eng.write_zeroes(DeviceId(dev), (first * SECTOR) as u64, (n * SECTOR) as u64)
+                }
+                .unwrap();
+                model.get_mut(&dev).unwrap().write(first, &vec![0; n]);
+            }
+            63..=74 if model.len() < 6 => {
+                let writable = rng.u8(0..3) != 0;
+                let parent_cands = model[&dev].cands.clone();
+                let expected_id = eng.devices().iter().map(|d| d.id).max().unwrap() + 1;
+                log.push(format!("create snapshot of {dev}"));
+                let res = eng.create_snapshot(DeviceId(dev), &format!("s{next_token}"), writable);
+                next_token += 1;
+                if ctl.crashed() {
+                    maybe_created = Some((expected_id, parent_cands));
+                    break;
+                }
+                let id = res.unwrap();
+                let cur = model[&dev].cur.clone();
+                for m in model.values_mut() {
+                    m.flushed();
+                }
+                let cands = cur.iter().map(|&t| vec![t]).collect();
+                model.insert(
+                    id.0,
+                    CrashDev {
+                        writable,
+                        cur,
+                        cands,
+                    },
+                );
+            }
+            75..=81 if dev != 0 => {
+                log.push(format!("delete {dev}"));
+                eng.delete_snapshot(DeviceId(dev)).unwrap();
+                if ctl.crashed() {
+                    maybe_deleted = Some(dev);
+                    break;
+                }
+                model.remove(&dev);
+            }
+            82..=85 if dev != 0 => {
+                log.push(format!("restore origin from {dev}"));
+                eng.restore(DeviceId(dev)).unwrap();
+                let src = model[&dev].cur.clone();
+                let o = model.get_mut(&0).unwrap();
+                o.write(0, &src);
+                if !ctl.crashed() {
+                    for m in model.values_mut() {
+                        m.flushed();
+                    }
+                }
+            }
+            _ => {
+                log.push("flush".to_string());
+                eng.flush().unwrap();
+                if !ctl.crashed() {
+                    for m in model.values_mut() {
+                        m.flushed();
+                    }
+                }
+            }
+        }
+    }
+    ctl.crash_now();
+    drop(eng);
+    let o_img = origin.crash_image().unwrap();
+    let c_img = cache.crash_image().unwrap();
+    let ctx = format!("crash seed {seed} after {:?}", log);
+    let origin2: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(o_img));
+    let cache2 = Arc::new(MemStorage::from_bytes(c_img));
+    let report = check_cache(cache2.as_ref());
+    assert!(report.is_clean(), "{ctx}: check:\n{report}");
+    let eng = CacheObject::open(origin2, cache2.clone(), OpenOptions::default())
+        .unwrap_or_else(|e| panic!("{ctx}: open after crash: {e}"));
+    eng.verify_in_memory().unwrap();
+    let present: Vec<u64> = eng.devices().iter().map(|d| d.id).collect();
+    for id in model.keys() {
+        if Some(*id) != maybe_deleted {
+            assert!(present.contains(id), "{ctx}: device {id} lost");
+        }
+    }
+    if let Some((id, cands)) = maybe_created {
+        if present.contains(&id) {
+            let writable = eng.device(DeviceId(id)).unwrap().writable;
+            let cur = cands.iter().map(|c| c[0]).collect();
+            model.insert(
+                id,
+                CrashDev {
+                    writable,
+                    cur,
+                    cands,
+                },
+            );
+        }
+    }
+    for id in &present {
+        assert!(model.contains_key(id), "{ctx}: unexpected device {id}");
+    }
+    if let Some(d) = maybe_deleted {
+        if !present.contains(&d) {
+            model.remove(&d);
+        }
+    }
+    let verify = |eng: &CacheObject, model: &BTreeMap<u64, CrashDev>, when: &str| {
+        let mut buf = vec![0u8; size as usize];
+        for (&id, m) in model {
+            eng.read(DeviceId(id), 0, &mut buf)
+                .unwrap_or_else(|e| panic!("{ctx}: {when}: read {id}: {e}"));
+            for (i, s) in buf.chunks(SECTOR).enumerate() {
+                let t = sector_token(s);
+                assert!(
+                    t.is_some_and(|t| m.cands[i].contains(&t)),
+                    "{ctx}: {when}: device {id} sector {i} (chunk {}) shows {t:?}, allowed {:?}",
+                    i * SECTOR / CHUNK as usize,
+                    m.cands[i]
+                );
+            }
+        }
+    };
+    verify(&eng, &model, "after recovery");
+    // The recovered allocator must not hand out a block still in use: write everywhere
+    // writable, then every other device must be unchanged.
+    let mut after: BTreeMap<u64, CrashDev> = BTreeMap::new();
+    let mut buf = vec![0u8; size as usize];
+    for &id in model.keys() {
+        eng.read(DeviceId(id), 0, &mut buf).unwrap();
+        let cur: Vec<u64> = buf
+            .chunks(SECTOR)
+            .map(|s| sector_token(s).unwrap())
+            .collect();
+        let cands = cur.iter().map(|&t| vec![t]).collect();
+        after.insert(
+            id,
+            CrashDev {
+                writable: model[&id].writable,
+                cur,
+                cands,
+            },
+        );
+    }
+    for (&id, m) in after.iter_mut() {
+        if m.writable && rng.bool() {
+            let first = rng.usize(0..nsect - 8);
+            let tokens: Vec<u64> = (0..8).map(|k| (7 << 56) | (id << 32) | k).collect();
+            let mut data = Vec::new();
+            for &t in &tokens {
+                data.extend_from_slice(&sector_bytes(t));
+            }
+            eng.write(DeviceId(id), (first * SECTOR) as u64, &data)
+                .unwrap();
+            m.write(first, &tokens);
+            m.flushed();
+        }
+    }
+    verify(&eng, &after, "after writes following recovery");
+}
+
+#[test]
+fn crash_injection() {
+    let mut crashes = 0;
+    for seed in seeds(1200, 3) {
+        run_crash_case(seed);
+        crashes += 1;
+    }
+    assert!(crashes >= 1000 || std::env::var("COW_SEED").is_ok());
+}
