@@ -3,13 +3,17 @@
 
 pub mod admin;
 
+use crate::control::ControlServer;
+use crate::cow::{self, CacheObject, CowError, CreateOptions};
+use crate::daemon::{self, Daemon, ServeDefaults};
 use crate::device::{BlockDevice, RawDevice};
+use crate::storage::{FileStorage, Storage};
 use crate::vhost::{DeviceServer, ServeOptions};
 use clap::{Args, Parser, Subcommand};
 use log::info;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -19,6 +23,7 @@ const DEFAULT_DIR: &str = "snapblk-data";
 const DEFAULT_ORIGIN: &str = "snapblk-data/origin.img";
 const DEFAULT_SOCKET: &str = "snapblk-data/origin.sock";
 const DEFAULT_CONTROL: &str = "snapblk-data/control.sock";
+const DEFAULT_CACHE: &str = "snapblk-data/cache.obj";
 
 /// Errors the CLI reports as one line before exiting non-zero.
 #[derive(Debug, Error)]
@@ -34,6 +39,8 @@ pub enum CliError {
     Device(#[from] crate::device::DeviceError),
     #[error(transparent)]
     Serve(#[from] crate::vhost::ServeError),
+    #[error(transparent)]
+    Socket(#[from] crate::sock::SocketError),
     #[error("{0}")]
     Usage(String),
     #[error("cannot install signal handlers: {0}")]
@@ -71,6 +78,12 @@ pub enum Command {
         control: admin::ControlArg,
         #[command(subcommand)]
         command: admin::SnapshotCommand,
+    },
+    /// Verify a cache object offline (the daemon must not be running on it). Exit status 0
+    /// when clean, 1 when damage was found, 2 when it cannot be read at all.
+    Check {
+        /// The cache object file.
+        cache: PathBuf,
     },
     /// I/O, copy-on-write and cache-space counters of a running daemon.
     Stats {
@@ -117,9 +130,38 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 512, value_parser = parse_block_size)]
     pub logical_block_size: u32,
 
-    /// Permission bits of the socket, in octal (0600: only the owner's VMM may connect).
+    /// Permission bits of the vhost-user and control sockets, in octal (0600: only the
+    /// owner may connect; 0660 lets the socket's group in).
     #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
     pub socket_mode: u32,
+
+    /// Cache object holding every snapshot's blocks; created if missing. Default:
+    /// snapblk-data/cache.obj for the default origin, ORIGIN.cache beside any other.
+    #[arg(long, value_name = "PATH", conflicts_with = "no_cache")]
+    pub cache: Option<PathBuf>,
+
+    /// Control socket for `snapblk snapshot ...` and `snapblk stats`. Default:
+    /// snapblk-data/control.sock beside the default socket, SOCKET-STEM.control.sock beside
+    /// any other.
+    #[arg(long, value_name = "PATH", conflicts_with = "no_cache")]
+    pub control: Option<PathBuf>,
+
+    /// Copy-on-write chunk size of a new cache object (power of two, 4K..1M).
+    #[arg(long, value_name = "SIZE", default_value = "64K", value_parser = parse_size)]
+    pub chunk_size: u64,
+
+    /// Growth limit of the cache object file (default: twice the origin's size). A larger
+    /// value given for an existing cache object raises its limit.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub cache_size: Option<u64>,
+
+    /// Warn (log, stats) when free cache space falls below this (default: 10% of the limit).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub low_space: Option<u64>,
+
+    /// Serve the raw origin alone: no cache object, no snapshots, no control socket.
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 fn default_queues() -> u16 {
@@ -181,12 +223,30 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Snapshot { control, command } => admin::snapshot(&control.control, command),
         Command::Stats { control, json } => admin::stats(&control.control, json),
+        Command::Check { cache } => return check(&cache),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("snapblk: error: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match crate::cow::check::check_cache_path(path) {
+        Ok(report) => {
+            println!("{report}");
+            if report.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("snapblk: error: cannot check {}: {e}", path.display());
+            ExitCode::from(2)
         }
     }
 }
@@ -214,7 +274,10 @@ fn ensure_origin(args: &ServeArgs) -> Result<(), CliError> {
         })?;
     }
     let create = |path: &Path| -> std::io::Result<()> {
-        let f = OpenOptions::new().write(true).create_new(true).open(path)?;
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)?;
         f.set_len(size)
     };
     create(&args.origin).map_err(|source| CliError::Create {
@@ -241,20 +304,142 @@ pub(crate) fn human(bytes: u64) -> String {
 }
 
 fn serve(args: ServeArgs) -> Result<(), CliError> {
-    if args.socket == Path::new(DEFAULT_SOCKET) {
+    if args.socket == Path::new(DEFAULT_SOCKET) || args.origin == Path::new(DEFAULT_ORIGIN) {
         fs::create_dir_all(DEFAULT_DIR).map_err(|source| CliError::Create {
             path: DEFAULT_DIR.into(),
             source,
         })?;
     }
     ensure_origin(&args)?;
+    // Install the handlers before serving so an early SIGTERM still shuts down cleanly.
+    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(CliError::Signals)?;
+    if args.no_cache {
+        return serve_raw(&args, &mut signals);
+    }
+
+    let origin = Arc::new(
+        FileStorage::open(&args.origin, args.read_only).map_err(|source| {
+            crate::device::DeviceError::Open {
+                path: args.origin.display().to_string(),
+                source,
+            }
+        })?,
+    );
+    let cache_path = args.cache.clone().unwrap_or_else(|| {
+        if args.origin == Path::new(DEFAULT_ORIGIN) {
+            PathBuf::from(DEFAULT_CACHE)
+        } else {
+            daemon::default_cache_path(&args.origin)
+        }
+    });
+    let control_path = args.control.clone().unwrap_or_else(|| {
+        if args.socket == Path::new(DEFAULT_SOCKET) {
+            PathBuf::from(DEFAULT_CONTROL)
+        } else {
+            let stem = args
+                .socket
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            args.socket.with_file_name(format!("{stem}.control.sock"))
+        }
+    });
+    let engine = Arc::new(open_cache(&args, origin, &cache_path)?);
+    let defaults = ServeDefaults {
+        num_queues: args.num_queues,
+        queue_size: args.queue_size,
+        logical_block_size: args.logical_block_size,
+        socket_mode: args.socket_mode,
+        origin_read_only: args.read_only,
+        origin_serial: args.serial.clone(),
+    };
+    let daemon = Daemon::new(engine.clone(), defaults);
+    daemon.serve_all(&args.socket)?;
+    let control = ControlServer::start(&control_path, args.socket_mode, daemon.clone())?;
+    print_attach_help(&args, engine.origin_size());
+    println!(
+        "Cache object {} (chunk {}); control socket {}",
+        cache_path.display(),
+        human(engine.chunk_size()),
+        control.path().display()
+    );
+
+    let signal = signals.forever().next();
+    info!("received signal {signal:?}: finishing in-flight requests and shutting down");
+    drop(control);
+    daemon.shutdown().map_err(|e| CliError::Flush {
+        path: cache_path.clone(),
+        source: std::io::Error::other(e),
+    })?;
+    info!("shut down cleanly");
+    Ok(())
+}
+
+/// Opens the cache object, or creates it for this origin if it does not exist.
+fn open_cache(
+    args: &ServeArgs,
+    origin: Arc<FileStorage>,
+    path: &Path,
+) -> Result<CacheObject, CliError> {
+    let tag = fs::canonicalize(&args.origin)
+        .unwrap_or_else(|_| args.origin.clone())
+        .display()
+        .to_string();
+    let cow_err = |e: CowError| CliError::Usage(format!("cache object {}: {e}", path.display()));
+    if path.exists() {
+        let cache = FileStorage::open(path, false).map_err(|source| CliError::Create {
+            path: path.into(),
+            source,
+        })?;
+        let opts = cow::OpenOptions {
+            max_size: args.cache_size,
+            low_space_threshold: args.low_space,
+            origin_tag: Some(tag),
+        };
+        return CacheObject::open(origin, Arc::new(cache), opts).map_err(cow_err);
+    }
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|source| CliError::Create {
+            path: path.into(),
+            source,
+        })?;
+    let cache = FileStorage::from_file(file).map_err(|source| CliError::Create {
+        path: path.into(),
+        source,
+    })?;
+    let opts = CreateOptions {
+        chunk_size: args.chunk_size,
+        max_size: args
+            .cache_size
+            .unwrap_or_else(|| (2 * origin.size()).max(64 << 20)),
+        low_space_threshold: args.low_space.unwrap_or(0),
+        origin_tag: tag,
+        ..CreateOptions::default()
+    };
+    match CacheObject::create(origin, Arc::new(cache), opts) {
+        Ok(c) => {
+            info!("created cache object {}", path.display());
+            Ok(c)
+        }
+        Err(e) => {
+            // Do not leave a half-made cache object that the next start would trip over.
+            let _ = fs::remove_file(path);
+            Err(cow_err(e))
+        }
+    }
+}
+
+/// `--no-cache`: the raw origin on its socket, nothing else.
+fn serve_raw(args: &ServeArgs, signals: &mut Signals) -> Result<(), CliError> {
     let device = Arc::new(RawDevice::open(
         &args.origin,
         args.read_only,
         args.logical_block_size,
     )?);
-    // Install the handlers before serving so an early SIGTERM still shuts down cleanly.
-    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(CliError::Signals)?;
     let opts = ServeOptions {
         num_queues: args.num_queues,
         queue_size: args.queue_size,
@@ -264,8 +449,7 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
     };
     let dev: Arc<dyn BlockDevice> = device.clone();
     let server = DeviceServer::start("origin", &args.socket, args.socket_mode, dev, opts)?;
-    print_attach_help(&args, device.capacity());
-
+    print_attach_help(args, device.capacity());
     let signal = signals.forever().next();
     info!("received signal {signal:?}: finishing in-flight requests and shutting down");
     server.stop();

@@ -103,7 +103,15 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
-            let _ = c.wait();
+            // A failing test shows what the daemon logged.
+            if let Ok(out) = c.wait_with_output() {
+                if std::thread::panicking() {
+                    eprintln!(
+                        "--- snapblk stderr ---\n{}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+            }
         }
     }
 }
@@ -189,20 +197,51 @@ impl Client {
         unsafe { c[0].assume_init_ref() }.ret
     }
 
-    pub fn write(&mut self, q: usize, offset: u64, data: &[u8]) -> i32 {
-        self.buf_slice(q, data.len()).copy_from_slice(data);
-        let p = self.buf(q);
-        self.queues[q].write(offset, p, data.len(), 0, blkio::ReqFlags::empty());
-        self.complete(q)
+    /// Largest buffer one request may carry (the device's size_max, as libblkio reports it).
+    pub fn max_request(&self) -> usize {
+        match self.blkio.get_i32("max-segment-len") {
+            Ok(n) if n > 0 => (n as usize).min(QUEUE_BUF),
+            _ => QUEUE_BUF,
+        }
     }
 
-    pub fn read(&mut self, q: usize, offset: u64, len: usize) -> Result<Vec<u8>, i32> {
-        let p = self.buf(q);
-        self.queues[q].read(offset, p, len, 0, blkio::ReqFlags::empty());
-        match self.complete(q) {
-            0 => Ok(self.buf_slice(q, len).to_vec()),
-            e => Err(e),
+    /// Writes `data` at `offset`, in requests of at most `max_request` bytes.
+    pub fn write(&mut self, q: usize, offset: u64, data: &[u8]) -> i32 {
+        let step = self.max_request();
+        for (i, part) in data.chunks(step).enumerate() {
+            self.buf_slice(q, part.len()).copy_from_slice(part);
+            let p = self.buf(q);
+            self.queues[q].write(
+                offset + (i * step) as u64,
+                p,
+                part.len(),
+                0,
+                blkio::ReqFlags::empty(),
+            );
+            let ret = self.complete(q);
+            if ret != 0 {
+                return ret;
+            }
         }
+        0
+    }
+
+    /// Reads `len` bytes at `offset`, in requests of at most `max_request` bytes.
+    pub fn read(&mut self, q: usize, offset: u64, len: usize) -> Result<Vec<u8>, i32> {
+        let step = self.max_request();
+        let mut out = Vec::with_capacity(len);
+        let mut done = 0;
+        while done < len {
+            let n = step.min(len - done);
+            let p = self.buf(q);
+            self.queues[q].read(offset + done as u64, p, n, 0, blkio::ReqFlags::empty());
+            match self.complete(q) {
+                0 => out.extend_from_slice(self.buf_slice(q, n)),
+                e => return Err(e),
+            }
+            done += n;
+        }
+        Ok(out)
     }
 
     pub fn flush(&mut self, q: usize) -> i32 {
