@@ -47,6 +47,10 @@ mkdir -p "$cache/debs" "$cache/kernel"
 # when the kernel has them built in.
 MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk)
 
+# As root, apt would warn that its _apt sandbox user cannot write into the cache.
+APT_OPTS=()
+[ "$(id -u)" -ne 0 ] || APT_OPTS=(-o APT::Sandbox::User=root)
+
 for tool in apt-get apt-cache dpkg-deb tar; do
     command -v "$tool" >/dev/null 2>&1 || die "'$tool' not found: a Debian host is required (see qemu/install-host-deps.sh)"
 done
@@ -65,14 +69,14 @@ fetch_busybox() {
     deb=$(ls "$cache"/debs/busybox-static_*.deb 2>/dev/null | tail -1 || true)
     if [ -z "$deb" ]; then
         log "busybox: downloading busybox-static"
-        (cd "$cache/debs" && apt-get download busybox-static >&2) ||
+        (cd "$cache/debs" && apt-get "${APT_OPTS[@]+"${APT_OPTS[@]}"}" download busybox-static >&2) ||
             die "apt-get download busybox-static failed (run 'apt-get update'?)"
         deb=$(ls "$cache"/debs/busybox-static_*.deb | tail -1)
     fi
     local tmp
     tmp=$(mktemp -d "$cache/bb.XXXXXX")
     dpkg-deb -x "$deb" "$tmp"
-    [ -x "$tmp/bin/busybox" ] || die "$deb has no bin/busybox"
+    [ -x "$tmp/bin/busybox" ] || { rm -rf "$tmp"; die "$deb has no bin/busybox"; }
     mv "$tmp/bin/busybox" "$out"
     rm -rf "$tmp"
 }
@@ -112,7 +116,7 @@ if ! kernel_complete "$kver"; then
     deb=$(ls "$cache"/debs/"${pkg}"_*.deb 2>/dev/null | tail -1 || true)
     if [ -z "$deb" ]; then
         log "downloading $pkg"
-        (cd "$cache/debs" && apt-get download "$pkg" >&2) ||
+        (cd "$cache/debs" && apt-get "${APT_OPTS[@]+"${APT_OPTS[@]}"}" download "$pkg" >&2) ||
             die "apt-get download $pkg failed (no registry access? run 'apt-get update'?)"
         deb=$(ls "$cache"/debs/"${pkg}"_*.deb | tail -1)
     fi
