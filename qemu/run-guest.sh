@@ -124,6 +124,7 @@ append="console=ttyS0 panic=-1 loglevel=4 mitigations=off snapblk.test=$test_nam
 for a in "${test_args[@]+"${test_args[@]}"}"; do append+=" snapblk.arg=$a"; done
 [ -z "$extra_append" ] || append+=" $extra_append"
 
+# shellcheck disable=SC2054 # commas belong to QEMU option values
 cmd=(
     "$qemu" -nodefaults -no-user-config -machine pc -accel tcg -cpu "$cpu" -smp "$smp"
     -object "memory-backend-memfd,id=mem,size=${mem}M,share=on" -numa node,memdev=mem -m "${mem}M"

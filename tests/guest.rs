@@ -268,6 +268,9 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+        // The socket file appears at bind(); give the backend a moment to listen(). (No probe
+        // connection: a vhost-user backend may treat a closed connection as the end.)
+        std::thread::sleep(Duration::from_millis(200));
         d
     }
 
