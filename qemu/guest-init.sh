@@ -5,7 +5,8 @@
 #
 # Console protocol (one line each, `key=value` fields separated by single spaces; values
 # never contain spaces):
-#   SNAPBLK-DISK: name=vda size_sectors=N serial=S queues=Q ro=0|1      (one per disk, at boot)
+#   SNAPBLK-DISK: name=vda size_sectors=N serial=S queues=Q ro=0|1 cache=write_back|write_through
+#                                                                        (one per disk, at boot)
 #   SNAPBLK-INFO: ...                                                    (free-form progress)
 #   SNAPBLK-RESULT: PASS <test> key=value...                             (exactly one per boot)
 #   SNAPBLK-RESULT: FAIL <test> reason=<word> key=value...
@@ -78,8 +79,10 @@ disk_serial() {
 }
 disk_queues() { ls "/sys/block/$1/mq" 2>/dev/null | wc -l; }
 disk_ro() { cat "/sys/block/$1/ro"; }
+# "write_back" when the device offers FLUSH (fsync then reaches the backend), else "write_through"
+disk_cache() { tr ' ' '_' <"/sys/block/$1/queue/write_cache" 2>/dev/null || echo unknown; }
 disk_fields() {
-    echo "disk=$1 size_sectors=$(disk_size "$1") serial=$(disk_serial "$1") queues=$(disk_queues "$1") ro=$(disk_ro "$1")"
+    echo "disk=$1 size_sectors=$(disk_size "$1") serial=$(disk_serial "$1") queues=$(disk_queues "$1") ro=$(disk_ro "$1") cache=$(disk_cache "$1")"
 }
 DISKS=
 find_disks() {

@@ -32,7 +32,7 @@ Options:
   -h, --help            this text
 
 Output: the guest's SNAPBLK-* lines on stdout, e.g.
-  SNAPBLK-DISK: name=vda size_sectors=131072 serial=abc queues=2 ro=0
+  SNAPBLK-DISK: name=vda size_sectors=131072 serial=abc queues=2 ro=0 cache=write_back
   SNAPBLK-RESULT: PASS pattern disk=vda size_sectors=131072 serial=abc queues=2 ro=0 seed=1 ...
 Exit status: 0 PASS; 1 guest reported FAIL; 3 no result (timeout, crash, QEMU error);
 2 usage or setup error. On failure the log's tail is printed on stderr.

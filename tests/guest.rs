@@ -457,6 +457,11 @@ fn guest_pattern(backend: Backend) {
     if backend == Backend::Snapblk {
         assert_eq!(run.field("serial"), SERIAL, "serial seen by the guest");
     }
+    assert_eq!(
+        run.field("cache"),
+        "write_back",
+        "the device should offer FLUSH, so that the guest's fsync reaches the backend"
+    );
 
     let status = daemon.stop();
     assert!(
