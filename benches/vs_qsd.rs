@@ -116,12 +116,16 @@ struct Config {
     backends: Vec<Backend>,
     image_mib: u64,
     keep: bool,
+    /// `cargo bench` passes `--bench`; `cargo test --benches`/`--all-targets` does not.
+    bench_mode: bool,
 }
 
 const HELP: &str = "\
 vs_qsd: snapblk vs qemu-storage-daemon over vhost-user-blk (client: blkio crate)
 
 usage: cargo bench --bench vs_qsd -- [OPTIONS] [FILTER]
+       target/release/deps/vs_qsd-HASH --bench [OPTIONS] [FILTER]
+       (without --bench, as under `cargo test --all-targets`, it does nothing)
 
   --secs S          measured seconds per cell and backend (default 3; env VS_QSD_SECS)
   --warmup S        unmeasured warm-up seconds before each measurement (default 0.5;
@@ -156,12 +160,13 @@ fn parse_config() -> Result<Config, String> {
     let mut image_mib = env_or("VS_QSD_IMAGE_MIB", "1024");
     let mut keep = env_or("VS_QSD_KEEP", "") == "1";
 
+    let mut bench_mode = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |opt: &str| args.next().ok_or_else(|| format!("{opt} needs a value"));
         match arg.as_str() {
             // `cargo bench` passes --bench to harness=false targets.
-            "--bench" => {}
+            "--bench" => bench_mode = true,
             "-h" | "--help" => {
                 print!("{HELP}");
                 std::process::exit(0);
@@ -201,6 +206,7 @@ fn parse_config() -> Result<Config, String> {
         backends,
         image_mib,
         keep,
+        bench_mode,
     })
 }
 
@@ -778,6 +784,12 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if !cfg.bench_mode {
+        // Built and run as a test (`cargo test --all-targets`): a 2-minute benchmark has no
+        // place there.
+        println!("vs_qsd: skipped (run it with `cargo bench --bench vs_qsd`)");
+        return;
+    }
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
