@@ -448,8 +448,15 @@ fn berr(what: &str) -> impl Fn(blkio::Error) -> String + '_ {
 }
 
 /// Connects to the daemon's socket (retrying until it listens), starts `nq` queues and maps
-/// one buffer region of `region_len` bytes.
-fn connect(daemon: &mut Daemon, nq: usize, region_len: usize) -> Result<Client, String> {
+/// one buffer region of `region_len` bytes. Read-only workloads connect read-only (this
+/// changes nothing in feature negotiation, it only lets a device that offers
+/// VIRTIO_BLK_F_RO be benchmarked for reads).
+fn connect(
+    daemon: &mut Daemon,
+    nq: usize,
+    region_len: usize,
+    read_only: bool,
+) -> Result<Client, String> {
     let deadline = Instant::now() + CONNECT_TIMEOUT;
     let mut blkio = loop {
         daemon.check_alive()?;
@@ -461,6 +468,8 @@ fn connect(daemon: &mut Daemon, nq: usize, region_len: usize) -> Result<Client, 
             let mut b = Blkio::new("virtio-blk-vhost-user").map_err(berr("Blkio::new"))?;
             b.set_str("path", &daemon.sock.to_string_lossy())
                 .map_err(berr("set path"))?;
+            b.set_bool("read-only", read_only)
+                .map_err(berr("set read-only"))?;
             match b.connect() {
                 Ok(()) => break b,
                 Err(e) => last_err = berr("connect")(e),
@@ -686,7 +695,8 @@ fn run_one(
     seq: usize,
 ) -> Result<Measured, String> {
     let mut daemon = Daemon::start(backend, img, dir, nq, seq)?;
-    let mut client = connect(&mut daemon, nq, nq * w.qd * w.bs as usize)?;
+    let read_only = w.pattern != Pattern::RandWrite;
+    let mut client = connect(&mut daemon, nq, nq * w.qd * w.bs as usize, read_only)?;
     verify(&mut client).map_err(|e| format!("{e}\n{}", daemon.log_tail()))?;
     // Write buffers carry a recognizable pattern; read buffers get overwritten anyway.
     unsafe { std::ptr::write_bytes(client.region.addr as *mut u8, 0x5a, client.region.len) };
