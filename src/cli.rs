@@ -1,1 +1,319 @@
-//! placeholder
+//! Command-line interface: argument parsing and the `serve` command.
+
+use crate::device::{BlockDevice, RawDevice};
+use crate::vhost::{DeviceServer, ServeOptions};
+use clap::{Args, Parser, Subcommand};
+use log::info;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use std::fs::{self, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use thiserror::Error;
+
+const DEFAULT_DIR: &str = "snapblk-data";
+const DEFAULT_ORIGIN: &str = "snapblk-data/origin.img";
+const DEFAULT_SOCKET: &str = "snapblk-data/origin.sock";
+
+/// Errors the CLI reports as one line before exiting non-zero.
+#[derive(Debug, Error)]
+pub enum CliError {
+    #[error("origin image {0} does not exist (pass --size to create it sparse)")]
+    MissingOrigin(PathBuf),
+    #[error("cannot create {path}: {source}")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
+    #[error(transparent)]
+    Serve(#[from] crate::vhost::ServeError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("flushing {path} at shutdown failed: {source}")]
+    Flush {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "snapblk",
+    version,
+    about = "Serve VM disks over vhost-user-blk from an origin image",
+    long_about = "snapblk serves a raw origin image to virtual machines over the vhost-user-blk \
+protocol (QEMU's vhost-user-blk-pci, cloud-hypervisor's --disk vhost_user=true).\n\n\
+Quick start:\n  snapblk serve                      # serves ./snapblk-data/origin.img (8 GiB, sparse)\n  \
+snapblk serve --origin disk.img --socket /tmp/disk.sock --num-queues 4\n\n\
+Set RUST_LOG=debug for request-level logging."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve the origin image on a vhost-user-blk socket until SIGINT/SIGTERM.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Raw origin image. The default one is created sparse if missing.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_ORIGIN)]
+    pub origin: PathBuf,
+
+    /// Size of the origin image to create when it does not exist (e.g. 8G, 512M, 1T).
+    /// Ignored when the image exists.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub size: Option<u64>,
+
+    /// Unix socket the VMM connects to. A stale socket is replaced; a live one is refused.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+
+    /// Number of virtqueues offered (each gets its own worker thread).
+    #[arg(long, value_name = "N", default_value_t = default_queues(), value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub num_queues: u16,
+
+    /// Maximum virtqueue size offered (a power of two, 2..=1024).
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = parse_queue_size)]
+    pub queue_size: u16,
+
+    /// Serve the image read-only (VIRTIO_BLK_F_RO); writes fail with an I/O error.
+    #[arg(long)]
+    pub read_only: bool,
+
+    /// Serial number reported to the guest (GET_ID; at most 20 bytes are shown).
+    #[arg(long, value_name = "STR", default_value = "snapblk")]
+    pub serial: String,
+
+    /// Logical block size reported to the guest.
+    #[arg(long, value_name = "BYTES", default_value_t = 512, value_parser = parse_block_size)]
+    pub logical_block_size: u32,
+
+    /// Permission bits of the socket, in octal (0600: only the owner's VMM may connect).
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
+    pub socket_mode: u32,
+}
+
+fn default_queues() -> u16 {
+    std::thread::available_parallelism()
+        .map(|n| n.get().min(8) as u16)
+        .unwrap_or(1)
+}
+
+/// Parses sizes like `4096`, `512K`, `8G`, `1TiB`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (try 8G, 512M, 4096)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(format!("'{s}': unknown unit '{unit}' (use K, M, G or T)")),
+    };
+    n.checked_mul(1u64 << shift)
+        .filter(|&v| v > 0)
+        .ok_or_else(|| format!("'{s}' is zero or too large"))
+}
+
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(n) if (2..=1024).contains(&n) && n.is_power_of_two() => Ok(n),
+        _ => Err(format!("'{s}' is not a power of two between 2 and 1024")),
+    }
+}
+
+fn parse_block_size(s: &str) -> Result<u32, String> {
+    match s {
+        "512" => Ok(512),
+        "4096" => Ok(4096),
+        _ => Err(format!("'{s}': the logical block size must be 512 or 4096")),
+    }
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("'{s}' is not an octal permission mode like 0600 or 0660"))
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("snapblk: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn ensure_origin(args: &ServeArgs) -> Result<(), CliError> {
+    if args.origin.exists() {
+        return Ok(());
+    }
+    let is_default = args.origin == Path::new(DEFAULT_ORIGIN);
+    let size = match (args.size, is_default) {
+        (Some(size), _) => size,
+        (None, true) => 8 << 30,
+        (None, false) => return Err(CliError::MissingOrigin(args.origin.clone())),
+    };
+    if args.read_only {
+        return Err(CliError::Usage(format!(
+            "origin image {} does not exist; a read-only device cannot create it",
+            args.origin.display()
+        )));
+    }
+    if is_default {
+        fs::create_dir_all(DEFAULT_DIR).map_err(|source| CliError::Create {
+            path: DEFAULT_DIR.into(),
+            source,
+        })?;
+    }
+    let create = |path: &Path| -> std::io::Result<()> {
+        let f = OpenOptions::new().write(true).create_new(true).open(path)?;
+        f.set_len(size)
+    };
+    create(&args.origin).map_err(|source| CliError::Create {
+        path: args.origin.clone(),
+        source,
+    })?;
+    info!(
+        "created sparse origin image {} of {} bytes",
+        args.origin.display(),
+        size
+    );
+    Ok(())
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
+}
+
+fn serve(args: ServeArgs) -> Result<(), CliError> {
+    if args.socket == Path::new(DEFAULT_SOCKET) {
+        fs::create_dir_all(DEFAULT_DIR).map_err(|source| CliError::Create {
+            path: DEFAULT_DIR.into(),
+            source,
+        })?;
+    }
+    ensure_origin(&args)?;
+    let device = Arc::new(RawDevice::open(
+        &args.origin,
+        args.read_only,
+        args.logical_block_size,
+    )?);
+    // Install the handlers before serving so an early SIGTERM still shuts down cleanly.
+    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(CliError::Signals)?;
+    let opts = ServeOptions {
+        num_queues: args.num_queues,
+        queue_size: args.queue_size,
+        serial: args.serial.clone(),
+        logical_block_size: args.logical_block_size,
+        read_only: args.read_only,
+    };
+    let dev: Arc<dyn BlockDevice> = device.clone();
+    let server = DeviceServer::start("origin", &args.socket, args.socket_mode, dev, opts)?;
+    print_attach_help(&args, device.capacity());
+
+    let signal = signals.forever().next();
+    info!("received signal {signal:?}: finishing in-flight requests and shutting down");
+    server.stop();
+    device.flush().map_err(|source| CliError::Flush {
+        path: args.origin.clone(),
+        source,
+    })?;
+    info!("shut down cleanly");
+    Ok(())
+}
+
+fn print_attach_help(args: &ServeArgs, capacity: u64) {
+    let sock = fs::canonicalize(&args.socket).unwrap_or_else(|_| args.socket.clone());
+    let mode = if args.read_only {
+        "read-only"
+    } else {
+        "read-write"
+    };
+    println!(
+        "snapblk: serving {} ({}, {mode}, {} queue(s)) on {}",
+        args.origin.display(),
+        human(capacity),
+        args.num_queues,
+        sock.display()
+    );
+    println!("Attach with QEMU (guest RAM must be shared memory):");
+    println!(
+        "  -object memory-backend-memfd,id=mem,size=<RAM>,share=on -numa node,memdev=mem \\\n  \
+         -chardev socket,id=snapblk0,path={} \\\n  \
+         -device vhost-user-blk-pci,chardev=snapblk0,num-queues={}",
+        sock.display(),
+        args.num_queues
+    );
+    println!("Attach with cloud-hypervisor:");
+    println!(
+        "  --memory size=<RAM>,shared=on --disk vhost_user=true,socket={},num_queues={}",
+        sock.display(),
+        args.num_queues
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512K"), Ok(512 << 10));
+        assert_eq!(parse_size("8G"), Ok(8 << 30));
+        assert_eq!(parse_size("1TiB"), Ok(1 << 40));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn queue_sizes_and_modes() {
+        assert_eq!(parse_queue_size("256"), Ok(256));
+        assert!(parse_queue_size("100").is_err());
+        assert!(parse_queue_size("2048").is_err());
+        assert_eq!(parse_mode("0660"), Ok(0o660));
+        assert!(parse_mode("999").is_err());
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

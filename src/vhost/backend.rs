@@ -1,0 +1,244 @@
+//! The vhost-user-blk backend for one connection: features, config space, queue workers.
+//!
+//! One [`BlkBackend`] is built per frontend connection (guest memory, negotiated features and
+//! the writeback setting belong to the connection); the [`BlockDevice`] it serves outlives it.
+//! Each queue gets its own worker thread (see `queues_per_thread`), and the only state a worker
+//! touches besides its own vring is the device, so queues run in parallel without a shared lock.
+
+use super::worker::QueueWorker;
+use crate::device::BlockDevice;
+use crate::virtio_blk::{self, config_offsets, features, Limits};
+use log::{debug, warn};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+/// Guest memory as the library hands it to us (no dirty-page bitmap: we do not offer LOG_ALL).
+pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+
+/// What a device is served with; fixed for the life of the socket.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub serial: String,
+    pub logical_block_size: u32,
+    pub read_only: bool,
+}
+
+/// One connection's backend.
+pub struct BlkBackend {
+    device: Arc<dyn BlockDevice>,
+    opts: ServeOptions,
+    limits: Limits,
+    id: [u8; virtio_blk::ID_BYTES],
+    mem: GuestMem,
+    event_idx: AtomicBool,
+    /// Write-back cache enabled (the driver may turn it off through config space).
+    writeback: AtomicBool,
+    workers: Vec<Mutex<QueueWorker>>,
+    /// Exit events, one per worker thread. We keep the consumer fds: the library takes them
+    /// with `into_raw_fd` and never closes them, so we close them when the backend drops.
+    exit_events: Vec<(EventConsumer, EventNotifier)>,
+}
+
+impl BlkBackend {
+    pub fn new(
+        device: Arc<dyn BlockDevice>,
+        opts: ServeOptions,
+        mem: GuestMem,
+    ) -> io::Result<Self> {
+        let seg_max = u32::from(opts.queue_size).saturating_sub(2).max(1);
+        let limits = Limits::new(
+            device.capacity(),
+            opts.logical_block_size,
+            opts.read_only,
+            seg_max,
+        );
+        let exit_events = (0..opts.num_queues)
+            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC))
+            .collect::<io::Result<Vec<_>>>()?;
+        let workers = (0..opts.num_queues)
+            .map(|_| Mutex::new(QueueWorker::default()))
+            .collect();
+        Ok(BlkBackend {
+            id: virtio_blk::id_bytes(&opts.serial),
+            device,
+            limits,
+            opts,
+            mem,
+            event_idx: AtomicBool::new(false),
+            writeback: AtomicBool::new(true),
+            workers,
+            exit_events,
+        })
+    }
+
+    fn config(&self) -> [u8; config_offsets::SIZE] {
+        virtio_blk::config_space(
+            &self.limits,
+            self.opts.num_queues,
+            self.writeback.load(Ordering::Relaxed),
+            self.opts.logical_block_size,
+        )
+    }
+
+    pub(super) fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub(super) fn device(&self) -> &dyn BlockDevice {
+        &*self.device
+    }
+
+    pub(super) fn id(&self) -> &[u8; virtio_blk::ID_BYTES] {
+        &self.id
+    }
+
+    pub(super) fn writeback(&self) -> bool {
+        self.writeback.load(Ordering::Relaxed)
+    }
+}
+
+fn bit(n: u32) -> u64 {
+    1u64 << n
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock<GuestMem>;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.opts.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.opts.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = bit(features::VERSION_1)
+            | bit(features::RING_EVENT_IDX)
+            | bit(features::RING_INDIRECT_DESC)
+            | bit(features::SIZE_MAX)
+            | bit(features::SEG_MAX)
+            | bit(features::BLK_SIZE)
+            | bit(features::TOPOLOGY)
+            | bit(features::FLUSH)
+            | bit(features::CONFIG_WCE)
+            | bit(features::MQ)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.opts.read_only {
+            f |= bit(features::RO);
+        } else {
+            f |= bit(features::DISCARD) | bit(features::WRITE_ZEROES);
+        }
+        f
+    }
+
+    fn acked_features(&self, acked: u64) {
+        // A driver that cannot flush must get a write-through device (virtio spec 5.2.5.1).
+        if acked & bit(features::FLUSH) == 0 {
+            self.writeback.store(false, Ordering::Relaxed);
+        }
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn reset_device(&self) {
+        self.writeback.store(true, Ordering::Relaxed);
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // The frontend asks for exactly `size` bytes; bytes past our struct read as zero.
+        let config = self.config();
+        let mut out = vec![0u8; size as usize];
+        let start = (offset as usize).min(config.len());
+        let end = (offset as usize)
+            .saturating_add(size as usize)
+            .min(config.len());
+        out[..end - start].copy_from_slice(&config[start..end]);
+        out
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Only the writeback byte is driver-writable (CONFIG_WCE).
+        if offset as usize == config_offsets::WRITEBACK && buf.len() == 1 {
+            let wb = buf[0] != 0;
+            debug!("driver set writeback={wb}");
+            self.writeback.store(wb, Ordering::Relaxed);
+            return Ok(());
+        }
+        warn!(
+            "refused config write of {} bytes at offset {offset}",
+            buf.len()
+        );
+        Err(io::Error::from_raw_os_error(libc::EINVAL))
+    }
+
+    fn update_memory(&self, _mem: GuestMem) -> io::Result<()> {
+        // `self.mem` is the same atomic the library updates; nothing to do.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.opts.num_queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) = self.exit_events.get(thread_index)?;
+        let notifier = notifier.try_clone().ok()?;
+        // SAFETY: the library only registers this consumer's fd with epoll through
+        // `into_raw_fd` and never closes it; `self.exit_events` keeps the owning copy, which
+        // outlives the worker threads (they hold an Arc of this backend) and closes it once.
+        let consumer = unsafe { EventConsumer::from_raw_fd(consumer.as_raw_fd()) };
+        Some((consumer, notifier))
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Self::Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        // One queue per worker thread: the event index is within this thread's vrings.
+        let vring = vrings
+            .get(usize::from(device_event))
+            .ok_or_else(|| io::Error::other(format!("unknown device event {device_event}")))?;
+        let worker = self
+            .workers
+            .get(thread_id)
+            .ok_or_else(|| io::Error::other(format!("unknown worker thread {thread_id}")))?;
+        // Uncontended: only this queue's thread takes this worker's lock.
+        let mut worker = worker
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        worker.process_queue(
+            self,
+            vring,
+            self.event_idx.load(Ordering::Relaxed),
+            &self.mem,
+        )
+    }
+}

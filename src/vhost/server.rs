@@ -1,0 +1,281 @@
+//! Serving one device on a unix socket, connection after connection.
+//!
+//! A `VhostUserDaemon` serves a single frontend connection, so [`DeviceServer`] keeps the
+//! listening socket and builds a fresh daemon (and backend) for each connection: a VM that
+//! reboots, or a QEMU that is killed and restarted, is served again on the same path.
+
+use super::backend::{BlkBackend, GuestMem, ServeOptions};
+use crate::device::BlockDevice;
+use log::{info, warn};
+use std::fs;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use thiserror::Error;
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Errors setting up a socket or a connection.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error("socket {0} is in use by a running daemon (stop it first, or pick another path)")]
+    SocketInUse(PathBuf),
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    #[error("cannot bind socket {path}: {source}")]
+    Bind { path: PathBuf, source: io::Error },
+    #[error("cannot set up the connection: {0}")]
+    Setup(io::Error),
+    #[error("vhost-user: {0}")]
+    Vhost(String),
+}
+
+/// Binds a listening socket at `path` with permissions `mode`.
+///
+/// An existing socket nobody listens on (a daemon that crashed) is replaced; a live one is
+/// never stolen, and a path that is not a socket is never removed.
+pub fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, ServeError> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(ServeError::NotASocket(path.into()))
+        }
+        Ok(_) => match UnixStream::connect(path) {
+            Ok(_) => return Err(ServeError::SocketInUse(path.into())),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                info!("replacing stale socket {}", path.display());
+                fs::remove_file(path).map_err(|source| ServeError::Bind {
+                    path: path.into(),
+                    source,
+                })?;
+            }
+            Err(source) => {
+                return Err(ServeError::Bind {
+                    path: path.into(),
+                    source,
+                })
+            }
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(ServeError::Bind {
+                path: path.into(),
+                source,
+            })
+        }
+    }
+    let listener = UnixListener::bind(path).map_err(|source| ServeError::Bind {
+        path: path.into(),
+        source,
+    })?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|source| {
+        ServeError::Bind {
+            path: path.into(),
+            source,
+        }
+    })?;
+    Ok(listener)
+}
+
+/// Tells a serving thread to stop, whether it is waiting for a frontend or serving one.
+struct StopSignal {
+    requested: AtomicBool,
+    wake: EventFd,
+    connection: Mutex<Option<ShutdownHandle>>,
+}
+
+impl StopSignal {
+    fn request(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        let _ = self.wake.write(1);
+        if let Some(handle) = self.lock().as_ref() {
+            handle.shutdown();
+        }
+    }
+
+    fn requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<ShutdownHandle>> {
+        self.connection.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Whether a frontend is connected, and how many connections were served.
+#[derive(Debug, Default)]
+pub struct ConnectionStats {
+    pub connected: AtomicBool,
+    pub connections: std::sync::atomic::AtomicU64,
+}
+
+/// A device served on a socket by a background thread.
+pub struct DeviceServer {
+    path: PathBuf,
+    stop: Arc<StopSignal>,
+    thread: Option<JoinHandle<()>>,
+    pub stats: Arc<ConnectionStats>,
+}
+
+impl DeviceServer {
+    /// Binds `path` and starts serving `device` on it.
+    pub fn start(
+        name: &str,
+        path: &Path,
+        socket_mode: u32,
+        device: Arc<dyn BlockDevice>,
+        opts: ServeOptions,
+    ) -> Result<Self, ServeError> {
+        let listener = bind_socket(path, socket_mode)?;
+        let stop = Arc::new(StopSignal {
+            requested: AtomicBool::new(false),
+            wake: EventFd::new(libc::EFD_CLOEXEC).map_err(ServeError::Setup)?,
+            connection: Mutex::new(None),
+        });
+        let stats = Arc::new(ConnectionStats::default());
+        let thread = {
+            let (stop, stats, name) = (stop.clone(), stats.clone(), name.to_string());
+            std::thread::Builder::new()
+                .name(format!("serve-{name}"))
+                .spawn(move || {
+                    serve_loop(&name, Listener::from(listener), device, opts, &stop, &stats)
+                })
+                .map_err(ServeError::Setup)?
+        };
+        Ok(DeviceServer {
+            path: path.into(),
+            stop,
+            thread: Some(thread),
+            stats,
+        })
+    }
+
+    /// Stops serving: disconnects any frontend after its in-flight requests, joins the worker
+    /// threads and removes the socket.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.request();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = fs::remove_file(&self.path);
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for DeviceServer {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.shutdown();
+        }
+    }
+}
+
+/// Waits until the listener has a connection (true) or a stop was requested (false).
+fn wait_for_connection(listener: &Listener, stop: &StopSignal) -> bool {
+    loop {
+        if stop.requested() {
+            return false;
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            warn!("poll on listener failed: {err}");
+            return false;
+        }
+        if stop.requested() {
+            return false;
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            return true;
+        }
+    }
+}
+
+fn serve_loop(
+    name: &str,
+    mut listener: Listener,
+    device: Arc<dyn BlockDevice>,
+    opts: ServeOptions,
+    stop: &StopSignal,
+    stats: &ConnectionStats,
+) {
+    while wait_for_connection(&listener, stop) {
+        match serve_one(
+            name,
+            &mut listener,
+            device.clone(),
+            opts.clone(),
+            stop,
+            stats,
+        ) {
+            Ok(()) => info!("{name}: frontend disconnected"),
+            Err(e) => warn!("{name}: connection ended with an error: {e}"),
+        }
+    }
+}
+
+fn serve_one(
+    name: &str,
+    listener: &mut Listener,
+    device: Arc<dyn BlockDevice>,
+    opts: ServeOptions,
+    stop: &StopSignal,
+    stats: &ConnectionStats,
+) -> Result<(), ServeError> {
+    let mem: GuestMem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let backend = Arc::new(BlkBackend::new(device, opts, mem.clone()).map_err(ServeError::Setup)?);
+    let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem)
+        .map_err(|e| ServeError::Vhost(e.to_string()))?;
+    daemon
+        .start(listener)
+        .map_err(|e| ServeError::Vhost(e.to_string()))?;
+    info!("{name}: frontend connected");
+    stats.connected.store(true, Ordering::SeqCst);
+    stats.connections.fetch_add(1, Ordering::Relaxed);
+    *stop.lock() = daemon.shutdown_handle();
+    if stop.requested() {
+        daemon.request_shutdown();
+    }
+    let result = daemon.wait();
+    *stop.lock() = None;
+    // Dropping the daemon joins the queue workers, so no request is in flight after this.
+    drop(daemon);
+    stats.connected.store(false, Ordering::SeqCst);
+    match result {
+        // A frontend that goes away mid-message is an ordinary disconnect.
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            VhostUserError::Disconnected | VhostUserError::PartialMessage,
+        )) => Ok(()),
+        Err(e) => Err(ServeError::Vhost(e.to_string())),
+    }
+}

@@ -1,0 +1,227 @@
+//! Shared pieces of the integration tests: the daemon as a subprocess, and a libblkio client.
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::mem::MaybeUninit;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_snapblk");
+
+/// A snapblk process, killed on drop so a failing test leaves nothing behind.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub socket: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `snapblk serve ARGS` and waits for `socket` to accept connections.
+    pub fn start(args: &[&str], socket: &Path) -> Daemon {
+        let child = Command::new(BIN)
+            .arg("serve")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn snapblk");
+        let mut d = Daemon {
+            child: Some(child),
+            socket: socket.to_path_buf(),
+        };
+        d.wait_until_serving();
+        d
+    }
+
+    /// Waits for the "serving" line the daemon prints once its socket listens (a stale
+    /// socket file may exist before that, so the file alone proves nothing).
+    fn wait_until_serving(&mut self) {
+        let stdout = self
+            .child
+            .as_mut()
+            .unwrap()
+            .stdout
+            .take()
+            .expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let first = lines.next().and_then(Result::ok);
+            let _ = tx.send(first);
+            // Keep draining so the daemon never blocks on a full pipe.
+            for _ in lines {}
+        });
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(Some(line)) if line.contains("serving") => {
+                assert!(fs::symlink_metadata(&self.socket)
+                    .map(|m| m.file_type().is_socket())
+                    .unwrap_or(false));
+            }
+            other => {
+                let _ = self.child.as_mut().unwrap().kill();
+                let out = self.child.take().unwrap().wait_with_output().unwrap();
+                panic!(
+                    "snapblk did not start serving ({other:?}): {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends `sig` and waits for the exit; returns the status and stderr.
+    pub fn signal_and_wait(&mut self, sig: i32) -> (ExitStatus, String) {
+        let child = self.child.take().expect("daemon running");
+        // SAFETY: kill(2) with a pid we spawned and still own (not yet reaped).
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let out = child.wait_with_output().expect("wait for snapblk");
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub fn fd_count(&self) -> usize {
+        fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
+    }
+
+    pub fn thread_count(&self) -> usize {
+        fs::read_dir(format!("/proc/{}/task", self.pid()))
+            .unwrap()
+            .count()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Makes a raw image of `len` bytes filled with a recognizable pattern.
+pub fn make_image(path: &Path, len: usize, seed: u8) -> Vec<u8> {
+    let data = pattern(len, seed);
+    fs::write(path, &data).unwrap();
+    data
+}
+
+/// Deterministic bytes: every 8 bytes hold their offset xor a seed.
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    for (i, chunk) in v.chunks_mut(8).enumerate() {
+        let word = ((i as u64) * 8) ^ (u64::from(seed) << 56) ^ 0x5a5a_0000_0000;
+        let b = word.to_le_bytes();
+        chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+    v
+}
+
+/// A libblkio virtio-blk-vhost-user client with a buffer region shared with the daemon.
+pub struct Client {
+    pub blkio: blkio::Blkio,
+    pub queues: Vec<blkio::Blkioq>,
+    pub region: blkio::MemoryRegion,
+}
+
+/// Buffer space per queue in the shared region.
+pub const QUEUE_BUF: usize = 4 << 20;
+
+impl Client {
+    pub fn try_connect(
+        socket: &Path,
+        num_queues: usize,
+        read_only: bool,
+    ) -> Result<Client, blkio::Error> {
+        let mut b = blkio::Blkio::new("virtio-blk-vhost-user")?;
+        b.set_str("path", socket.to_str().unwrap())?;
+        b.set_bool("read-only", read_only)?;
+        b.connect()?;
+        b.set_i32("num-queues", num_queues as i32)?;
+        let started = b.start()?;
+        let region = b.alloc_mem_region(QUEUE_BUF * num_queues)?;
+        b.map_mem_region(&region)?;
+        Ok(Client {
+            blkio: b,
+            queues: started.queues,
+            region,
+        })
+    }
+
+    pub fn connect(socket: &Path, num_queues: usize) -> Client {
+        Self::try_connect(socket, num_queues, false).expect("connect blkio client")
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.blkio.get_u64("capacity").unwrap()
+    }
+
+    /// Pointer to queue `q`'s buffer space.
+    pub fn buf(&self, q: usize) -> *mut u8 {
+        (self.region.addr + q * QUEUE_BUF) as *mut u8
+    }
+
+    pub fn buf_slice(&mut self, q: usize, len: usize) -> &mut [u8] {
+        assert!(len <= QUEUE_BUF);
+        // SAFETY: the region is mapped for the life of the client and queue q's part is
+        // QUEUE_BUF bytes long; no request on q is in flight while the slice is used.
+        unsafe { std::slice::from_raw_parts_mut(self.buf(q), len) }
+    }
+
+    /// Waits for one completion on queue `q` and returns its `ret` (0 or -errno).
+    pub fn complete(&mut self, q: usize) -> i32 {
+        let mut c = [MaybeUninit::<blkio::Completion>::uninit()];
+        let mut timeout = Duration::from_secs(10);
+        let n = self.queues[q]
+            .do_io(&mut c, 1, Some(&mut timeout), None)
+            .expect("do_io");
+        assert_eq!(n, 1, "request did not complete within 10 s");
+        // SAFETY: do_io initialized the first `n` completions.
+        unsafe { c[0].assume_init_ref() }.ret
+    }
+
+    pub fn write(&mut self, q: usize, offset: u64, data: &[u8]) -> i32 {
+        self.buf_slice(q, data.len()).copy_from_slice(data);
+        let p = self.buf(q);
+        self.queues[q].write(offset, p, data.len(), 0, blkio::ReqFlags::empty());
+        self.complete(q)
+    }
+
+    pub fn read(&mut self, q: usize, offset: u64, len: usize) -> Result<Vec<u8>, i32> {
+        let p = self.buf(q);
+        self.queues[q].read(offset, p, len, 0, blkio::ReqFlags::empty());
+        match self.complete(q) {
+            0 => Ok(self.buf_slice(q, len).to_vec()),
+            e => Err(e),
+        }
+    }
+
+    pub fn flush(&mut self, q: usize) -> i32 {
+        self.queues[q].flush(0, blkio::ReqFlags::empty());
+        self.complete(q)
+    }
+
+    pub fn discard(&mut self, q: usize, offset: u64, len: u64) -> i32 {
+        self.queues[q].discard(offset, len, 0, blkio::ReqFlags::empty());
+        self.complete(q)
+    }
+
+    pub fn write_zeroes(&mut self, q: usize, offset: u64, len: u64, unmap: bool) -> i32 {
+        let flags = if unmap {
+            blkio::ReqFlags::empty()
+        } else {
+            blkio::ReqFlags::NO_UNMAP
+        };
+        self.queues[q].write_zeroes(offset, len, 0, flags);
+        self.complete(q)
+    }
+}
