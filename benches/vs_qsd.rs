@@ -624,12 +624,45 @@ fn run_queue(mut job: QueueJob) -> Result<QueueResult, String> {
             off
         }
     };
+    // Every 4 KiB block of the image starts with its own index (`fill_block`), and writes
+    // keep it so. Reads check that word in the first and last block they return, so a
+    // backend completing requests without the right data fails instead of posting numbers.
     let buf_of = |slot: usize| (job.buf + slot * bs) as *mut u8;
-    let submit = |q: &mut Blkioq, slot: usize, off: u64| match w.pattern {
-        Pattern::RandRead | Pattern::SeqRead => {
-            q.read(off, buf_of(slot), bs, slot, ReqFlags::empty())
+    let word_at = |slot: usize, byte: usize| unsafe { buf_of(slot).add(byte) as *mut u64 };
+    let last = bs - BLOCK as usize;
+    let mut slot_off = vec![0u64; w.qd];
+    let submit = |q: &mut Blkioq, slot_off: &mut [u64], slot: usize, off: u64| {
+        slot_off[slot] = off;
+        match w.pattern {
+            Pattern::RandRead | Pattern::SeqRead => {
+                unsafe {
+                    *word_at(slot, 0) = u64::MAX;
+                    *word_at(slot, last) = u64::MAX;
+                }
+                q.read(off, buf_of(slot), bs, slot, ReqFlags::empty())
+            }
+            Pattern::RandWrite => {
+                unsafe { *word_at(slot, 0) = (off / BLOCK).to_le() };
+                q.write(off, buf_of(slot), bs, slot, ReqFlags::empty())
+            }
         }
-        Pattern::RandWrite => q.write(off, buf_of(slot), bs, slot, ReqFlags::empty()),
+    };
+    let check = |slot: usize, off: u64| -> Result<(), String> {
+        if w.pattern == Pattern::RandWrite {
+            return Ok(());
+        }
+        for byte in [0, last] {
+            let got = u64::from_le(unsafe { *word_at(slot, byte) });
+            let want = (off + byte as u64) / BLOCK;
+            if got != want {
+                return Err(format!(
+                    "wrong data: {}-byte read at offset {off}: block at +{byte} starts with \
+                     {got:#x}, expected its index {want:#x}",
+                    bs
+                ));
+            }
+        }
+        Ok(())
     };
 
     let mut comps: Vec<MaybeUninit<Completion>> =
@@ -637,7 +670,7 @@ fn run_queue(mut job: QueueJob) -> Result<QueueResult, String> {
     let mut res = QueueResult::default();
     let mut in_flight = 0usize;
     for slot in 0..w.qd {
-        submit(&mut job.q, slot, next_offset());
+        submit(&mut job.q, &mut slot_off, slot, next_offset());
         in_flight += 1;
     }
     let mut first_err = None;
@@ -652,12 +685,16 @@ fn run_queue(mut job: QueueJob) -> Result<QueueResult, String> {
                 first_err.get_or_insert_with(|| completion_error(&c));
                 continue;
             }
+            if let Err(e) = check(c.user_data, slot_off[c.user_data]) {
+                first_err.get_or_insert(e);
+                continue;
+            }
             if now >= job.measure_start && now < job.end {
                 res.ops += 1;
                 res.bytes += w.bs;
             }
             if go_on {
-                submit(&mut job.q, c.user_data, next_offset());
+                submit(&mut job.q, &mut slot_off, c.user_data, next_offset());
                 in_flight += 1;
             }
         }
@@ -759,6 +796,13 @@ fn run_one(
     drop(client);
     daemon.check_alive()?;
     daemon.stop();
+    if w.pattern == Pattern::RandWrite {
+        // Flush the dirtied page cache now, outside any measured window, so that writeback
+        // does not land on whichever backend runs next.
+        File::open(img)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| format!("fsync {}: {e}", img.display()))?;
+    }
     Ok(Measured {
         iops: ops as f64 / cfg.secs,
         mbps: bytes as f64 / 1e6 / cfg.secs,
