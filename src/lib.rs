@@ -9,7 +9,9 @@
 //! - [`cli`]: command-line parsing and the `serve` command.
 
 pub mod cli;
+pub mod control;
 pub mod device;
+pub mod sock;
 pub mod storage;
 pub mod vhost;
 pub mod virtio_blk;

@@ -6,4 +6,4 @@ mod server;
 mod worker;
 
 pub use backend::{BlkBackend, GuestMem, ServeOptions};
-pub use server::{bind_socket, ConnectionStats, DeviceServer, ServeError};
+pub use server::{ConnectionStats, DeviceServer, ServeError};

@@ -6,12 +6,11 @@
 
 use super::backend::{BlkBackend, GuestMem, ServeOptions};
 use crate::device::BlockDevice;
+use crate::sock::{bind_socket, wait_readable, SocketError};
 use log::{info, warn};
 use std::fs;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,62 +24,12 @@ use vmm_sys_util::eventfd::EventFd;
 /// Errors setting up a socket or a connection.
 #[derive(Debug, Error)]
 pub enum ServeError {
-    #[error("socket {0} is in use by a running daemon (stop it first, or pick another path)")]
-    SocketInUse(PathBuf),
-    #[error("{0} exists and is not a socket; refusing to replace it")]
-    NotASocket(PathBuf),
-    #[error("cannot bind socket {path}: {source}")]
-    Bind { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Socket(#[from] SocketError),
     #[error("cannot set up the connection: {0}")]
     Setup(io::Error),
     #[error("vhost-user: {0}")]
     Vhost(String),
-}
-
-/// Binds a listening socket at `path` with permissions `mode`.
-///
-/// An existing socket nobody listens on (a daemon that crashed) is replaced; a live one is
-/// never stolen, and a path that is not a socket is never removed.
-pub fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, ServeError> {
-    match fs::symlink_metadata(path) {
-        Ok(meta) if !meta.file_type().is_socket() => {
-            return Err(ServeError::NotASocket(path.into()))
-        }
-        Ok(_) => match UnixStream::connect(path) {
-            Ok(_) => return Err(ServeError::SocketInUse(path.into())),
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                info!("replacing stale socket {}", path.display());
-                fs::remove_file(path).map_err(|source| ServeError::Bind {
-                    path: path.into(),
-                    source,
-                })?;
-            }
-            Err(source) => {
-                return Err(ServeError::Bind {
-                    path: path.into(),
-                    source,
-                })
-            }
-        },
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(ServeError::Bind {
-                path: path.into(),
-                source,
-            })
-        }
-    }
-    let listener = UnixListener::bind(path).map_err(|source| ServeError::Bind {
-        path: path.into(),
-        source,
-    })?;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|source| {
-        ServeError::Bind {
-            path: path.into(),
-            source,
-        }
-    })?;
-    Ok(listener)
 }
 
 /// Tells a serving thread to stop, whether it is waiting for a frontend or serving one.
@@ -185,39 +134,7 @@ impl Drop for DeviceServer {
 
 /// Waits until the listener has a connection (true) or a stop was requested (false).
 fn wait_for_connection(listener: &Listener, stop: &StopSignal) -> bool {
-    loop {
-        if stop.requested() {
-            return false;
-        }
-        let mut fds = [
-            libc::pollfd {
-                fd: listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop.wake.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if rc < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            warn!("poll on listener failed: {err}");
-            return false;
-        }
-        if stop.requested() {
-            return false;
-        }
-        if fds[0].revents & libc::POLLIN != 0 {
-            return true;
-        }
-    }
+    !stop.requested() && wait_readable(listener.as_raw_fd(), &stop.wake) && !stop.requested()
 }
 
 fn serve_loop(

@@ -229,10 +229,10 @@ mod tests {
     use crate::virtio_blk::*;
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
+    use vhost_user_backend::VhostUserBackend;
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vhost_user_backend::VhostUserBackend;
     use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
     const MEM_SIZE: u64 = 0x40_0000;

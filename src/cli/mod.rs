@@ -1,4 +1,7 @@
-//! Command-line interface: argument parsing and the `serve` command.
+//! Command-line interface: argument parsing, the `serve` command, and the administration
+//! commands that talk to a running daemon (`admin`).
+
+pub mod admin;
 
 use crate::device::{BlockDevice, RawDevice};
 use crate::vhost::{DeviceServer, ServeOptions};
@@ -15,6 +18,7 @@ use thiserror::Error;
 const DEFAULT_DIR: &str = "snapblk-data";
 const DEFAULT_ORIGIN: &str = "snapblk-data/origin.img";
 const DEFAULT_SOCKET: &str = "snapblk-data/origin.sock";
+const DEFAULT_CONTROL: &str = "snapblk-data/control.sock";
 
 /// Errors the CLI reports as one line before exiting non-zero.
 #[derive(Debug, Error)]
@@ -61,6 +65,21 @@ pub struct Cli {
 pub enum Command {
     /// Serve the origin image on a vhost-user-blk socket until SIGINT/SIGTERM.
     Serve(ServeArgs),
+    /// Create, list, delete, restore and serve snapshots of a running daemon.
+    Snapshot {
+        #[command(flatten)]
+        control: admin::ControlArg,
+        #[command(subcommand)]
+        command: admin::SnapshotCommand,
+    },
+    /// I/O, copy-on-write and cache-space counters of a running daemon.
+    Stats {
+        #[command(flatten)]
+        control: admin::ControlArg,
+        /// Print the reply as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -160,6 +179,8 @@ pub fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Snapshot { control, command } => admin::snapshot(&control.control, command),
+        Command::Stats { control, json } => admin::stats(&control.control, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -208,7 +229,7 @@ fn ensure_origin(args: &ServeArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-fn human(bytes: u64) -> String {
+pub(crate) fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
     let mut u = 0;

@@ -1,0 +1,241 @@
+//! The administration commands: clients of a running daemon's control socket.
+
+use super::{human, CliError};
+use crate::control::client::ControlClient;
+use crate::control::protocol::{Command, DeviceList, DeviceView, Reply, Request, StatsView};
+use clap::{Args, Subcommand};
+use std::path::{Path, PathBuf};
+
+/// Where the daemon's control socket is.
+#[derive(Args, Debug, Clone)]
+pub struct ControlArg {
+    /// Control socket of the daemon.
+    #[arg(long, value_name = "PATH", default_value = super::DEFAULT_CONTROL, global = true)]
+    pub control: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// Take an instant snapshot of a device (the origin unless --of names another).
+    Create {
+        /// Name of the new device.
+        name: String,
+        /// Device to snapshot: "origin" or a snapshot's name.
+        #[arg(long = "of", value_name = "PARENT", default_value = "origin")]
+        parent: String,
+        /// Make the snapshot writable (default: read-only).
+        #[arg(long)]
+        writable: bool,
+        /// Serve it at once on this vhost-user socket.
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Serial the guest sees (default: the snapshot's name).
+        #[arg(long, value_name = "STR")]
+        serial: Option<String>,
+    },
+    /// List devices: the tree, state, space and who is connected.
+    List {
+        /// Print the reply as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot; its blocks pass to its children or are freed, no data is copied.
+    Delete {
+        name: String,
+        /// Delete even if a VM is connected to it (the VM's disk disappears).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Roll the origin back to a snapshot's data.
+    Restore {
+        name: String,
+        /// Restore even if a VM is connected to the origin.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Serve an existing device on a vhost-user socket (remembered across restarts).
+    Serve {
+        name: String,
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+    },
+    /// Stop serving a device on its socket (the device stays).
+    Unserve {
+        name: String,
+        /// Even if a VM is connected.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn absolute(p: &Path) -> String {
+    std::path::absolute(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
+}
+
+/// Sends one command and returns the result, or the daemon's error as a CLI error.
+pub fn call(control: &Path, cmd: Command) -> Result<serde_json::Value, CliError> {
+    let mut client = ControlClient::connect(control).map_err(|e| CliError::Usage(e.to_string()))?;
+    let reply: Reply = client
+        .call(&Request::new(cmd))
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    match (reply.ok, reply.result, reply.error) {
+        (true, result, _) => Ok(result.unwrap_or(serde_json::Value::Null)),
+        (false, _, Some(err)) => Err(CliError::Usage(err.message)),
+        (false, _, None) => Err(CliError::Usage("the daemon refused the request".into())),
+    }
+}
+
+pub fn snapshot(control: &Path, cmd: SnapshotCommand) -> Result<(), CliError> {
+    match cmd {
+        SnapshotCommand::Create {
+            name,
+            parent,
+            writable,
+            socket,
+            serial,
+        } => {
+            let socket = socket.as_deref().map(absolute);
+            let result = call(
+                control,
+                Command::SnapshotCreate {
+                    name: name.clone(),
+                    parent: parent.clone(),
+                    writable,
+                    socket: socket.clone(),
+                    serial,
+                },
+            )?;
+            let dev: DeviceView =
+                serde_json::from_value(result).map_err(|e| CliError::Usage(e.to_string()))?;
+            let mode = if dev.writable {
+                "writable"
+            } else {
+                "read-only"
+            };
+            match socket {
+                Some(s) => println!("created {mode} snapshot {name} of {parent}, serving on {s}"),
+                None => println!("created {mode} snapshot {name} of {parent}"),
+            }
+        }
+        SnapshotCommand::List { json } => {
+            let result = call(control, Command::List)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&result).unwrap_or_default()
+                );
+            } else {
+                let list: DeviceList =
+                    serde_json::from_value(result).map_err(|e| CliError::Usage(e.to_string()))?;
+                print_tree(&list.devices);
+            }
+        }
+        SnapshotCommand::Delete { name, force } => {
+            call(
+                control,
+                Command::SnapshotDelete {
+                    name: name.clone(),
+                    force,
+                },
+            )?;
+            println!("deleted {name}");
+        }
+        SnapshotCommand::Restore { name, force } => {
+            call(
+                control,
+                Command::Restore {
+                    name: name.clone(),
+                    force,
+                },
+            )?;
+            println!("origin restored to {name}");
+        }
+        SnapshotCommand::Serve { name, socket } => {
+            let socket = absolute(&socket);
+            call(
+                control,
+                Command::Serve {
+                    name: name.clone(),
+                    socket: socket.clone(),
+                },
+            )?;
+            println!("serving {name} on {socket}");
+        }
+        SnapshotCommand::Unserve { name, force } => {
+            call(
+                control,
+                Command::Unserve {
+                    name: name.clone(),
+                    force,
+                },
+            )?;
+            println!("stopped serving {name}");
+        }
+    }
+    Ok(())
+}
+
+/// Prints devices as an indented tree, children under their parent.
+fn print_tree(devices: &[DeviceView]) {
+    println!(
+        "{:<24} {:<4} {:<11} {:>10} {:>10} {:<10} SOCKET",
+        "NAME", "MODE", "STATE", "OWNED", "SHARED", "VM"
+    );
+    fn walk(devices: &[DeviceView], parent: Option<&str>, depth: usize) {
+        for d in devices.iter().filter(|d| d.parent.as_deref() == parent) {
+            let name = format!("{}{}", "  ".repeat(depth), d.name);
+            let mode = if d.writable { "rw" } else { "ro" };
+            let vm = if d.connected { "connected" } else { "-" };
+            println!(
+                "{:<24} {:<4} {:<11} {:>10} {:>10} {:<10} {}",
+                name,
+                mode,
+                d.state,
+                human(d.owned_bytes),
+                human(d.shared_bytes),
+                vm,
+                d.socket.as_deref().unwrap_or("-")
+            );
+            walk(devices, Some(&d.name), depth + 1);
+        }
+    }
+    walk(devices, None, 0);
+}
+
+pub fn stats(control: &Path, json: bool) -> Result<(), CliError> {
+    let result = call(control, Command::Stats)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&result).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    let stats: StatsView =
+        serde_json::from_value(result).map_err(|e| CliError::Usage(e.to_string()))?;
+    println!("cache object:");
+    for (k, v) in &stats.cache {
+        println!("  {k:<22} {v}");
+    }
+    println!(
+        "{:<20} {:>10} {:>12} {:>10} {:>12} {:>8} {:>8} {:>7}",
+        "DEVICE", "READS", "READ", "WRITES", "WRITTEN", "FLUSHES", "DISCARDS", "ERRORS"
+    );
+    for (name, io) in &stats.devices {
+        println!(
+            "{:<20} {:>10} {:>12} {:>10} {:>12} {:>8} {:>8} {:>7}",
+            name,
+            io.reads,
+            human(io.read_bytes),
+            io.writes,
+            human(io.write_bytes),
+            io.flushes,
+            io.discards + io.write_zeroes,
+            io.errors
+        );
+    }
+    Ok(())
+}
