@@ -625,19 +625,17 @@ fn run_queue(mut job: QueueJob) -> Result<QueueResult, String> {
         }
     };
     // Every 4 KiB block of the image starts with its own index (`fill_block`), and writes
-    // keep it so. Reads check that word in the first and last block they return, so a
+    // keep it so. Reads check that word in every block they return, so a
     // backend completing requests without the right data fails instead of posting numbers.
     let buf_of = |slot: usize| (job.buf + slot * bs) as *mut u8;
     let word_at = |slot: usize, byte: usize| unsafe { buf_of(slot).add(byte) as *mut u64 };
-    let last = bs - BLOCK as usize;
     let mut slot_off = vec![0u64; w.qd];
     let submit = |q: &mut Blkioq, slot_off: &mut [u64], slot: usize, off: u64| {
         slot_off[slot] = off;
         match w.pattern {
             Pattern::RandRead | Pattern::SeqRead => {
-                unsafe {
-                    *word_at(slot, 0) = u64::MAX;
-                    *word_at(slot, last) = u64::MAX;
+                for b in (0..bs).step_by(BLOCK as usize) {
+                    unsafe { *word_at(slot, b) = u64::MAX };
                 }
                 q.read(off, buf_of(slot), bs, slot, ReqFlags::empty())
             }
@@ -651,7 +649,7 @@ fn run_queue(mut job: QueueJob) -> Result<QueueResult, String> {
         if w.pattern == Pattern::RandWrite {
             return Ok(());
         }
-        for byte in [0, last] {
+        for byte in (0..bs).step_by(BLOCK as usize) {
             let got = u64::from_le(unsafe { *word_at(slot, byte) });
             let want = (off + byte as u64) / BLOCK;
             if got != want {
