@@ -847,6 +847,27 @@ fn main() {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
 
+    if cfg.backends.contains(&Backend::Snapblk) && !snapblk_bin().is_file() {
+        eprintln!(
+            "vs_qsd: snapblk binary {} not found (cargo bench builds it; or set SNAPBLK_BIN)",
+            snapblk_bin().display()
+        );
+        std::process::exit(2);
+    }
+    let uses_qsd = cfg.backends.iter().any(|b| *b != Backend::Snapblk);
+    if uses_qsd
+        && Command::new("qemu-storage-daemon")
+            .arg("--version")
+            .output()
+            .is_err()
+    {
+        eprintln!(
+            "vs_qsd: qemu-storage-daemon not found on PATH (qemu/install-host-deps.sh installs \
+             it; or run only --backends snapblk)"
+        );
+        std::process::exit(2);
+    }
+
     let cells: Vec<(Workload, usize)> = WORKLOADS
         .iter()
         .flat_map(|w| QUEUE_COUNTS.iter().map(move |&nq| (*w, nq)))
