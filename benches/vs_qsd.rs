@@ -720,16 +720,25 @@ fn sleep_until(t: Instant) {
     }
 }
 
+/// What every run of the benchmark shares.
+struct Ctx<'a> {
+    cfg: &'a Config,
+    img: &'a Path,
+    dir: &'a Path,
+}
+
+/// Runs workload `w` with `nq` queues on a fresh daemon of `backend`. `seq` numbers the run
+/// (socket and log names), `cell` the cell (random offsets are the same for each backend).
 fn run_one(
-    cfg: &Config,
+    ctx: &Ctx,
     backend: Backend,
     w: Workload,
     nq: usize,
-    img: &Path,
-    dir: &Path,
     seq: usize,
+    cell: usize,
 ) -> Result<Measured, String> {
-    let mut daemon = Daemon::start(backend, img, dir, nq, seq)?;
+    let (cfg, img) = (ctx.cfg, ctx.img);
+    let mut daemon = Daemon::start(backend, img, ctx.dir, nq, seq)?;
     let read_only = w.pattern != Pattern::RandWrite;
     let mut client = connect(&mut daemon, nq, nq * w.qd * w.bs as usize, read_only)?;
     verify(&mut client).map_err(|e| format!("{e}\n{}", daemon.log_tail()))?;
@@ -752,7 +761,8 @@ fn run_one(
             capacity,
             seq_start: i as u64 * per_queue_span,
             seq_len: per_queue_span,
-            seed: 0x5eed_0000 + (seq as u64) * 131 + i as u64,
+            // Same offsets for every backend of a cell.
+            seed: 0x5eed_0000 + (cell as u64) * 131 + i as u64,
             measure_start,
             end,
         })
@@ -926,6 +936,11 @@ fn main() {
     }
     println!("{header}\n{rule}");
 
+    let ctx = Ctx {
+        cfg: &cfg,
+        img: &img,
+        dir: dir.path(),
+    };
     let mut errors: Vec<String> = Vec::new();
     let mut min_ratio: Vec<Option<(f64, String)>> = vec![None; others.len()];
     let mut seq = 0usize;
@@ -939,7 +954,7 @@ fn main() {
             let bi = (ci + k) % cfg.backends.len();
             let backend = cfg.backends[bi];
             seq += 1;
-            match run_one(&cfg, backend, w, nq, &img, dir.path(), seq) {
+            match run_one(&ctx, backend, w, nq, seq, ci) {
                 Ok(m) => got[bi] = Some(m),
                 Err(_) if stopping() => {}
                 Err(e) => {
