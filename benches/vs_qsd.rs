@@ -1,0 +1,1041 @@
+//! snapblk vs qemu-storage-daemon, both driven over vhost-user-blk by the same client
+//! (the `blkio` crate, libblkio in pure Rust).
+//!
+//! Run: `cargo bench --bench vs_qsd [-- OPTIONS]`; see `docs/benchmarks.md` and `--help`.
+//!
+//! Each cell (workload x queue count) is run once against every backend, one after the
+//! other, each on a freshly started daemon, so that slow drift on a shared machine hits all
+//! backends alike. The first backend is the reference for the ratio columns.
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::mem::MaybeUninit;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+const BLOCK: u64 = 4096;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// A request that takes longer than this is reported as a hang.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Set by SIGINT/SIGTERM: stop submitting, finish the current cell's cleanup, exit.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn stopping() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
+// ---------------------------------------------------------------------------------------
+// Configuration
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Backend {
+    Snapblk,
+    QsdFast,
+    QsdDefault,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Snapblk => "snapblk",
+            Backend::QsdFast => "qsd-fast",
+            Backend::QsdDefault => "qsd-default",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Backend, String> {
+        match s.trim() {
+            "snapblk" => Ok(Backend::Snapblk),
+            "qsd-fast" => Ok(Backend::QsdFast),
+            "qsd-default" => Ok(Backend::QsdDefault),
+            other => Err(format!(
+                "unknown backend {other:?} (expected snapblk, qsd-fast, qsd-default)"
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Pattern {
+    RandRead,
+    RandWrite,
+    SeqRead,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Workload {
+    name: &'static str,
+    pattern: Pattern,
+    bs: u64,
+    qd: usize,
+}
+
+const WORKLOADS: &[Workload] = &[
+    Workload {
+        name: "4k-randread-qd1",
+        pattern: Pattern::RandRead,
+        bs: 4096,
+        qd: 1,
+    },
+    Workload {
+        name: "4k-randread-qd32",
+        pattern: Pattern::RandRead,
+        bs: 4096,
+        qd: 32,
+    },
+    Workload {
+        name: "4k-randwrite-qd32",
+        pattern: Pattern::RandWrite,
+        bs: 4096,
+        qd: 32,
+    },
+    Workload {
+        name: "1m-seqread-qd8",
+        pattern: Pattern::SeqRead,
+        bs: 1 << 20,
+        qd: 8,
+    },
+];
+
+const QUEUE_COUNTS: &[usize] = &[1, 2];
+
+struct Config {
+    secs: f64,
+    warmup: f64,
+    filters: Vec<String>,
+    backends: Vec<Backend>,
+    image_mib: u64,
+    keep: bool,
+    /// `cargo bench` passes `--bench`; `cargo test --benches`/`--all-targets` does not.
+    bench_mode: bool,
+}
+
+const HELP: &str = "\
+vs_qsd: snapblk vs qemu-storage-daemon over vhost-user-blk (client: blkio crate)
+
+usage: cargo bench --bench vs_qsd -- [OPTIONS] [FILTER]
+       target/release/deps/vs_qsd-HASH --bench [OPTIONS] [FILTER]
+       (without --bench, as under `cargo test --all-targets`, it does nothing)
+
+  --secs S          measured seconds per cell and backend (default 3; env VS_QSD_SECS)
+  --warmup S        unmeasured warm-up seconds before each measurement (default 0.5;
+                    env VS_QSD_WARMUP)
+  --filter F        run only cells whose name `WORKLOAD/qN` contains F; comma-separated
+                    alternatives (env VS_QSD_FILTER); a bare FILTER argument is the same
+  --backends LIST   comma-separated, in run order; the first is the ratio reference
+                    (default snapblk,qsd-fast,qsd-default; env VS_QSD_BACKENDS)
+  --image-mib N     image size in MiB (default 1024; env VS_QSD_IMAGE_MIB)
+  --keep            keep the temp dir (image, sockets, daemon logs) on exit (env VS_QSD_KEEP=1)
+
+cells: 4k-randread-qd1, 4k-randread-qd32, 4k-randwrite-qd32, 1m-seqread-qd8, each /q1 and /q2
+env SNAPBLK_BIN overrides the snapblk binary (default: the one cargo built for this bench);
+env RUST_LOG is passed to snapblk; daemon logs go to the temp dir and are shown on failure.
+";
+
+fn parse_config() -> Result<Config, String> {
+    fn env_or(name: &str, default: &str) -> String {
+        std::env::var(name).unwrap_or_else(|_| default.to_string())
+    }
+    fn num(opt: &str, v: &str) -> Result<f64, String> {
+        v.parse::<f64>()
+            .ok()
+            .filter(|x| x.is_finite() && *x >= 0.0)
+            .ok_or_else(|| format!("{opt}: not a non-negative number: {v:?}"))
+    }
+
+    let mut secs = env_or("VS_QSD_SECS", "3");
+    let mut warmup = env_or("VS_QSD_WARMUP", "0.5");
+    let mut filter = env_or("VS_QSD_FILTER", "");
+    let mut backends = env_or("VS_QSD_BACKENDS", "snapblk,qsd-fast,qsd-default");
+    let mut image_mib = env_or("VS_QSD_IMAGE_MIB", "1024");
+    let mut keep = env_or("VS_QSD_KEEP", "") == "1";
+
+    let mut bench_mode = false;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |opt: &str| args.next().ok_or_else(|| format!("{opt} needs a value"));
+        match arg.as_str() {
+            // `cargo bench` passes --bench to harness=false targets.
+            "--bench" => bench_mode = true,
+            "-h" | "--help" => {
+                print!("{HELP}");
+                std::process::exit(0);
+            }
+            "--secs" => secs = value("--secs")?,
+            "--warmup" => warmup = value("--warmup")?,
+            "--filter" => filter = value("--filter")?,
+            "--backends" => backends = value("--backends")?,
+            "--image-mib" => image_mib = value("--image-mib")?,
+            "--keep" => keep = true,
+            s if s.starts_with('-') => return Err(format!("unknown option {s:?}\n\n{HELP}")),
+            s => filter = s.to_string(),
+        }
+    }
+
+    let backends = backends
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(Backend::parse)
+        .collect::<Result<Vec<_>, _>>()?;
+    if backends.is_empty() {
+        return Err("--backends: empty list".into());
+    }
+    let image_mib = image_mib
+        .parse::<u64>()
+        .ok()
+        .filter(|&n| n >= 16)
+        .ok_or_else(|| format!("--image-mib: need an integer >= 16, got {image_mib:?}"))?;
+    Ok(Config {
+        secs: num("--secs", &secs)?.max(0.1),
+        warmup: num("--warmup", &warmup)?,
+        filters: filter
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        backends,
+        image_mib,
+        keep,
+        bench_mode,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// The image
+
+/// Fills `buf` (one 4 KiB block) with the content the image has at block `idx`: the block
+/// index, then words derived from it, so a daemon returning zeroes or the wrong block is
+/// caught by `verify`.
+fn fill_block(buf: &mut [u8], idx: u64) {
+    for (i, word) in buf.chunks_exact_mut(8).enumerate() {
+        let v = if i == 0 {
+            idx
+        } else {
+            idx.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i as u64)
+        };
+        word.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+fn create_image(path: &Path, size: u64) {
+    let mut f = File::create(path).expect("create the benchmark image");
+    let mut chunk = vec![0u8; 1 << 20];
+    let blocks_per_chunk = chunk.len() as u64 / BLOCK;
+    for c in 0..size / chunk.len() as u64 {
+        for (b, block) in chunk.chunks_exact_mut(BLOCK as usize).enumerate() {
+            fill_block(block, c * blocks_per_chunk + b as u64);
+        }
+        f.write_all(&chunk).expect("write the benchmark image");
+    }
+    f.sync_all().expect("fsync the benchmark image");
+    drop(f);
+    // Read it back once so that it sits in the page cache for every backend alike.
+    let mut f = File::open(path).expect("reopen the benchmark image");
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut chunk).expect("read the benchmark image");
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    assert_eq!(total, size, "image read back short");
+}
+
+// ---------------------------------------------------------------------------------------
+// Daemons
+
+struct Daemon {
+    child: Option<Child>,
+    pid: i32,
+    sock: PathBuf,
+    log: PathBuf,
+}
+
+fn snapblk_bin() -> PathBuf {
+    match std::env::var_os("SNAPBLK_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_snapblk")),
+    }
+}
+
+fn daemon_command(backend: Backend, img: &Path, sock: &Path, nq: usize) -> Command {
+    let img = img.display();
+    let sock_s = sock.display();
+    match backend {
+        Backend::Snapblk => {
+            let mut c = Command::new(snapblk_bin());
+            c.arg("serve")
+                .arg("--origin")
+                .arg(img.to_string())
+                .arg("--socket")
+                .arg(sock)
+                .arg("--num-queues")
+                .arg(nq.to_string());
+            c
+        }
+        Backend::QsdFast => {
+            // qsd 10's vhost-user-blk export takes a single `iothread` (a string in the QMP
+            // schema; the `iothread.N=` list syntax is rejected), so all queues share io0.
+            let mut c = Command::new("qemu-storage-daemon");
+            c.args(["--object", "iothread,id=io0"])
+                .arg("--blockdev")
+                .arg(format!(
+                    "driver=file,node-name=f0,filename={img},aio=io_uring,cache.direct=off"
+                ))
+                .arg("--export")
+                .arg(format!(
+                    "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,\
+                     addr.path={sock_s},writable=on,num-queues={nq},iothread=io0"
+                ));
+            c
+        }
+        Backend::QsdDefault => {
+            let mut c = Command::new("qemu-storage-daemon");
+            c.arg("--blockdev")
+                .arg(format!(
+                    "driver=file,node-name=f0,filename={img},cache.direct=off"
+                ))
+                .arg("--export")
+                .arg(format!(
+                    "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,\
+                     addr.path={sock_s},writable=on,num-queues={nq}"
+                ));
+            c
+        }
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    let start = all.len().saturating_sub(lines);
+    all[start..].join("\n")
+}
+
+impl Daemon {
+    fn start(
+        backend: Backend,
+        img: &Path,
+        dir: &Path,
+        nq: usize,
+        seq: usize,
+    ) -> Result<Daemon, String> {
+        let sock = dir.join(format!("{}-{seq}.sock", backend.name()));
+        let log = dir.join(format!("{}-{seq}.log", backend.name()));
+        let _ = std::fs::remove_file(&sock);
+        let logf = File::create(&log).map_err(|e| format!("create {}: {e}", log.display()))?;
+        let logf2 = logf.try_clone().map_err(|e| format!("dup log fd: {e}"))?;
+        let mut cmd = daemon_command(backend, img, &sock, nq);
+        cmd.stdin(Stdio::null()).stdout(logf).stderr(logf2);
+        // Own process group: a terminal ^C reaches only the bench, which then shuts the
+        // daemons down itself. PDEATHSIG: a bench killed with SIGKILL takes them along.
+        cmd.process_group(0);
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("spawn {:?}: {e}", cmd.get_program()))?;
+        Ok(Daemon {
+            pid: child.id() as i32,
+            child: Some(child),
+            sock,
+            log,
+        })
+    }
+
+    /// utime + stime of the whole daemon process (all threads), in seconds.
+    fn cpu_secs(&self) -> Result<f64, String> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
+            .map_err(|e| format!("read /proc/{}/stat: {e}", self.pid))?;
+        // Fields after the ")" that closes comm start at field 3 (state).
+        let rest = &stat[stat.rfind(')').ok_or("malformed /proc/PID/stat")? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let field = |n: usize| -> Result<u64, String> {
+            f.get(n - 3)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| format!("/proc/{}/stat: bad field {n}", self.pid))
+        };
+        let ticks = field(14)? + field(15)?;
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        Ok(ticks as f64 / hz)
+    }
+
+    /// Returns an error mentioning the exit status and log tail if the daemon has died.
+    fn check_alive(&mut self) -> Result<(), String> {
+        let child = self.child.as_mut().expect("daemon already stopped");
+        match child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => Err(format!(
+                "daemon exited ({status}); log {}:\n{}",
+                self.log.display(),
+                tail(&self.log, 30)
+            )),
+            Err(e) => Err(format!("waitpid: {e}")),
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        format!(
+            "daemon log {}:\n{}",
+            self.log.display(),
+            tail(&self.log, 30)
+        )
+    }
+
+    /// SIGTERM, then SIGKILL after 3 s; reaps the child and removes the socket.
+    fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let status = match child.try_wait() {
+            Ok(Some(s)) => Some(s),
+            _ => {
+                unsafe { libc::kill(self.pid, libc::SIGTERM) };
+                let deadline = Instant::now() + Duration::from_secs(3);
+                loop {
+                    match child.try_wait() {
+                        Ok(Some(s)) => break Some(s),
+                        Ok(None) if Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_millis(10))
+                        }
+                        _ => {
+                            let _ = child.kill();
+                            break child.wait().ok();
+                        }
+                    }
+                }
+            }
+        };
+        let _ = std::fs::remove_file(&self.sock);
+        status
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The client
+
+struct Client {
+    queues: Vec<Blkioq>,
+    region: MemoryRegion,
+    capacity: u64,
+    /// Owns the connection; declared last so that it is dropped after the queues.
+    _blkio: Blkio,
+}
+
+fn berr(what: &str) -> impl Fn(blkio::Error) -> String + '_ {
+    move |e| format!("{what}: {e} (errno {})", e.errno())
+}
+
+/// Connects to the daemon's socket (retrying until it listens), starts `nq` queues and maps
+/// one buffer region of `region_len` bytes. Read-only workloads connect read-only (this
+/// changes nothing in feature negotiation, it only lets a device that offers
+/// VIRTIO_BLK_F_RO be benchmarked for reads).
+fn connect(
+    daemon: &mut Daemon,
+    nq: usize,
+    region_len: usize,
+    read_only: bool,
+) -> Result<Client, String> {
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    let mut blkio = loop {
+        daemon.check_alive()?;
+        if stopping() {
+            return Err("interrupted".into());
+        }
+        let mut last_err = String::from("socket not created");
+        if daemon.sock.exists() {
+            let mut b = Blkio::new("virtio-blk-vhost-user").map_err(berr("Blkio::new"))?;
+            b.set_str("path", &daemon.sock.to_string_lossy())
+                .map_err(berr("set path"))?;
+            b.set_bool("read-only", read_only)
+                .map_err(berr("set read-only"))?;
+            match b.connect() {
+                Ok(()) => break b,
+                Err(e) => last_err = berr("connect")(e),
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "no vhost-user connection after {CONNECT_TIMEOUT:?}: {last_err}\n{}",
+                daemon.log_tail()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+
+    let max_queues = blkio
+        .get_i32("max-queues")
+        .map_err(berr("get max-queues"))?;
+    if (max_queues as usize) < nq {
+        return Err(format!("device offers {max_queues} queues, need {nq}"));
+    }
+    blkio
+        .set_i32("num-queues", nq as i32)
+        .map_err(berr("set num-queues"))?;
+    let capacity = blkio.get_u64("capacity").map_err(berr("get capacity"))?;
+    let max_transfer = blkio
+        .get_i32("max-transfer")
+        .map_err(berr("get max-transfer"))?;
+    let queues = blkio.start().map_err(berr("start"))?.queues;
+    if queues.len() != nq {
+        return Err(format!("start gave {} queues, asked {nq}", queues.len()));
+    }
+    let align = blkio
+        .get_u64("mem-region-alignment")
+        .map_err(berr("get mem-region-alignment"))? as usize;
+    let len = region_len.div_ceil(align) * align;
+    let region = blkio
+        .alloc_mem_region(len)
+        .map_err(berr("alloc_mem_region"))?;
+    blkio
+        .map_mem_region(&region)
+        .map_err(berr("map_mem_region"))?;
+    if max_transfer > 0 && (max_transfer as u64) < (1 << 20) {
+        eprintln!("note: device max-transfer is {max_transfer} bytes (< 1 MiB)");
+    }
+    Ok(Client {
+        queues,
+        region,
+        capacity,
+        _blkio: blkio,
+    })
+}
+
+fn completion_error(c: &Completion) -> String {
+    let msg = if c.error_msg.is_null() {
+        String::new()
+    } else {
+        // blkio hands out static C strings here.
+        let s = unsafe { std::ffi::CStr::from_ptr(c.error_msg) };
+        format!(": {}", s.to_string_lossy())
+    };
+    format!(
+        "request failed: {} (ret {}){msg}",
+        std::io::Error::from_raw_os_error(-c.ret),
+        c.ret
+    )
+}
+
+/// Waits for at least one completion; returns how many of `comps` are filled.
+fn wait_some(q: &mut Blkioq, comps: &mut [MaybeUninit<Completion>]) -> Result<usize, String> {
+    let mut timeout = IO_TIMEOUT;
+    q.do_io(comps, 1, Some(&mut timeout), None).map_err(|e| {
+        if e.errno() == blkio::Errno::TIME {
+            format!("no completion within {IO_TIMEOUT:?} (daemon hung?)")
+        } else {
+            berr("do_io")(e)
+        }
+    })
+}
+
+/// Reads the first and the last block through queue 0 and checks their content, so a
+/// backend that serves zeroes or the wrong offsets cannot post good numbers.
+fn verify(client: &mut Client) -> Result<(), String> {
+    let buf = client.region.addr as *mut u8;
+    let last = client.capacity / BLOCK - 1;
+    let mut expect = vec![0u8; BLOCK as usize];
+    let mut comps: Vec<MaybeUninit<Completion>> = (0..1).map(|_| MaybeUninit::uninit()).collect();
+    for idx in [0, last] {
+        let q = &mut client.queues[0];
+        unsafe { std::ptr::write_bytes(buf, 0, BLOCK as usize) };
+        q.read(idx * BLOCK, buf, BLOCK as usize, 0, ReqFlags::empty());
+        let n = wait_some(q, &mut comps)?;
+        assert_eq!(n, 1);
+        let c = unsafe { comps[0].assume_init_read() };
+        if c.ret != 0 {
+            return Err(format!(
+                "verify read of block {idx}: {}",
+                completion_error(&c)
+            ));
+        }
+        fill_block(&mut expect, idx);
+        let got = unsafe { std::slice::from_raw_parts(buf, BLOCK as usize) };
+        if got != expect.as_slice() {
+            return Err(format!(
+                "verify read of block {idx}: wrong data (first bytes {:02x?}, expected {:02x?})",
+                &got[..16],
+                &expect[..16]
+            ));
+        }
+    }
+    Ok(())
+}
+
+struct QueueJob {
+    q: Blkioq,
+    /// Address of this queue's `qd * bs` bytes of buffers.
+    buf: usize,
+    w: Workload,
+    capacity: u64,
+    /// Sequential workloads stream through [seq_start, seq_start + seq_len).
+    seq_start: u64,
+    seq_len: u64,
+    seed: u64,
+    measure_start: Instant,
+    end: Instant,
+}
+
+#[derive(Default)]
+struct QueueResult {
+    ops: u64,
+    bytes: u64,
+}
+
+fn run_queue(mut job: QueueJob) -> Result<QueueResult, String> {
+    let w = job.w;
+    let bs = w.bs as usize;
+    let mut rng = job.seed | 1;
+    let mut next_rand = move || {
+        // xorshift64*
+        rng ^= rng >> 12;
+        rng ^= rng << 25;
+        rng ^= rng >> 27;
+        rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    };
+    // Random I/O avoids the first and last block, which `verify` reads.
+    let blocks = job.capacity / w.bs;
+    let mut seq_pos = 0u64;
+    let mut next_offset = move || match w.pattern {
+        Pattern::RandRead | Pattern::RandWrite => (1 + next_rand() % (blocks - 2)) * w.bs,
+        Pattern::SeqRead => {
+            let off = job.seq_start + seq_pos;
+            seq_pos = (seq_pos + w.bs) % job.seq_len;
+            off
+        }
+    };
+    // Every 4 KiB block of the image starts with its own index (`fill_block`), and writes
+    // keep it so. Reads check that word in every block they return, so a
+    // backend completing requests without the right data fails instead of posting numbers.
+    let buf_of = |slot: usize| (job.buf + slot * bs) as *mut u8;
+    let word_at = |slot: usize, byte: usize| unsafe { buf_of(slot).add(byte) as *mut u64 };
+    let mut slot_off = vec![0u64; w.qd];
+    let submit = |q: &mut Blkioq, slot_off: &mut [u64], slot: usize, off: u64| {
+        slot_off[slot] = off;
+        match w.pattern {
+            Pattern::RandRead | Pattern::SeqRead => {
+                for b in (0..bs).step_by(BLOCK as usize) {
+                    unsafe { *word_at(slot, b) = u64::MAX };
+                }
+                q.read(off, buf_of(slot), bs, slot, ReqFlags::empty())
+            }
+            Pattern::RandWrite => {
+                unsafe { *word_at(slot, 0) = (off / BLOCK).to_le() };
+                q.write(off, buf_of(slot), bs, slot, ReqFlags::empty())
+            }
+        }
+    };
+    let check = |slot: usize, off: u64| -> Result<(), String> {
+        if w.pattern == Pattern::RandWrite {
+            return Ok(());
+        }
+        for byte in (0..bs).step_by(BLOCK as usize) {
+            let got = u64::from_le(unsafe { *word_at(slot, byte) });
+            let want = (off + byte as u64) / BLOCK;
+            if got != want {
+                return Err(format!(
+                    "wrong data: {}-byte read at offset {off}: block at +{byte} starts with \
+                     {got:#x}, expected its index {want:#x}",
+                    bs
+                ));
+            }
+        }
+        Ok(())
+    };
+
+    let mut comps: Vec<MaybeUninit<Completion>> =
+        (0..w.qd).map(|_| MaybeUninit::uninit()).collect();
+    let mut res = QueueResult::default();
+    let mut in_flight = 0usize;
+    for slot in 0..w.qd {
+        submit(&mut job.q, &mut slot_off, slot, next_offset());
+        in_flight += 1;
+    }
+    let mut first_err = None;
+    while in_flight > 0 {
+        let n = wait_some(&mut job.q, &mut comps)?;
+        let now = Instant::now();
+        let go_on = now < job.end && !stopping() && first_err.is_none();
+        for c in &comps[..n] {
+            let c = unsafe { c.assume_init_read() };
+            in_flight -= 1;
+            if c.ret != 0 {
+                first_err.get_or_insert_with(|| completion_error(&c));
+                continue;
+            }
+            if let Err(e) = check(c.user_data, slot_off[c.user_data]) {
+                first_err.get_or_insert(e);
+                continue;
+            }
+            if now >= job.measure_start && now < job.end {
+                res.ops += 1;
+                res.bytes += w.bs;
+            }
+            if go_on {
+                submit(&mut job.q, &mut slot_off, c.user_data, next_offset());
+                in_flight += 1;
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(res),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Cells
+
+#[derive(Clone, Copy)]
+struct Measured {
+    iops: f64,
+    mbps: f64,
+    cpu: f64,
+}
+
+fn sleep_until(t: Instant) {
+    let now = Instant::now();
+    if t > now {
+        std::thread::sleep(t - now);
+    }
+}
+
+/// What every run of the benchmark shares.
+struct Ctx<'a> {
+    cfg: &'a Config,
+    img: &'a Path,
+    dir: &'a Path,
+}
+
+/// Runs workload `w` with `nq` queues on a fresh daemon of `backend`. `seq` numbers the run
+/// (socket and log names), `cell` the cell (random offsets are the same for each backend).
+fn run_one(
+    ctx: &Ctx,
+    backend: Backend,
+    w: Workload,
+    nq: usize,
+    seq: usize,
+    cell: usize,
+) -> Result<Measured, String> {
+    let (cfg, img) = (ctx.cfg, ctx.img);
+    let mut daemon = Daemon::start(backend, img, ctx.dir, nq, seq)?;
+    let read_only = w.pattern != Pattern::RandWrite;
+    let mut client = connect(&mut daemon, nq, nq * w.qd * w.bs as usize, read_only)?;
+    verify(&mut client).map_err(|e| format!("{e}\n{}", daemon.log_tail()))?;
+    // Write buffers carry a recognizable pattern; read buffers get overwritten anyway.
+    unsafe { std::ptr::write_bytes(client.region.addr as *mut u8, 0x5a, client.region.len) };
+
+    let start = Instant::now();
+    let measure_start = start + Duration::from_secs_f64(cfg.warmup);
+    let end = measure_start + Duration::from_secs_f64(cfg.secs);
+    let capacity = client.capacity;
+    let per_queue_span = (capacity / nq as u64) / w.bs * w.bs;
+    let jobs: Vec<QueueJob> = client
+        .queues
+        .drain(..)
+        .enumerate()
+        .map(|(i, q)| QueueJob {
+            q,
+            buf: client.region.addr + i * w.qd * w.bs as usize,
+            w,
+            capacity,
+            seq_start: i as u64 * per_queue_span,
+            seq_len: per_queue_span,
+            // Same offsets for every backend of a cell.
+            seed: 0x5eed_0000 + (cell as u64) * 131 + i as u64,
+            measure_start,
+            end,
+        })
+        .collect();
+
+    let (results, cpu) = std::thread::scope(|s| {
+        let handles: Vec<_> = jobs
+            .into_iter()
+            .map(|job| s.spawn(move || run_queue(job)))
+            .collect();
+        sleep_until(measure_start);
+        let cpu0 = daemon.cpu_secs();
+        sleep_until(end);
+        let cpu1 = daemon.cpu_secs();
+        let results: Vec<Result<QueueResult, String>> = handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("queue thread panicked".into()))
+            })
+            .collect();
+        (results, cpu0.and_then(|a| cpu1.map(|b| b - a)))
+    });
+    let mut ops = 0;
+    let mut bytes = 0;
+    for (i, r) in results.into_iter().enumerate() {
+        let r = r.map_err(|e| {
+            let alive = daemon.check_alive().err().unwrap_or_default();
+            format!("queue {i}: {e}\n{alive}\n{}", daemon.log_tail())
+        })?;
+        ops += r.ops;
+        bytes += r.bytes;
+    }
+    if stopping() {
+        return Err("interrupted".into());
+    }
+    let cpu = cpu?;
+    // Disconnect before the daemon goes away, then check it did not die under us.
+    drop(client);
+    daemon.check_alive()?;
+    daemon.stop();
+    if w.pattern == Pattern::RandWrite {
+        // Flush the dirtied page cache now, outside any measured window, so that writeback
+        // does not land on whichever backend runs next.
+        File::open(img)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| format!("fsync {}: {e}", img.display()))?;
+    }
+    Ok(Measured {
+        iops: ops as f64 / cfg.secs,
+        mbps: bytes as f64 / 1e6 / cfg.secs,
+        cpu,
+    })
+}
+
+fn fmt_ratio(a: Option<Measured>, b: Option<Measured>) -> (String, Option<f64>) {
+    match (a, b) {
+        (Some(a), Some(b)) if b.iops > 0.0 => {
+            let r = a.iops / b.iops;
+            (format!("{r:.2}"), Some(r))
+        }
+        _ => ("-".into(), None),
+    }
+}
+
+fn command_version(cmd: &str, arg: &str) -> String {
+    Command::new(cmd)
+        .arg(arg)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::to_string))
+        .unwrap_or_else(|| format!("{cmd}: not found"))
+}
+
+fn main() {
+    let cfg = match parse_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vs_qsd: {e}");
+            std::process::exit(2);
+        }
+    };
+    if !cfg.bench_mode {
+        // Built and run as a test (`cargo test --all-targets`): a 2-minute benchmark has no
+        // place there.
+        println!("vs_qsd: skipped (run it with `cargo bench --bench vs_qsd`)");
+        return;
+    }
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+
+    if cfg.backends.contains(&Backend::Snapblk) && !snapblk_bin().is_file() {
+        eprintln!(
+            "vs_qsd: snapblk binary {} not found (cargo bench builds it; or set SNAPBLK_BIN)",
+            snapblk_bin().display()
+        );
+        std::process::exit(2);
+    }
+    let uses_qsd = cfg.backends.iter().any(|b| *b != Backend::Snapblk);
+    if uses_qsd
+        && Command::new("qemu-storage-daemon")
+            .arg("--version")
+            .output()
+            .is_err()
+    {
+        eprintln!(
+            "vs_qsd: qemu-storage-daemon not found on PATH (qemu/install-host-deps.sh installs \
+             it; or run only --backends snapblk)"
+        );
+        std::process::exit(2);
+    }
+
+    let cells: Vec<(Workload, usize)> = WORKLOADS
+        .iter()
+        .flat_map(|w| QUEUE_COUNTS.iter().map(move |&nq| (*w, nq)))
+        .filter(|(w, nq)| {
+            let name = format!("{}/q{nq}", w.name);
+            cfg.filters.is_empty() || cfg.filters.iter().any(|f| name.contains(f.as_str()))
+        })
+        .collect();
+    if cells.is_empty() {
+        eprintln!("vs_qsd: no cell matches filter {:?}", cfg.filters);
+        std::process::exit(2);
+    }
+
+    let dir = tempfile::Builder::new()
+        .prefix("vs_qsd.")
+        .tempdir()
+        .expect("create a temp dir (set TMPDIR to move it)");
+    let img = dir.path().join("disk.raw");
+    let size = cfg.image_mib << 20;
+    let t = Instant::now();
+    create_image(&img, size);
+
+    println!("# vs_qsd: snapblk vs qemu-storage-daemon over vhost-user-blk (client: blkio crate)");
+    println!(
+        "# image {} MiB raw, fully written and page-cached ({:.1} s); {} s per cell + {} s warm-up",
+        cfg.image_mib,
+        t.elapsed().as_secs_f64(),
+        cfg.secs,
+        cfg.warmup
+    );
+    if cfg.backends.contains(&Backend::Snapblk) {
+        println!("# snapblk: {}", snapblk_bin().display());
+    }
+    println!(
+        "# qsd: {}",
+        command_version("qemu-storage-daemon", "--version")
+    );
+    println!(
+        "# host: {} CPUs, {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        command_version("uname", "-r")
+    );
+
+    let names: Vec<&str> = cfg.backends.iter().map(|b| b.name()).collect();
+    let reference = cfg.backends[0];
+    let others = &cfg.backends[1..];
+    let mut header = String::from("| workload | queues |");
+    let mut rule = String::from("|---|---:|");
+    for n in &names {
+        let _ = write!(header, " {n} IOPS | {n} MB/s | {n} CPU s |");
+        rule.push_str("---:|---:|---:|");
+    }
+    for o in others {
+        let _ = write!(header, " {}/{} |", reference.name(), o.name());
+        rule.push_str("---:|");
+    }
+    println!("{header}\n{rule}");
+
+    let ctx = Ctx {
+        cfg: &cfg,
+        img: &img,
+        dir: dir.path(),
+    };
+    let mut errors: Vec<String> = Vec::new();
+    let mut min_ratio: Vec<Option<(f64, String)>> = vec![None; others.len()];
+    let mut seq = 0usize;
+    for (ci, &(w, nq)) in cells.iter().enumerate() {
+        if stopping() {
+            break;
+        }
+        // Rotate the start backend per cell so no backend always runs first.
+        let mut got: Vec<Option<Measured>> = vec![None; cfg.backends.len()];
+        for k in 0..cfg.backends.len() {
+            let bi = (ci + k) % cfg.backends.len();
+            let backend = cfg.backends[bi];
+            seq += 1;
+            match run_one(&ctx, backend, w, nq, seq, ci) {
+                Ok(m) => got[bi] = Some(m),
+                Err(_) if stopping() => {}
+                Err(e) => {
+                    let msg = format!("{}/q{nq} on {}: {e}", w.name, backend.name());
+                    eprintln!("ERROR {msg}");
+                    errors.push(msg);
+                }
+            }
+            if stopping() {
+                break;
+            }
+        }
+        let mut row = format!("| {} | {nq} |", w.name);
+        for m in &got {
+            match m {
+                Some(m) => {
+                    let _ = write!(row, " {:.0} | {:.1} | {:.2} |", m.iops, m.mbps, m.cpu);
+                }
+                None => row.push_str(" ERR | ERR | ERR |"),
+            }
+        }
+        for (oi, _) in others.iter().enumerate() {
+            let (s, r) = fmt_ratio(got[0], got[oi + 1]);
+            let _ = write!(row, " {s} |");
+            if let Some(r) = r {
+                let cell = format!("{}/q{nq}", w.name);
+                match &min_ratio[oi] {
+                    Some((m, _)) if *m <= r => {}
+                    _ => min_ratio[oi] = Some((r, cell)),
+                }
+            }
+        }
+        println!("{row}");
+    }
+
+    let mut summary = String::from("# summary: min ratio");
+    let mut overall: Option<(f64, String)> = None;
+    for (oi, o) in others.iter().enumerate() {
+        match &min_ratio[oi] {
+            Some((r, cell)) => {
+                let _ = write!(
+                    summary,
+                    " {}/{} = {r:.2} ({cell});",
+                    reference.name(),
+                    o.name()
+                );
+                if overall.as_ref().is_none_or(|(m, _)| r < m) {
+                    overall = Some((*r, format!("{}/{} {cell}", reference.name(), o.name())));
+                }
+            }
+            None => {
+                let _ = write!(summary, " {}/{} = n/a;", reference.name(), o.name());
+            }
+        }
+    }
+    match overall {
+        Some((r, what)) => {
+            let _ = write!(summary, " overall min = {r:.2} ({what})");
+        }
+        None => summary.push_str(" overall min = n/a"),
+    }
+    println!("{summary}");
+    let code = if !errors.is_empty() {
+        eprintln!("vs_qsd: {} run(s) failed:", errors.len());
+        for e in &errors {
+            eprintln!("  - {}", e.lines().next().unwrap_or(""));
+        }
+        1
+    } else if stopping() {
+        eprintln!("vs_qsd: interrupted");
+        130
+    } else {
+        0
+    };
+    if cfg.keep {
+        eprintln!("vs_qsd: kept {}", dir.keep().display());
+    } else {
+        drop(dir);
+        if code == 1 {
+            eprintln!("vs_qsd: daemon logs were removed with the temp dir; rerun with --keep");
+        }
+    }
+    std::process::exit(code);
+}
