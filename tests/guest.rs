@@ -456,12 +456,13 @@ fn guest_pattern(backend: Backend) {
     );
     if backend == Backend::Snapblk {
         assert_eq!(run.field("serial"), SERIAL, "serial seen by the guest");
+        // (qemu-storage-daemon's export presents a write-through cache instead.)
+        assert_eq!(
+            run.field("cache"),
+            "write_back",
+            "snapblk should offer FLUSH, so that the guest's fsync reaches the backend"
+        );
     }
-    assert_eq!(
-        run.field("cache"),
-        "write_back",
-        "the device should offer FLUSH, so that the guest's fsync reaches the backend"
-    );
 
     let status = daemon.stop();
     assert!(
