@@ -11,70 +11,160 @@ use crate::virtio_blk::{
 };
 use log::{debug, warn};
 use std::io::{self, IoSlice, IoSliceMut};
-use vhost_user_backend::{VringRwLock, VringT};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemory, Permissions};
+
+type VringStateGuard<'a> = std::sync::RwLockWriteGuard<'a, VringState<GuestMem>>;
 
 /// Per-queue reusable state.
 #[derive(Default)]
 pub struct QueueWorker {
     request: Request,
     iovecs: Vec<libc::iovec>,
+    /// Current adaptive polling window (grows toward the configured maximum while the
+    /// driver's requests arrive soon after we go idle, drops to zero when they do not).
+    poll: Duration,
+    /// When this worker last went to sleep waiting for a kick.
+    idle_since: Option<Instant>,
 }
+
+/// Queue workers polling right now, across the daemon.
+static POLLERS: AtomicUsize = AtomicUsize::new(0);
+
+/// Permission for one worker to spin. At most half the CPUs may spin at once, so pollers
+/// never crowd out the threads (ours or the VMs') that do the real work.
+struct PollSlot;
+
+impl PollSlot {
+    fn take() -> Option<PollSlot> {
+        static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let limit = *LIMIT.get_or_init(|| {
+            std::thread::available_parallelism()
+                .map(|n| (n.get() / 2).max(1))
+                .unwrap_or(1)
+        });
+        POLLERS
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| PollSlot)
+    }
+}
+
+impl Drop for PollSlot {
+    fn drop(&mut self) {
+        POLLERS.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Smallest polling window worth starting with.
+const POLL_START: Duration = Duration::from_micros(4);
 
 // SAFETY: the iovecs are only filled and used within one `process_queue` call on the worker's
 // own thread; between calls they hold stale pointers that are never dereferenced.
 unsafe impl Send for QueueWorker {}
 
 impl QueueWorker {
-    /// Drains the queue, then notifies the driver once for the whole batch if it wants it.
+    /// Drains the queue, notifying the driver once per batch if it wants it; then, with
+    /// `poll` non-zero, keeps notifications suppressed and watches the ring for that long
+    /// before going back to sleep, so a driver at low queue depth needs no kick and we no
+    /// wakeup per request.
     pub fn process_queue(
         &mut self,
         backend: &BlkBackend,
         vring: &VringRwLock<GuestMem>,
-        event_idx: bool,
+        max_poll: Duration,
         mem: &GuestMem,
     ) -> io::Result<()> {
+        self.adapt_poll(max_poll);
+        let poll = self.poll;
         let mem = mem.memory();
         let mem = &*mem;
         let mut state = vring.get_mut();
-        let mut used_any = false;
+        let queue_err = io::Error::other;
         loop {
-            if event_idx {
-                state
-                    .get_queue_mut()
-                    .disable_notification(mem)
-                    .map_err(io::Error::other)?;
-            }
+            state
+                .get_queue_mut()
+                .disable_notification(mem)
+                .map_err(queue_err)?;
+            let mut used_any = false;
             while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) {
                 let head = chain.head_index();
                 let used_len = self.handle_chain(backend, chain, mem);
                 state
                     .get_queue_mut()
                     .add_used(mem, head, used_len)
-                    .map_err(io::Error::other)?;
+                    .map_err(queue_err)?;
                 used_any = true;
             }
-            // With EVENT_IDX, re-enable notifications and look again: a request that arrived
-            // in between would otherwise wait for the next kick.
-            if !event_idx
-                || !state
+            if used_any
+                && state
                     .get_queue_mut()
-                    .enable_notification(mem)
-                    .map_err(io::Error::other)?
+                    .needs_notification(mem)
+                    .map_err(queue_err)?
             {
-                break;
+                state.signal_used_queue()?;
+            }
+            if !poll.is_zero() && used_any {
+                if let Some(_slot) = PollSlot::take() {
+                    if Self::poll_ring(&mut state, mem, poll)? {
+                        continue;
+                    }
+                }
+            }
+            // Re-enable notifications and look once more: a request that arrived in between
+            // would otherwise wait for the next kick.
+            if !state
+                .get_queue_mut()
+                .enable_notification(mem)
+                .map_err(queue_err)?
+            {
+                self.idle_since = Some(Instant::now());
+                return Ok(());
             }
         }
-        if used_any
-            && state
-                .get_queue_mut()
-                .needs_notification(mem)
-                .map_err(io::Error::other)?
-        {
-            state.signal_used_queue()?;
+    }
+
+    /// Sizes the polling window from how long the last sleep lasted (as QEMU's adaptive
+    /// polling does): a sleep shorter than the maximum window means polling would have caught
+    /// the next request without a kick, so poll longer; a longer sleep means polling burns CPU
+    /// for nothing (and, on a busy host, steals it from the driver), so stop.
+    fn adapt_poll(&mut self, max_poll: Duration) {
+        let Some(since) = self.idle_since.take() else {
+            return;
+        };
+        let slept = since.elapsed();
+        if max_poll.is_zero() || slept > max_poll {
+            self.poll = Duration::ZERO;
+        } else if self.poll < slept {
+            self.poll = (self.poll * 2).max(POLL_START).min(max_poll);
         }
-        Ok(())
+    }
+
+    /// Spins for at most `budget` until the driver makes a request available.
+    fn poll_ring<M: GuestMemory>(
+        state: &mut VringStateGuard<'_>,
+        mem: &M,
+        budget: Duration,
+    ) -> io::Result<bool> {
+        let start = Instant::now();
+        let queue = state.get_queue_mut();
+        loop {
+            let avail = queue
+                .avail_idx(mem, Ordering::Acquire)
+                .map_err(io::Error::other)?;
+            if avail.0 != queue.next_avail() {
+                return Ok(true);
+            }
+            if start.elapsed() >= budget {
+                return Ok(false);
+            }
+            std::hint::spin_loop();
+        }
     }
 
     /// Handles one chain and returns the number of bytes written into guest buffers.
@@ -256,6 +346,7 @@ mod tests {
             serial: "mock-serial".into(),
             logical_block_size: 512,
             read_only,
+            poll: std::time::Duration::ZERO,
         };
         let gm = GuestMemoryAtomic::new(mem.clone());
         let backend = BlkBackend::new(device.clone(), opts, gm).unwrap();
