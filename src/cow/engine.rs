@@ -1281,12 +1281,16 @@ impl CacheObject {
             devices: m.devices.iter().flatten().count() as u64,
             inoperative_devices: m.devices.iter().flatten().filter(|d| d.inoperative).count()
                 as u64,
-            table_memory_bytes: m
-                .devices
-                .iter()
-                .flatten()
-                .map(|d| d.table.memory_bytes() as u64)
-                .sum(),
+            table_memory_bytes: {
+                let mut pages = std::collections::HashSet::new();
+                let mut bytes = 0u64;
+                for d in m.devices.iter().flatten() {
+                    let (p, b) = d.table.memory();
+                    pages.extend(p);
+                    bytes += b as u64;
+                }
+                bytes + pages.len() as u64 * super::meta::PAGE_BYTES as u64
+            },
         }
     }
 
@@ -1312,6 +1316,18 @@ impl CacheObject {
         for &b in &m.free {
             if m.refcount(b) != 0 {
                 return Err(corrupt(format!("block {b} is free and used")));
+            }
+        }
+        for d in m.devices.iter().flatten().filter(|d| !d.inoperative) {
+            for c in 0..m.nchunks {
+                if m.resolve(d.id, c) != m.resolve_by_walk(d.id, c) {
+                    return Err(corrupt(format!(
+                        "device {} chunk {c}: flattened table {:?}, walk {:?}",
+                        d.id,
+                        m.resolve(d.id, c),
+                        m.resolve_by_walk(d.id, c)
+                    )));
+                }
             }
         }
         Ok(())
