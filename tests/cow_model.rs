@@ -189,7 +189,7 @@ fn run_model_case(seed: u64, steps: usize) {
 
 #[test]
 fn model_randomized_sequences() {
-    for seed in seeds(1500, 1) {
+    for seed in seeds(2500, 1) {
         run_model_case(seed, 24);
     }
 }
@@ -474,7 +474,7 @@ fn run_crash_case(seed: u64) {
 #[test]
 fn crash_injection() {
     let mut crashes = 0;
-    for seed in seeds(1200, 3) {
+    for seed in seeds(2500, 3) {
         run_crash_case(seed);
         crashes += 1;
     }

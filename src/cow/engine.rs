@@ -616,6 +616,9 @@ impl CacheObject {
     /// Writes `buf` to device `dev` at `offset`.
     pub fn write(&self, dev: DeviceId, offset: u64, buf: &[u8]) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
+        if dev == DeviceId::ORIGIN && self.spans_chunks(offset, buf.len() as u64) {
+            return self.write_origin_batched(offset, buf.len() as u64, Src::Data(buf));
+        }
         self.for_each_chunk(offset, buf.len() as u64, |c, inoff, len, done| {
             self.write_chunk(dev.0, c, inoff, len, Src::Data(&buf[done..done + len]))
         })
@@ -624,6 +627,9 @@ impl CacheObject {
     /// Makes `[offset, offset+len)` of `dev` read as zeros.
     pub fn write_zeroes(&self, dev: DeviceId, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)?;
+        if dev == DeviceId::ORIGIN && self.spans_chunks(offset, len) {
+            return self.write_origin_batched(offset, len, Src::Zeroes);
+        }
         self.for_each_chunk(offset, len, |c, inoff, n, _| {
             self.write_chunk(dev.0, c, inoff, n, Src::Zeroes)
         })
@@ -633,9 +639,53 @@ impl CacheObject {
     /// release their blocks. Other devices keep their views.
     pub fn discard(&self, dev: DeviceId, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)?;
+        if dev == DeviceId::ORIGIN && self.spans_chunks(offset, len) {
+            return self.write_origin_batched(offset, len, Src::Discard);
+        }
         self.for_each_chunk(offset, len, |c, inoff, n, _| {
             self.write_chunk(dev.0, c, inoff, n, Src::Discard)
         })
+    }
+
+    fn spans_chunks(&self, offset: u64, len: u64) -> bool {
+        len > 0 && (offset >> self.chunk_shift) != ((offset + len - 1) >> self.chunk_shift)
+    }
+
+    /// An origin write over several chunks: all their copy-outs first, one commit for all,
+    /// then one origin write (instead of a commit per chunk). Stripe locks are taken in
+    /// ascending order, so two batched writers cannot deadlock.
+    fn write_origin_batched(&self, offset: u64, len: u64, src: Src<'_>) -> Result<()> {
+        let first = offset >> self.chunk_shift;
+        let last = (offset + len - 1) >> self.chunk_shift;
+        let mut stripes: Vec<usize> = (first..=last).map(|c| (c as usize) % STRIPES).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let _guards: Vec<_> = stripes
+            .iter()
+            .map(|&i| {
+                self.stripes[i]
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner)
+            })
+            .collect();
+        let mut wait = 0u64;
+        self.for_each_chunk(offset, len, |c, inoff, n, done| {
+            let piece = match src {
+                Src::Data(buf) => Src::Data(&buf[done..done + n]),
+                other => other,
+            };
+            self.write_chunk_locked_deferred(ORIGIN_ID, c, inoff, n, piece, Some(&mut wait))
+        })?;
+        if wait > self.durable_epoch.load(Ordering::Acquire) {
+            // Copies and mappings durable before the origin changes.
+            self.commit(wait, false)?;
+        }
+        match src {
+            Src::Data(buf) => self.origin.write_at(buf, offset)?,
+            Src::Zeroes => self.origin.write_zeroes(offset, len)?,
+            Src::Discard => self.origin.punch_hole(offset, len)?,
+        }
+        Ok(())
     }
 
     fn for_each_chunk(
@@ -758,6 +808,20 @@ impl CacheObject {
         len: usize,
         src: Src<'_>,
     ) -> Result<()> {
+        self.write_chunk_locked_deferred(dev, c, inoff, len, src, None)
+    }
+
+    /// With `defer_origin`, an origin write only prepares (step 1) and raises the epoch that
+    /// must be durable before the origin may change; the caller commits once and writes.
+    fn write_chunk_locked_deferred(
+        &self,
+        dev: u64,
+        c: u64,
+        inoff: usize,
+        len: usize,
+        src: Src<'_>,
+        mut defer_origin: Option<&mut u64>,
+    ) -> Result<()> {
         let clen = self.chunk_len(c);
         let full = inoff == 0 && len == clen;
         let mut retried_for_space = false;
@@ -819,6 +883,10 @@ impl CacheObject {
                 }
                 let shield = st.chunk_epochs[(c as usize) % CHUNK_EPOCH_SLOTS];
                 drop(st);
+                if let Some(wait) = defer_origin.as_deref_mut() {
+                    *wait = (*wait).max(shield).max(must_be_durable.unwrap_or(0));
+                    return Ok(());
+                }
                 if shield > self.durable_epoch.load(Ordering::Acquire) {
                     self.commit(shield, false)?;
                 }

@@ -122,7 +122,7 @@ impl Table {
     /// Pages of resolved entries this table references (shared ones included) and the bytes
     /// of its own-bitmap.
     pub fn memory(&self) -> (Vec<*const Page>, usize) {
-        let pages = self.dir.iter().flatten().map(|p| Arc::as_ptr(p)).collect();
+        let pages = self.dir.iter().flatten().map(Arc::as_ptr).collect();
         (pages, self.own.len() * 8 + self.dir.len() * 8)
     }
 }
