@@ -14,7 +14,14 @@ const SECTOR: usize = 512;
 fn seeds(default_count: u64, salt: u64) -> Vec<u64> {
     match std::env::var("COW_SEED").ok().and_then(|s| s.parse().ok()) {
         Some(s) => vec![s],
-        None => (0..default_count).map(|i| i * 7919 + salt).collect(),
+        None => {
+            // COW_CASES raises the number of cases for a longer hunt.
+            let n = std::env::var("COW_CASES")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(default_count);
+            (0..n).map(|i| i * 7919 + salt).collect()
+        }
     }
 }
 
@@ -280,6 +287,7 @@ fn run_crash_case(seed: u64) {
     // A create whose completion is unknown: (expected id, possible content per sector).
     let mut maybe_created: Option<(u64, Vec<Vec<u64>>)> = None;
     let mut maybe_deleted: Option<u64> = None;
+    let mut max_id = 0u64;
     let mut log = Vec::new();
     for _step in 0..60 {
         if ctl.crashed() {
@@ -322,7 +330,8 @@ fn run_crash_case(seed: u64) {
             63..=74 if model.len() < 6 => {
                 let writable = rng.u8(0..3) != 0;
                 let parent_cands = model[&dev].cands.clone();
-                let expected_id = eng.devices().iter().map(|d| d.id).max().unwrap() + 1;
+                // Ids are never reused: the next one follows the last one handed out.
+                let expected_id = max_id + 1;
                 log.push(format!("create snapshot of {dev}"));
                 let res = eng.create_snapshot(DeviceId(dev), &format!("s{next_token}"), writable);
                 next_token += 1;
@@ -331,6 +340,7 @@ fn run_crash_case(seed: u64) {
                     break;
                 }
                 let id = res.unwrap();
+                max_id = id.0;
                 let cur = model[&dev].cur.clone();
                 for m in model.values_mut() {
                     m.flushed();
