@@ -341,11 +341,9 @@ fn run_crash_case(seed: u64) {
                 }
                 let id = res.unwrap();
                 max_id = id.0;
+                // Create does not flush: the snapshot may lose exactly what its parent may.
                 let cur = model[&dev].cur.clone();
-                for m in model.values_mut() {
-                    m.flushed();
-                }
-                let cands = cur.iter().map(|&t| vec![t]).collect();
+                let cands = parent_cands;
                 model.insert(
                     id.0,
                     CrashDev {

@@ -1173,9 +1173,11 @@ impl CacheObject {
 impl CacheObject {
     // ---- control plane --------------------------------------------------------------------
 
-    /// Creates a snapshot of `parent` (the origin or any snapshot) in O(1): an empty table and
-    /// a link. Flushes first, so the snapshot's point-in-time content is durable; returns once
-    /// the new device record is durable.
+    /// Creates a snapshot of `parent` (the origin or any snapshot) in O(1): a table sharing the
+    /// parent's pages and a link. Returns once the new device record is durable. It does not
+    /// flush the origin: like the parent, the snapshot holds the parent's writes not yet flushed
+    /// at creation only as durably as the parent does (a crash may drop any of them from both).
+    /// Call [`CacheObject::flush`] first for a fully durable point-in-time copy.
     pub fn create_snapshot(
         &self,
         parent: DeviceId,
@@ -1187,7 +1189,6 @@ impl CacheObject {
                 "device name must be 1 to 255 bytes".into(),
             ));
         }
-        self.flush()?;
         let (id, epoch) = {
             let mut st = self.write_state();
             Self::check_dev(&st.meta, parent.0)?;
