@@ -25,6 +25,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 
 const STRIPES: usize = 1024;
 const CHUNK_EPOCH_SLOTS: usize = 1 << 16;
+/// Multi-chunk origin writes up to this many chunks lock their stripes without allocating.
+const SMALL_BATCH: usize = 16;
 const SECTOR: u64 = 512;
 
 /// Options for [`CacheObject::create`].
@@ -657,6 +659,26 @@ impl CacheObject {
     fn write_origin_batched(&self, offset: u64, len: u64, src: Src<'_>) -> Result<()> {
         let first = offset >> self.chunk_shift;
         let last = (offset + len - 1) >> self.chunk_shift;
+        let n = (last - first + 1) as usize;
+        if n <= SMALL_BATCH {
+            // Common case (a guest segment spanning a few chunks): no allocation.
+            let mut idx = [0usize; SMALL_BATCH];
+            for (k, slot) in idx.iter_mut().enumerate().take(n) {
+                *slot = ((first as usize) + k) % STRIPES;
+            }
+            idx[..n].sort_unstable();
+            let mut guards: [Option<RwLockWriteGuard<'_, ()>>; SMALL_BATCH] = Default::default();
+            for k in 0..n {
+                if k == 0 || idx[k] != idx[k - 1] {
+                    guards[k] = Some(
+                        self.stripes[idx[k]]
+                            .write()
+                            .unwrap_or_else(PoisonError::into_inner),
+                    );
+                }
+            }
+            return self.write_origin_batched_locked(offset, len, src);
+        }
         let mut stripes: Vec<usize> = (first..=last).map(|c| (c as usize) % STRIPES).collect();
         stripes.sort_unstable();
         stripes.dedup();
@@ -668,6 +690,10 @@ impl CacheObject {
                     .unwrap_or_else(PoisonError::into_inner)
             })
             .collect();
+        self.write_origin_batched_locked(offset, len, src)
+    }
+
+    fn write_origin_batched_locked(&self, offset: u64, len: u64, src: Src<'_>) -> Result<()> {
         let mut wait = 0u64;
         self.for_each_chunk(offset, len, |c, inoff, n, done| {
             let piece = match src {
