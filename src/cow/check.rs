@@ -6,11 +6,8 @@
 //! used), every block shared only at one chunk index, the device tree well-formed. It reads
 //! no data blocks, so its time is bounded by the metadata, not the data.
 
-use super::engine::{read_checkpoint, read_header, recover};
-use super::format::{
-    entry_to_block, parse_txn_header, txn_len, verify_txn, Header, HEADER_SLOT_SIZE,
-    JOURNAL_OFFSET, TXN_ALIGN, TXN_HEADER,
-};
+use super::engine::{journal_damage, read_checkpoint, read_header, recover};
+use super::format::{entry_to_block, Header, HEADER_SLOT_SIZE};
 use super::meta::{Meta, META_REF, NO_PARENT, ORIGIN_ID};
 use crate::storage::{FileStorage, Storage};
 use std::collections::HashMap;
@@ -131,46 +128,13 @@ pub fn check_cache(cache: &dyn Storage) -> CheckReport {
         }
     };
     r.journal_transactions = rec.txns;
-    scan_journal_tail(cache, &h, rec.next_seq, rec.pos, &mut r);
+    if let Some(p) = journal_damage(cache, &h, rec.next_seq, rec.pos) {
+        r.problems.push(p);
+    }
     r.journal_bytes = rec.used;
     r.checkpoint_blocks = rec.ckpt_blocks.len() as u64;
     check_meta(&rec.meta, &h, cache.size(), &rec.ckpt_blocks, &mut r);
     r
-}
-
-/// Replay stops at the first transaction that is missing or fails its checksum; after a crash
-/// that is the torn last one. A valid transaction with a later sequence number anywhere in the
-/// journal means the replay stopped early: the journal is damaged in the middle.
-fn scan_journal_tail(
-    cache: &dyn Storage,
-    h: &Header,
-    next_seq: u64,
-    end: u64,
-    r: &mut CheckReport,
-) {
-    let mut buf = vec![0u8; h.journal_size as usize];
-    if cache.read_at(&mut buf, JOURNAL_OFFSET).is_err() {
-        r.problems.push("journal area unreadable".into());
-        return;
-    }
-    let mut pos = 0usize;
-    while pos + TXN_HEADER <= buf.len() {
-        if let Some(th) = parse_txn_header(&buf[pos..]) {
-            let len = txn_len(th.payload_len) as usize;
-            // seq == next_seq + 1 is left alone: a crash can keep the transaction that
-            // follows a journal wrap and lose the wrap marker written just before it.
-            let later = th.seq > next_seq + 1 || (th.seq == next_seq && pos as u64 != end);
-            if later && pos + len <= buf.len() && verify_txn(&th, &buf[pos..pos + len]) {
-                r.problems.push(format!(
-                    "journal damaged: replay ended before sequence {next_seq} at offset {end}, \
-                     but a valid transaction {} sits at offset {pos}",
-                    th.seq
-                ));
-                return;
-            }
-        }
-        pos += TXN_ALIGN as usize;
-    }
 }
 
 fn check_meta(m: &Meta, h: &Header, file_size: u64, ckpt: &[u64], r: &mut CheckReport) {

@@ -332,6 +332,11 @@ impl CacheObject {
             header.max_size = header.max_size.max(m);
         }
         let recovered = recover(cache.as_ref(), &header)?;
+        // Refuse rather than silently drop durable transactions after a damaged one.
+        if let Some(p) = journal_damage(cache.as_ref(), &header, recovered.next_seq, recovered.pos)
+        {
+            return Err(CowError::Corrupt(p));
+        }
         let cs = header.chunk_size;
         let max_blocks = (header.max_size - header.data_offset) / cs;
         let threshold = match opts.low_space_threshold {
@@ -512,6 +517,39 @@ pub(crate) fn recover(cache: &dyn Storage, h: &Header) -> Result<Recovered> {
         next_seq: seq,
         txns,
     })
+}
+
+/// Replay stops at the first transaction that is missing or fails its checksum; after a crash
+/// that is the torn last one. A valid transaction with a later sequence number anywhere in the
+/// journal means the replay stopped early: the journal is damaged in the middle.
+pub(crate) fn journal_damage(
+    cache: &dyn Storage,
+    h: &Header,
+    next_seq: u64,
+    end: u64,
+) -> Option<String> {
+    let mut buf = vec![0u8; h.journal_size as usize];
+    if cache.read_at(&mut buf, JOURNAL_OFFSET).is_err() {
+        return Some("journal area unreadable".into());
+    }
+    let mut pos = 0usize;
+    while pos + TXN_HEADER <= buf.len() {
+        if let Some(th) = parse_txn_header(&buf[pos..]) {
+            let len = txn_len(th.payload_len) as usize;
+            // seq == next_seq + 1 is left alone: a crash can keep the transaction that
+            // follows a journal wrap and lose the wrap marker written just before it.
+            let later = th.seq > next_seq + 1 || (th.seq == next_seq && pos as u64 != end);
+            if later && pos + len <= buf.len() && verify_txn(&th, &buf[pos..pos + len]) {
+                return Some(format!(
+                    "journal damaged: replay ended before sequence {next_seq} at offset {end}, \
+                     but a valid transaction {} sits at offset {pos}",
+                    th.seq
+                ));
+            }
+        }
+        pos += TXN_ALIGN as usize;
+    }
+    None
 }
 
 impl CacheObject {
