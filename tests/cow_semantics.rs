@@ -170,3 +170,40 @@ fn attributes_persist_and_low_space_is_reported() {
     assert!(info.writable);
     assert_eq!(info.parent, Some(0));
 }
+
+#[test]
+fn deleting_a_snapshot_gives_its_space_back_to_the_file_system() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let opath = dir.path().join("o");
+    let cpath = dir.path().join("c");
+    std::fs::File::create(&opath)
+        .unwrap()
+        .set_len(128 * CHUNK)
+        .unwrap();
+    std::fs::File::create(&cpath).unwrap();
+    let origin: Arc<dyn Storage> =
+        Arc::new(snapblk::storage::FileStorage::open(&opath, false).unwrap());
+    let cache: Arc<dyn Storage> =
+        Arc::new(snapblk::storage::FileStorage::open(&cpath, false).unwrap());
+    let eng = CacheObject::create(
+        origin,
+        cache,
+        CreateOptions {
+            chunk_size: CHUNK,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let s = eng.create_snapshot(DeviceId::ORIGIN, "s", true).unwrap();
+    eng.write(s, 0, &vec![3u8; 64 * CHUNK as usize]).unwrap();
+    eng.flush().unwrap();
+    let full = std::fs::metadata(&cpath).unwrap().blocks();
+    eng.delete_snapshot(s).unwrap();
+    let after = std::fs::metadata(&cpath).unwrap().blocks();
+    assert!(
+        after + (60 * CHUNK / 512) <= full,
+        "allocated 512-byte blocks: {full} before delete, {after} after"
+    );
+    assert_eq!(eng.stats().blocks_used, 0);
+}

@@ -1144,15 +1144,32 @@ impl CacheObject {
         });
         st.pending_unref.retain(|_, e| *e > upto);
         st.fresh_blocks.retain(|_, e| *e > upto);
-        for b in released {
-            if st.meta.refcount(b) == 0 {
-                st.meta.free.push(b);
-            }
-        }
-        // Lowest blocks first keeps the file compact.
-        st.meta.free.sort_unstable_by(|a, b| b.cmp(a));
+        released.retain(|&b| st.meta.refcount(b) == 0);
         drop(st);
         self.durable_epoch.store(upto, Ordering::Release);
+        if released.is_empty() {
+            return Ok(());
+        }
+        // Give the space back to the file system (the file stays sparse). The blocks are in
+        // neither list meanwhile, so nothing can allocate them; runs are punched at once.
+        released.sort_unstable();
+        let mut i = 0;
+        while i < released.len() {
+            let mut j = i + 1;
+            while j < released.len() && released[j] == released[j - 1] + 1 {
+                j += 1;
+            }
+            let len = (j - i) as u64 * self.chunk_size;
+            if let Err(e) = self.cache.punch_hole(self.block_offset(released[i]), len) {
+                // Not fatal: the blocks are reused either way.
+                log::warn!("punching freed cache blocks failed: {e}");
+            }
+            i = j;
+        }
+        let mut st = self.write_state();
+        st.meta.free.extend(released);
+        // Lowest blocks first keeps the file compact.
+        st.meta.free.sort_unstable_by(|a, b| b.cmp(a));
         Ok(())
     }
 
