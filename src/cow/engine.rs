@@ -1074,6 +1074,14 @@ impl CacheObject {
         Ok(())
     }
 
+    /// FLUSH as a device sees it: every completed write of `dev` durable. Writes of one device
+    /// can depend on other devices' metadata (copy-outs, shared blocks), so this makes
+    /// everything durable; it fails only for a device that does not exist or is inoperative.
+    pub fn flush_device(&self, dev: DeviceId) -> Result<()> {
+        Self::check_dev(&self.read_state().meta, dev.0)?;
+        self.flush()
+    }
+
     // ---- group commit ---------------------------------------------------------------------
 
     /// Makes every record up to `epoch` durable. Concurrent callers share one commit: whoever
