@@ -1491,3 +1491,9 @@ impl Drop for CacheObject {
         }
     }
 }
+
+/// The daemon shares one engine between its queue threads.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<CacheObject>();
+};
