@@ -1085,16 +1085,49 @@ impl CacheObject {
         if self.failed.load(Ordering::Relaxed) {
             return Err(CowError::Failed);
         }
-        let r = self.commit_locked(&mut j);
-        if r.is_err() {
-            // Memory and disk no longer agree; stop rather than risk a wrong mapping.
-            self.failed.store(true, Ordering::Relaxed);
-            log::error!("cache object commit failed; engine stopped");
-        }
-        r
+        let released = match self.commit_locked(&mut j) {
+            Ok(released) => released,
+            Err(e) => {
+                // Memory and disk no longer agree; stop rather than risk a wrong mapping.
+                self.failed.store(true, Ordering::Relaxed);
+                log::error!("cache object commit failed; engine stopped");
+                return Err(e);
+            }
+        };
+        drop(j);
+        self.release_blocks(released);
+        Ok(())
     }
 
-    fn commit_locked(&self, j: &mut Journal) -> Result<()> {
+    /// Punches blocks whose unmapping is durable out of the file (outside the journal lock, so
+    /// other commits go on), then makes them allocatable. Meanwhile they are in neither list,
+    /// so nothing can allocate them.
+    fn release_blocks(&self, mut released: Vec<u64>) {
+        if released.is_empty() {
+            return;
+        }
+        released.sort_unstable();
+        let mut i = 0;
+        while i < released.len() {
+            let mut j = i + 1;
+            while j < released.len() && released[j] == released[j - 1] + 1 {
+                j += 1;
+            }
+            let len = (j - i) as u64 * self.chunk_size;
+            if let Err(e) = self.cache.punch_hole(self.block_offset(released[i]), len) {
+                // Not fatal: the blocks are reused either way.
+                log::warn!("punching freed cache blocks failed: {e}");
+            }
+            i = j;
+        }
+        let mut st = self.write_state();
+        st.meta.free.extend(released);
+        // Lowest blocks first keeps the file compact.
+        st.meta.free.sort_unstable_by(|a, b| b.cmp(a));
+    }
+
+    /// Commits; returns the blocks whose unmapping became durable.
+    fn commit_locked(&self, j: &mut Journal) -> Result<Vec<u64>> {
         let js = self.journal_size;
         // Take the queued records; decide between a journal transaction and a checkpoint.
         let (payload, upto, ckpt) = {
@@ -1144,30 +1177,7 @@ impl CacheObject {
         released.retain(|&b| st.meta.refcount(b) == 0);
         drop(st);
         self.durable_epoch.store(upto, Ordering::Release);
-        if released.is_empty() {
-            return Ok(());
-        }
-        // Give the space back to the file system (the file stays sparse). The blocks are in
-        // neither list meanwhile, so nothing can allocate them; runs are punched at once.
-        released.sort_unstable();
-        let mut i = 0;
-        while i < released.len() {
-            let mut j = i + 1;
-            while j < released.len() && released[j] == released[j - 1] + 1 {
-                j += 1;
-            }
-            let len = (j - i) as u64 * self.chunk_size;
-            if let Err(e) = self.cache.punch_hole(self.block_offset(released[i]), len) {
-                // Not fatal: the blocks are reused either way.
-                log::warn!("punching freed cache blocks failed: {e}");
-            }
-            i = j;
-        }
-        let mut st = self.write_state();
-        st.meta.free.extend(released);
-        // Lowest blocks first keeps the file compact.
-        st.meta.free.sort_unstable_by(|a, b| b.cmp(a));
-        Ok(())
+        Ok(released)
     }
 
     fn append_txn(&self, j: &mut Journal, payload: &[u8]) -> Result<()> {
