@@ -257,9 +257,9 @@ impl CacheObject {
             )));
         }
         let origin_size = origin.size();
-        if origin_size == 0 || !origin_size.is_multiple_of(SECTOR) {
+        if origin_size == 0 || !origin_size.is_multiple_of(SECTOR) || origin_size > 1 << 56 {
             return Err(CowError::InvalidOption(format!(
-                "origin size {origin_size} must be a non-zero multiple of 512"
+                "origin size {origin_size} must be a non-zero multiple of 512, at most 2^56"
             )));
         }
         let js = opts.journal_size.div_ceil(TXN_ALIGN) * TXN_ALIGN;

@@ -234,7 +234,7 @@ impl Meta {
             dropped: Vec::new(),
             total_entries: 0,
             origin_children_gen: 1,
-            origin_shared_gen: vec![0; nchunks as usize],
+            origin_shared_gen: Vec::new(),
         }
     }
 
@@ -249,9 +249,15 @@ impl Meta {
 
     /// Records that every child of the origin is mapped at `chunk` now.
     pub fn mark_origin_shared(&mut self, chunk: u64) {
-        if let Some(g) = self.origin_shared_gen.get_mut(chunk as usize) {
-            *g = self.origin_children_gen;
+        let i = chunk as usize;
+        if chunk >= self.nchunks {
+            return;
         }
+        if self.origin_shared_gen.len() <= i {
+            // Grows with the highest chunk written, not the origin size.
+            self.origin_shared_gen.resize(i + 1, 0);
+        }
+        self.origin_shared_gen[i] = self.origin_children_gen;
     }
 
     #[inline]
