@@ -9,6 +9,7 @@ mod support;
 
 use serde_json::Value;
 use std::fs;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -433,8 +434,20 @@ fn snapshot_of_a_live_disk_mid_stream() {
     assert_pass(&run, "stream", &daemon);
     assert_eq!(run.field("written"), st.records.to_string());
     assert_eq!(run.field("verified_slots"), st.slots.to_string());
-    let seen = records_in(&fs::read_to_string(env.p("guest.log")).unwrap());
-    assert_eq!(seen.len() as u64, st.records, "every record was announced");
+    let log = fs::read_to_string(env.p("guest.log")).unwrap();
+    assert!(
+        log.contains("stream: host said 'go'; continuing"),
+        "the guest waited for the host's go:\n{}",
+        tail(&log, 40)
+    );
+    let seen = records_in(&log);
+    assert_eq!(
+        seen,
+        (0..st.records)
+            .map(|g| (g, g % st.slots))
+            .collect::<Vec<_>>(),
+        "every record announced once, in order"
+    );
 
     // The snapshot: the initial image with exactly generations 0..snap_at.
     let mut at_snap = initial.clone();
@@ -510,16 +523,45 @@ fn guest_survives_daemon_sigkill_and_restart() {
         "stream",
         &st.guest_args(),
     );
-    guest.wait_for_line("SNAPBLK-REC: gen=12 ", Duration::from_secs(180));
-    let killed = daemon.signal_and_wait(libc::SIGKILL);
-    let flushed_before_kill = records_in(&guest.log_text()).len() as u64;
-    eprintln!("snapblk SIGKILLed ({killed}) after {flushed_before_kill} flushed records");
-    let restarted_at = Instant::now();
-    let daemon = daemon.restart();
-    eprintln!(
-        "snapblk restarted in {:.2} s",
-        restarted_at.elapsed().as_secs_f64()
-    );
+    // Three crashes. After record 8: the daemon is stopped (SIGSTOP) first and killed only
+    // once the guest has been blocked on its next write for 2 s, so that a request is surely
+    // in flight (QEMU must resubmit it after reconnecting); restarted at once. After record 20:
+    // killed, restarted after 1.5 s (QEMU retries meanwhile). After record 32: killed,
+    // restarted at once.
+    let mut flushed_before_kill = Vec::new();
+    for (after_gen, stop_first, down_ms) in [(8u64, true, 0u64), (20, false, 1500), (32, false, 0)]
+    {
+        guest.wait_for_line(
+            &format!("SNAPBLK-REC: gen={after_gen} "),
+            Duration::from_secs(180),
+        );
+        if stop_first {
+            daemon.signal(libc::SIGSTOP);
+            let n = records_in(&guest.log_text()).len();
+            std::thread::sleep(Duration::from_secs(2));
+            let m = records_in(&guest.log_text()).len();
+            // Every record needs the daemon (O_DIRECT write, FLUSH): the guest is blocked
+            // with its next request in flight.
+            assert_eq!(
+                m, n,
+                "the guest completed records while the daemon was stopped"
+            );
+        }
+        let killed = daemon.signal_and_wait(libc::SIGKILL);
+        let flushed = records_in(&guest.log_text()).len() as u64;
+        assert!(killed.signal() == Some(libc::SIGKILL), "{killed}");
+        eprintln!(
+            "snapblk SIGKILLed{} after {flushed} flushed records; down for {down_ms} ms",
+            if stop_first {
+                " (stopped for 2 s first)"
+            } else {
+                ""
+            }
+        );
+        flushed_before_kill.push(flushed);
+        std::thread::sleep(Duration::from_millis(down_ms));
+        daemon = daemon.restart();
+    }
     let run = guest.wait();
     let log = fs::read_to_string(env.p("guest.log")).unwrap_or_default();
     assert!(
@@ -530,6 +572,16 @@ fn guest_survives_daemon_sigkill_and_restart() {
         daemon.log_text()
     );
     assert_eq!(run.field("written"), st.records.to_string());
+    // What QEMU and the guest said about the crashes (for the test's output).
+    let notes: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.starts_with("SNAPBLK-REC: ") && !l.starts_with("SNAPBLK-INFO: "))
+        .collect();
+    eprintln!(
+        "--- console (records left out) ---\n{}\n--- snapblk log ---\n{}",
+        notes.join("\n").replace('\r', ""),
+        daemon.log_text()
+    );
     let seen = records_in(&log);
     assert_eq!(
         seen,
@@ -537,11 +589,17 @@ fn guest_survives_daemon_sigkill_and_restart() {
         "every record announced once, in order"
     );
     assert!(
-        flushed_before_kill < st.records,
-        "the kill happened mid-stream"
+        flushed_before_kill.iter().all(|&f| f < st.records),
+        "the kills happened mid-stream: {flushed_before_kill:?}"
+    );
+    // QEMU reconnected after every restart (and nothing else connected).
+    let daemon_log = fs::read_to_string(&daemon.log).unwrap_or_default();
+    assert_eq!(
+        daemon_log.matches("origin: frontend connected").count(),
+        4,
+        "QEMU connects once and reconnects after each of the 3 restarts:\n{daemon_log}"
     );
 
-    let mut daemon = daemon;
     let status = daemon.signal_and_wait(libc::SIGTERM);
     assert!(status.success(), "snapblk exit after SIGTERM: {status}");
     let file = fs::read(env.img()).unwrap();
@@ -551,12 +609,8 @@ fn guest_survives_daemon_sigkill_and_restart() {
         let want = pattern_sector(st.base + g as u32, g * st.rec_sectors());
         assert!(
             file[at..at + SECTOR] == want,
-            "record gen={g} ({}) is not in the image: {:?}",
-            if g < flushed_before_kill {
-                "flushed before the kill"
-            } else {
-                "written after the restart"
-            },
+            "record gen={g} (flushed before the kills after {flushed_before_kill:?} records) \
+             is not in the image: {:?}",
             support::guest::preview(&file[at..])
         );
     }
@@ -570,8 +624,45 @@ fn guest_survives_daemon_sigkill_and_restart() {
 
 // ------------------------------------------------------------------ user recipe
 
+/// Runs qemu/boot-snapshot-vms.sh with `extra` options, N VMs running the `info` guest test;
+/// returns its stdout + stderr after asserting it succeeded with N PASSes.
+fn boot_snapshot_vms(env: &Env, n: usize, extra: &[&str]) -> String {
+    let started = Instant::now();
+    let out = Command::new("bash")
+        .arg(support::guest::repo().join("qemu/boot-snapshot-vms.sh"))
+        .args(["--snapblk", env!("CARGO_BIN_EXE_snapblk")])
+        .args(["--dir", env.p("recipe").to_str().unwrap()])
+        .args(extra)
+        .arg(n.to_string())
+        .arg(env.img())
+        .args(["--", "--no-prepare", "--", "info"])
+        .output()
+        .expect("run qemu/boot-snapshot-vms.sh");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "boot-snapshot-vms.sh {n} took {:.1} s:\n{text}",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(out.status.success(), "boot-snapshot-vms.sh failed:\n{text}");
+    let passes = text
+        .lines()
+        .filter(|l| l.starts_with("SNAPBLK-RESULT: PASS info disks=vda"))
+        .count();
+    assert_eq!(passes, n, "{n} VMs booted and passed:\n{text}");
+    assert_eq!(
+        text.matches("deleted snapshot").count(),
+        n,
+        "every snapshot deleted:\n{text}"
+    );
+    text
+}
+
 /// qemu/boot-snapshot-vms.sh boots N VMs on N fresh writable snapshots of an image and
-/// deletes the snapshots afterwards.
+/// deletes the snapshots afterwards: once starting its own daemon, once using a running one.
 #[test]
 fn boot_snapshot_vms_recipe() {
     if skip_guest("boot_snapshot_vms_recipe") {
@@ -582,26 +673,26 @@ fn boot_snapshot_vms_recipe() {
     let mut golden = vec![0u8; (IMG_MIB * MIB) as usize];
     GOLDEN.write_into(&mut golden);
     let env = Env::new(&golden);
-    let out = Command::new("bash")
-        .arg(support::guest::repo().join("qemu/boot-snapshot-vms.sh"))
-        .args(["--snapblk", env!("CARGO_BIN_EXE_snapblk")])
-        .args(["--dir", env.p("recipe").to_str().unwrap()])
-        .arg("2")
-        .arg(env.img())
-        .args(["--", "--no-prepare", "--", "info"])
-        .output()
-        .expect("run qemu/boot-snapshot-vms.sh");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "boot-snapshot-vms.sh failed:\n{text}");
-    let passes = text
-        .lines()
-        .filter(|l| l.starts_with("SNAPBLK-RESULT: PASS info"))
-        .count();
-    assert_eq!(passes, 2, "two VMs booted and passed:\n{text}");
+
+    // No daemon running: the script starts one on the image and stops it at the end.
+    let text = boot_snapshot_vms(&env, 2, &["--control", env.ctl().to_str().unwrap()]);
+    assert!(text.contains("starting snapblk"), "{text}");
+    assert!(text.contains("stopped snapblk"), "{text}");
+    assert!(!env.ctl().exists(), "the script's daemon is gone");
+
+    // Devices persist across restarts: a daemon on the same image shows that the snapshots
+    // were deleted. With it running, the script uses it and leaves it running.
+    let daemon = env.serve();
+    assert_eq!(env.list().len(), 1, "only the origin is left");
+    let baseline = env.blocks_used();
+    let text = boot_snapshot_vms(&env, 1, &["--control", env.ctl().to_str().unwrap()]);
+    assert!(text.contains("using the snapblk daemon"), "{text}");
+    let list = env.list();
+    assert_eq!(list.len(), 1, "only the origin is left: {list:?}");
+    assert_eq!(env.blocks_used(), baseline);
+    let mut daemon = daemon;
+    let st = daemon.signal_and_wait(libc::SIGTERM);
+    assert!(st.success(), "snapblk exit after SIGTERM: {st}");
     assert!(
         fs::read(env.img()).unwrap() == golden,
         "the image file changed"

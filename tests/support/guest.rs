@@ -537,6 +537,13 @@ impl Serve {
         tail(&fs::read_to_string(&self.log).unwrap_or_default(), 60)
     }
 
+    /// Sends `sig` without waiting for anything.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        let rc = unsafe { libc::kill(self.pid() as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "kill({sig}): {}", std::io::Error::last_os_error());
+    }
+
     /// Sends `sig` and waits (up to 30 s) for the exit.
     pub fn signal_and_wait(&mut self, sig: i32) -> ExitStatus {
         let mut child = self.child.take().expect("daemon running");
