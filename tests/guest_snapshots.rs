@@ -286,6 +286,7 @@ fn three_vms_on_snapshots_of_one_golden_image() {
     // Deleting each snapshot frees its blocks; at the end only the origin is left.
     let mut before = used;
     for (i, n) in names.iter().enumerate() {
+        env.wait_disconnected(n);
         env.ok(&["snapshot", "delete", n]);
         let after = env.blocks_used();
         assert!(
@@ -537,6 +538,8 @@ fn guest_survives_daemon_sigkill_and_restart() {
         );
         if stop_first {
             daemon.signal(libc::SIGSTOP);
+            // A record completed just before the stop reaches the console log within 1 s.
+            std::thread::sleep(Duration::from_secs(1));
             let n = records_in(&guest.log_text()).len();
             std::thread::sleep(Duration::from_secs(2));
             let m = records_in(&guest.log_text()).len();
