@@ -450,6 +450,15 @@ fn snapshot_of_a_live_disk_mid_stream() {
         "every record announced once, in order"
     );
 
+    // Each record was followed by a FLUSH that reached the daemon.
+    let stats: Value = serde_json::from_str(&env.ok(&["stats", "--json"])).unwrap();
+    let flushes = stats["devices"]["origin"]["flushes"].as_u64().unwrap_or(0);
+    assert!(
+        flushes >= st.records,
+        "the origin saw {flushes} flushes for {} records: {stats}",
+        st.records
+    );
+
     // The snapshot: the initial image with exactly generations 0..snap_at.
     let mut at_snap = initial.clone();
     st.apply(&mut at_snap, st.snap_at);
