@@ -1,6 +1,8 @@
 //! Shared pieces of the integration tests: the daemon as a subprocess, and a libblkio client.
 #![allow(dead_code)]
 
+pub mod guest;
+
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::mem::MaybeUninit;
