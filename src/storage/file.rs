@@ -46,6 +46,74 @@ impl FileStorage {
         self.file.as_raw_fd()
     }
 
+    /// preadv/pwritev of all the bytes in `iov` (`count` entries), retrying short transfers.
+    ///
+    /// # Safety
+    /// Every iovec must point into memory valid for the transfer (writable for reads) for the
+    /// duration of the call.
+    unsafe fn vectored_at(
+        &self,
+        iov: impl Iterator<Item = libc::iovec>,
+        count: usize,
+        offset: u64,
+        dir: Direction,
+    ) -> io::Result<()> {
+        if count > MAX_IOV {
+            return Err(einval());
+        }
+        // Small requests keep their iovecs on the stack; we copy them to advance on short I/O.
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        let mut stack = [empty; 32];
+        let mut heap;
+        let iovs: &mut [libc::iovec] = if count <= stack.len() {
+            &mut stack[..count]
+        } else {
+            heap = vec![empty; count];
+            &mut heap
+        };
+        for (dst, src) in iovs.iter_mut().zip(iov) {
+            *dst = src;
+        }
+        let mut iovs = iovs;
+        let mut pos = offset;
+        while !iovs.is_empty() {
+            let off = libc::off_t::try_from(pos).map_err(|_| einval())?;
+            let (fd, ptr, n) = (
+                self.file.as_raw_fd(),
+                iovs.as_ptr(),
+                iovs.len() as libc::c_int,
+            );
+            // SAFETY: the iovecs are valid per this function's contract, and n <= IOV_MAX.
+            let done = unsafe {
+                match dir {
+                    Direction::Read => libc::preadv(fd, ptr, n, off),
+                    Direction::Write => libc::pwritev(fd, ptr, n, off),
+                }
+            };
+            if done < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(err);
+            }
+            if done == 0 {
+                return Err(match dir {
+                    Direction::Read => eof(),
+                    Direction::Write => {
+                        io::Error::new(io::ErrorKind::WriteZero, "pwritev wrote nothing")
+                    }
+                });
+            }
+            pos += done as u64;
+            iovs = advance(iovs, done as usize);
+        }
+        Ok(())
+    }
+
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
         let off = libc::off_t::try_from(offset).map_err(|_| einval())?;
         let len = libc::off_t::try_from(len).map_err(|_| einval())?;
@@ -89,6 +157,12 @@ fn advance(iov: &mut [libc::iovec], mut n: usize) -> &mut [libc::iovec] {
 
 const MAX_IOV: usize = 1024; // IOV_MAX on Linux
 
+#[derive(Clone, Copy)]
+enum Direction {
+    Read,
+    Write,
+}
+
 impl Storage for FileStorage {
     fn size(&self) -> u64 {
         self.size.load(Ordering::Relaxed)
@@ -106,119 +180,25 @@ impl Storage for FileStorage {
     }
 
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
-        if bufs.len() > MAX_IOV {
-            return Err(einval());
-        }
-        // IoSliceMut is ABI-compatible with struct iovec on Unix (documented guarantee),
-        // so the slice can be handed to preadv as-is; we copy it to advance on short reads.
-        let mut iov = [libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        }; 32];
-        let mut heap;
-        let iov: &mut [libc::iovec] = if bufs.len() <= iov.len() {
-            &mut iov[..bufs.len()]
-        } else {
-            heap = vec![
-                libc::iovec {
-                    iov_base: std::ptr::null_mut(),
-                    iov_len: 0
-                };
-                bufs.len()
-            ];
-            &mut heap
-        };
-        for (dst, src) in iov.iter_mut().zip(bufs.iter_mut()) {
-            dst.iov_base = src.as_mut_ptr() as *mut libc::c_void;
-            dst.iov_len = src.len();
-        }
-        let mut iov = iov;
-        let mut pos = offset;
-        while !iov.is_empty() {
-            let off = libc::off_t::try_from(pos).map_err(|_| einval())?;
-            // SAFETY: every iovec points into a live `&mut [u8]` borrowed from `bufs` for the
-            // duration of this call, and `iov.len()` is at most IOV_MAX.
-            let n = unsafe {
-                libc::preadv(
-                    self.file.as_raw_fd(),
-                    iov.as_ptr(),
-                    iov.len() as libc::c_int,
-                    off,
-                )
-            };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(err);
-            }
-            if n == 0 {
-                return Err(eof());
-            }
-            pos += n as u64;
-            iov = advance(iov, n as usize);
-        }
-        Ok(())
+        let count = bufs.len();
+        let iov = bufs.iter_mut().map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        });
+        // SAFETY: every iovec points into a live `&mut [u8]` borrowed from `bufs` for the
+        // duration of the call.
+        unsafe { self.vectored_at(iov, count, offset, Direction::Read) }
     }
 
     fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
-        if bufs.len() > MAX_IOV {
-            return Err(einval());
-        }
-        let mut iov = [libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        }; 32];
-        let mut heap;
-        let iov: &mut [libc::iovec] = if bufs.len() <= iov.len() {
-            &mut iov[..bufs.len()]
-        } else {
-            heap = vec![
-                libc::iovec {
-                    iov_base: std::ptr::null_mut(),
-                    iov_len: 0
-                };
-                bufs.len()
-            ];
-            &mut heap
-        };
-        let mut total = 0u64;
-        for (dst, src) in iov.iter_mut().zip(bufs.iter()) {
-            dst.iov_base = src.as_ptr() as *mut libc::c_void;
-            dst.iov_len = src.len();
-            total += src.len() as u64;
-        }
-        let mut iov = iov;
-        let mut pos = offset;
-        while !iov.is_empty() {
-            let off = libc::off_t::try_from(pos).map_err(|_| einval())?;
-            // SAFETY: every iovec points into a live `&[u8]` borrowed from `bufs` for the
-            // duration of this call; pwritev only reads from them.
-            let n = unsafe {
-                libc::pwritev(
-                    self.file.as_raw_fd(),
-                    iov.as_ptr(),
-                    iov.len() as libc::c_int,
-                    off,
-                )
-            };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(err);
-            }
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "pwritev wrote nothing",
-                ));
-            }
-            pos += n as u64;
-            iov = advance(iov, n as usize);
-        }
+        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        let iov = bufs.iter().map(|b| libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        });
+        // SAFETY: every iovec points into a live `&[u8]` borrowed from `bufs` for the duration
+        // of the call; pwritev only reads through them.
+        unsafe { self.vectored_at(iov, bufs.len(), offset, Direction::Write)? };
         self.size.fetch_max(offset + total, Ordering::Relaxed);
         Ok(())
     }
