@@ -112,6 +112,8 @@ pub struct ServeDefaults {
     pub origin_read_only: bool,
     /// Serial of the origin.
     pub origin_serial: String,
+    /// Ring polling after each batch (see `ServeOptions::poll`).
+    pub poll: std::time::Duration,
 }
 
 struct Served {
@@ -233,6 +235,7 @@ impl Daemon {
             serial,
             logical_block_size: self.defaults.logical_block_size,
             read_only,
+            poll: self.defaults.poll,
         };
         let device = self.adapter(reg, id);
         let server = DeviceServer::start(&name, socket, self.defaults.socket_mode, device, opts)?;

@@ -146,3 +146,20 @@ fn check_by_path() {
     assert!(r.is_clean(), "{r}");
     assert!(check_cache_path(&dir.path().join("missing")).is_err());
 }
+
+#[test]
+fn damage_in_the_middle_of_the_journal_is_caught() {
+    let cache = build(1 << 20, 6);
+    let before = check_cache(cache.as_ref());
+    assert!(before.is_clean(), "{before}");
+    assert!(before.journal_transactions >= 3);
+    // Flip a byte in the payload of the first transaction after the checkpoint.
+    let h = header(&cache);
+    let at = JOURNAL_OFFSET + h.journal_start + 40;
+    let mut b = [0u8; 1];
+    cache.read_at(&mut b, at).unwrap();
+    cache.write_at(&[b[0] ^ 0x01], at).unwrap();
+    let r = check_cache(cache.as_ref());
+    assert!(!r.is_clean(), "{r}");
+    assert!(r.to_string().contains("journal damaged"), "{r}");
+}

@@ -204,6 +204,15 @@ fn sector_token(s: &[u8]) -> u64 {
     u64::from_le_bytes(w)
 }
 
+/// Stops every thread when any one exits, panicking or not, so a failure cannot hang the test.
+struct StopOnExit<'a>(&'a AtomicBool);
+
+impl Drop for StopOnExit<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 struct Registered {
     image: Vec<u8>,
 }
@@ -247,6 +256,7 @@ fn stress_concurrent_writers_readers_and_snapshots() {
         for w in 0..nwriters {
             let (eng, started, stop) = (&eng, &started, &stop);
             s.spawn(move || {
+                let _guard = StopOnExit(stop);
                 let mut rng = fastrand::Rng::with_seed(w);
                 let mut seq = 0u64;
                 while !stop.load(Ordering::Relaxed) {
@@ -283,6 +293,7 @@ fn stress_concurrent_writers_readers_and_snapshots() {
         {
             let (eng, started, registry, stop) = (&eng, &started, &registry, &stop);
             s.spawn(move || {
+                let _guard = StopOnExit(stop);
                 let mut rng = fastrand::Rng::with_seed(99);
                 let mut n = 0;
                 let mut buf = vec![0u8; size as usize];
@@ -361,6 +372,7 @@ fn stress_concurrent_writers_readers_and_snapshots() {
         for r in 0..2u64 {
             let (eng, registry, stop, checks) = (&eng, &registry, &stop, &checks);
             s.spawn(move || {
+                let _guard = StopOnExit(stop);
                 let mut rng = fastrand::Rng::with_seed(1000 + r);
                 let mut buf = vec![0u8; size as usize];
                 while !stop.load(Ordering::Relaxed) {
@@ -398,6 +410,7 @@ fn stress_concurrent_writers_readers_and_snapshots() {
         {
             let (eng, stop) = (&eng, &stop);
             s.spawn(move || {
+                let _guard = StopOnExit(stop);
                 let w = eng.create_snapshot(DeviceId::ORIGIN, "rw", true).unwrap();
                 let mut model = vec![0u8; size as usize];
                 eng.read(w, 0, &mut model).unwrap();

@@ -2,7 +2,9 @@
 //!
 //! Every failure message carries the seed; rerun one case with `COW_SEED=<seed>`.
 
-use snapblk::cow::{check_cache, CacheObject, CowError, CreateOptions, DeviceId, OpenOptions};
+use snapblk::cow::{
+    check_cache, CacheObject, CowError, CreateOptions, DeviceId, DeviceState, OpenOptions,
+};
 use snapblk::storage::mem::{CrashController, MemStorage};
 use snapblk::storage::Storage;
 use std::collections::BTreeMap;
@@ -14,7 +16,14 @@ const SECTOR: usize = 512;
 fn seeds(default_count: u64, salt: u64) -> Vec<u64> {
     match std::env::var("COW_SEED").ok().and_then(|s| s.parse().ok()) {
         Some(s) => vec![s],
-        None => (0..default_count).map(|i| i * 7919 + salt).collect(),
+        None => {
+            // COW_CASES raises the number of cases for a longer hunt.
+            let n = std::env::var("COW_CASES")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(default_count);
+            (0..n).map(|i| i * 7919 + salt).collect()
+        }
     }
 }
 
@@ -189,7 +198,7 @@ fn run_model_case(seed: u64, steps: usize) {
 
 #[test]
 fn model_randomized_sequences() {
-    for seed in seeds(1500, 1) {
+    for seed in seeds(2500, 1) {
         run_model_case(seed, 24);
     }
 }
@@ -226,6 +235,8 @@ fn sector_token(s: &[u8]) -> Option<u64> {
 #[derive(Clone)]
 struct CrashDev {
     writable: bool,
+    /// The engine reported it inoperative: its content is no longer checked.
+    dead: bool,
     /// Current value per sector.
     cur: Vec<u64>,
     /// Values each sector may show after a crash.
@@ -247,6 +258,34 @@ impl CrashDev {
     }
 }
 
+/// A snapshot write that failed for lack of space may have written the chunks before the one
+/// that found none: read back which sectors changed, and allow both values at a crash.
+fn partial_failure(
+    eng: &CacheObject,
+    seed: u64,
+    dev: u64,
+    first: usize,
+    tokens: &[u64],
+    model: &mut BTreeMap<u64, CrashDev>,
+) {
+    let mut buf = vec![0u8; tokens.len() * SECTOR];
+    eng.read(DeviceId(dev), (first * SECTOR) as u64, &mut buf)
+        .unwrap();
+    let m = model.get_mut(&dev).unwrap();
+    for (k, x) in buf.chunks(SECTOR).enumerate() {
+        let t = sector_token(x).unwrap();
+        assert!(
+            t == m.cur[first + k] || t == tokens[k],
+            "seed {seed}: failed write left sector {} of device {dev} with {t}",
+            first + k
+        );
+        m.cands[first + k].push(tokens[k]);
+        m.cur[first + k] = t;
+    }
+}
+
+static INOPERATIVE_SEEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 fn run_crash_case(seed: u64) {
     let mut rng = fastrand::Rng::with_seed(seed);
     let size = 16 * CHUNK;
@@ -259,9 +298,17 @@ fn run_crash_case(seed: u64) {
     }
     let origin = ctl.store(init);
     let cache = ctl.store(Vec::new());
+    // One case in four runs with a cache that fills up: snapshots become inoperative and
+    // snapshot writes fail for lack of space, with crashes around those moments too.
+    let tight = rng.u8(0..4) == 0;
+    let data_offset = (8192u64 + (16 << 10)).div_ceil(CHUNK) * CHUNK;
     let opts = CreateOptions {
         chunk_size: CHUNK,
-        max_size: 1 << 30,
+        max_size: if tight {
+            data_offset + rng.u64(8..40) * CHUNK
+        } else {
+            1 << 30
+        },
         journal_size: 16 << 10,
         ..Default::default()
     };
@@ -271,6 +318,7 @@ fn run_crash_case(seed: u64) {
         0,
         CrashDev {
             writable: true,
+            dead: false,
             cur: init_tokens.clone(),
             cands: init_tokens.iter().map(|&t| vec![t]).collect(),
         },
@@ -280,14 +328,28 @@ fn run_crash_case(seed: u64) {
     // A create whose completion is unknown: (expected id, possible content per sector).
     let mut maybe_created: Option<(u64, Vec<Vec<u64>>)> = None;
     let mut maybe_deleted: Option<u64> = None;
+    let mut max_id = 0u64;
     let mut log = Vec::new();
     for _step in 0..60 {
         if ctl.crashed() {
             break;
         }
+        for d in eng.devices() {
+            if d.state == DeviceState::Inoperative {
+                if let Some(m) = model.get_mut(&d.id) {
+                    if !m.dead {
+                        INOPERATIVE_SEEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    m.dead = true;
+                }
+            }
+        }
         let ids: Vec<u64> = model.keys().copied().collect();
         let dev = ids[rng.usize(0..ids.len())];
-        let op = rng.u8(0..100);
+        let mut op = rng.u8(0..100);
+        if model[&dev].dead && op < 75 {
+            op = 99; // only delete (or flush) a dead device
+        }
         match op {
             0..=54 if model[&dev].writable => {
                 let first = rng.usize(0..nsect);
@@ -303,26 +365,38 @@ fn run_crash_case(seed: u64) {
                     data.extend_from_slice(&sector_bytes(t));
                 }
                 log.push(format!("write dev {dev} sectors {first}+{n}"));
-                eng.write(DeviceId(dev), (first * SECTOR) as u64, &data)
-                    .unwrap();
-                model.get_mut(&dev).unwrap().write(first, &tokens);
+                match eng.write(DeviceId(dev), (first * SECTOR) as u64, &data) {
+                    Ok(()) => model.get_mut(&dev).unwrap().write(first, &tokens),
+                    Err(CowError::NoSpace) if dev != 0 => {
+                        partial_failure(&eng, seed, dev, first, &tokens, &mut model)
+                    }
+                    Err(CowError::Inoperative(_)) if dev != 0 => {}
+                    Err(e) => panic!("seed {seed}: write: {e}"),
+                }
             }
             55..=62 if model[&dev].writable => {
                 let first = rng.usize(0..nsect);
                 let n = rng.usize(1..=(nsect - first).min(24));
                 log.push(format!("zero dev {dev} sectors {first}+{n}"));
-                if rng.bool() {
+                let r = if rng.bool() {
                     eng.discard(DeviceId(dev), (first * SECTOR) as u64, (n * SECTOR) as u64)
                 } else {
                     eng.write_zeroes(DeviceId(dev), (first * SECTOR) as u64, (n * SECTOR) as u64)
+                };
+                match r {
+                    Ok(()) => model.get_mut(&dev).unwrap().write(first, &vec![0; n]),
+                    Err(CowError::NoSpace) if dev != 0 => {
+                        partial_failure(&eng, seed, dev, first, &vec![0; n], &mut model)
+                    }
+                    Err(CowError::Inoperative(_)) if dev != 0 => {}
+                    Err(e) => panic!("seed {seed}: zero: {e}"),
                 }
-                .unwrap();
-                model.get_mut(&dev).unwrap().write(first, &vec![0; n]);
             }
             63..=74 if model.len() < 6 => {
                 let writable = rng.u8(0..3) != 0;
                 let parent_cands = model[&dev].cands.clone();
-                let expected_id = eng.devices().iter().map(|d| d.id).max().unwrap() + 1;
+                // Ids are never reused: the next one follows the last one handed out.
+                let expected_id = max_id + 1;
                 log.push(format!("create snapshot of {dev}"));
                 let res = eng.create_snapshot(DeviceId(dev), &format!("s{next_token}"), writable);
                 next_token += 1;
@@ -330,16 +404,20 @@ fn run_crash_case(seed: u64) {
                     maybe_created = Some((expected_id, parent_cands));
                     break;
                 }
-                let id = res.unwrap();
+                let id = match res {
+                    Ok(id) => id,
+                    Err(CowError::Inoperative(_)) => continue,
+                    Err(e) => panic!("seed {seed}: create: {e}"),
+                };
+                max_id = id.0;
+                // Create does not flush: the snapshot may lose exactly what its parent may.
                 let cur = model[&dev].cur.clone();
-                for m in model.values_mut() {
-                    m.flushed();
-                }
-                let cands = cur.iter().map(|&t| vec![t]).collect();
+                let cands = parent_cands;
                 model.insert(
                     id.0,
                     CrashDev {
                         writable,
+                        dead: false,
                         cur,
                         cands,
                     },
@@ -356,10 +434,30 @@ fn run_crash_case(seed: u64) {
             }
             82..=85 if dev != 0 => {
                 log.push(format!("restore origin from {dev}"));
-                eng.restore(DeviceId(dev)).unwrap();
+                let r = eng.restore(DeviceId(dev));
                 let src = model[&dev].cur.clone();
-                let o = model.get_mut(&0).unwrap();
-                o.write(0, &src);
+                match r {
+                    Ok(()) => model.get_mut(&0).unwrap().write(0, &src),
+                    // The source can become inoperative while the restore writes the origin:
+                    // each chunk is then old or restored; read back which.
+                    Err(CowError::Inoperative(_)) => {
+                        let mut buf = vec![0u8; size as usize];
+                        eng.read(DeviceId::ORIGIN, 0, &mut buf).unwrap();
+                        let o = model.get_mut(&0).unwrap();
+                        let now: Vec<u64> = buf
+                            .chunks(SECTOR)
+                            .map(|x| sector_token(x).unwrap())
+                            .collect();
+                        for (i, &t) in now.iter().enumerate() {
+                            assert!(t == o.cur[i] || t == src[i], "seed {seed}: partial restore");
+                        }
+                        // Possibly in flight at a crash: allow the restored values too.
+                        o.write(0, &src);
+                        o.write(0, &now);
+                        continue;
+                    }
+                    Err(e) => panic!("seed {seed}: restore: {e}"),
+                }
                 if !ctl.crashed() {
                     for m in model.values_mut() {
                         m.flushed();
@@ -403,6 +501,7 @@ fn run_crash_case(seed: u64) {
                 id,
                 CrashDev {
                     writable,
+                    dead: false,
                     cur,
                     cands,
                 },
@@ -433,6 +532,14 @@ fn run_crash_case(seed: u64) {
             }
         }
     };
+    // Inoperative devices fail reads: their content is gone by design. Active ones, even
+    // ones seen inoperative before the crash (if that record was not durable, the write that
+    // needed it had not happened), must show valid content.
+    for d in eng.devices() {
+        if d.state == DeviceState::Inoperative {
+            model.remove(&d.id);
+        }
+    }
     verify(&eng, &model, "after recovery");
     // The recovered allocator must not hand out a block still in use: write everywhere
     // writable, then every other device must be unchanged.
@@ -449,6 +556,7 @@ fn run_crash_case(seed: u64) {
             id,
             CrashDev {
                 writable: model[&id].writable,
+                dead: false,
                 cur,
                 cands,
             },
@@ -462,10 +570,32 @@ fn run_crash_case(seed: u64) {
             for &t in &tokens {
                 data.extend_from_slice(&sector_bytes(t));
             }
-            eng.write(DeviceId(id), (first * SECTOR) as u64, &data)
-                .unwrap();
-            m.write(first, &tokens);
-            m.flushed();
+            match eng.write(DeviceId(id), (first * SECTOR) as u64, &data) {
+                Ok(()) => {
+                    m.write(first, &tokens);
+                    m.flushed();
+                }
+                Err(CowError::NoSpace) if id != 0 => {
+                    // Chunks before the one that found no space were written.
+                    let mut buf = vec![0u8; 8 * SECTOR];
+                    eng.read(DeviceId(id), (first * SECTOR) as u64, &mut buf)
+                        .unwrap();
+                    for (k, x) in buf.chunks(SECTOR).enumerate() {
+                        let t = sector_token(x).unwrap();
+                        assert!(t == m.cur[first + k] || t == tokens[k], "{ctx}");
+                        m.cur[first + k] = t;
+                    }
+                    m.flushed();
+                }
+                Err(CowError::Inoperative(_)) if id != 0 => {}
+                Err(e) => panic!("{ctx}: write after recovery: {e}"),
+            }
+        }
+    }
+    // Origin writes above may have made snapshots inoperative (a tight cache).
+    for d in eng.devices() {
+        if d.state == DeviceState::Inoperative {
+            after.remove(&d.id);
         }
     }
     verify(&eng, &after, "after writes following recovery");
@@ -474,9 +604,17 @@ fn run_crash_case(seed: u64) {
 #[test]
 fn crash_injection() {
     let mut crashes = 0;
-    for seed in seeds(1200, 3) {
+    for seed in seeds(2500, 3) {
         run_crash_case(seed);
         crashes += 1;
     }
-    assert!(crashes >= 1000 || std::env::var("COW_SEED").is_ok());
+    let inoperative = INOPERATIVE_SEEN.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("crash cases: {crashes}, snapshots made inoperative by a full cache: {inoperative}");
+    if std::env::var("COW_SEED").is_err() {
+        assert!(crashes >= 1000);
+        assert!(
+            inoperative > 0,
+            "the tight-cache cases must exercise the full-cache path"
+        );
+    }
 }

@@ -17,6 +17,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 use thiserror::Error;
 
 const DEFAULT_DIR: &str = "snapblk-data";
@@ -158,6 +159,11 @@ pub struct ServeArgs {
     /// Warn (log, stats) when free cache space falls below this (default: 10% of the limit).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub low_space: Option<u64>,
+
+    /// Microseconds a queue worker keeps polling its ring after a batch before sleeping
+    /// until the next kick: lower latency at low queue depth for some CPU (0 disables).
+    #[arg(long, value_name = "US", default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub poll_us: u32,
 
     /// Serve the raw origin alone: no cache object, no snapshots, no control socket.
     #[arg(long)]
@@ -351,6 +357,7 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
         logical_block_size: args.logical_block_size,
         socket_mode: args.socket_mode,
         origin_read_only: args.read_only,
+        poll: Duration::from_micros(args.poll_us.into()),
         origin_serial: args.serial.clone(),
     };
     let daemon = Daemon::new(engine.clone(), defaults);
@@ -446,6 +453,7 @@ fn serve_raw(args: &ServeArgs, signals: &mut Signals) -> Result<(), CliError> {
         serial: args.serial.clone(),
         logical_block_size: args.logical_block_size,
         read_only: args.read_only,
+        poll: Duration::from_micros(args.poll_us.into()),
     };
     let dev: Arc<dyn BlockDevice> = device.clone();
     let server = DeviceServer::start("origin", &args.socket, args.socket_mode, dev, opts)?;

@@ -6,7 +6,7 @@
 //! used), every block shared only at one chunk index, the device tree well-formed. It reads
 //! no data blocks, so its time is bounded by the metadata, not the data.
 
-use super::engine::{read_checkpoint, read_header, recover};
+use super::engine::{journal_damage, read_checkpoint, read_header, recover};
 use super::format::{entry_to_block, Header, HEADER_SLOT_SIZE};
 use super::meta::{Meta, META_REF, NO_PARENT, ORIGIN_ID};
 use crate::storage::{FileStorage, Storage};
@@ -128,6 +128,9 @@ pub fn check_cache(cache: &dyn Storage) -> CheckReport {
         }
     };
     r.journal_transactions = rec.txns;
+    if let Some(p) = journal_damage(cache, &h, rec.next_seq, rec.pos) {
+        r.problems.push(p);
+    }
     r.journal_bytes = rec.used;
     r.checkpoint_blocks = rec.ckpt_blocks.len() as u64;
     check_meta(&rec.meta, &h, cache.size(), &rec.ckpt_blocks, &mut r);

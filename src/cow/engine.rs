@@ -25,6 +25,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 
 const STRIPES: usize = 1024;
 const CHUNK_EPOCH_SLOTS: usize = 1 << 16;
+/// Multi-chunk origin writes up to this many chunks lock their stripes without allocating.
+const SMALL_BATCH: usize = 16;
 const SECTOR: u64 = 512;
 
 /// Options for [`CacheObject::create`].
@@ -255,9 +257,9 @@ impl CacheObject {
             )));
         }
         let origin_size = origin.size();
-        if origin_size == 0 || !origin_size.is_multiple_of(SECTOR) {
+        if origin_size == 0 || !origin_size.is_multiple_of(SECTOR) || origin_size > 1 << 56 {
             return Err(CowError::InvalidOption(format!(
-                "origin size {origin_size} must be a non-zero multiple of 512"
+                "origin size {origin_size} must be a non-zero multiple of 512, at most 2^56"
             )));
         }
         let js = opts.journal_size.div_ceil(TXN_ALIGN) * TXN_ALIGN;
@@ -330,6 +332,11 @@ impl CacheObject {
             header.max_size = header.max_size.max(m);
         }
         let recovered = recover(cache.as_ref(), &header)?;
+        // Refuse rather than silently drop durable transactions after a damaged one.
+        if let Some(p) = journal_damage(cache.as_ref(), &header, recovered.next_seq, recovered.pos)
+        {
+            return Err(CowError::Corrupt(p));
+        }
         let cs = header.chunk_size;
         let max_blocks = (header.max_size - header.data_offset) / cs;
         let threshold = match opts.low_space_threshold {
@@ -512,6 +519,39 @@ pub(crate) fn recover(cache: &dyn Storage, h: &Header) -> Result<Recovered> {
     })
 }
 
+/// Replay stops at the first transaction that is missing or fails its checksum; after a crash
+/// that is the torn last one. A valid transaction with a later sequence number anywhere in the
+/// journal means the replay stopped early: the journal is damaged in the middle.
+pub(crate) fn journal_damage(
+    cache: &dyn Storage,
+    h: &Header,
+    next_seq: u64,
+    end: u64,
+) -> Option<String> {
+    let mut buf = vec![0u8; h.journal_size as usize];
+    if cache.read_at(&mut buf, JOURNAL_OFFSET).is_err() {
+        return Some("journal area unreadable".into());
+    }
+    let mut pos = 0usize;
+    while pos + TXN_HEADER <= buf.len() {
+        if let Some(th) = parse_txn_header(&buf[pos..]) {
+            let len = txn_len(th.payload_len) as usize;
+            // seq == next_seq + 1 is left alone: a crash can keep the transaction that
+            // follows a journal wrap and lose the wrap marker written just before it.
+            let later = th.seq > next_seq + 1 || (th.seq == next_seq && pos as u64 != end);
+            if later && pos + len <= buf.len() && verify_txn(&th, &buf[pos..pos + len]) {
+                return Some(format!(
+                    "journal damaged: replay ended before sequence {next_seq} at offset {end}, \
+                     but a valid transaction {} sits at offset {pos}",
+                    th.seq
+                ));
+            }
+        }
+        pos += TXN_ALIGN as usize;
+    }
+    None
+}
+
 impl CacheObject {
     // ---- geometry -------------------------------------------------------------------------
 
@@ -616,6 +656,9 @@ impl CacheObject {
     /// Writes `buf` to device `dev` at `offset`.
     pub fn write(&self, dev: DeviceId, offset: u64, buf: &[u8]) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
+        if dev == DeviceId::ORIGIN && self.spans_chunks(offset, buf.len() as u64) {
+            return self.write_origin_batched(offset, buf.len() as u64, Src::Data(buf));
+        }
         self.for_each_chunk(offset, buf.len() as u64, |c, inoff, len, done| {
             self.write_chunk(dev.0, c, inoff, len, Src::Data(&buf[done..done + len]))
         })
@@ -624,6 +667,9 @@ impl CacheObject {
     /// Makes `[offset, offset+len)` of `dev` read as zeros.
     pub fn write_zeroes(&self, dev: DeviceId, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)?;
+        if dev == DeviceId::ORIGIN && self.spans_chunks(offset, len) {
+            return self.write_origin_batched(offset, len, Src::Zeroes);
+        }
         self.for_each_chunk(offset, len, |c, inoff, n, _| {
             self.write_chunk(dev.0, c, inoff, n, Src::Zeroes)
         })
@@ -633,9 +679,77 @@ impl CacheObject {
     /// release their blocks. Other devices keep their views.
     pub fn discard(&self, dev: DeviceId, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)?;
+        if dev == DeviceId::ORIGIN && self.spans_chunks(offset, len) {
+            return self.write_origin_batched(offset, len, Src::Discard);
+        }
         self.for_each_chunk(offset, len, |c, inoff, n, _| {
             self.write_chunk(dev.0, c, inoff, n, Src::Discard)
         })
+    }
+
+    fn spans_chunks(&self, offset: u64, len: u64) -> bool {
+        len > 0 && (offset >> self.chunk_shift) != ((offset + len - 1) >> self.chunk_shift)
+    }
+
+    /// An origin write over several chunks: all their copy-outs first, one commit for all,
+    /// then one origin write (instead of a commit per chunk). Stripe locks are taken in
+    /// ascending order, so two batched writers cannot deadlock.
+    fn write_origin_batched(&self, offset: u64, len: u64, src: Src<'_>) -> Result<()> {
+        let first = offset >> self.chunk_shift;
+        let last = (offset + len - 1) >> self.chunk_shift;
+        let n = (last - first + 1) as usize;
+        if n <= SMALL_BATCH {
+            // Common case (a guest segment spanning a few chunks): no allocation.
+            let mut idx = [0usize; SMALL_BATCH];
+            for (k, slot) in idx.iter_mut().enumerate().take(n) {
+                *slot = ((first as usize) + k) % STRIPES;
+            }
+            idx[..n].sort_unstable();
+            let mut guards: [Option<RwLockWriteGuard<'_, ()>>; SMALL_BATCH] = Default::default();
+            for k in 0..n {
+                if k == 0 || idx[k] != idx[k - 1] {
+                    guards[k] = Some(
+                        self.stripes[idx[k]]
+                            .write()
+                            .unwrap_or_else(PoisonError::into_inner),
+                    );
+                }
+            }
+            return self.write_origin_batched_locked(offset, len, src);
+        }
+        let mut stripes: Vec<usize> = (first..=last).map(|c| (c as usize) % STRIPES).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let _guards: Vec<_> = stripes
+            .iter()
+            .map(|&i| {
+                self.stripes[i]
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner)
+            })
+            .collect();
+        self.write_origin_batched_locked(offset, len, src)
+    }
+
+    fn write_origin_batched_locked(&self, offset: u64, len: u64, src: Src<'_>) -> Result<()> {
+        let mut wait = 0u64;
+        self.for_each_chunk(offset, len, |c, inoff, n, done| {
+            let piece = match src {
+                Src::Data(buf) => Src::Data(&buf[done..done + n]),
+                other => other,
+            };
+            self.write_chunk_locked_deferred(ORIGIN_ID, c, inoff, n, piece, Some(&mut wait))
+        })?;
+        if wait > self.durable_epoch.load(Ordering::Acquire) {
+            // Copies and mappings durable before the origin changes.
+            self.commit(wait, false)?;
+        }
+        match src {
+            Src::Data(buf) => self.origin.write_at(buf, offset)?,
+            Src::Zeroes => self.origin.write_zeroes(offset, len)?,
+            Src::Discard => self.origin.punch_hole(offset, len)?,
+        }
+        Ok(())
     }
 
     fn for_each_chunk(
@@ -667,20 +781,9 @@ impl CacheObject {
     /// Allocates a block for data, keeping back the room the next checkpoint needs.
     fn alloc_data(&self, st: &mut State) -> Option<u64> {
         let m = &st.meta;
-        let ndev = m.devices.iter().flatten().count() as u64;
-        let attr_bytes: u64 = m
-            .devices
-            .iter()
-            .flatten()
-            .map(|d| {
-                (d.name.len()
-                    + d.attrs
-                        .iter()
-                        .map(|(k, v)| k.len() + v.len() + 8)
-                        .sum::<usize>()) as u64
-            })
-            .sum();
-        let ckpt_bytes = 64 + ndev * 64 + attr_bytes + (m.total_entries + 64) * 16;
+        // An upper bound of the next checkpoint's size, O(1): per device slot 1 KiB for its
+        // record (names are at most 255 bytes; attributes are small), 16 bytes per entry.
+        let ckpt_bytes = 64 + m.devices.len() as u64 * 1024 + (m.total_entries + 64) * 16;
         let reserve = ckpt_bytes.div_ceil(self.chunk_size - CKPT_BLOCK_HEADER as u64) + 1;
         if m.free_blocks() <= reserve {
             return None;
@@ -758,6 +861,20 @@ impl CacheObject {
         len: usize,
         src: Src<'_>,
     ) -> Result<()> {
+        self.write_chunk_locked_deferred(dev, c, inoff, len, src, None)
+    }
+
+    /// With `defer_origin`, an origin write only prepares (step 1) and raises the epoch that
+    /// must be durable before the origin may change; the caller commits once and writes.
+    fn write_chunk_locked_deferred(
+        &self,
+        dev: u64,
+        c: u64,
+        inoff: usize,
+        len: usize,
+        src: Src<'_>,
+        mut defer_origin: Option<&mut u64>,
+    ) -> Result<()> {
         let clen = self.chunk_len(c);
         let full = inoff == 0 && len == clen;
         let mut retried_for_space = false;
@@ -819,6 +936,10 @@ impl CacheObject {
                 }
                 let shield = st.chunk_epochs[(c as usize) % CHUNK_EPOCH_SLOTS];
                 drop(st);
+                if let Some(wait) = defer_origin.as_deref_mut() {
+                    *wait = (*wait).max(shield).max(must_be_durable.unwrap_or(0));
+                    return Ok(());
+                }
                 if shield > self.durable_epoch.load(Ordering::Acquire) {
                     self.commit(shield, false)?;
                 }
@@ -942,6 +1063,14 @@ impl CacheObject {
         Ok(())
     }
 
+    /// FLUSH as a device sees it: every completed write of `dev` durable. Writes of one device
+    /// can depend on other devices' metadata (copy-outs, shared blocks), so this makes
+    /// everything durable; it fails only for a device that does not exist or is inoperative.
+    pub fn flush_device(&self, dev: DeviceId) -> Result<()> {
+        Self::check_dev(&self.read_state().meta, dev.0)?;
+        self.flush()
+    }
+
     // ---- group commit ---------------------------------------------------------------------
 
     /// Makes every record up to `epoch` durable. Concurrent callers share one commit: whoever
@@ -956,16 +1085,49 @@ impl CacheObject {
         if self.failed.load(Ordering::Relaxed) {
             return Err(CowError::Failed);
         }
-        let r = self.commit_locked(&mut j);
-        if r.is_err() {
-            // Memory and disk no longer agree; stop rather than risk a wrong mapping.
-            self.failed.store(true, Ordering::Relaxed);
-            log::error!("cache object commit failed; engine stopped");
-        }
-        r
+        let released = match self.commit_locked(&mut j) {
+            Ok(released) => released,
+            Err(e) => {
+                // Memory and disk no longer agree; stop rather than risk a wrong mapping.
+                self.failed.store(true, Ordering::Relaxed);
+                log::error!("cache object commit failed; engine stopped");
+                return Err(e);
+            }
+        };
+        drop(j);
+        self.release_blocks(released);
+        Ok(())
     }
 
-    fn commit_locked(&self, j: &mut Journal) -> Result<()> {
+    /// Punches blocks whose unmapping is durable out of the file (outside the journal lock, so
+    /// other commits go on), then makes them allocatable. Meanwhile they are in neither list,
+    /// so nothing can allocate them.
+    fn release_blocks(&self, mut released: Vec<u64>) {
+        if released.is_empty() {
+            return;
+        }
+        released.sort_unstable();
+        let mut i = 0;
+        while i < released.len() {
+            let mut j = i + 1;
+            while j < released.len() && released[j] == released[j - 1] + 1 {
+                j += 1;
+            }
+            let len = (j - i) as u64 * self.chunk_size;
+            if let Err(e) = self.cache.punch_hole(self.block_offset(released[i]), len) {
+                // Not fatal: the blocks are reused either way.
+                log::warn!("punching freed cache blocks failed: {e}");
+            }
+            i = j;
+        }
+        let mut st = self.write_state();
+        st.meta.free.extend(released);
+        // Lowest blocks first keeps the file compact.
+        st.meta.free.sort_unstable_by(|a, b| b.cmp(a));
+    }
+
+    /// Commits; returns the blocks whose unmapping became durable.
+    fn commit_locked(&self, j: &mut Journal) -> Result<Vec<u64>> {
         let js = self.journal_size;
         // Take the queued records; decide between a journal transaction and a checkpoint.
         let (payload, upto, ckpt) = {
@@ -1012,16 +1174,10 @@ impl CacheObject {
         });
         st.pending_unref.retain(|_, e| *e > upto);
         st.fresh_blocks.retain(|_, e| *e > upto);
-        for b in released {
-            if st.meta.refcount(b) == 0 {
-                st.meta.free.push(b);
-            }
-        }
-        // Lowest blocks first keeps the file compact.
-        st.meta.free.sort_unstable_by(|a, b| b.cmp(a));
+        released.retain(|&b| st.meta.refcount(b) == 0);
         drop(st);
         self.durable_epoch.store(upto, Ordering::Release);
-        Ok(())
+        Ok(released)
     }
 
     fn append_txn(&self, j: &mut Journal, payload: &[u8]) -> Result<()> {
@@ -1105,9 +1261,11 @@ impl CacheObject {
 impl CacheObject {
     // ---- control plane --------------------------------------------------------------------
 
-    /// Creates a snapshot of `parent` (the origin or any snapshot) in O(1): an empty table and
-    /// a link. Flushes first, so the snapshot's point-in-time content is durable; returns once
-    /// the new device record is durable.
+    /// Creates a snapshot of `parent` (the origin or any snapshot) in O(1): a table sharing the
+    /// parent's pages and a link. Returns once the new device record is durable. It does not
+    /// flush the origin: like the parent, the snapshot holds the parent's writes not yet flushed
+    /// at creation only as durably as the parent does (a crash may drop any of them from both).
+    /// Call [`CacheObject::flush`] first for a fully durable point-in-time copy.
     pub fn create_snapshot(
         &self,
         parent: DeviceId,
@@ -1119,7 +1277,6 @@ impl CacheObject {
                 "device name must be 1 to 255 bytes".into(),
             ));
         }
-        self.flush()?;
         let (id, epoch) = {
             let mut st = self.write_state();
             Self::check_dev(&st.meta, parent.0)?;
@@ -1281,12 +1438,16 @@ impl CacheObject {
             devices: m.devices.iter().flatten().count() as u64,
             inoperative_devices: m.devices.iter().flatten().filter(|d| d.inoperative).count()
                 as u64,
-            table_memory_bytes: m
-                .devices
-                .iter()
-                .flatten()
-                .map(|d| d.table.memory_bytes() as u64)
-                .sum(),
+            table_memory_bytes: {
+                let mut pages = std::collections::HashSet::new();
+                let mut bytes = 0u64;
+                for d in m.devices.iter().flatten() {
+                    let (p, b) = d.table.memory();
+                    pages.extend(p);
+                    bytes += b as u64;
+                }
+                bytes + pages.len() as u64 * super::meta::PAGE_BYTES as u64
+            },
         }
     }
 
@@ -1314,6 +1475,18 @@ impl CacheObject {
                 return Err(corrupt(format!("block {b} is free and used")));
             }
         }
+        for d in m.devices.iter().flatten().filter(|d| !d.inoperative) {
+            for c in 0..m.nchunks {
+                if m.resolve(d.id, c) != m.resolve_by_walk(d.id, c) {
+                    return Err(corrupt(format!(
+                        "device {} chunk {c}: flattened table {:?}, walk {:?}",
+                        d.id,
+                        m.resolve(d.id, c),
+                        m.resolve_by_walk(d.id, c)
+                    )));
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -1328,3 +1501,9 @@ impl Drop for CacheObject {
         }
     }
 }
+
+/// The daemon shares one engine between its queue threads.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<CacheObject>();
+};

@@ -240,7 +240,10 @@ impl Header {
             && self.journal_start.is_multiple_of(TXN_ALIGN)
             && self.data_offset >= JOURNAL_OFFSET + self.journal_size
             && self.data_offset.is_multiple_of(self.chunk_size)
-            && self.origin_size.is_multiple_of(512);
+            && self.origin_size.is_multiple_of(512)
+            && self.origin_size > 0
+            && self.origin_size <= 1 << 56
+            && self.max_size >= self.data_offset + self.chunk_size;
         if ok {
             Ok(())
         } else {

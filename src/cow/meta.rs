@@ -7,6 +7,7 @@ use super::format::{
     entry_block, entry_to_block, Dec, Enc, FormatError, Record, ENTRY_UNMAPPED, ENTRY_ZERO,
 };
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Device id of the origin.
 pub const ORIGIN_ID: u64 = 0;
@@ -14,52 +15,115 @@ pub const ORIGIN_ID: u64 = 0;
 pub const NO_PARENT: u64 = u64::MAX;
 /// Reference-count marker of a block holding a checkpoint.
 pub const META_REF: u32 = u32::MAX;
+/// Bytes of one page of resolved entries.
+pub const PAGE_BYTES: usize = PAGE * 8;
 
 const PAGE_SHIFT: u32 = 9;
 const PAGE: usize = 1 << PAGE_SHIFT;
 
-/// A remap table: entries in lazily allocated pages of 512, so an empty table costs nothing
-/// (snapshot create is O(1)) and a mapped entry costs 8 bytes.
+/// Resolved entries of one page of chunks.
+type Page = [u64; PAGE];
+
+/// A remap table, flattened: for every chunk the *resolved* view (what a read returns, after
+/// the walk up the tree) plus one bit saying whether the device maps the chunk itself.
+///
+/// Pages of resolved entries are shared with the parent (`Arc`) and copied on first change, so
+/// a snapshot create is O(1) (one `Arc` clone) and a read costs one lookup at any depth. This
+/// is sound because of the write rule: before a device's view of a chunk changes, every child
+/// unmapped there is given its own mapping, so an unmapped chunk's resolved entry never goes
+/// stale. Memory: 8 bytes per chunk per page a device has changed, plus 1 bit per chunk.
 #[derive(Debug, Default, Clone)]
 pub struct Table {
-    pages: Vec<Option<Box<[u64; PAGE]>>>,
+    dir: Arc<Vec<Option<Arc<Page>>>>,
+    own: Vec<u64>,
 }
 
 impl Table {
+    /// A table whose unmapped chunks read what `self` reads now.
+    pub fn share(&self) -> Self {
+        Self {
+            dir: self.dir.clone(),
+            own: Vec::new(),
+        }
+    }
+
+    /// What a read of this device at `chunk` returns (ENTRY_UNMAPPED = the origin image).
     #[inline]
-    pub fn get(&self, chunk: u64) -> u64 {
-        match self.pages.get((chunk >> PAGE_SHIFT) as usize) {
+    pub fn resolved(&self, chunk: u64) -> u64 {
+        match self.dir.get((chunk >> PAGE_SHIFT) as usize) {
             Some(Some(p)) => p[(chunk as usize) & (PAGE - 1)],
             _ => ENTRY_UNMAPPED,
         }
     }
 
-    pub fn set(&mut self, chunk: u64, entry: u64) {
-        let pi = (chunk >> PAGE_SHIFT) as usize;
-        if entry == ENTRY_UNMAPPED && !matches!(self.pages.get(pi), Some(Some(_))) {
-            return;
-        }
-        if self.pages.len() <= pi {
-            self.pages.resize_with(pi + 1, || None);
-        }
-        let page = self.pages[pi].get_or_insert_with(|| Box::new([ENTRY_UNMAPPED; PAGE]));
-        page[(chunk as usize) & (PAGE - 1)] = entry;
+    #[inline]
+    fn is_own(&self, chunk: u64) -> bool {
+        self.own
+            .get((chunk / 64) as usize)
+            .is_some_and(|w| w & (1 << (chunk % 64)) != 0)
     }
 
-    /// Every (chunk, entry) that is not unmapped.
+    /// The device's own entry at `chunk` (ENTRY_UNMAPPED if it reads through).
+    #[inline]
+    pub fn get(&self, chunk: u64) -> u64 {
+        if self.is_own(chunk) {
+            self.resolved(chunk)
+        } else {
+            ENTRY_UNMAPPED
+        }
+    }
+
+    /// Sets the device's own entry; `ENTRY_UNMAPPED` makes it read `inherited`.
+    pub fn set(&mut self, chunk: u64, entry: u64, inherited: u64) {
+        let w = (chunk / 64) as usize;
+        if entry == ENTRY_UNMAPPED {
+            if let Some(word) = self.own.get_mut(w) {
+                *word &= !(1 << (chunk % 64));
+            }
+        } else {
+            if self.own.len() <= w {
+                self.own.resize(w + 1, 0);
+            }
+            self.own[w] |= 1 << (chunk % 64);
+        }
+        let value = if entry == ENTRY_UNMAPPED {
+            inherited
+        } else {
+            entry
+        };
+        if self.resolved(chunk) == value {
+            return;
+        }
+        let pi = (chunk >> PAGE_SHIFT) as usize;
+        let dir = Arc::make_mut(&mut self.dir);
+        if dir.len() <= pi {
+            dir.resize_with(pi + 1, || None);
+        }
+        let page = dir[pi].get_or_insert_with(|| Arc::new([ENTRY_UNMAPPED; PAGE]));
+        Arc::make_mut(page)[(chunk as usize) & (PAGE - 1)] = value;
+    }
+
+    /// Every (chunk, own entry).
     pub fn mapped(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.pages.iter().enumerate().flat_map(|(pi, p)| {
-            p.iter().flat_map(move |page| {
-                page.iter().enumerate().filter_map(move |(i, &e)| {
-                    (e != ENTRY_UNMAPPED).then_some((((pi << PAGE_SHIFT) + i) as u64, e))
-                })
+        self.own.iter().enumerate().flat_map(move |(wi, &w)| {
+            let mut bits = w;
+            std::iter::from_fn(move || {
+                if bits == 0 {
+                    return None;
+                }
+                let b = bits.trailing_zeros() as u64;
+                bits &= bits - 1;
+                let c = wi as u64 * 64 + b;
+                Some((c, self.resolved(c)))
             })
         })
     }
 
-    /// Bytes of memory held by the pages.
-    pub fn memory_bytes(&self) -> usize {
-        self.pages.len() * 8 + self.pages.iter().flatten().count() * PAGE * 8
+    /// Pages of resolved entries this table references (shared ones included) and the bytes
+    /// of its own-bitmap.
+    pub fn memory(&self) -> (Vec<*const Page>, usize) {
+        let pages = self.dir.iter().flatten().map(Arc::as_ptr).collect();
+        (pages, self.own.len() * 8 + self.dir.len() * 8)
     }
 }
 
@@ -170,7 +234,7 @@ impl Meta {
             dropped: Vec::new(),
             total_entries: 0,
             origin_children_gen: 1,
-            origin_shared_gen: vec![0; nchunks as usize],
+            origin_shared_gen: Vec::new(),
         }
     }
 
@@ -185,9 +249,15 @@ impl Meta {
 
     /// Records that every child of the origin is mapped at `chunk` now.
     pub fn mark_origin_shared(&mut self, chunk: u64) {
-        if let Some(g) = self.origin_shared_gen.get_mut(chunk as usize) {
-            *g = self.origin_children_gen;
+        let i = chunk as usize;
+        if chunk >= self.nchunks {
+            return;
         }
+        if self.origin_shared_gen.len() <= i {
+            // Grows with the highest chunk written, not the origin size.
+            self.origin_shared_gen.resize(i + 1, 0);
+        }
+        self.origin_shared_gen[i] = self.origin_children_gen;
     }
 
     #[inline]
@@ -204,7 +274,24 @@ impl Meta {
 
     /// The read rule: walk up until a mapping is found.
     #[inline]
-    pub fn resolve(&self, mut id: u64, chunk: u64) -> View {
+    pub fn resolve(&self, id: u64, chunk: u64) -> View {
+        if id == ORIGIN_ID {
+            return View::Origin;
+        }
+        let Some(d) = self.dev(id) else {
+            return View::Origin;
+        };
+        match d.table.resolved(chunk) {
+            ENTRY_UNMAPPED => View::Origin,
+            e => match entry_to_block(e) {
+                Some(b) => View::Block(b),
+                None => View::Zero,
+            },
+        }
+    }
+
+    /// The read rule walked the slow way, to verify the flattened tables.
+    pub fn resolve_by_walk(&self, mut id: u64, chunk: u64) -> View {
         while id != ORIGIN_ID {
             let Some(d) = self.dev(id) else {
                 return View::Origin;
@@ -273,9 +360,14 @@ impl Meta {
 
     /// Sets one entry, keeping reference counts and counters right.
     fn set_entry(&mut self, id: u64, chunk: u64, entry: u64) -> Result<(), MetaError> {
+        let parent = self.dev(id).ok_or(MetaError::NoDevice(id))?.parent;
+        let inherited = match self.dev(parent) {
+            Some(p) if parent != ORIGIN_ID => p.table.resolved(chunk),
+            _ => ENTRY_UNMAPPED,
+        };
         let d = self.dev_mut(id)?;
         let old = d.table.get(chunk);
-        d.table.set(chunk, entry);
+        d.table.set(chunk, entry, inherited);
         d.mapped_blocks = d.mapped_blocks + entry_to_block(entry).is_some() as u64
             - entry_to_block(old).is_some() as u64;
         d.entries = d.entries + (entry != ENTRY_UNMAPPED) as u64 - (old != ENTRY_UNMAPPED) as u64;
@@ -283,22 +375,62 @@ impl Meta {
             self.total_entries + (entry != ENTRY_UNMAPPED) as u64 - (old != ENTRY_UNMAPPED) as u64;
         self.take_ref(entry);
         self.drop_ref(old);
+        if old == ENTRY_UNMAPPED && entry != ENTRY_UNMAPPED {
+            self.propagate(id, chunk, entry);
+        }
         Ok(())
     }
 
-    fn share_down(&mut self, id: u64, chunk: u64, entry: u64) -> Result<(), MetaError> {
-        let children = self
-            .dev(id)
-            .ok_or(MetaError::NoDevice(id))?
-            .children
-            .clone();
-        for c in children {
-            if self
-                .dev(c)
-                .is_some_and(|d| !d.inoperative && d.table.get(chunk) == ENTRY_UNMAPPED)
-            {
-                self.set_entry(c, chunk, entry)?;
+    /// `id` now maps `chunk` itself (same data as before: it only stopped reading through).
+    /// Descendants that read through `id` there must resolve to the new entry, or they would
+    /// keep pointing at the ancestor `id` just stopped depending on.
+    fn propagate(&mut self, id: u64, chunk: u64, value: u64) {
+        let mut stack: Vec<u64> = self.dev(id).map(|d| d.children.clone()).unwrap_or_default();
+        while let Some(e) = stack.pop() {
+            let Some(d) = self.devices.get_mut(e as usize).and_then(Option::as_mut) else {
+                continue;
+            };
+            if d.inoperative || d.table.get(chunk) != ENTRY_UNMAPPED {
+                continue;
             }
+            d.table.set(chunk, ENTRY_UNMAPPED, value);
+            stack.extend_from_slice(&d.children);
+        }
+    }
+
+    /// Gives `entry` to every operative child of `id` unmapped at `chunk`. The hot path of an
+    /// origin first touch with many snapshots: one pass, reference count added once.
+    fn share_down(&mut self, id: u64, chunk: u64, entry: u64) -> Result<(), MetaError> {
+        let n = self.dev(id).ok_or(MetaError::NoDevice(id))?.children.len();
+        let mut added = 0u64;
+        let is_block = entry_to_block(entry).is_some() as u64;
+        for i in 0..n {
+            let c = match self.dev(id) {
+                Some(d) => d.children[i],
+                None => break,
+            };
+            let Some(d) = self.devices.get_mut(c as usize).and_then(Option::as_mut) else {
+                continue;
+            };
+            if d.inoperative || d.table.get(chunk) != ENTRY_UNMAPPED {
+                continue;
+            }
+            // Unmapped -> mapped: the inherited value is irrelevant.
+            d.table.set(chunk, entry, ENTRY_UNMAPPED);
+            d.entries += 1;
+            d.mapped_blocks += is_block;
+            added += 1;
+            if !d.children.is_empty() {
+                self.propagate(c, chunk, entry);
+            }
+        }
+        self.total_entries += added;
+        if let Some(b) = entry_to_block(entry) {
+            let b = b as usize;
+            if self.refcounts.len() <= b {
+                self.refcounts.resize(b + 1, 0);
+            }
+            self.refcounts[b] = self.refcounts[b].saturating_add(added as u32);
         }
         Ok(())
     }
@@ -323,7 +455,14 @@ impl Meta {
                 if self.devices.len() <= slot {
                     self.devices.resize_with(slot + 1, || None);
                 }
-                self.devices[slot] = Some(Dev::new(*id, *parent, name.clone(), *writable));
+                let mut dev = Dev::new(*id, *parent, name.clone(), *writable);
+                if *parent != ORIGIN_ID {
+                    dev.table = self
+                        .dev(*parent)
+                        .map(|p| p.table.share())
+                        .unwrap_or_default();
+                }
+                self.devices[slot] = Some(dev);
                 self.next_id = self.next_id.max(id + 1);
             }
             Record::DeleteDevice { id } => {
@@ -336,7 +475,8 @@ impl Meta {
                 let mapped: Vec<(u64, u64)> = d.table.mapped().collect();
                 for (chunk, entry) in mapped {
                     self.share_down(*id, chunk, entry)?;
-                    self.set_entry(*id, chunk, ENTRY_UNMAPPED)?;
+                    self.drop_ref(entry);
+                    self.total_entries -= 1;
                 }
                 for &c in &children {
                     self.dev_mut(c)?.parent = parent;
@@ -370,10 +510,15 @@ impl Meta {
                     .table
                     .mapped()
                     .collect();
-                for (chunk, _) in mapped {
-                    self.set_entry(*dev, chunk, ENTRY_UNMAPPED)?;
+                for (_, entry) in mapped {
+                    self.drop_ref(entry);
+                    self.total_entries -= 1;
                 }
-                self.dev_mut(*dev)?.inoperative = true;
+                let d = self.dev_mut(*dev)?;
+                d.inoperative = true;
+                d.table = Table::default();
+                d.mapped_blocks = 0;
+                d.entries = 0;
             }
             Record::SetAttr { dev, key, value } => {
                 let d = self.dev_mut(*dev)?;
@@ -461,6 +606,7 @@ impl Meta {
         let mut m = Meta::new(nchunks, max_blocks);
         m.devices.clear();
         let mut d = Dec::new(buf, "checkpoint");
+        let mut own_entries: Vec<(u64, Vec<(u64, u64)>)> = Vec::new();
         m.next_id = d.u64()?;
         let ndev = d.u64()?;
         for _ in 0..ndev {
@@ -485,6 +631,7 @@ impl Meta {
             }
             m.devices[slot] = Some(dev);
             let nent = d.u64()?;
+            let mut list = Vec::new();
             for _ in 0..nent {
                 let c = d.u64()?;
                 let ent = d.u64()?;
@@ -492,8 +639,9 @@ impl Meta {
                     return Err(FormatError::Malformed("checkpoint entry").into());
                 }
                 m.check_entry(c, ent)?;
-                m.set_entry(id, c, ent)?;
+                list.push((c, ent));
             }
+            own_entries.push((id, list));
         }
         if !d.done() {
             return Err(FormatError::Malformed("checkpoint trailer").into());
@@ -511,6 +659,37 @@ impl Meta {
             if id != ORIGIN_ID {
                 m.dev_mut(parent)?.children.push(id);
             }
+        }
+        // Flattened tables are built parents first: a child starts from its parent's table.
+        let mut entries: BTreeMap<u64, Vec<(u64, u64)>> = own_entries
+            .into_iter()
+            .filter(|(id, list)| *id != ORIGIN_ID || !list.is_empty())
+            .collect();
+        let mut order = vec![ORIGIN_ID];
+        let mut i = 0;
+        while i < order.len() {
+            let id = order[i];
+            i += 1;
+            let (parent, children) = match m.dev(id) {
+                Some(d) => (d.parent, d.children.clone()),
+                None => continue,
+            };
+            if id != ORIGIN_ID {
+                if parent != ORIGIN_ID {
+                    let t = m.dev(parent).map(|p| p.table.share()).unwrap_or_default();
+                    m.dev_mut(id)?.table = t;
+                }
+                for (c, ent) in entries.remove(&id).unwrap_or_default() {
+                    m.set_entry(id, c, ent)?;
+                }
+            }
+            if order.len() > m.devices.len() {
+                return Err(FormatError::Malformed("checkpoint device tree").into());
+            }
+            order.extend(children);
+        }
+        if !entries.is_empty() {
+            return Err(FormatError::Malformed("checkpoint device tree").into());
         }
         m.dropped.clear();
         Ok(m)

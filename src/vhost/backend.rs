@@ -32,6 +32,9 @@ pub struct ServeOptions {
     pub serial: String,
     pub logical_block_size: u32,
     pub read_only: bool,
+    /// How long a queue worker keeps watching its ring for new requests after a batch,
+    /// before sleeping until the next kick (0: never poll).
+    pub poll: std::time::Duration,
 }
 
 /// One connection's backend.
@@ -41,7 +44,6 @@ pub struct BlkBackend {
     limits: Limits,
     id: [u8; virtio_blk::ID_BYTES],
     mem: GuestMem,
-    event_idx: AtomicBool,
     /// Write-back cache enabled (the driver may turn it off through config space).
     writeback: AtomicBool,
     workers: Vec<Mutex<QueueWorker>>,
@@ -75,7 +77,6 @@ impl BlkBackend {
             limits,
             opts,
             mem,
-            event_idx: AtomicBool::new(false),
             writeback: AtomicBool::new(true),
             workers,
             exit_events,
@@ -162,8 +163,8 @@ impl VhostUserBackend for BlkBackend {
         self.writeback.store(true, Ordering::Relaxed);
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Relaxed);
+    fn set_event_idx(&self, _enabled: bool) {
+        // The vrings track EVENT_IDX themselves (the library sets it on each queue).
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -234,11 +235,6 @@ impl VhostUserBackend for BlkBackend {
         let mut worker = worker
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        worker.process_queue(
-            self,
-            vring,
-            self.event_idx.load(Ordering::Relaxed),
-            &self.mem,
-        )
+        worker.process_queue(self, vring, self.opts.poll, &self.mem)
     }
 }

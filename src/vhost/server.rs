@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 use thiserror::Error;
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
@@ -30,6 +31,18 @@ pub enum ServeError {
     Setup(io::Error),
     #[error("vhost-user: {0}")]
     Vhost(String),
+}
+
+/// How long a new connection waits for the current one to end before it is refused.
+const RECONNECT_GRACE: Duration = Duration::from_millis(500);
+
+/// Waits up to `timeout` for `event` to be signalled.
+fn wait_for_event(event: &EventFd, timeout: Duration) -> bool {
+    let mut fds = [libc::pollfd { fd: event.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `fds` is a valid array of one pollfd for the duration of the call.
+    let rc = unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) };
+    rc > 0 && fds[0].revents & libc::POLLIN != 0
 }
 
 /// Tells a serving thread to stop, whether it is waiting for a frontend or serving one.
@@ -182,7 +195,34 @@ fn serve_one(
     if stop.requested() {
         daemon.request_shutdown();
     }
-    let result = daemon.wait();
+    // Wait for the connection to end on a helper thread, and meanwhile turn away any other
+    // frontend: a vhost-user socket serves one, and a second VM would otherwise hang.
+    let done = Arc::new(EventFd::new(libc::EFD_CLOEXEC).map_err(ServeError::Setup)?);
+    let waiter = {
+        let done = done.clone();
+        std::thread::Builder::new()
+            .name(format!("wait-{name}"))
+            .spawn(move || {
+                let result = daemon.wait();
+                let _ = done.write(1);
+                (daemon, result)
+            })
+            .map_err(ServeError::Setup)?
+    };
+    while !stop.requested() && wait_readable(listener.as_raw_fd(), &done) {
+        // A frontend that just hung up and reconnects can be seen before its old connection
+        // is: give the current one a moment to end before calling the newcomer a second VM.
+        if wait_for_event(&done, RECONNECT_GRACE) {
+            break;
+        }
+        if let Ok(Some(extra)) = listener.accept() {
+            warn!("{name}: refused a second frontend: the device already has one connected");
+            drop(extra);
+        }
+    }
+    let (daemon, result) = waiter
+        .join()
+        .map_err(|_| ServeError::Vhost("connection thread panicked".into()))?;
     *stop.lock() = None;
     // Dropping the daemon joins the queue workers, so no request is in flight after this.
     drop(daemon);

@@ -11,70 +11,163 @@ use crate::virtio_blk::{
 };
 use log::{debug, warn};
 use std::io::{self, IoSlice, IoSliceMut};
-use vhost_user_backend::{VringRwLock, VringT};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemory, Permissions};
+
+type VringStateGuard<'a> = std::sync::RwLockWriteGuard<'a, VringState<GuestMem>>;
 
 /// Per-queue reusable state.
 #[derive(Default)]
 pub struct QueueWorker {
     request: Request,
     iovecs: Vec<libc::iovec>,
+    /// The second half of a request split for parallel I/O.
+    right: Vec<libc::iovec>,
+    /// Current adaptive polling window (grows toward the configured maximum while the
+    /// driver's requests arrive soon after we go idle, drops to zero when they do not).
+    poll: Duration,
+    /// When this worker last went to sleep waiting for a kick.
+    idle_since: Option<Instant>,
 }
 
+/// Queue workers polling right now, across the daemon.
+static POLLERS: AtomicUsize = AtomicUsize::new(0);
+
+/// Permission for one worker to spin. At most half the CPUs may spin at once, so pollers
+/// never crowd out the threads (ours or the VMs') that do the real work.
+struct PollSlot;
+
+impl PollSlot {
+    fn take() -> Option<PollSlot> {
+        static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let limit = *LIMIT.get_or_init(|| {
+            std::thread::available_parallelism()
+                .map(|n| (n.get() / 2).max(1))
+                .unwrap_or(1)
+        });
+        POLLERS
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| PollSlot)
+    }
+}
+
+impl Drop for PollSlot {
+    fn drop(&mut self) {
+        POLLERS.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Smallest polling window worth starting with.
+const POLL_START: Duration = Duration::from_micros(4);
+
 // SAFETY: the iovecs are only filled and used within one `process_queue` call on the worker's
-// own thread; between calls they hold stale pointers that are never dereferenced.
+// own thread (the halves of a split request are done by pool threads inside that call, which
+// waits for them); between calls they hold stale pointers that are never dereferenced.
 unsafe impl Send for QueueWorker {}
 
 impl QueueWorker {
-    /// Drains the queue, then notifies the driver once for the whole batch if it wants it.
+    /// Drains the queue, notifying the driver once per batch if it wants it; then, with
+    /// `poll` non-zero, keeps notifications suppressed and watches the ring for that long
+    /// before going back to sleep, so a driver at low queue depth needs no kick and we no
+    /// wakeup per request.
     pub fn process_queue(
         &mut self,
         backend: &BlkBackend,
         vring: &VringRwLock<GuestMem>,
-        event_idx: bool,
+        max_poll: Duration,
         mem: &GuestMem,
     ) -> io::Result<()> {
+        self.adapt_poll(max_poll);
+        let poll = self.poll;
         let mem = mem.memory();
         let mem = &*mem;
         let mut state = vring.get_mut();
-        let mut used_any = false;
+        let queue_err = io::Error::other;
         loop {
-            if event_idx {
-                state
-                    .get_queue_mut()
-                    .disable_notification(mem)
-                    .map_err(io::Error::other)?;
-            }
+            state
+                .get_queue_mut()
+                .disable_notification(mem)
+                .map_err(queue_err)?;
+            let mut used_any = false;
             while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) {
                 let head = chain.head_index();
                 let used_len = self.handle_chain(backend, chain, mem);
                 state
                     .get_queue_mut()
                     .add_used(mem, head, used_len)
-                    .map_err(io::Error::other)?;
+                    .map_err(queue_err)?;
                 used_any = true;
             }
-            // With EVENT_IDX, re-enable notifications and look again: a request that arrived
-            // in between would otherwise wait for the next kick.
-            if !event_idx
-                || !state
+            if used_any
+                && state
                     .get_queue_mut()
-                    .enable_notification(mem)
-                    .map_err(io::Error::other)?
+                    .needs_notification(mem)
+                    .map_err(queue_err)?
             {
-                break;
+                state.signal_used_queue()?;
+            }
+            if !poll.is_zero() && used_any {
+                if let Some(_slot) = PollSlot::take() {
+                    if Self::poll_ring(&mut state, mem, poll)? {
+                        continue;
+                    }
+                }
+            }
+            // Re-enable notifications and look once more: a request that arrived in between
+            // would otherwise wait for the next kick.
+            if !state
+                .get_queue_mut()
+                .enable_notification(mem)
+                .map_err(queue_err)?
+            {
+                self.idle_since = Some(Instant::now());
+                return Ok(());
             }
         }
-        if used_any
-            && state
-                .get_queue_mut()
-                .needs_notification(mem)
-                .map_err(io::Error::other)?
-        {
-            state.signal_used_queue()?;
+    }
+
+    /// Sizes the polling window from how long the last sleep lasted (as QEMU's adaptive
+    /// polling does): a sleep shorter than the maximum window means polling would have caught
+    /// the next request without a kick, so poll longer; a longer sleep means polling burns CPU
+    /// for nothing (and, on a busy host, steals it from the driver), so stop.
+    fn adapt_poll(&mut self, max_poll: Duration) {
+        let Some(since) = self.idle_since.take() else {
+            return;
+        };
+        let slept = since.elapsed();
+        if max_poll.is_zero() || slept > max_poll {
+            self.poll = Duration::ZERO;
+        } else if self.poll < slept {
+            self.poll = (self.poll * 2).max(POLL_START).min(max_poll);
         }
-        Ok(())
+    }
+
+    /// Spins for at most `budget` until the driver makes a request available.
+    fn poll_ring<M: GuestMemory>(
+        state: &mut VringStateGuard<'_>,
+        mem: &M,
+        budget: Duration,
+    ) -> io::Result<bool> {
+        let start = Instant::now();
+        let queue = state.get_queue_mut();
+        loop {
+            let avail = queue
+                .avail_idx(mem, Ordering::Acquire)
+                .map_err(io::Error::other)?;
+            if avail.0 != queue.next_avail() {
+                return Ok(true);
+            }
+            if start.elapsed() >= budget {
+                return Ok(false);
+            }
+            std::hint::spin_loop();
+        }
     }
 
     /// Handles one chain and returns the number of bytes written into guest buffers.
@@ -120,29 +213,46 @@ impl QueueWorker {
         let c = device.counters();
         match req.kind {
             RequestKind::Read { offset } => {
-                let iov = guest_iovecs(&mut self.iovecs, req, mem, Permissions::Write)?;
-                // SAFETY: IoSliceMut is guaranteed ABI-compatible with `struct iovec` on Unix.
-                // Each iovec points into a guest memory region kept mapped by `mem` for the
-                // whole call, and was bounds-checked by `get_slices`.
-                let bufs = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        iov.as_mut_ptr() as *mut IoSliceMut<'_>,
-                        iov.len(),
-                    )
-                };
-                device.read_vectored(bufs, offset)?;
+                guest_iovecs(&mut self.iovecs, req, mem, Permissions::Write)?;
+                if req.data_len >= PARALLEL_MIN {
+                    let right_off = split_iovecs(&mut self.iovecs, &mut self.right, req.data_len);
+                    // SAFETY: see `io_slices_mut`; the two halves cover disjoint guest memory.
+                    let (left, right) = unsafe {
+                        (
+                            io_slices_mut(&mut self.iovecs),
+                            io_slices_mut(&mut self.right),
+                        )
+                    };
+                    let (a, b) = rayon::join(
+                        || device.read_vectored(left, offset),
+                        || device.read_vectored(right, offset + right_off),
+                    );
+                    a.and(b)?;
+                } else {
+                    // SAFETY: see `io_slices_mut`.
+                    device.read_vectored(unsafe { io_slices_mut(&mut self.iovecs) }, offset)?;
+                }
                 IoCounters::add(&c.reads, 1);
                 IoCounters::add(&c.read_bytes, req.data_len);
                 // data_len <= seg_max * size_max fits in u32 for our limits.
                 Ok(u32::try_from(req.data_len).unwrap_or(u32::MAX))
             }
             RequestKind::Write { offset } => {
-                let iov = guest_iovecs(&mut self.iovecs, req, mem, Permissions::Read)?;
-                // SAFETY: as for reads; IoSlice has the same guarantee and is only read from.
-                let bufs = unsafe {
-                    std::slice::from_raw_parts(iov.as_ptr() as *const IoSlice<'_>, iov.len())
-                };
-                device.write_vectored(bufs, offset)?;
+                guest_iovecs(&mut self.iovecs, req, mem, Permissions::Read)?;
+                if req.data_len >= PARALLEL_MIN {
+                    let right_off = split_iovecs(&mut self.iovecs, &mut self.right, req.data_len);
+                    // SAFETY: see `io_slices`.
+                    let (left, right) =
+                        unsafe { (io_slices(&self.iovecs), io_slices(&self.right)) };
+                    let (a, b) = rayon::join(
+                        || device.write_vectored(left, offset),
+                        || device.write_vectored(right, offset + right_off),
+                    );
+                    a.and(b)?;
+                } else {
+                    // SAFETY: see `io_slices`.
+                    device.write_vectored(unsafe { io_slices(&self.iovecs) }, offset)?;
+                }
                 if !backend.writeback() {
                     device.flush()?;
                 }
@@ -187,13 +297,17 @@ impl QueueWorker {
     }
 }
 
+/// Requests at least this large are split in two halves done in parallel: one large copy per
+/// queue at a time would leave the other cores idle (measured in docs/benchmarks.md).
+const PARALLEL_MIN: u64 = 256 * 1024;
+
 /// Translates the request's guest buffers into host iovecs, following region boundaries.
-fn guest_iovecs<'v, M: GuestMemory>(
-    iovecs: &'v mut Vec<libc::iovec>,
+fn guest_iovecs<M: GuestMemory>(
+    iovecs: &mut Vec<libc::iovec>,
     req: &Request,
     mem: &M,
     access: Permissions,
-) -> io::Result<&'v mut [libc::iovec]> {
+) -> io::Result<()> {
     iovecs.clear();
     for seg in &req.segments {
         let slices = mem
@@ -207,7 +321,60 @@ fn guest_iovecs<'v, M: GuestMemory>(
             });
         }
     }
-    Ok(iovecs.as_mut_slice())
+    Ok(())
+}
+
+/// Splits `left` (holding `total` bytes) at the sector boundary nearest its middle, moving the
+/// second half into `right` (a buffer straddling the cut is cut in two). Returns the byte
+/// offset at which `right` starts.
+fn split_iovecs(left: &mut Vec<libc::iovec>, right: &mut Vec<libc::iovec>, total: u64) -> u64 {
+    let half = (total / 2) & !(crate::virtio_blk::SECTOR_SIZE - 1);
+    right.clear();
+    let mut pos = 0u64;
+    for i in 0..left.len() {
+        let len = left[i].iov_len as u64;
+        if pos + len > half {
+            let inner = (half - pos) as usize;
+            if inner > 0 {
+                right.push(libc::iovec {
+                    // Stays inside the same guest buffer: inner < iov_len.
+                    iov_base: (left[i].iov_base as *mut u8).wrapping_add(inner)
+                        as *mut libc::c_void,
+                    iov_len: left[i].iov_len - inner,
+                });
+                left[i].iov_len = inner;
+                right.extend_from_slice(&left[i + 1..]);
+                left.truncate(i + 1);
+            } else {
+                right.extend_from_slice(&left[i..]);
+                left.truncate(i);
+            }
+            break;
+        }
+        pos += len;
+    }
+    half
+}
+
+/// Views guest iovecs as `IoSliceMut`s, for a read into guest memory.
+///
+/// # Safety
+/// `IoSliceMut` is guaranteed ABI-compatible with `struct iovec` on Unix. The caller must
+/// ensure every iovec points into guest memory that stays mapped while the slices live (the
+/// request's memory guard is held; `get_slices` checked the bounds) and that no other live
+/// slice aliases it.
+unsafe fn io_slices_mut(iov: &mut [libc::iovec]) -> &mut [IoSliceMut<'_>] {
+    // SAFETY: upheld by the caller as documented above.
+    unsafe { std::slice::from_raw_parts_mut(iov.as_mut_ptr() as *mut IoSliceMut<'_>, iov.len()) }
+}
+
+/// Views guest iovecs as `IoSlice`s, for a write from guest memory.
+///
+/// # Safety
+/// As for [`io_slices_mut`]; the buffers are only read.
+unsafe fn io_slices(iov: &[libc::iovec]) -> &[IoSlice<'_>] {
+    // SAFETY: upheld by the caller as documented above.
+    unsafe { std::slice::from_raw_parts(iov.as_ptr() as *const IoSlice<'_>, iov.len()) }
 }
 
 /// Writes the status byte; returns 1 if it was written, 0 if the address was bad.
@@ -248,14 +415,19 @@ mod tests {
     }
 
     fn rig(read_only: bool) -> Rig {
+        rig_sized(read_only, 64 * 1024)
+    }
+
+    fn rig_sized(read_only: bool, device_len: usize) -> Rig {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
-        let device = Arc::new(MemDevice::new(64 * 1024));
+        let device = Arc::new(MemDevice::new(device_len));
         let opts = ServeOptions {
             num_queues: 1,
             queue_size: 16,
             serial: "mock-serial".into(),
             logical_block_size: 512,
             read_only,
+            poll: std::time::Duration::ZERO,
         };
         let gm = GuestMemoryAtomic::new(mem.clone());
         let backend = BlkBackend::new(device.clone(), opts, gm).unwrap();
@@ -430,6 +602,74 @@ mod tests {
         );
         let h = r.header(VIRTIO_BLK_T_FLUSH, 0);
         assert_eq!(r.run(&[h, st]), (1, VIRTIO_BLK_S_IOERR));
+    }
+
+    fn iov(base: usize, len: usize) -> libc::iovec {
+        libc::iovec {
+            iov_base: base as *mut libc::c_void,
+            iov_len: len,
+        }
+    }
+
+    #[test]
+    fn split_cuts_inside_a_buffer_or_on_a_boundary() {
+        let mut left = vec![iov(0x1000, 1 << 20)];
+        let mut right = Vec::new();
+        assert_eq!(split_iovecs(&mut left, &mut right, 1 << 20), 512 * 1024);
+        assert_eq!((left.len(), left[0].iov_len), (1, 512 * 1024));
+        assert_eq!(right.len(), 1);
+        assert_eq!(right[0].iov_base as usize, 0x1000 + 512 * 1024);
+        assert_eq!(right[0].iov_len, 512 * 1024);
+
+        let mut left = vec![
+            iov(0, 4096),
+            iov(0x10_0000, 4096),
+            iov(0x20_0000, 4096),
+            iov(0x30_0000, 4096),
+        ];
+        assert_eq!(split_iovecs(&mut left, &mut right, 16384), 8192);
+        assert_eq!(left.len(), 2);
+        assert_eq!(right.len(), 2);
+        assert_eq!(right[0].iov_base as usize, 0x20_0000);
+
+        // An odd total splits on a sector boundary.
+        let mut left = vec![iov(0, 3 * 512)];
+        assert_eq!(split_iovecs(&mut left, &mut right, 3 * 512), 512);
+        assert_eq!((left[0].iov_len, right[0].iov_len), (512, 1024));
+    }
+
+    #[test]
+    fn large_requests_split_in_parallel_land_in_place() {
+        let mut r = rig_sized(false, 2 << 20);
+        let len = 1usize << 20;
+        assert!(len as u64 >= PARALLEL_MIN);
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        r.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+        let st = desc(STATUS, 1, true);
+        // Three buffers of uneven sizes, so the cut falls inside one.
+        let parts = [
+            (0u64, 300 * 1024u32),
+            (300 * 1024, 400 * 1024),
+            (700 * 1024, 324 * 1024),
+        ];
+        let h = r.header(VIRTIO_BLK_T_OUT, 8);
+        let mut descs = vec![h];
+        descs.extend(parts.iter().map(|&(o, n)| desc(DATA + o, n, false)));
+        descs.push(st);
+        assert_eq!(r.run(&descs), (1, VIRTIO_BLK_S_OK));
+        assert_eq!(&r.device.data.lock().unwrap()[4096..4096 + len], &data[..]);
+
+        r.mem
+            .write_slice(&vec![0u8; len], GuestAddress(DATA))
+            .unwrap();
+        let h = r.header(VIRTIO_BLK_T_IN, 8);
+        let mut descs = vec![h];
+        descs.extend(parts.iter().map(|&(o, n)| desc(DATA + o, n, true)));
+        descs.push(st);
+        assert_eq!(r.run(&descs), (len as u32 + 1, VIRTIO_BLK_S_OK));
+        let mut back = vec![0u8; len];
+        r.mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+        assert_eq!(back, data);
     }
 
     #[test]

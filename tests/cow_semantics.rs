@@ -1,0 +1,209 @@
+//! Focused properties: whole-chunk writes read nothing, one copy per chunk under concurrency,
+//! group commit, attributes and low-space reporting.
+
+use snapblk::cow::{CacheObject, CreateOptions, DeviceId, OpenOptions};
+use snapblk::storage::mem::MemStorage;
+use snapblk::storage::Storage;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+
+const CHUNK: u64 = 64 << 10;
+
+/// A store that counts reads and syncs.
+#[derive(Default)]
+struct Counting {
+    inner: MemStorage,
+    reads: AtomicU64,
+    syncs: AtomicU64,
+}
+
+impl Counting {
+    fn new(size: u64) -> Arc<Self> {
+        Arc::new(Self {
+            inner: MemStorage::new(size),
+            ..Default::default()
+        })
+    }
+}
+
+impl Storage for Counting {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        // Make a sync take a little time, as on a disk, so commits can be shared.
+        std::thread::sleep(std::time::Duration::from_micros(200));
+        self.inner.sync()
+    }
+    fn set_size(&self, size: u64) -> io::Result<()> {
+        self.inner.set_size(size)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.write_zeroes(offset, len)
+    }
+}
+
+fn engine(origin: Arc<Counting>, cache: Arc<Counting>) -> CacheObject {
+    CacheObject::create(
+        origin,
+        cache,
+        CreateOptions {
+            chunk_size: CHUNK,
+            max_size: 1 << 30,
+            low_space_threshold: 1 << 29,
+            journal_size: 1 << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn whole_chunk_write_to_a_snapshot_reads_no_old_data() {
+    let origin = Counting::new(16 * CHUNK);
+    let cache = Counting::new(0);
+    let eng = engine(origin.clone(), cache.clone());
+    let s = eng.create_snapshot(DeviceId::ORIGIN, "s", true).unwrap();
+    let child = eng.create_snapshot(s, "child", false).unwrap();
+    let (o0, c0) = (
+        origin.reads.load(Ordering::Relaxed),
+        cache.reads.load(Ordering::Relaxed),
+    );
+    // s reads through to the origin, and has a child that must keep the old data: that
+    // preserving copy is one origin read; s's own whole-chunk write reads nothing more.
+    eng.write(s, 3 * CHUNK, &vec![5u8; CHUNK as usize]).unwrap();
+    assert_eq!(origin.reads.load(Ordering::Relaxed) - o0, 1);
+    assert_eq!(cache.reads.load(Ordering::Relaxed) - c0, 0);
+    // Once the child has its copy, whole-chunk writes read nothing at all.
+    let o1 = origin.reads.load(Ordering::Relaxed);
+    eng.write(s, 3 * CHUNK, &vec![7u8; CHUNK as usize]).unwrap();
+    // A fresh writable snapshot without children: a whole-chunk write reads nothing either.
+    let lone = eng.create_snapshot(DeviceId::ORIGIN, "lone", true).unwrap();
+    eng.write(lone, 6 * CHUNK, &vec![8u8; CHUNK as usize])
+        .unwrap();
+    assert_eq!(origin.reads.load(Ordering::Relaxed), o1);
+    assert_eq!(cache.reads.load(Ordering::Relaxed) - c0, 0);
+    let mut buf = vec![1u8; CHUNK as usize];
+    eng.read(child, 3 * CHUNK, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    // A partial write does fill the rest from the old view.
+    let f = eng.stats().cow_fills;
+    eng.write(s, 5 * CHUNK + 512, &[1u8; 512]).unwrap();
+    assert_eq!(eng.stats().cow_fills, f + 1);
+}
+
+#[test]
+fn concurrent_writes_to_one_chunk_copy_it_once_and_share_commits() {
+    let origin = Counting::new(64 * CHUNK);
+    let cache = Counting::new(0);
+    let eng = engine(origin, cache.clone());
+    for i in 0..20 {
+        eng.create_snapshot(DeviceId::ORIGIN, &format!("s{i}"), i % 2 == 0)
+            .unwrap();
+    }
+    let before = eng.stats();
+    let threads = 4;
+    let barrier = Barrier::new(threads);
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (eng, barrier) = (&eng, &barrier);
+            s.spawn(move || {
+                barrier.wait();
+                // All threads hit chunk 0 at once, then each its own chunks.
+                eng.write(DeviceId::ORIGIN, 512 * t as u64, &[t as u8; 512])
+                    .unwrap();
+                for k in 0..10u64 {
+                    let c = 1 + t as u64 * 10 + k;
+                    eng.write(DeviceId::ORIGIN, c * CHUNK, &[1u8; 4096])
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let after = eng.stats();
+    assert_eq!(after.copies - before.copies, 1 + threads as u64 * 10);
+    let commits = after.commits - before.commits;
+    // Every first touch needs a commit, but concurrent writers share them.
+    assert!(
+        commits <= 1 + threads as u64 * 10,
+        "{commits} commits for {} first touches",
+        1 + threads * 10
+    );
+    eprintln!(
+        "group commit: {commits} commits for {} first-touch writes",
+        1 + threads * 10
+    );
+    eng.verify_in_memory().unwrap();
+}
+
+#[test]
+fn attributes_persist_and_low_space_is_reported() {
+    let origin = Counting::new(16 * CHUNK);
+    let cache = Counting::new(0);
+    let eng = engine(origin.clone(), cache.clone());
+    let s = eng.create_snapshot(DeviceId::ORIGIN, "vm1", true).unwrap();
+    eng.set_device_attr(s, "serial", Some("SN-1")).unwrap();
+    eng.set_device_attr(s, "socket", Some("/run/vm1.sock"))
+        .unwrap();
+    eng.set_device_attr(s, "socket", None).unwrap();
+    // The low-space flag follows free space against the configured threshold.
+    let st = eng.stats();
+    assert_eq!(st.low_space, st.free_bytes < (1 << 29));
+    drop(eng);
+    let eng = CacheObject::open(origin, cache, OpenOptions::default()).unwrap();
+    let info = eng.device(s).unwrap();
+    assert_eq!(info.name, "vm1");
+    assert_eq!(info.attrs.get("serial").map(String::as_str), Some("SN-1"));
+    assert!(!info.attrs.contains_key("socket"));
+    assert!(info.writable);
+    assert_eq!(info.parent, Some(0));
+}
+
+#[test]
+fn deleting_a_snapshot_gives_its_space_back_to_the_file_system() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let opath = dir.path().join("o");
+    let cpath = dir.path().join("c");
+    std::fs::File::create(&opath)
+        .unwrap()
+        .set_len(128 * CHUNK)
+        .unwrap();
+    std::fs::File::create(&cpath).unwrap();
+    let origin: Arc<dyn Storage> =
+        Arc::new(snapblk::storage::FileStorage::open(&opath, false).unwrap());
+    let cache: Arc<dyn Storage> =
+        Arc::new(snapblk::storage::FileStorage::open(&cpath, false).unwrap());
+    let eng = CacheObject::create(
+        origin,
+        cache,
+        CreateOptions {
+            chunk_size: CHUNK,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let s = eng.create_snapshot(DeviceId::ORIGIN, "s", true).unwrap();
+    eng.write(s, 0, &vec![3u8; 64 * CHUNK as usize]).unwrap();
+    eng.flush().unwrap();
+    let full = std::fs::metadata(&cpath).unwrap().blocks();
+    eng.delete_snapshot(s).unwrap();
+    let after = std::fs::metadata(&cpath).unwrap().blocks();
+    assert!(
+        after + (60 * CHUNK / 512) <= full,
+        "allocated 512-byte blocks: {full} before delete, {after} after"
+    );
+    assert_eq!(eng.stats().blocks_used, 0);
+}
