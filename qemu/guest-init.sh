@@ -186,12 +186,32 @@ pattern_setup() {
         return 1
     fi
     pattern_extents "$span" "$every" "$offset" >/tmp/extents
+    pattern_plan
+}
+# pattern_plan: plans the batches for the extents in /tmp/extents (4 KiB aligned "first count"
+# lines) into /tmp/plan, n_ext, n_sec, n_batch; pattern_write/pattern_verify then use them
+# with $dev, $seed and $fields.
+pattern_plan() {
     n_ext=$(wc -l </tmp/extents)
-    n_sec=$(awk '{ s += $2 } END { print s }' /tmp/extents)
+    n_sec=$(awk '{ s += $2 } END { print s + 0 }' /tmp/extents)
     # Batches of at most ~4 MiB of pattern: "batch first count file_block" lines.
     awk '{ if (used > 0 && used + $2 > 8192) { b++; used = 0 }
            print b + 0, $1, $2, used / 8; used += $2 }' /tmp/extents >/tmp/plan
     n_batch=$(($(tail -n 1 /tmp/plan | cut -d" " -f1) + 1))
+    [ "$n_ext" -gt 0 ] || n_batch=0
+}
+# extents_minus A B: the sectors of extent file A not covered by extent file B, as
+# "first count" runs
+extents_minus() {
+    awk 'FNR == NR { for (s = $1; s < $1 + $2; s++) cov[s] = 1; next }
+    {
+        run = -1
+        for (s = $1; s < $1 + $2; s++) {
+            if (s in cov) { if (run >= 0) print run, s - run; run = -1 }
+            else if (run < 0) run = s
+        }
+        if (run >= 0) print run, $1 + $2 - run
+    }' "$2" "$1"
 }
 # pattern_batch B: writes /tmp/pb (this batch's "first count file_block" lines) and /tmp/x
 # (the batch's expected bytes, extents concatenated)
@@ -304,6 +324,131 @@ test_readonly() {
     fi
 }
 
+# test overlay: a VM on a writable snapshot of a golden image. Args: disk=vda span_mib=<disk>
+#   base_seed base_every=8 base_offset=3 (the golden pattern the host put there),
+#   seed full_every=8 full_offset=0 (this VM's own pattern).
+#   Verifies the golden pattern, writes its own pattern (direct I/O + FLUSH), drops caches,
+#   verifies its own pattern and the golden pattern wherever it did not write.
+test_overlay() {
+    bseed=$(arg base_seed 1)
+    bevery=$(arg base_every 8)
+    boffset=$(arg base_offset 3)
+    CMDLINE="$CMDLINE snapblk.arg=full_every=$(arg full_every 8) snapblk.arg=full_offset=$(arg full_offset 0)"
+    pattern_setup || return 0
+    own_seed=$seed
+    cp /tmp/extents /tmp/own
+    pattern_extents "$span" "$bevery" "$boffset" >/tmp/golden
+    extents_minus /tmp/golden /tmp/own >/tmp/rest
+    ofields=$fields
+
+    # 1. The snapshot shows the golden image.
+    seed=$bseed
+    fields="$ofields phase=golden-before"
+    cp /tmp/golden /tmp/extents
+    pattern_plan
+    pattern_verify || return 0
+    golden_sec=$n_sec
+    # 2. Own data, flushed, read back.
+    seed=$own_seed
+    fields="$ofields phase=own"
+    cp /tmp/own /tmp/extents
+    pattern_plan
+    pattern_write || return 0
+    flush_disk "$dev"
+    pattern_verify || return 0
+    own_sec=$n_sec
+    # 3. The golden pattern is intact wherever this VM did not write.
+    seed=$bseed
+    fields="$ofields phase=golden-after"
+    cp /tmp/rest /tmp/extents
+    pattern_plan
+    pattern_verify || return 0
+    pass "$ofields base_seed=$bseed golden_sectors=$golden_sec own_sectors=$own_sec rest_sectors=$n_sec"
+}
+
+# test stream: numbered records written one after the other, each flushed before it is
+#   announced. Args: disk=vda base=1000 records=64 slots=32 rec_kib=64 snap_at=0 snap_wait=60
+#   Record g (generation g) goes to slot g % slots (byte offset slot * rec_kib KiB) and holds
+#   the pattern sectors of seed base+g (see pattern_awk). After writing it with O_DIRECT and
+#   fsync-ing the device (virtio FLUSH) the guest prints
+#     SNAPBLK-REC: gen=G slot=S
+#   With snap_at=K > 0, after K records (gens 0..K-1) it prints `SNAPBLK-SNAP-NOW: gen=K` and
+#   waits (up to snap_wait s) for a line on the console before writing gen K. At the end it
+#   reads every slot back (direct I/O) and checks that each holds its latest generation, and
+#   that the kernel logged no I/O error.
+test_stream() {
+    disk=$(arg disk vda)
+    base=$(arg base 1000)
+    records=$(arg records 64)
+    slots=$(arg slots 32)
+    rec_kib=$(arg rec_kib 64)
+    snap_at=$(arg snap_at 0)
+    snap_wait=$(arg snap_wait 60)
+    require_disk "$disk" || return 0
+    dev=/dev/$disk
+    rs=$((rec_kib * 2))
+    fields="$(disk_fields "$disk") base=$base records=$records slots=$slots rec_kib=$rec_kib snap_at=$snap_at"
+    if [ $((slots * rs)) -gt "$(disk_size "$disk")" ] || [ $((rec_kib % 4)) -ne 0 ]; then
+        fail bad-args "$fields"
+        return 0
+    fi
+    info "stream: $records records of $rec_kib KiB over $slots slots of $dev"
+    g=0
+    while [ "$g" -lt "$records" ]; do
+        if [ "$snap_at" -gt 0 ] && [ "$g" -eq "$snap_at" ]; then
+            say "SNAPBLK-SNAP-NOW: gen=$g"
+            # shellcheck disable=SC3045 # busybox ash has read -t
+            if ! read -r -t "$snap_wait" reply; then
+                fail snap-timeout "$fields gen=$g"
+                return 0
+            fi
+            info "stream: host said '$reply'; continuing"
+        fi
+        slot=$((g % slots))
+        pattern_gen $((base + g)) $((slot * rs)) "$rs" >/tmp/r
+        if ! dd if=/tmp/r of="$dev" bs=$((rs * 512)) seek="$slot" count=1 oflag=direct conv=notrunc 2>/tmp/dd.err; then
+            fail write-error "$fields gen=$g slot=$slot err=$(tr -c 'A-Za-z0-9' '_' </tmp/dd.err | head -c 80)"
+            return 0
+        fi
+        if ! sync "$dev" 2>/tmp/sync.err; then
+            fail flush-error "$fields gen=$g slot=$slot err=$(tr -c 'A-Za-z0-9' '_' </tmp/sync.err | head -c 80)"
+            return 0
+        fi
+        say "SNAPBLK-REC: gen=$g slot=$slot"
+        g=$((g + 1))
+    done
+    # Every slot must hold its latest generation.
+    used=$slots
+    [ "$records" -ge "$slots" ] || used=$records
+    awk -v n="$records" -v slots="$slots" -v used="$used" -v rs="$rs" -v base="$base" 'BEGIN {
+        for (s = 0; s < used; s++) {
+            g = s + int((n - 1 - s) / slots) * slots
+            print base + g, s * rs, rs
+        }
+    }' >/tmp/latest
+    : >/tmp/x
+    while read -r sd first count; do pattern_gen "$sd" "$first" "$count" >>/tmp/x; done </tmp/latest
+    drop_caches "$dev"
+    if ! dd if="$dev" of=/tmp/y bs=$((rs * 512)) count="$used" iflag=direct 2>/tmp/dd.err; then
+        fail read-error "$fields"
+        return 0
+    fi
+    if [ "$(md5sum </tmp/x)" != "$(md5sum </tmp/y)" ]; then
+        off=$(cmp -l /tmp/x /tmp/y 2>/dev/null | head -n 1 | awk '{ print $1 }')
+        [ -n "$off" ] || off=1
+        fs=$(((off - 1) / 512))
+        got=$(dd if=/tmp/y bs=512 skip="$fs" count=1 2>/dev/null | head -c 40 | tr -c 'A-Za-z0-9=' '_')
+        fail mismatch "$fields sector=$fs got=$got"
+        return 0
+    fi
+    if dmesg | grep -i -E 'I/O error|blk_update_request|critical' >/tmp/ioerr; then
+        info "stream: kernel log: $(head -n 3 /tmp/ioerr | tr '\n' '|')"
+        fail kernel-io-error "$fields"
+        return 0
+    fi
+    pass "$fields written=$records verified_slots=$used"
+}
+
 # test info: just report the disks
 test_info() {
     pass "disks=$(echo "$DISKS" | tr ' ' ',')"
@@ -314,7 +459,9 @@ run_test() {
     pattern) test_pattern ;;
     readonly) test_readonly ;;
     info) test_info ;;
-    *) fail unknown-test "known=pattern,readonly,info" ;;
+    overlay) test_overlay ;;
+    stream) test_stream ;;
+    *) fail unknown-test "known=pattern,readonly,info,overlay,stream" ;;
     esac
 }
 

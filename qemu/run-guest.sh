@@ -27,6 +27,10 @@ Options:
   --mem MIB             guest memory, shared memfd (default 256)
   --cpu MODEL           QEMU -cpu model (default max)
   --append ARGS         extra kernel command line
+  --reconnect-ms MS     add reconnect-ms=MS to every vhost-user chardev, so that QEMU
+                        reconnects (and the guest's I/O resumes) when the backend restarts
+  --stdin               feed run-guest.sh's stdin to the guest's serial console (default:
+                        /dev/null); a guest test can then wait for a line from the host
   --qemu BIN            QEMU binary (default qemu-system-x86_64, env SNAPBLK_QEMU)
   --no-prepare          do not run fetch-guest.sh / build-initramfs.sh
   -h, --help            this text
@@ -52,6 +56,8 @@ cpu=max
 extra_append=""
 qemu="${SNAPBLK_QEMU:-qemu-system-x86_64}"
 prepare=1
+reconnect_ms=""
+use_stdin=0
 sockets=()
 test_name=""
 test_args=()
@@ -67,6 +73,8 @@ while [ $# -gt 0 ]; do
     --cpu) cpu="${2:?--cpu needs a value}"; shift 2 ;;
     --append) extra_append="${2?--append needs a value}"; shift 2 ;;
     --qemu) qemu="${2:?--qemu needs a value}"; shift 2 ;;
+    --reconnect-ms) reconnect_ms="${2:?--reconnect-ms needs a value}"; shift 2 ;;
+    --stdin) use_stdin=1; shift ;;
     --no-prepare) prepare=0; shift ;;
     --)
         shift
@@ -82,7 +90,7 @@ while [ $# -gt 0 ]; do
 done
 [ ${#sockets[@]} -gt 0 ] || die "no SOCKET given (see --help)"
 [ -n "$test_name" ] || die "no TEST given: SOCKET... -- TEST [KEY=VALUE...] (see --help)"
-for v in "$timeout_s" "$nq" "$smp" "$mem"; do
+for v in "$timeout_s" "$nq" "$smp" "$mem" ${reconnect_ms:+"$reconnect_ms"}; do
     [[ "$v" =~ ^[0-9]+$ ]] || die "not a number: $v"
 done
 [[ "$test_name" =~ ^[A-Za-z0-9_-]+$ ]] || die "bad test name: $test_name"
@@ -116,7 +124,9 @@ for s in "${sockets[@]}"; do
     [ "$path" = "$s" ] || props=",${s#*,}"
     [ -S "$path" ] || die "$path is not a socket (is the backend running?)"
     case "$props" in *num-queues=*) ;; *) props=",num-queues=$nq$props" ;; esac
-    devargs+=(-chardev "socket,id=vhu$i,path=$path" -device "vhost-user-blk-pci,chardev=vhu$i,id=disk$i$props")
+    chardev="socket,id=vhu$i,path=$path"
+    [ -z "$reconnect_ms" ] || chardev+=",reconnect-ms=$reconnect_ms"
+    devargs+=(-chardev "$chardev" -device "vhost-user-blk-pci,chardev=vhu$i,id=disk$i$props")
     i=$((i + 1))
 done
 
@@ -138,7 +148,11 @@ cmd=(
 
 start=$(date +%s)
 set +e
-timeout --kill-after=5 "$timeout_s" "${cmd[@]}" </dev/null >>"$log" 2>&1
+if [ "$use_stdin" -eq 1 ]; then
+    timeout --kill-after=5 "$timeout_s" "${cmd[@]}" >>"$log" 2>&1
+else
+    timeout --kill-after=5 "$timeout_s" "${cmd[@]}" </dev/null >>"$log" 2>&1
+fi
 rc=$?
 set -e
 elapsed=$(($(date +%s) - start))

@@ -334,6 +334,7 @@ fn default_origin_is_created_sparse() {
     let mut d = Daemon {
         child: Some(child),
         socket: sock.clone(),
+        log: Default::default(),
     };
     // (stdout is read at the end for the attach lines, so wait on the socket file here.)
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

@@ -6,190 +6,20 @@
 //! qemu/fetch-guest.sh). If they cannot be had the tests FAIL; set `SNAPBLK_SKIP_GUEST=1` to
 //! skip them explicitly.
 
-use std::collections::HashMap;
+mod support;
+
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
+use support::guest::{
+    guest_lock, prepare_guest, run_guest, skip_guest, GuestRun, Pattern, MIB, NUM_QUEUES, SECTOR,
+};
 
-const MIB: u64 = 1 << 20;
-const SECTOR: usize = 512;
 /// Size of the test image; the guest pattern covers all of it.
 const IMG_MIB: u64 = 64;
 const SERIAL: &str = "snapblk-guest-t1";
-const NUM_QUEUES: u32 = 2;
-const GUEST_TIMEOUT_SECS: u32 = 240;
-
-/// The pattern parameters passed to the guest (see `test_pattern` in qemu/guest-init.sh).
-#[derive(Clone, Copy, Debug)]
-struct Pattern {
-    seed: u32,
-    span_mib: u64,
-    full_every: u64,
-    full_offset: u64,
-}
-
-impl Pattern {
-    fn guest_args(&self) -> Vec<String> {
-        vec![
-            format!("seed={}", self.seed),
-            format!("span_mib={}", self.span_mib),
-            format!("full_every={}", self.full_every),
-            format!("full_offset={}", self.full_offset),
-        ]
-    }
-
-    /// The 512 bytes the pattern puts in `sector`: one text line, padded with a fill letter.
-    fn sector(&self, sector: u64) -> [u8; SECTOR] {
-        let head = format!("SNAPBLK seed={:010} sector={:012} ", self.seed, sector);
-        let fill = b'a' + ((u64::from(self.seed) + sector) % 26) as u8;
-        let mut out = [fill; SECTOR];
-        out[..head.len()].copy_from_slice(head.as_bytes());
-        out[SECTOR - 1] = b'\n';
-        out
-    }
-
-    /// `(first_sector, count)` extents the pattern covers, in the guest's order.
-    fn extents(&self) -> Vec<(u64, u64)> {
-        let full = |i: u64| self.full_every > 0 && i % self.full_every == self.full_offset;
-        let mut v: Vec<(u64, u64)> = (0..self.span_mib)
-            .map(|i| (i * 2048, if full(i) { 2048 } else { 8 }))
-            .collect();
-        let last = self.span_mib * 2048 - 8;
-        if !full(self.span_mib - 1) && last > (self.span_mib - 1) * 2048 {
-            v.push((last, 8));
-        }
-        v
-    }
-
-    fn covered_sectors(&self) -> u64 {
-        self.extents().iter().map(|e| e.1).sum()
-    }
-
-    /// Writes the pattern into an image (host-side preparation).
-    fn write_into(&self, img: &mut [u8]) {
-        for (first, count) in self.extents() {
-            for s in first..first + count {
-                let off = s as usize * SECTOR;
-                img[off..off + SECTOR].copy_from_slice(&self.sector(s));
-            }
-        }
-    }
-
-    /// Checks that `img` holds exactly the pattern: covered sectors match, all others are zero.
-    fn check(&self, img: &[u8]) -> Result<(), String> {
-        if !img.len().is_multiple_of(SECTOR) {
-            return Err(format!("image size {} is not a multiple of 512", img.len()));
-        }
-        let sectors = (img.len() / SECTOR) as u64;
-        let mut covered = vec![false; sectors as usize];
-        let mut errors = Vec::new();
-        for (first, count) in self.extents() {
-            for s in first..first + count {
-                if s >= sectors {
-                    return Err(format!(
-                        "pattern sector {s} beyond image of {sectors} sectors"
-                    ));
-                }
-                covered[s as usize] = true;
-                let got = &img[s as usize * SECTOR..(s as usize + 1) * SECTOR];
-                if got != self.sector(s) {
-                    errors.push(format!("sector {s}: got {:?}", preview(got)));
-                }
-            }
-        }
-        for (s, c) in covered.iter().enumerate() {
-            let got = &img[s * SECTOR..(s + 1) * SECTOR];
-            if !c && got.iter().any(|&b| b != 0) {
-                errors.push(format!(
-                    "sector {s} should be untouched (zero): got {:?}",
-                    preview(got)
-                ));
-            }
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            let n = errors.len();
-            errors.truncate(5);
-            Err(format!("{n} bad sectors, first: {}", errors.join("; ")))
-        }
-    }
-}
-
-fn preview(b: &[u8]) -> String {
-    String::from_utf8_lossy(&b[..48.min(b.len())]).into_owned()
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// True (after a loud notice) when the guest tests are explicitly disabled.
-fn skip_guest(test: &str) -> bool {
-    if std::env::var("SNAPBLK_SKIP_GUEST").as_deref() == Ok("1") {
-        // Straight to stderr, past libtest's output capture, so the skip is always seen.
-        let bar = "!".repeat(78);
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n{bar}\n!!! SKIPPED real-guest test {test}: SNAPBLK_SKIP_GUEST=1 is set\n{bar}\n"
-        );
-        return true;
-    }
-    false
-}
-
-/// Runs a qemu/ script, returning its combined output or a descriptive error.
-fn run_script(name: &str) -> Result<(), String> {
-    let path = repo().join("qemu").join(name);
-    let out = Command::new("bash")
-        .arg(&path)
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", path.display()))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{} failed ({}):\n{}{}",
-            path.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-/// Fetches the guest kernel and builds the initramfs once per test binary; panics (fails
-/// the test) with a clear message if QEMU or the kernel cannot be had.
-fn prepare_guest() {
-    static PREPARED: OnceLock<Result<(), String>> = OnceLock::new();
-    let res = PREPARED.get_or_init(|| {
-        let qemu = Command::new("qemu-system-x86_64")
-            .arg("--version")
-            .output()
-            .map_err(|e| format!("qemu-system-x86_64 not runnable ({e})"))?;
-        if !qemu.status.success() {
-            return Err("qemu-system-x86_64 --version failed".into());
-        }
-        run_script("fetch-guest.sh")?;
-        run_script("build-initramfs.sh")
-    });
-    if let Err(e) = res {
-        panic!(
-            "real-guest test cannot run: {e}\n\
-             Install the host tools with qemu/install-host-deps.sh, or set SNAPBLK_SKIP_GUEST=1 \
-             to skip these tests deliberately."
-        );
-    }
-}
-
-/// One guest at a time: the machine has 2 cores and TCG is CPU-bound.
-fn guest_lock() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Backend {
@@ -324,71 +154,6 @@ impl Drop for Daemon {
             let _ = c.wait();
         }
     }
-}
-
-/// What run-guest.sh reported.
-struct GuestRun {
-    success: bool,
-    /// `PASS` or `FAIL` (empty if no result line).
-    verdict: String,
-    /// The result line's test name.
-    test: String,
-    /// The result line's key=value fields.
-    fields: HashMap<String, String>,
-    output: String,
-}
-
-impl GuestRun {
-    fn field(&self, k: &str) -> &str {
-        self.fields
-            .get(k)
-            .map(String::as_str)
-            .unwrap_or_else(|| panic!("guest result has no field {k}:\n{}", self.output))
-    }
-}
-
-fn run_guest(sockets: &[&Path], log: &Path, test: &str, args: &[String]) -> GuestRun {
-    let mut cmd = Command::new("bash");
-    cmd.arg(repo().join("qemu/run-guest.sh"))
-        .arg("--no-prepare")
-        .args(["--timeout", &GUEST_TIMEOUT_SECS.to_string()])
-        .args(["--num-queues", &NUM_QUEUES.to_string()])
-        .arg("--log")
-        .arg(log);
-    for s in sockets {
-        cmd.arg(s);
-    }
-    cmd.arg("--").arg(test).args(args);
-    let started = Instant::now();
-    let out = cmd.output().expect("run qemu/run-guest.sh");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let output = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    eprintln!(
-        "guest test {test} took {:.1} s:\n{output}",
-        started.elapsed().as_secs_f64()
-    );
-    let mut run = GuestRun {
-        success: out.status.success(),
-        verdict: String::new(),
-        test: String::new(),
-        fields: HashMap::new(),
-        output,
-    };
-    if let Some(line) = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with("SNAPBLK-RESULT: "))
-    {
-        let mut words = line["SNAPBLK-RESULT: ".len()..].split(' ');
-        run.verdict = words.next().unwrap_or_default().to_string();
-        run.test = words.next().unwrap_or_default().to_string();
-        for w in words {
-            if let Some((k, v)) = w.split_once('=') {
-                run.fields.insert(k.to_string(), v.to_string());
-            }
-        }
-    }
-    run
 }
 
 fn assert_pass(run: &GuestRun, test: &str, daemon: &Daemon) {

@@ -194,8 +194,13 @@ impl VhostUserBackend for BlkBackend {
         Err(io::Error::from_raw_os_error(libc::EINVAL))
     }
 
-    fn update_memory(&self, _mem: GuestMem) -> io::Result<()> {
-        // `self.mem` is the same atomic the library updates; nothing to do.
+    fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
+        // `self.mem` is the same atomic the library just updated; workers load it per pass.
+        use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
+        debug!(
+            "guest memory table now has {} regions",
+            mem.memory().num_regions()
+        );
         Ok(())
     }
 

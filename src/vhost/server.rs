@@ -38,7 +38,11 @@ const RECONNECT_GRACE: Duration = Duration::from_millis(500);
 
 /// Waits up to `timeout` for `event` to be signalled.
 fn wait_for_event(event: &EventFd, timeout: Duration) -> bool {
-    let mut fds = [libc::pollfd { fd: event.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+    let mut fds = [libc::pollfd {
+        fd: event.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
     let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
     // SAFETY: `fds` is a valid array of one pollfd for the duration of the call.
     let rc = unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) };

@@ -81,15 +81,17 @@ impl QueueWorker {
         backend: &BlkBackend,
         vring: &VringRwLock<GuestMem>,
         max_poll: Duration,
-        mem: &GuestMem,
+        guest_mem: &GuestMem,
     ) -> io::Result<()> {
         self.adapt_poll(max_poll);
         let poll = self.poll;
-        let mem = mem.memory();
-        let mem = &*mem;
         let mut state = vring.get_mut();
         let queue_err = io::Error::other;
         loop {
+            // Load the memory table on every pass: the frontend may have added a region
+            // (ADD_MEM_REG) while we were polling, and its next request may point there.
+            let guard = guest_mem.memory();
+            let mem = &*guard;
             state
                 .get_queue_mut()
                 .disable_notification(mem)

@@ -1,12 +1,15 @@
 //! Shared pieces of the integration tests: the daemon as a subprocess, and a libblkio client.
 #![allow(dead_code)]
 
+pub mod guest;
+
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::mem::MaybeUninit;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_snapblk");
@@ -15,12 +18,19 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_snapblk");
 pub struct Daemon {
     pub child: Option<Child>,
     pub socket: PathBuf,
+    /// Everything the daemon wrote to stderr so far (drained continuously so a chatty daemon
+    /// never blocks on a full pipe).
+    pub log: Arc<Mutex<String>>,
 }
 
 impl Daemon {
     /// Starts `snapblk serve ARGS` and waits for `socket` to accept connections.
     pub fn start(args: &[&str], socket: &Path) -> Daemon {
         let child = Command::new(BIN)
+            .env(
+                "RUST_LOG",
+                std::env::var("SNAPBLK_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .arg("serve")
             .args(args)
             .stdout(Stdio::piped())
@@ -30,9 +40,29 @@ impl Daemon {
         let mut d = Daemon {
             child: Some(child),
             socket: socket.to_path_buf(),
+            log: Default::default(),
         };
+        d.drain_stderr();
         d.wait_until_serving();
         d
+    }
+
+    fn drain_stderr(&mut self) {
+        if let Some(stderr) = self.child.as_mut().and_then(|c| c.stderr.take()) {
+            let log = self.log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+    }
+
+    /// What the daemon logged so far.
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Waits for the "serving" line the daemon prints once its socket listens (a stale
