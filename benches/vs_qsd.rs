@@ -139,6 +139,7 @@ usage: cargo bench --bench vs_qsd -- [OPTIONS] [FILTER]
 
 cells: 4k-randread-qd1, 4k-randread-qd32, 4k-randwrite-qd32, 1m-seqread-qd8, each /q1 and /q2
 env SNAPBLK_BIN overrides the snapblk binary (default: the one cargo built for this bench);
+env VS_QSD_SNAPBLK_ARGS adds arguments to `snapblk serve` (e.g. --no-cache);
 env RUST_LOG is passed to snapblk; daemon logs go to the temp dir and are shown on failure.
 ";
 
@@ -282,6 +283,9 @@ fn daemon_command(backend: Backend, img: &Path, sock: &Path, nq: usize) -> Comma
                 .arg(sock)
                 .arg("--num-queues")
                 .arg(nq.to_string());
+            if let Ok(extra) = std::env::var("VS_QSD_SNAPBLK_ARGS") {
+                c.args(extra.split_whitespace());
+            }
             c
         }
         Backend::QsdFast => {
