@@ -37,6 +37,11 @@ fn cow_to_io(e: CowError) -> io::Error {
     io::Error::new(io::Error::from_raw_os_error(errno).kind(), e)
 }
 
+/// Whether every buffer is whole sectors (the engine's unit).
+fn sector_sized(mut lens: impl Iterator<Item = usize>) -> bool {
+    lens.all(|l| l % 512 == 0)
+}
+
 /// An engine device as a block device.
 pub struct CowDevice {
     engine: Arc<CacheObject>,
@@ -60,15 +65,36 @@ impl BlockDevice for CowDevice {
     }
 
     fn read_vectored(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
-        let mut pos = offset;
+        if self.id == DeviceId::ORIGIN || sector_sized(bufs.iter().map(|b| b.len())) {
+            return self
+                .engine
+                .read_vectored(self.id, offset, bufs)
+                .map_err(cow_to_io);
+        }
+        // virtio only requires the request to be whole sectors, not each buffer: read the
+        // whole range into one buffer and scatter it (a rare path, so the copy is fine).
+        let mut whole = vec![0u8; bufs.iter().map(|b| b.len()).sum()];
+        self.engine
+            .read(self.id, offset, &mut whole)
+            .map_err(cow_to_io)?;
+        let mut pos = 0;
         for buf in bufs.iter_mut() {
-            self.engine.read(self.id, pos, buf).map_err(cow_to_io)?;
-            pos += buf.len() as u64;
+            let n = buf.len();
+            buf.copy_from_slice(&whole[pos..pos + n]);
+            pos += n;
         }
         Ok(())
     }
 
     fn write_vectored(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
+        if !sector_sized(bufs.iter().map(|b| b.len())) {
+            // As for reads: gather buffers that split sectors into one.
+            let whole: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            return self
+                .engine
+                .write(self.id, offset, &whole)
+                .map_err(cow_to_io);
+        }
         let mut pos = offset;
         for buf in bufs {
             self.engine.write(self.id, pos, buf).map_err(cow_to_io)?;

@@ -343,3 +343,43 @@ fn bad_requests_get_clear_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the daemon"));
 }
+
+#[test]
+fn buffers_that_split_sectors_are_served_on_every_device() {
+    let (s, golden) = Setup::new(4);
+    let d = s.serve(&[]);
+    s.ok(&[
+        "snapshot",
+        "create",
+        "w",
+        "--writable",
+        "--socket",
+        &sock(&s, "w.sock"),
+    ]);
+    for socket in [d.socket.clone(), s.p("w.sock")] {
+        let mut c = Client::connect(&socket, 1);
+        // One 4 KiB request in buffers of 1000 and 3096 bytes: legal virtio, odd sectors.
+        let data = pattern(4096, 42);
+        c.buf_slice(0, 4096).copy_from_slice(&data);
+        let base = c.buf(0);
+        let iov = [
+            libc::iovec {
+                iov_base: base as *mut libc::c_void,
+                iov_len: 1000,
+            },
+            // SAFETY: inside the client's mapped buffer region.
+            libc::iovec {
+                iov_base: unsafe { base.add(1000) } as *mut libc::c_void,
+                iov_len: 3096,
+            },
+        ];
+        c.queues[0].writev(8192, iov.as_ptr(), 2, 0, blkio::ReqFlags::empty());
+        assert_eq!(c.complete(0), 0, "{}", socket.display());
+        c.buf_slice(0, 4096).fill(0);
+        c.queues[0].readv(8192, iov.as_ptr(), 2, 0, blkio::ReqFlags::empty());
+        assert_eq!(c.complete(0), 0);
+        assert_eq!(c.buf_slice(0, 4096), &data[..], "{}", socket.display());
+        // Neighbours untouched.
+        assert_eq!(c.read(0, 4096, 4096).unwrap(), golden[4096..8192]);
+    }
+}

@@ -625,6 +625,31 @@ impl CacheObject {
     // ---- data path ------------------------------------------------------------------------
 
     /// Reads `buf.len()` bytes of device `dev` at `offset` (both multiples of 512).
+    /// Reads into several buffers from `offset` on: the vectored form of [`Self::read`].
+    ///
+    /// The origin's view is always the origin image itself (restore copies data into it), so
+    /// an origin read is one vectored read of the image, with no lock and no table lookup: a
+    /// read racing a write to the same range may see either, as on any disk.
+    pub fn read_vectored(
+        &self,
+        dev: DeviceId,
+        offset: u64,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+    ) -> Result<()> {
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        self.check_range(offset, len)?;
+        if dev == DeviceId::ORIGIN {
+            self.origin.read_vectored_at(bufs, offset)?;
+            return Ok(());
+        }
+        let mut pos = offset;
+        for buf in bufs.iter_mut() {
+            self.read(dev, pos, buf)?;
+            pos += buf.len() as u64;
+        }
+        Ok(())
+    }
+
     pub fn read(&self, dev: DeviceId, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         let mut done = 0usize;
