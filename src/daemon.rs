@@ -37,6 +37,52 @@ fn cow_to_io(e: CowError) -> io::Error {
     io::Error::new(io::Error::from_raw_os_error(errno).kind(), e)
 }
 
+/// Bounce window for requests whose buffers split sectors (a multiple of 512).
+const BOUNCE_WINDOW: usize = 64 * 1024;
+
+fn total_len(lens: impl Iterator<Item = usize>) -> usize {
+    lens.sum()
+}
+
+/// A position in a list of buffers, for copying a window at a time.
+#[derive(Default)]
+struct Cursor {
+    buf: usize,
+    at: usize,
+}
+
+impl Cursor {
+    /// Copies `src` into the buffers from the cursor on, advancing it.
+    fn scatter(&mut self, bufs: &mut [IoSliceMut<'_>], mut src: &[u8]) {
+        while !src.is_empty() && self.buf < bufs.len() {
+            let dst = &mut bufs[self.buf][self.at..];
+            let n = dst.len().min(src.len());
+            dst[..n].copy_from_slice(&src[..n]);
+            src = &src[n..];
+            self.advance(n, bufs[self.buf].len());
+        }
+    }
+
+    /// Fills `dst` from the buffers from the cursor on, advancing it.
+    fn gather(&mut self, bufs: &[IoSlice<'_>], mut dst: &mut [u8]) {
+        while !dst.is_empty() && self.buf < bufs.len() {
+            let src = &bufs[self.buf][self.at..];
+            let n = src.len().min(dst.len());
+            dst[..n].copy_from_slice(&src[..n]);
+            dst = &mut dst[n..];
+            self.advance(n, bufs[self.buf].len());
+        }
+    }
+
+    fn advance(&mut self, n: usize, len: usize) {
+        self.at += n;
+        if self.at == len {
+            self.buf += 1;
+            self.at = 0;
+        }
+    }
+}
+
 /// Whether every buffer is whole sectors (the engine's unit).
 fn sector_sized(mut lens: impl Iterator<Item = usize>) -> bool {
     lens.all(|l| l % 512 == 0)
@@ -71,34 +117,44 @@ impl BlockDevice for CowDevice {
                 .read_vectored(self.id, offset, bufs)
                 .map_err(cow_to_io);
         }
-        // virtio only requires the request to be whole sectors, not each buffer: read the
-        // whole range into one buffer and scatter it (a rare path, so the copy is fine).
-        let mut whole = vec![0u8; bufs.iter().map(|b| b.len()).sum()];
-        self.engine
-            .read(self.id, offset, &mut whole)
-            .map_err(cow_to_io)?;
-        let mut pos = 0;
-        for buf in bufs.iter_mut() {
-            let n = buf.len();
-            buf.copy_from_slice(&whole[pos..pos + n]);
+        // virtio only requires whole sectors per request, not per buffer: go through a bounce
+        // window of bounded size (the guest chooses the request size, not our memory use).
+        let mut window = vec![0u8; BOUNCE_WINDOW.min(total_len(bufs.iter().map(|b| b.len())))];
+        let mut cursor = Cursor::default();
+        let total = total_len(bufs.iter().map(|b| b.len()));
+        let mut pos = 0usize;
+        while pos < total {
+            let n = window.len().min(total - pos);
+            self.engine
+                .read(self.id, offset + pos as u64, &mut window[..n])
+                .map_err(cow_to_io)?;
+            cursor.scatter(bufs, &window[..n]);
             pos += n;
         }
         Ok(())
     }
 
     fn write_vectored(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
-        if !sector_sized(bufs.iter().map(|b| b.len())) {
-            // As for reads: gather buffers that split sectors into one.
-            let whole: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
-            return self
-                .engine
-                .write(self.id, offset, &whole)
-                .map_err(cow_to_io);
+        if sector_sized(bufs.iter().map(|b| b.len())) {
+            let mut pos = offset;
+            for buf in bufs {
+                self.engine.write(self.id, pos, buf).map_err(cow_to_io)?;
+                pos += buf.len() as u64;
+            }
+            return Ok(());
         }
-        let mut pos = offset;
-        for buf in bufs {
-            self.engine.write(self.id, pos, buf).map_err(cow_to_io)?;
-            pos += buf.len() as u64;
+        // As for reads: gather through a bounded window.
+        let total = total_len(bufs.iter().map(|b| b.len()));
+        let mut window = vec![0u8; BOUNCE_WINDOW.min(total)];
+        let mut cursor = Cursor::default();
+        let mut pos = 0usize;
+        while pos < total {
+            let n = window.len().min(total - pos);
+            cursor.gather(bufs, &mut window[..n]);
+            self.engine
+                .write(self.id, offset + pos as u64, &window[..n])
+                .map_err(cow_to_io)?;
+            pos += n;
         }
         Ok(())
     }
@@ -367,6 +423,12 @@ impl Daemon {
                 format!("{name:?} is not a valid snapshot name (1-64 characters, no '/', not \"origin\")"),
             ));
         }
+        if let Some(serial) = &serial {
+            check_serial(serial)?;
+        }
+        if let Some(sock) = &socket {
+            check_socket_path(sock)?;
+        }
         let parent = self.find(&parent)?;
         let mut reg = self.registry();
         let id = self
@@ -385,6 +447,7 @@ impl Daemon {
         };
         if let Err(f) = setup() {
             // Leave nothing half-made behind.
+            reg.remove(&id.0);
             let _ = self.engine.delete_snapshot(id);
             return Err(f);
         }
@@ -444,6 +507,7 @@ impl Daemon {
     }
 
     fn serve(&self, name: &str, socket: &str) -> Outcome<()> {
+        check_socket_path(socket)?;
         let dev = self.find(name)?;
         let mut reg = self.registry();
         if reg.get(&dev.id).is_some_and(|s| s.server.is_some()) {
@@ -510,6 +574,31 @@ impl Daemon {
     }
 }
 
+/// A serial the guest can see whole: GET_ID returns 20 bytes.
+fn check_serial(serial: &str) -> Outcome<()> {
+    if serial.len() > crate::virtio_blk::ID_BYTES || serial.contains('\0') {
+        return Err(Failure(
+            ErrorCode::Invalid,
+            format!(
+                "serial {serial:?} is longer than {} bytes",
+                crate::virtio_blk::ID_BYTES
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A path a unix socket can be bound at (sun_path holds 107 bytes and a NUL).
+fn check_socket_path(path: &str) -> Outcome<()> {
+    if path.is_empty() || path.len() > 107 || path.contains('\0') {
+        return Err(Failure(
+            ErrorCode::Invalid,
+            format!("{path:?} cannot be a unix socket path (1-107 bytes)"),
+        ));
+    }
+    Ok(())
+}
+
 fn io_stats(c: &IoCounters) -> IoStats {
     let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     IoStats {
@@ -568,4 +657,43 @@ pub fn default_cache_path(origin: &Path) -> PathBuf {
         .unwrap_or_default();
     name.push(".cache");
     origin.with_file_name(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_moves_windows_across_odd_buffers() {
+        let src: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let (a, b, c) = (
+            src[..1000].to_vec(),
+            src[1000..4096].to_vec(),
+            src[4096..].to_vec(),
+        );
+        let bufs = [IoSlice::new(&a), IoSlice::new(&b), IoSlice::new(&c)];
+        // Gather in windows of 3000 bytes (straddling every boundary), then scatter back.
+        let mut cursor = Cursor::default();
+        let mut flat = Vec::new();
+        let mut window = [0u8; 3000];
+        let mut left = src.len();
+        while left > 0 {
+            let n = left.min(window.len());
+            cursor.gather(&bufs, &mut window[..n]);
+            flat.extend_from_slice(&window[..n]);
+            left -= n;
+        }
+        assert_eq!(flat, src);
+        let (mut x, mut y, mut z) = (vec![0u8; 1000], vec![0u8; 3096], vec![0u8; 5904]);
+        let mut out = [
+            IoSliceMut::new(&mut x),
+            IoSliceMut::new(&mut y),
+            IoSliceMut::new(&mut z),
+        ];
+        let mut cursor = Cursor::default();
+        for part in src.chunks(3000) {
+            cursor.scatter(&mut out, part);
+        }
+        assert_eq!([x, y, z].concat(), src);
+    }
 }

@@ -207,3 +207,53 @@ fn deleting_a_snapshot_gives_its_space_back_to_the_file_system() {
     );
     assert_eq!(eng.stats().blocks_used, 0);
 }
+
+/// A limit raised at open is persisted at once: blocks allocated above the old limit must not
+/// make the cache object unopenable when it is next opened without the option.
+#[test]
+fn a_raised_size_limit_survives_the_next_open() {
+    const CHUNK: u64 = 4096;
+    let origin = Arc::new(MemStorage::new(256 * CHUNK));
+    let cache = Arc::new(MemStorage::new(0));
+    let journal = 64 * 1024;
+    let probe = CacheObject::create(
+        origin.clone(),
+        cache.clone(),
+        CreateOptions {
+            chunk_size: CHUNK,
+            max_size: 64 << 20,
+            journal_size: journal,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let small = probe.cache_info().data_offset + 16 * CHUNK;
+    drop(probe);
+    let cache = Arc::new(MemStorage::new(0));
+    let opts = CreateOptions {
+        chunk_size: CHUNK,
+        max_size: small,
+        journal_size: journal,
+        ..Default::default()
+    };
+    drop(CacheObject::create(origin.clone(), cache.clone(), opts).unwrap());
+
+    let raised = OpenOptions {
+        max_size: Some(small + 200 * CHUNK),
+        ..Default::default()
+    };
+    let eng = CacheObject::open(origin.clone(), cache.clone(), raised).unwrap();
+    let s = eng.create_snapshot(DeviceId::ORIGIN, "s", true).unwrap();
+    for c in 0..100u64 {
+        eng.write(s, c * CHUNK, &[7u8; CHUNK as usize]).unwrap();
+    }
+    eng.flush().unwrap();
+    drop(eng);
+
+    let eng = CacheObject::open(origin, cache, OpenOptions::default())
+        .expect("reopen with the stored limit");
+    assert_eq!(eng.cache_info().max_size, small + 200 * CHUNK);
+    let mut buf = vec![0u8; CHUNK as usize];
+    eng.read(s, 99 * CHUNK, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 7));
+}

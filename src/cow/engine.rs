@@ -328,8 +328,14 @@ impl CacheObject {
                 )));
             }
         }
-        if let Some(m) = opts.max_size {
-            header.max_size = header.max_size.max(m);
+        if let Some(m) = opts.max_size.filter(|&m| m > header.max_size) {
+            // Persist the raised limit before any block above the old one can be allocated and
+            // journaled: otherwise a later open without the option would find mappings out of
+            // range. The other header slot stays valid if this write is torn.
+            header.max_size = m;
+            header.generation += 1;
+            cache.write_at(&header.encode(), (header.generation % 2) * HEADER_SLOT_SIZE)?;
+            cache.sync()?;
         }
         let recovered = recover(cache.as_ref(), &header)?;
         // Refuse rather than silently drop durable transactions after a damaged one.

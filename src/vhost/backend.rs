@@ -161,6 +161,9 @@ impl VhostUserBackend for BlkBackend {
 
     fn reset_device(&self) {
         self.writeback.store(true, Ordering::Relaxed);
+        for w in &self.workers {
+            w.lock().unwrap_or_else(|p| p.into_inner()).reset();
+        }
     }
 
     fn set_event_idx(&self, _enabled: bool) {

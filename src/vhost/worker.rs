@@ -26,11 +26,21 @@ pub struct QueueWorker {
     iovecs: Vec<libc::iovec>,
     /// The second half of a request split for parallel I/O.
     right: Vec<libc::iovec>,
+    /// The driver corrupted the ring: stop serving this queue until it is reset.
+    broken: bool,
     /// Current adaptive polling window (grows toward the configured maximum while the
     /// driver's requests arrive soon after we go idle, drops to zero when they do not).
     poll: Duration,
     /// When this worker last went to sleep waiting for a kick.
     idle_since: Option<Instant>,
+}
+
+/// Why a queue could not be served.
+enum QueueFault {
+    /// The ring in guest memory is corrupt (bad index or address): the driver's fault.
+    Ring(String),
+    /// Signalling the driver failed (the call eventfd): a host-side problem.
+    Notify(io::Error),
 }
 
 /// Queue workers polling right now, across the daemon.
@@ -76,6 +86,11 @@ impl QueueWorker {
     /// `poll` non-zero, keeps notifications suppressed and watches the ring for that long
     /// before going back to sleep, so a driver at low queue depth needs no kick and we no
     /// wakeup per request.
+    /// Forgets a broken ring (the driver reset the device).
+    pub fn reset(&mut self) {
+        self.broken = false;
+    }
+
     pub fn process_queue(
         &mut self,
         backend: &BlkBackend,
@@ -83,40 +98,75 @@ impl QueueWorker {
         max_poll: Duration,
         guest_mem: &GuestMem,
     ) -> io::Result<()> {
+        if self.broken {
+            // The driver corrupted this ring; it stays dead until the device is reset or the
+            // frontend reconnects (a fresh backend). Kicks are drained by the event loop.
+            return Ok(());
+        }
         self.adapt_poll(max_poll);
         let poll = self.poll;
         let mut state = vring.get_mut();
-        let queue_err = io::Error::other;
+        match self.drain(backend, &mut state, poll, guest_mem) {
+            Ok(()) => Ok(()),
+            Err(QueueFault::Ring(e)) => {
+                // Never let a guest's ring corruption end the worker thread (the queue would
+                // die silently) or loop forever: stop serving this queue, say why, once.
+                warn!("virtqueue broken by the driver, no longer served until reset: {e}");
+                self.broken = true;
+                Ok(())
+            }
+            Err(QueueFault::Notify(e)) => Err(e),
+        }
+    }
+
+    fn drain(
+        &mut self,
+        backend: &BlkBackend,
+        state: &mut VringStateGuard<'_>,
+        poll: Duration,
+        guest_mem: &GuestMem,
+    ) -> Result<(), QueueFault> {
+        let ring = |e: virtio_queue::Error| QueueFault::Ring(e.to_string());
         loop {
-            // Load the memory table on every pass: the frontend may have added a region
-            // (ADD_MEM_REG) while we were polling, and its next request may point there.
-            let guard = guest_mem.memory();
-            let mem = &*guard;
-            state
-                .get_queue_mut()
-                .disable_notification(mem)
-                .map_err(queue_err)?;
             let mut used_any = false;
-            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) {
+            {
+                let guard = guest_mem.memory();
+                state
+                    .get_queue_mut()
+                    .disable_notification(&*guard)
+                    .map_err(ring)?;
+            }
+            loop {
+                // Load the memory table for every request: the frontend may add a region
+                // (ADD_MEM_REG) at any time and point its next request there.
+                let guard = guest_mem.memory();
+                let mem = &*guard;
+                let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) else {
+                    break;
+                };
                 let head = chain.head_index();
                 let used_len = self.handle_chain(backend, chain, mem);
                 state
                     .get_queue_mut()
                     .add_used(mem, head, used_len)
-                    .map_err(queue_err)?;
+                    .map_err(ring)?;
                 used_any = true;
             }
+            let guard = guest_mem.memory();
+            let mem = &*guard;
             if used_any
                 && state
                     .get_queue_mut()
                     .needs_notification(mem)
-                    .map_err(queue_err)?
+                    .map_err(ring)?
             {
-                state.signal_used_queue()?;
+                state.signal_used_queue().map_err(QueueFault::Notify)?;
             }
             if !poll.is_zero() && used_any {
                 if let Some(_slot) = PollSlot::take() {
-                    if Self::poll_ring(&mut state, mem, poll)? {
+                    if Self::poll_ring(state, mem, poll)
+                        .map_err(|e| QueueFault::Ring(e.to_string()))?
+                    {
                         continue;
                     }
                 }
@@ -126,10 +176,26 @@ impl QueueWorker {
             if !state
                 .get_queue_mut()
                 .enable_notification(mem)
-                .map_err(queue_err)?
+                .map_err(ring)?
             {
                 self.idle_since = Some(Instant::now());
                 return Ok(());
+            }
+            if !used_any {
+                // Nothing was popped, yet requests are available: either one arrived just now
+                // (go round again) or the driver's avail index is corrupt (virtio-queue logs
+                // and hides that error, so going round would spin forever holding the lock).
+                let queue = state.get_queue_mut();
+                let avail = queue.avail_idx(mem, Ordering::Acquire).map_err(ring)?;
+                let pending = avail.0.wrapping_sub(queue.next_avail());
+                if pending > queue.size() {
+                    return Err(QueueFault::Ring(format!(
+                        "avail index {} is {pending} entries past next_avail {} on a ring of {}",
+                        avail.0,
+                        queue.next_avail(),
+                        queue.size()
+                    )));
+                }
             }
         }
     }
@@ -285,12 +351,18 @@ impl QueueWorker {
                 for r in &req.ranges {
                     device.discard(r.offset, r.len)?;
                 }
+                if !backend.writeback() {
+                    device.flush()?;
+                }
                 IoCounters::add(&c.discards, 1);
                 Ok(0)
             }
             RequestKind::WriteZeroes => {
                 for r in &req.ranges {
                     device.write_zeroes(r.offset, r.len, r.unmap)?;
+                }
+                if !backend.writeback() {
+                    device.flush()?;
                 }
                 IoCounters::add(&c.write_zeroes, 1);
                 Ok(0)
@@ -399,6 +471,7 @@ mod tests {
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
     use vhost_user_backend::VhostUserBackend;
+    use vhost_user_backend::VringT;
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -697,5 +770,52 @@ mod tests {
         ));
         assert_eq!(r.run(&[outer]), (513, VIRTIO_BLK_S_OK));
         assert_eq!(r.mem.read_obj::<u8>(GuestAddress(DATA)).unwrap(), 4);
+    }
+
+    /// A ring at 0x1000 (descriptors), 0x2000 (avail), 0x3000 (used) of 16 entries.
+    fn ring(r: &Rig) -> (GuestMem, VringRwLock<GuestMem>) {
+        let gm = GuestMemoryAtomic::new(r.mem.clone());
+        let vring = VringRwLock::new(gm.clone(), 16).unwrap();
+        vring.set_queue_size(16);
+        vring.set_queue_info(0x1000, 0x2000, 0x3000).unwrap();
+        vring.set_queue_ready(true);
+        (gm, vring)
+    }
+
+    #[test]
+    fn a_corrupt_avail_index_stops_the_queue_instead_of_spinning() {
+        let r = rig(false);
+        let (gm, vring) = ring(&r);
+        r.mem.write_obj(17u16, GuestAddress(0x2002)).unwrap(); // avail.idx beyond the ring
+        let backend = Arc::new(r.backend);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (b, v, g) = (backend.clone(), vring.clone(), gm.clone());
+        std::thread::spawn(move || {
+            let mut w = QueueWorker::default();
+            let first = w.process_queue(&b, &v, Duration::ZERO, &g).is_ok();
+            let broken = w.broken;
+            let again = w.process_queue(&b, &v, Duration::ZERO, &g).is_ok();
+            let _ = tx.send((first, broken, again));
+        });
+        let (first, broken, again) = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("process_queue must return, not spin");
+        assert!(
+            first && broken && again,
+            "queue marked broken, worker thread kept alive"
+        );
+    }
+
+    #[test]
+    fn a_bad_head_index_does_not_end_the_worker_thread() {
+        let r = rig(false);
+        let (gm, vring) = ring(&r);
+        r.mem.write_obj(999u16, GuestAddress(0x2004)).unwrap(); // ring[0]: head out of range
+        r.mem.write_obj(1u16, GuestAddress(0x2002)).unwrap();
+        let mut w = QueueWorker::default();
+        // An error here would end the library's worker thread: the queue would die silently.
+        assert!(w
+            .process_queue(&r.backend, &vring, Duration::ZERO, &gm)
+            .is_ok());
     }
 }
