@@ -8,7 +8,8 @@
 //!    from a fresh cache object and a freshly rewritten origin each time, every write the first
 //!    one to its chunk since the snapshots (so each one copies the chunk before writing).
 //!
-//! One queue, QD 32 throughout. Backends alternate run by run (the one going first rotates
+//! One queue, QD 32 throughout. Tables give the median over rounds of each side's IOPS and of
+//! the per-round ratios, and the range of those ratios. Backends alternate run by run (the one going first rotates
 //! each round), so drift on the shared machine hits both alike; the ratios are what count.
 //! This is a child module of the `vs_qsd` bench and reuses its daemon and client code.
 
@@ -41,24 +42,43 @@ impl Side {
     }
 }
 
-/// Total requests and seconds over all rounds of one row and side.
-#[derive(Clone, Copy, Default)]
-struct Tally {
-    ops: u64,
-    secs: f64,
+/// Per-round IOPS of one row: (reference side, other side), both from the same round.
+#[derive(Default)]
+struct Rounds(Vec<(f64, f64)>);
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
-impl Tally {
-    fn add(&mut self, (ops, secs): (u64, f64)) {
-        self.ops += ops;
-        self.secs += secs;
+impl Rounds {
+    fn add(&mut self, a: (u64, f64), b: (u64, f64)) {
+        self.0.push((a.0 as f64 / a.1, b.0 as f64 / b.1));
     }
-    fn iops(self) -> f64 {
-        if self.secs > 0.0 {
-            self.ops as f64 / self.secs
-        } else {
-            0.0
+    /// `| median a | median b | median of the per-round ratios a/b (or b/a when `inverse`) |
+    /// min-max of them |`
+    fn cells(&self, inverse: bool) -> String {
+        let a = median(self.0.iter().map(|x| x.0).collect());
+        let b = median(self.0.iter().map(|x| x.1).collect());
+        let rs: Vec<f64> = self
+            .0
+            .iter()
+            .map(|&(a, b)| if inverse { b / a } else { a / b })
+            .collect();
+        if rs.is_empty() {
+            return "- | - | - | - |".into();
         }
+        let lo = rs.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = rs.iter().copied().fold(0.0, f64::max);
+        format!("{a:.0} | {b:.0} | {:.2} | {lo:.2}-{hi:.2} |", median(rs))
     }
 }
 
@@ -503,7 +523,7 @@ pub(super) fn run(ctx: &Ctx) -> i32 {
             cfg.secs
         );
         let sides = [Side::Snapblk, Side::Qcow2];
-        let mut tally = [[Tally::default(); 2]; 3];
+        let mut tally: [Rounds; 3] = Default::default();
         for round in 0..rounds {
             if stopping() {
                 break;
@@ -530,23 +550,22 @@ pub(super) fn run(ctx: &Ctx) -> i32 {
                     ratio(per(a[2]), per(b[2]))
                 );
                 for row in 0..3 {
-                    tally[row][0].add(a[row]);
-                    tally[row][1].add(b[row]);
+                    tally[row].add(a[row], b[row]);
                 }
             }
         }
         println!(
-            "| workload (1 queue, QD 32) | snapblk IOPS | qsd-qcow2 IOPS | snapblk/qsd-qcow2 |"
+            "| workload (1 queue, QD 32) | snapblk IOPS | qsd-qcow2 IOPS | snapblk/qsd-qcow2 | \
+             per-round range |"
         );
-        println!("|---|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|");
         let names = [
             "first-touch 4k randwrite",
             "rewrite 4k randwrite",
             "4k randread (mixed)",
         ];
         for (row, name) in names.iter().enumerate() {
-            let (a, b) = (tally[row][0].iops(), tally[row][1].iops());
-            println!("| {name} | {a:.0} | {b:.0} | {} |", ratio(a, b));
+            println!("| {name} | {}", tally[row].cells(false));
         }
     }
 
@@ -558,7 +577,7 @@ pub(super) fn run(ctx: &Ctx) -> i32 {
             ORIGIN_TOUCH_FRAC * 100.0
         );
         let counts = [1, MANY_SNAPSHOTS];
-        let mut tally = [Tally::default(); 2];
+        let mut tally = Rounds::default();
         for round in 0..rounds {
             if stopping() {
                 break;
@@ -588,20 +607,15 @@ pub(super) fn run(ctx: &Ctx) -> i32 {
                     "# round {round}: {MANY_SNAPSHOTS}/1 = {}",
                     ratio(b.0 as f64 / b.1, a.0 as f64 / a.1)
                 );
-                tally[0].add(a);
-                tally[1].add(b);
+                tally.add(a, b);
             }
         }
         println!(
             "| workload (1 queue, QD 32) | 1 snapshot IOPS | {MANY_SNAPSHOTS} snapshots IOPS | \
-             {MANY_SNAPSHOTS}/1 |"
+             {MANY_SNAPSHOTS}/1 | per-round range |"
         );
-        println!("|---|---:|---:|---:|");
-        let (a, b) = (tally[0].iops(), tally[1].iops());
-        println!(
-            "| origin first-touch 4k randwrite | {a:.0} | {b:.0} | {} |",
-            ratio(b, a)
-        );
+        println!("|---|---:|---:|---:|---:|");
+        println!("| origin first-touch 4k randwrite | {}", tally.cells(true));
     }
 
     if !errors.is_empty() {
