@@ -314,6 +314,8 @@ fn snapshot_run(
     round: usize,
 ) -> Result<[(u64, f64); 3], String> {
     let dir = ctx.dir;
+    // Write back what earlier runs left dirty now, not during this run's measurement.
+    unsafe { libc::sync() };
     let mut control = None;
     let mut daemon = match side {
         Side::Snapblk => {
@@ -446,6 +448,7 @@ fn origin_run(
     // The previous run wrote to the origin: start again from the pristine pattern (this also
     // puts it back in the page cache).
     create_image(ctx.img, ctx.cfg.image_mib << 20);
+    unsafe { libc::sync() };
     let (mut daemon, ctrl) = start_snapblk(ctx.img, ctx.dir, seq)?;
     let mut c = Control::connect(&mut daemon, &ctrl)?;
     let t = Instant::now();
