@@ -18,6 +18,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+#[path = "vs_qsd/snapshots.rs"]
+mod snapshots;
+
 const BLOCK: u64 = 4096;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// A request that takes longer than this is reported as a hang.
@@ -109,6 +112,12 @@ const WORKLOADS: &[Workload] = &[
 
 const QUEUE_COUNTS: &[usize] = &[1, 2];
 
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Suite {
+    Backends,
+    Snapshots,
+}
+
 struct Config {
     secs: f64,
     warmup: f64,
@@ -116,6 +125,10 @@ struct Config {
     backends: Vec<Backend>,
     image_mib: u64,
     keep: bool,
+    /// Which suite: the backend comparison cells, or `snapshots` (`vs_qsd/snapshots.rs`).
+    suite: Suite,
+    /// Rounds of the snapshots suite.
+    rounds: usize,
     /// `cargo bench` passes `--bench`; `cargo test --benches`/`--all-targets` does not.
     bench_mode: bool,
 }
@@ -136,6 +149,12 @@ usage: cargo bench --bench vs_qsd -- [OPTIONS] [FILTER]
                     (default snapblk,qsd-fast,qsd-default; env VS_QSD_BACKENDS)
   --image-mib N     image size in MiB (default 1024; env VS_QSD_IMAGE_MIB)
   --keep            keep the temp dir (image, sockets, daemon logs) on exit (env VS_QSD_KEEP=1)
+  --suite S         `backends` (default: the cells below) or `snapshots`: writable snapshot
+                    vs qsd qcow2 overlay (first-touch, rewrite, mixed read), and origin writes
+                    under 1 vs 100 snapshots; FILTER picks `snapshot-vs-qcow2` or
+                    `origin-write` (env VS_QSD_SUITE)
+  --rounds N        rounds of the snapshots suite, backends alternating (default 3;
+                    env VS_QSD_ROUNDS)
 
 cells: 4k-randread-qd1, 4k-randread-qd32, 4k-randwrite-qd32, 1m-seqread-qd8, each /q1 and /q2
 env SNAPBLK_BIN overrides the snapblk binary (default: the one cargo built for this bench);
@@ -160,6 +179,8 @@ fn parse_config() -> Result<Config, String> {
     let mut backends = env_or("VS_QSD_BACKENDS", "snapblk,qsd-fast,qsd-default");
     let mut image_mib = env_or("VS_QSD_IMAGE_MIB", "1024");
     let mut keep = env_or("VS_QSD_KEEP", "") == "1";
+    let mut suite = env_or("VS_QSD_SUITE", "backends");
+    let mut rounds = env_or("VS_QSD_ROUNDS", "3");
 
     let mut bench_mode = false;
     let mut args = std::env::args().skip(1);
@@ -178,6 +199,8 @@ fn parse_config() -> Result<Config, String> {
             "--backends" => backends = value("--backends")?,
             "--image-mib" => image_mib = value("--image-mib")?,
             "--keep" => keep = true,
+            "--suite" => suite = value("--suite")?,
+            "--rounds" => rounds = value("--rounds")?,
             s if s.starts_with('-') => return Err(format!("unknown option {s:?}\n\n{HELP}")),
             s => filter = s.to_string(),
         }
@@ -196,6 +219,20 @@ fn parse_config() -> Result<Config, String> {
         .ok()
         .filter(|&n| n >= 16)
         .ok_or_else(|| format!("--image-mib: need an integer >= 16, got {image_mib:?}"))?;
+    let suite = match suite.as_str() {
+        "backends" => Suite::Backends,
+        "snapshots" => Suite::Snapshots,
+        other => {
+            return Err(format!(
+                "--suite: expected backends or snapshots, got {other:?}"
+            ))
+        }
+    };
+    let rounds = rounds
+        .parse::<usize>()
+        .ok()
+        .filter(|&n| n >= 1)
+        .ok_or_else(|| format!("--rounds: need an integer >= 1, got {rounds:?}"))?;
     Ok(Config {
         secs: num("--secs", &secs)?.max(0.1),
         warmup: num("--warmup", &warmup)?,
@@ -207,6 +244,8 @@ fn parse_config() -> Result<Config, String> {
         backends,
         image_mib,
         keep,
+        suite,
+        rounds,
         bench_mode,
     })
 }
@@ -890,7 +929,7 @@ fn main() {
             cfg.filters.is_empty() || cfg.filters.iter().any(|f| name.contains(f.as_str()))
         })
         .collect();
-    if cells.is_empty() {
+    if cells.is_empty() && cfg.suite == Suite::Backends {
         eprintln!("vs_qsd: no cell matches filter {:?}", cfg.filters);
         std::process::exit(2);
     }
@@ -924,6 +963,19 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         command_version("uname", "-r")
     );
+
+    if cfg.suite == Suite::Snapshots {
+        let ctx = Ctx {
+            cfg: &cfg,
+            img: &img,
+            dir: dir.path(),
+        };
+        let code = snapshots::run(&ctx);
+        if cfg.keep {
+            eprintln!("vs_qsd: kept {}", dir.keep().display());
+        }
+        std::process::exit(code);
+    }
 
     let names: Vec<&str> = cfg.backends.iter().map(|b| b.name()).collect();
     let reference = cfg.backends[0];
