@@ -9,7 +9,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use vmm_sys_util::eventfd::EventFd;
@@ -27,6 +27,13 @@ pub struct ControlServer {
     path: PathBuf,
     wake: Arc<EventFd>,
     thread: Option<JoinHandle<()>>,
+    clients: Arc<Mutex<Vec<Client>>>,
+}
+
+/// A connected control client: its thread, and a handle on its socket to end an idle wait.
+struct Client {
+    stream: UnixStream,
+    thread: JoinHandle<()>,
 }
 
 impl ControlServer {
@@ -44,11 +51,12 @@ impl ControlServer {
                     source,
                 })?,
             );
+        let clients = Arc::new(Mutex::new(Vec::new()));
         let thread = {
-            let wake = wake.clone();
+            let (wake, clients) = (wake.clone(), clients.clone());
             std::thread::Builder::new()
                 .name("control".into())
-                .spawn(move || accept_loop(listener, &wake, handler))
+                .spawn(move || accept_loop(listener, &wake, handler, &clients))
                 .map_err(|source| SocketError::Bind {
                     path: path.into(),
                     source,
@@ -58,6 +66,7 @@ impl ControlServer {
             path: path.into(),
             wake,
             thread: Some(thread),
+            clients,
         })
     }
 
@@ -72,27 +81,58 @@ impl Drop for ControlServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        // Let a command that is running finish (the daemon shuts down after this), and end
+        // idle connections: a client thread reads its next line only after answering.
+        let clients = std::mem::take(&mut *lock(&self.clients));
+        for c in &clients {
+            let _ = c.stream.shutdown(std::net::Shutdown::Read);
+        }
+        for c in clients {
+            let _ = c.thread.join();
+        }
         let _ = fs::remove_file(&self.path);
     }
 }
 
-fn accept_loop(listener: UnixListener, wake: &EventFd, handler: Arc<dyn ControlHandler>) {
+fn lock(clients: &Mutex<Vec<Client>>) -> std::sync::MutexGuard<'_, Vec<Client>> {
+    clients.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn accept_loop(
+    listener: UnixListener,
+    wake: &EventFd,
+    handler: Arc<dyn ControlHandler>,
+    clients: &Mutex<Vec<Client>>,
+) {
     while wait_readable(listener.as_raw_fd(), wake) {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                let handler = handler.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("control-client".into())
-                    .spawn(move || {
-                        if let Err(e) = serve_client(stream, &*handler) {
-                            debug!("control client: {e}");
-                        }
-                    });
-                if let Err(e) = spawned {
-                    warn!("cannot start a control client thread: {e}");
-                }
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                warn!("control accept failed: {e}");
+                continue;
             }
-            Err(e) => warn!("control accept failed: {e}"),
+        };
+        let Ok(handle) = stream.try_clone() else {
+            warn!("cannot keep a handle on a control connection; closing it");
+            continue;
+        };
+        let handler = handler.clone();
+        let spawned = std::thread::Builder::new()
+            .name("control-client".into())
+            .spawn(move || {
+                if let Err(e) = serve_client(stream, &*handler) {
+                    debug!("control client: {e}");
+                }
+            });
+        let mut list = lock(clients);
+        // Forget clients that are gone, so a long-lived daemon keeps no dead handles.
+        list.retain(|c| !c.thread.is_finished());
+        match spawned {
+            Ok(thread) => list.push(Client {
+                stream: handle,
+                thread,
+            }),
+            Err(e) => warn!("cannot start a control client thread: {e}"),
         }
     }
 }
@@ -194,5 +234,40 @@ mod tests {
         drop(client);
         drop(server);
         assert!(!path.exists(), "socket removed on drop");
+    }
+
+    struct Slow(std::sync::atomic::AtomicBool);
+    impl ControlHandler for Slow {
+        fn handle(&self, _request: Request) -> Reply {
+            std::thread::sleep(Duration::from_millis(300));
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            Reply::ok(DeviceList { devices: vec![] })
+        }
+    }
+
+    #[test]
+    fn stopping_waits_for_a_running_command_and_ends_idle_clients() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let handler = Arc::new(Slow(std::sync::atomic::AtomicBool::new(false)));
+        let server = ControlServer::start(&path, 0o600, handler.clone()).unwrap();
+        let _idle = ControlClient::connect(&path).unwrap();
+        let p = path.clone();
+        let busy = std::thread::spawn(move || {
+            let mut c = ControlClient::connect(&p).unwrap();
+            c.call(&Request::new(Command::List)).map(|r| r.ok)
+        });
+        std::thread::sleep(Duration::from_millis(100)); // the command is running now
+        let started = std::time::Instant::now();
+        drop(server);
+        assert!(
+            handler.0.load(std::sync::atomic::Ordering::SeqCst),
+            "the running command finished first"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "an idle client does not hold up the stop"
+        );
+        assert!(busy.join().unwrap().unwrap(), "its reply was delivered");
     }
 }
