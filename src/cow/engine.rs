@@ -605,6 +605,13 @@ impl CacheObject {
         self.state.write().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// What device `dev` shows at chunk `c`, after checking the device still exists.
+    fn view_of(&self, dev: u64, c: u64) -> Result<View> {
+        let st = self.read_state();
+        Self::check_dev(&st.meta, dev)?;
+        Ok(st.meta.resolve(dev, c))
+    }
+
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         let ok = offset.is_multiple_of(SECTOR)
             && len.is_multiple_of(SECTOR)
@@ -669,11 +676,7 @@ impl CacheObject {
                 .stripe(c)
                 .read()
                 .unwrap_or_else(PoisonError::into_inner);
-            let view = {
-                let st = self.read_state();
-                Self::check_dev(&st.meta, dev.0)?;
-                st.meta.resolve(dev.0, c)
-            };
+            let view = self.view_of(dev.0, c)?;
             match view {
                 View::Origin => self.origin.read_at(piece, pos)?,
                 View::Zero => piece.fill(0),
@@ -1364,11 +1367,7 @@ impl CacheObject {
                 .stripe(c)
                 .write()
                 .unwrap_or_else(PoisonError::into_inner);
-            let view = {
-                let st = self.read_state();
-                Self::check_dev(&st.meta, from.0)?;
-                st.meta.resolve(from.0, c)
-            };
+            let view = self.view_of(from.0, c)?;
             let clen = self.chunk_len(c);
             match view {
                 View::Origin => {}
