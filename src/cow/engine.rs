@@ -138,6 +138,16 @@ enum Src<'a> {
     Discard,
 }
 
+impl<'a> Src<'a> {
+    /// The part of the source that lands at `done..done+len` of the range.
+    fn part(self, done: usize, len: usize) -> Src<'a> {
+        match self {
+            Src::Data(buf) => Src::Data(&buf[done..done + len]),
+            other => other,
+        }
+    }
+}
+
 /// Tables plus what is not yet durable.
 struct State {
     meta: Meta,
@@ -689,35 +699,29 @@ impl CacheObject {
 
     /// Writes `buf` to device `dev` at `offset`.
     pub fn write(&self, dev: DeviceId, offset: u64, buf: &[u8]) -> Result<()> {
-        self.check_range(offset, buf.len() as u64)?;
-        if dev == DeviceId::ORIGIN && self.spans_chunks(offset, buf.len() as u64) {
-            return self.write_origin_batched(offset, buf.len() as u64, Src::Data(buf));
-        }
-        self.for_each_chunk(offset, buf.len() as u64, |c, inoff, len, done| {
-            self.write_chunk(dev.0, c, inoff, len, Src::Data(&buf[done..done + len]))
-        })
+        self.change(dev, offset, buf.len() as u64, Src::Data(buf))
     }
 
     /// Makes `[offset, offset+len)` of `dev` read as zeros.
     pub fn write_zeroes(&self, dev: DeviceId, offset: u64, len: u64) -> Result<()> {
-        self.check_range(offset, len)?;
-        if dev == DeviceId::ORIGIN && self.spans_chunks(offset, len) {
-            return self.write_origin_batched(offset, len, Src::Zeroes);
-        }
-        self.for_each_chunk(offset, len, |c, inoff, n, _| {
-            self.write_chunk(dev.0, c, inoff, n, Src::Zeroes)
-        })
+        self.change(dev, offset, len, Src::Zeroes)
     }
 
     /// Discards `[offset, offset+len)` of `dev`; it reads as zeros afterwards and whole chunks
     /// release their blocks. Other devices keep their views.
     pub fn discard(&self, dev: DeviceId, offset: u64, len: u64) -> Result<()> {
+        self.change(dev, offset, len, Src::Discard)
+    }
+
+    /// Changes `[offset, offset+len)` of `dev` to what `src` says, chunk by chunk (origin
+    /// writes spanning chunks are batched: their copies share one commit).
+    fn change(&self, dev: DeviceId, offset: u64, len: u64, src: Src<'_>) -> Result<()> {
         self.check_range(offset, len)?;
         if dev == DeviceId::ORIGIN && self.spans_chunks(offset, len) {
-            return self.write_origin_batched(offset, len, Src::Discard);
+            return self.write_origin_batched(offset, len, src);
         }
-        self.for_each_chunk(offset, len, |c, inoff, n, _| {
-            self.write_chunk(dev.0, c, inoff, n, Src::Discard)
+        self.for_each_chunk(offset, len, |c, inoff, n, done| {
+            self.write_chunk(dev.0, c, inoff, n, src.part(done, n))
         })
     }
 
@@ -768,10 +772,7 @@ impl CacheObject {
     fn write_origin_batched_locked(&self, offset: u64, len: u64, src: Src<'_>) -> Result<()> {
         let mut wait = 0u64;
         self.for_each_chunk(offset, len, |c, inoff, n, done| {
-            let piece = match src {
-                Src::Data(buf) => Src::Data(&buf[done..done + n]),
-                other => other,
-            };
+            let piece = src.part(done, n);
             self.write_chunk_locked_deferred(ORIGIN_ID, c, inoff, n, piece, Some(&mut wait))
         })?;
         if wait > self.durable_epoch.load(Ordering::Acquire) {
