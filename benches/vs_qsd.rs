@@ -366,6 +366,35 @@ fn tail(path: &Path, lines: usize) -> String {
     all[start..].join("\n")
 }
 
+/// Starts a daemon with its output in `log`, in its own process group (a terminal ^C reaches
+/// only the bench, which then shuts the daemons down itself) and killed if the bench dies.
+fn spawn_daemon(mut cmd: Command, sock: PathBuf, log: PathBuf) -> Result<Daemon, String> {
+    let _ = std::fs::remove_file(&sock);
+    let logf = File::create(&log).map_err(|e| format!("create {}: {e}", log.display()))?;
+    let logf2 = logf.try_clone().map_err(|e| format!("dup log fd: {e}"))?;
+    cmd.stdin(Stdio::null()).stdout(logf).stderr(logf2);
+    cmd.process_group(0);
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which
+    // is async-signal-safe; it touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("spawn {:?}: {e}", cmd.get_program()))?;
+    Ok(Daemon {
+        pid: child.id() as i32,
+        child: Some(child),
+        sock,
+        log,
+    })
+}
+
 impl Daemon {
     fn start(
         backend: Backend,
@@ -376,31 +405,7 @@ impl Daemon {
     ) -> Result<Daemon, String> {
         let sock = dir.join(format!("{}-{seq}.sock", backend.name()));
         let log = dir.join(format!("{}-{seq}.log", backend.name()));
-        let _ = std::fs::remove_file(&sock);
-        let logf = File::create(&log).map_err(|e| format!("create {}: {e}", log.display()))?;
-        let logf2 = logf.try_clone().map_err(|e| format!("dup log fd: {e}"))?;
-        let mut cmd = daemon_command(backend, img, &sock, nq);
-        cmd.stdin(Stdio::null()).stdout(logf).stderr(logf2);
-        // Own process group: a terminal ^C reaches only the bench, which then shuts the
-        // daemons down itself. PDEATHSIG: a bench killed with SIGKILL takes them along.
-        cmd.process_group(0);
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("spawn {:?}: {e}", cmd.get_program()))?;
-        Ok(Daemon {
-            pid: child.id() as i32,
-            child: Some(child),
-            sock,
-            log,
-        })
+        spawn_daemon(daemon_command(backend, img, &sock, nq), sock, log)
     }
 
     /// utime + stime of the whole daemon process (all threads), in seconds.

@@ -92,31 +92,6 @@ fn ratio(a: f64, b: f64) -> String {
 
 /// Starts `cmd` like `Daemon::start` does (own process group, killed with the bench), with
 /// its output in `log`; `sock` is the vhost-user socket `connect` will use.
-fn spawn(mut cmd: Command, sock: PathBuf, log: PathBuf) -> Result<Daemon, String> {
-    let _ = std::fs::remove_file(&sock);
-    let logf = File::create(&log).map_err(|e| format!("create {}: {e}", log.display()))?;
-    let logf2 = logf.try_clone().map_err(|e| format!("dup log fd: {e}"))?;
-    cmd.stdin(Stdio::null()).stdout(logf).stderr(logf2);
-    cmd.process_group(0);
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd
-        .spawn()
-        .map_err(|e| format!("spawn {:?}: {e}", cmd.get_program()))?;
-    Ok(Daemon {
-        pid: child.id() as i32,
-        child: Some(child),
-        sock,
-        log,
-    })
-}
-
 /// `snapblk serve` of `img` with a fresh cache object; returns the daemon and its control
 /// socket path.
 fn start_snapblk(img: &Path, dir: &Path, seq: usize) -> Result<(Daemon, PathBuf), String> {
@@ -137,7 +112,7 @@ fn start_snapblk(img: &Path, dir: &Path, seq: usize) -> Result<(Daemon, PathBuf)
         .arg(&cache)
         .arg("--num-queues")
         .arg("1");
-    let d = spawn(cmd, sock, dir.join(format!("snapblk-{seq}.log")))?;
+    let d = spawn_daemon(cmd, sock, dir.join(format!("snapblk-{seq}.log")))?;
     Ok((d, ctrl))
 }
 
@@ -372,7 +347,7 @@ fn snapshot_run(
                      writable=on,num-queues=1,iothread=io0",
                     sock.display()
                 ));
-            spawn(cmd, sock, dir.join(format!("qsd-qcow2-{seq}.log")))?
+            spawn_daemon(cmd, sock, dir.join(format!("qsd-qcow2-{seq}.log")))?
         }
     };
     let mut client = connect(&mut daemon, 1, QD * BLOCK as usize, false)?;
