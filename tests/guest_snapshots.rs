@@ -14,9 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use support::guest::{
-    fill_pattern, first_difference, guest_lock, pattern_sector, prepare_guest, run_guest,
-    skip_guest, tail, BackgroundGuest, GuestOpts, GuestRun, Pattern, Serve, MIB, NUM_QUEUES,
-    SECTOR,
+    fill_pattern, first_difference, pattern_sector, run_guest, start_guest_test, tail,
+    BackgroundGuest, GuestOpts, GuestRun, Pattern, Serve, MIB, NUM_QUEUES, SECTOR,
 };
 use support::Client;
 
@@ -176,11 +175,9 @@ fn vm_pattern(i: u64) -> Pattern {
 /// snapshots frees their blocks.
 #[test]
 fn three_vms_on_snapshots_of_one_golden_image() {
-    if skip_guest("three_vms_on_snapshots_of_one_golden_image") {
+    let Some(_one) = start_guest_test("three_vms_on_snapshots_of_one_golden_image") else {
         return;
-    }
-    prepare_guest();
-    let _one = guest_lock();
+    };
     let mut golden = vec![0u8; (IMG_MIB * MIB) as usize];
     GOLDEN.write_into(&mut golden);
     let env = Env::new(&golden);
@@ -386,11 +383,9 @@ fn initial_image() -> Vec<u8> {
 /// snapshot holds exactly the data of that instant; the origin holds every later write.
 #[test]
 fn snapshot_of_a_live_disk_mid_stream() {
-    if skip_guest("snapshot_of_a_live_disk_mid_stream") {
+    let Some(_one) = start_guest_test("snapshot_of_a_live_disk_mid_stream") else {
         return;
-    }
-    prepare_guest();
-    let _one = guest_lock();
+    };
     let initial = initial_image();
     let env = Env::new(&initial);
     let mut daemon = env.serve();
@@ -506,11 +501,9 @@ fn snapshot_of_a_live_disk_mid_stream() {
 /// I/O error, and every record it saw flushed (in fact every record) is in the image.
 #[test]
 fn guest_survives_daemon_sigkill_and_restart() {
-    if skip_guest("guest_survives_daemon_sigkill_and_restart") {
+    let Some(_one) = start_guest_test("guest_survives_daemon_sigkill_and_restart") else {
         return;
-    }
-    prepare_guest();
-    let _one = guest_lock();
+    };
     let initial = initial_image();
     let env = Env::new(&initial);
     let mut daemon = env.serve();
@@ -677,11 +670,9 @@ fn boot_snapshot_vms(env: &Env, n: usize, extra: &[&str]) -> String {
 /// deletes the snapshots afterwards: once starting its own daemon, once using a running one.
 #[test]
 fn boot_snapshot_vms_recipe() {
-    if skip_guest("boot_snapshot_vms_recipe") {
+    let Some(_one) = start_guest_test("boot_snapshot_vms_recipe") else {
         return;
-    }
-    prepare_guest();
-    let _one = guest_lock();
+    };
     let mut golden = vec![0u8; (IMG_MIB * MIB) as usize];
     GOLDEN.write_into(&mut golden);
     let env = Env::new(&golden);

@@ -221,6 +221,16 @@ pub fn guest_lock() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Starts a real-guest test: `None` when guest tests are disabled (after a loud notice);
+/// otherwise the guest is prepared and the returned guard keeps other guests off the CPUs.
+pub fn start_guest_test(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
+    if skip_guest(test) {
+        return None;
+    }
+    prepare_guest();
+    Some(guest_lock())
+}
+
 /// What run-guest.sh reported.
 #[derive(Debug)]
 pub struct GuestRun {
