@@ -74,11 +74,10 @@ impl StopSignal {
     }
 }
 
-/// Whether a frontend is connected, and how many connections were served.
+/// Whether a frontend is connected.
 #[derive(Debug, Default)]
 pub struct ConnectionStats {
     pub connected: AtomicBool,
-    pub connections: std::sync::atomic::AtomicU64,
 }
 
 /// A device served on a socket by a background thread.
@@ -194,7 +193,6 @@ fn serve_one(
         .map_err(|e| ServeError::Vhost(e.to_string()))?;
     info!("{name}: frontend connected");
     stats.connected.store(true, Ordering::SeqCst);
-    stats.connections.fetch_add(1, Ordering::Relaxed);
     *stop.lock() = daemon.shutdown_handle();
     if stop.requested() {
         daemon.request_shutdown();
