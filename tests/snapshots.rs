@@ -383,3 +383,59 @@ fn buffers_that_split_sectors_are_served_on_every_device() {
         assert_eq!(c.read(0, 4096, 4096).unwrap(), golden[4096..8192]);
     }
 }
+
+/// A queue full of first writes to origin chunks under a snapshot: each must make its copy
+/// durable before the origin changes (a sync), and the daemon runs them concurrently so those
+/// syncs are shared (group commit) instead of paid one per request.
+#[test]
+fn first_writes_under_a_snapshot_share_their_syncs() {
+    const CHUNK: usize = 64 << 10;
+    const DEPTH: usize = 32;
+    const ROUNDS: usize = 16;
+    let (s, golden) = Setup::new(DEPTH * ROUNDS * CHUNK / MIB);
+    let d = s.serve(&[]);
+    s.ok(&[
+        "snapshot",
+        "create",
+        "kept",
+        "--socket",
+        &sock(&s, "kept.sock"),
+    ]);
+    let commits_before = s.stats()["cache"]["commits"].as_u64().unwrap();
+    let mut origin = Client::connect(&d.socket, 1);
+    let new = pattern(DEPTH * ROUNDS * 4096, 31);
+    for round in 0..ROUNDS {
+        // DEPTH requests in flight at once, one 4 KiB write into each of DEPTH chunks.
+        for k in 0..DEPTH {
+            let i = round * DEPTH + k;
+            let buf = origin.buf_slice(0, (k + 1) * 4096);
+            buf[k * 4096..].copy_from_slice(&new[i * 4096..(i + 1) * 4096]);
+            let p = origin.buf(0).wrapping_add(k * 4096);
+            origin.queues[0].write((i * CHUNK) as u64, p, 4096, 0, blkio::ReqFlags::empty());
+        }
+        for _ in 0..DEPTH {
+            assert_eq!(origin.complete(0), 0);
+        }
+    }
+    let writes = (DEPTH * ROUNDS) as u64;
+    let stats = s.stats();
+    assert_eq!(stats["cache"]["copies"].as_u64().unwrap(), writes);
+    let commits = stats["cache"]["commits"].as_u64().unwrap() - commits_before;
+    assert!(
+        commits * 2 <= writes,
+        "{commits} commits for {writes} first writes at queue depth {DEPTH}: syncs not shared"
+    );
+    // The snapshot kept every chunk; the origin has the new data.
+    let mut kept = Client::try_connect(&s.p("kept.sock"), 1, true).unwrap();
+    for i in 0..DEPTH * ROUNDS {
+        let at = i * CHUNK;
+        assert_eq!(
+            kept.read(0, at as u64, 4096).unwrap(),
+            golden[at..at + 4096]
+        );
+        assert_eq!(
+            origin.read(0, at as u64, 4096).unwrap(),
+            new[i * 4096..(i + 1) * 4096]
+        );
+    }
+}

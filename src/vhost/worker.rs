@@ -1,8 +1,16 @@
 //! A queue worker: pops descriptor chains, parses them, does the I/O, answers with a status.
 //!
 //! Data moves between the device and guest memory directly: guest buffers become iovecs for
-//! preadv/pwritev, with no bounce buffer. The worker keeps its request and iovec vectors
-//! across requests, so the steady state allocates nothing.
+//! preadv/pwritev, with no bounce buffer. The worker keeps one slot (request and iovec
+//! vectors) per request of a batch across batches, so the steady state allocates nothing.
+//!
+//! Requests that take long (a sync behind a snapshot's first write, a read from disk, a large
+//! copy) are run concurrently: the worker pops every available chain and runs the batch on a
+//! shared I/O pool, so their waits overlap and concurrent syncs share one group commit. Cheap
+//! requests (page-cache hits) run inline, one by one, because handing them to another thread
+//! costs more than they do. The worker measures requests to choose. Either way used entries
+//! are added in the order the chains were popped, so after a crash of the daemon the frontend
+//! can resubmit exactly the requests past the used index (no inflight tracking needed).
 
 use super::backend::{BlkBackend, GuestMem};
 use crate::device::{BlockDevice, IoCounters};
@@ -10,8 +18,10 @@ use crate::virtio_blk::{
     ParseError, Request, RequestKind, StatusSlot, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
 };
 use log::{debug, warn};
+use rayon::prelude::*;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::QueueT;
@@ -22,10 +32,8 @@ type VringStateGuard<'a> = std::sync::RwLockWriteGuard<'a, VringState<GuestMem>>
 /// Per-queue reusable state.
 #[derive(Default)]
 pub struct QueueWorker {
-    request: Request,
-    iovecs: Vec<libc::iovec>,
-    /// The second half of a request split for parallel I/O.
-    right: Vec<libc::iovec>,
+    /// One per request of the current batch; `slots[0]` serves inline requests.
+    slots: Vec<Slot>,
     /// The driver corrupted the ring: stop serving this queue until it is reset.
     broken: bool,
     /// Current adaptive polling window (grows toward the configured maximum while the
@@ -33,7 +41,34 @@ pub struct QueueWorker {
     poll: Duration,
     /// When this worker last went to sleep waiting for a kick.
     idle_since: Option<Instant>,
+    /// Recent time per request, nanoseconds (moving average): above [`CONCURRENT_ABOVE`],
+    /// batches run on the I/O pool.
+    service_ns: u64,
+    /// Requests run inline since the last one timed (inline requests are timed 1 in 8).
+    untimed: u32,
 }
+
+/// One request in flight: its parsed form, its guest buffers and its answer.
+#[derive(Default)]
+struct Slot {
+    head: u16,
+    /// Parsed and not yet run.
+    ready: bool,
+    request: Request,
+    iovecs: Vec<libc::iovec>,
+    /// The second half of a request split for parallel I/O.
+    right: Vec<libc::iovec>,
+    /// Bytes written into guest memory (data and status), once done.
+    used_len: u32,
+    /// How long running it took.
+    took: Duration,
+}
+
+// SAFETY: a slot's iovecs point into guest memory. They are filled and used only while the
+// worker holds the memory guard of the batch (in `drain`), by the worker's thread or by pool
+// threads inside a call that waits for them; each slot is used by one thread at a time.
+// Between batches they hold stale pointers that are never dereferenced.
+unsafe impl Send for Slot {}
 
 /// Why a queue could not be served.
 enum QueueFault {
@@ -52,7 +87,7 @@ struct PollSlot;
 
 impl PollSlot {
     fn take() -> Option<PollSlot> {
-        static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        static LIMIT: OnceLock<usize> = OnceLock::new();
         let limit = *LIMIT.get_or_init(|| {
             std::thread::available_parallelism()
                 .map(|n| (n.get() / 2).max(1))
@@ -76,21 +111,38 @@ impl Drop for PollSlot {
 /// Smallest polling window worth starting with.
 const POLL_START: Duration = Duration::from_micros(4);
 
-// SAFETY: the iovecs are only filled and used within one `process_queue` call on the worker's
-// own thread (the halves of a split request are done by pool threads inside that call, which
-// waits for them); between calls they hold stale pointers that are never dereferenced.
-unsafe impl Send for QueueWorker {}
+/// Requests averaging longer than this run concurrently: waking a pool thread costs a few
+/// microseconds, which pays off only for requests that wait (syncs, disk reads, large copies).
+const CONCURRENT_ABOVE: u64 = 30_000;
+
+/// Threads of the shared I/O pool. They mostly wait on the disk, so there are more of them
+/// than CPUs: enough for a full queue's worth of syncs to meet in one group commit.
+const IO_THREADS: usize = 32;
+
+/// The pool that runs concurrent batches, shared by every queue of every device.
+fn io_pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(IO_THREADS)
+            .thread_name(|i| format!("snapblk-io-{i}"))
+            .build()
+            .map_err(|e| warn!("no I/O thread pool, requests run one by one: {e}"))
+            .ok()
+    })
+    .as_ref()
+}
 
 impl QueueWorker {
-    /// Drains the queue, notifying the driver once per batch if it wants it; then, with
-    /// `poll` non-zero, keeps notifications suppressed and watches the ring for that long
-    /// before going back to sleep, so a driver at low queue depth needs no kick and we no
-    /// wakeup per request.
     /// Forgets a broken ring (the driver reset the device).
     pub fn reset(&mut self) {
         self.broken = false;
     }
 
+    /// Drains the queue, notifying the driver once per batch if it wants it; then, with
+    /// `poll` non-zero, keeps notifications suppressed and watches the ring for that long
+    /// before going back to sleep, so a driver at low queue depth needs no kick and we no
+    /// wakeup per request.
     pub fn process_queue(
         &mut self,
         backend: &BlkBackend,
@@ -127,6 +179,9 @@ impl QueueWorker {
         guest_mem: &GuestMem,
     ) -> Result<(), QueueFault> {
         let ring = |e: virtio_queue::Error| QueueFault::Ring(e.to_string());
+        if self.slots.is_empty() {
+            self.slots.push(Slot::default());
+        }
         loop {
             let mut used_any = false;
             {
@@ -137,19 +192,24 @@ impl QueueWorker {
                     .map_err(ring)?;
             }
             loop {
-                // Load the memory table for every request: the frontend may add a region
+                // Load the memory table for every batch: the frontend may add a region
                 // (ADD_MEM_REG) at any time and point its next request there.
                 let guard = guest_mem.memory();
                 let mem = &*guard;
-                let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) else {
-                    break;
+                let popped = if self.service_ns > CONCURRENT_ABOVE {
+                    self.run_batch(backend, state, mem)?
+                } else {
+                    self.run_one(backend, state, mem)?
                 };
-                let head = chain.head_index();
-                let used_len = self.handle_chain(backend, chain, mem);
-                state
-                    .get_queue_mut()
-                    .add_used(mem, head, used_len)
-                    .map_err(ring)?;
+                if popped == 0 {
+                    break;
+                }
+                for slot in &self.slots[..popped] {
+                    state
+                        .get_queue_mut()
+                        .add_used(mem, slot.head, slot.used_len)
+                        .map_err(ring)?;
+                }
                 used_any = true;
             }
             let guard = guest_mem.memory();
@@ -200,6 +260,93 @@ impl QueueWorker {
         }
     }
 
+    /// Pops and runs one request in `slots[0]`; returns how many were popped (0 or 1).
+    fn run_one<M>(
+        &mut self,
+        backend: &BlkBackend,
+        state: &mut VringStateGuard<'_>,
+        mem: &M,
+    ) -> Result<usize, QueueFault>
+    where
+        M: GuestMemory + Sync,
+    {
+        let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) else {
+            return Ok(0);
+        };
+        let slot = &mut self.slots[0];
+        slot.prepare(backend, chain, mem);
+        self.untimed += 1;
+        if self.untimed >= 8 {
+            // Timing every cheap request would cost a visible share of it.
+            self.untimed = 0;
+            slot.run(backend, mem, true);
+            let took = slot.took;
+            self.record(took);
+        } else {
+            slot.run(backend, mem, false);
+        }
+        Ok(1)
+    }
+
+    /// Pops every available request and runs them concurrently on the I/O pool (a flush
+    /// waits for the requests popped before it); returns how many were popped.
+    fn run_batch<M>(
+        &mut self,
+        backend: &BlkBackend,
+        state: &mut VringStateGuard<'_>,
+        mem: &M,
+    ) -> Result<usize, QueueFault>
+    where
+        M: GuestMemory + Sync,
+    {
+        let mut n = 0;
+        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) {
+            if n == self.slots.len() {
+                self.slots.push(Slot::default());
+            }
+            self.slots[n].prepare(backend, chain, mem);
+            n += 1;
+            if n >= usize::from(state.get_queue().size()) {
+                break;
+            }
+        }
+        let mut start = 0;
+        while start < n {
+            // A group ends before the next flush; a flush is a group of its own.
+            let end = if self.slots[start].is_flush() {
+                start + 1
+            } else {
+                (start + 1..n)
+                    .find(|&i| self.slots[i].is_flush())
+                    .unwrap_or(n)
+            };
+            let group = &mut self.slots[start..end];
+            match io_pool() {
+                Some(pool) if group.len() > 1 => pool.install(|| {
+                    group
+                        .par_iter_mut()
+                        .with_max_len(1)
+                        .for_each(|slot| slot.run(backend, mem, true))
+                }),
+                _ => group
+                    .iter_mut()
+                    .for_each(|slot| slot.run(backend, mem, true)),
+            }
+            start = end;
+        }
+        for i in 0..n {
+            let took = self.slots[i].took;
+            self.record(took);
+        }
+        Ok(n)
+    }
+
+    /// Feeds one request's time into the moving average.
+    fn record(&mut self, took: Duration) {
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.service_ns = self.service_ns - self.service_ns / 8 + ns / 8;
+    }
+
     /// Sizes the polling window from how long the last sleep lasted (as QEMU's adaptive
     /// polling does): a sleep shorter than the maximum window means polling would have caught
     /// the next request without a kick, so poll longer; a longer sleep means polling burns CPU
@@ -237,37 +384,63 @@ impl QueueWorker {
             std::hint::spin_loop();
         }
     }
+}
 
-    /// Handles one chain and returns the number of bytes written into guest buffers.
-    fn handle_chain<M>(
+impl Slot {
+    /// Parses a chain. A request that cannot be parsed is answered here (its status written,
+    /// its used length set) and not run.
+    fn prepare<M: GuestMemory>(
         &mut self,
         backend: &BlkBackend,
         chain: virtio_queue::DescriptorChain<&M>,
         mem: &M,
-    ) -> u32
-    where
-        M: GuestMemory,
-    {
-        let device = backend.device();
-        let counters = device.counters();
-        if let Err(e) = self.request.parse(chain.clone(), mem, backend.limits()) {
-            IoCounters::add(&counters.errors, 1);
-            if matches!(e, ParseError::NoStatus | ParseError::BadStatusDescriptor) {
-                warn!("dropping request with no usable status descriptor: {e}");
-                return 0;
+    ) {
+        self.head = chain.head_index();
+        self.took = Duration::ZERO;
+        match self.request.parse(chain, mem, backend.limits()) {
+            Ok(()) => {
+                self.ready = true;
+                self.used_len = 0;
             }
-            debug!("refusing request: {e}");
-            return write_status(mem, self.request.status, e.status());
+            Err(e) => {
+                self.ready = false;
+                IoCounters::add(&backend.device().counters().errors, 1);
+                self.used_len =
+                    if matches!(e, ParseError::NoStatus | ParseError::BadStatusDescriptor) {
+                        warn!("dropping request with no usable status descriptor: {e}");
+                        0
+                    } else {
+                        debug!("refusing request: {e}");
+                        write_status(mem, self.request.status, e.status())
+                    };
+            }
         }
+    }
+
+    fn is_flush(&self) -> bool {
+        self.ready && matches!(self.request.kind, RequestKind::Flush)
+    }
+
+    /// Runs a prepared request and writes its status; with `timed`, records how long it took.
+    fn run<M: GuestMemory>(&mut self, backend: &BlkBackend, mem: &M, timed: bool) {
+        if !self.ready {
+            return;
+        }
+        self.ready = false;
+        let start = timed.then(Instant::now);
+        let device = backend.device();
         let (status, data_written) = match self.execute(backend, device, mem) {
             Ok(n) => (VIRTIO_BLK_S_OK, n),
             Err(e) => {
-                IoCounters::add(&counters.errors, 1);
+                IoCounters::add(&device.counters().errors, 1);
                 warn!("I/O error on {:?}: {e}", self.request.kind);
                 (VIRTIO_BLK_S_IOERR, 0)
             }
         };
-        data_written.saturating_add(write_status(mem, self.request.status, status))
+        self.used_len = data_written.saturating_add(write_status(mem, self.request.status, status));
+        if let Some(start) = start {
+            self.took = start.elapsed();
+        }
     }
 
     /// Does the I/O of a parsed request; returns the bytes written into guest memory.
@@ -486,7 +659,6 @@ mod tests {
         mem: GuestMemoryMmap,
         device: Arc<MemDevice>,
         backend: BlkBackend,
-        worker: QueueWorker,
     }
 
     fn rig(read_only: bool) -> Rig {
@@ -510,7 +682,6 @@ mod tests {
             mem,
             device,
             backend,
-            worker: QueueWorker::default(),
         }
     }
 
@@ -535,7 +706,10 @@ mod tests {
             self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
             let q = MockSplitQueue::new(&self.mem, 16);
             let chain = q.build_desc_chain(descs).unwrap();
-            let used = self.worker.handle_chain(&self.backend, chain, &self.mem);
+            let mut slot = Slot::default();
+            slot.prepare(&self.backend, chain, &self.mem);
+            slot.run(&self.backend, &self.mem, false);
+            let used = slot.used_len;
             (used, self.mem.read_obj(GuestAddress(STATUS)).unwrap())
         }
     }
@@ -770,6 +944,160 @@ mod tests {
         ));
         assert_eq!(r.run(&[outer]), (513, VIRTIO_BLK_S_OK));
         assert_eq!(r.mem.read_obj::<u8>(GuestAddress(DATA)).unwrap(), 4);
+    }
+
+    /// Writes that only complete once `want` of them are in flight at the same time (or
+    /// give up after 5 s); a flush checks every write popped before it is done.
+    struct GatedDevice {
+        inner: MemDevice,
+        want: usize,
+        in_flight: std::sync::Mutex<(usize, usize)>, // (now, done)
+        changed: std::sync::Condvar,
+        met: std::sync::atomic::AtomicUsize,
+        flush_saw_done: std::sync::atomic::AtomicUsize,
+    }
+
+    impl BlockDevice for GatedDevice {
+        fn capacity(&self) -> u64 {
+            self.inner.capacity()
+        }
+        fn read_vectored(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
+            self.inner.read_vectored(bufs, offset)
+        }
+        fn write_vectored(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
+            let mut g = self.in_flight.lock().unwrap();
+            g.0 += 1;
+            self.changed.notify_all();
+            let (mut g, _) = self
+                .changed
+                .wait_timeout_while(g, Duration::from_secs(5), |g| g.0 + g.1 < self.want)
+                .unwrap();
+            if g.0 + g.1 >= self.want {
+                self.met.fetch_add(1, Ordering::Relaxed);
+            }
+            g.0 -= 1;
+            g.1 += 1;
+            drop(g);
+            self.inner.write_vectored(bufs, offset)
+        }
+        fn flush(&self) -> io::Result<()> {
+            let done = self.in_flight.lock().unwrap().1;
+            self.flush_saw_done.store(done, Ordering::Relaxed);
+            self.inner.flush()
+        }
+        fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+            self.inner.discard(offset, len)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+            self.inner.write_zeroes(offset, len, unmap)
+        }
+        fn counters(&self) -> &IoCounters {
+            self.inner.counters()
+        }
+    }
+
+    #[test]
+    fn slow_requests_of_a_batch_run_concurrently_and_complete_in_order() {
+        const WRITES: usize = 4;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let device = Arc::new(GatedDevice {
+            inner: MemDevice::new(64 * 1024),
+            want: WRITES,
+            in_flight: std::sync::Mutex::new((0, 0)),
+            changed: std::sync::Condvar::new(),
+            met: std::sync::atomic::AtomicUsize::new(0),
+            flush_saw_done: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let opts = ServeOptions {
+            num_queues: 1,
+            queue_size: 16,
+            serial: "mock-serial".into(),
+            logical_block_size: 512,
+            read_only: false,
+            poll: Duration::ZERO,
+        };
+        let gm = GuestMemoryAtomic::new(mem.clone());
+        let backend = BlkBackend::new(device.clone(), opts, gm.clone()).unwrap();
+
+        // Four one-sector writes (each with its own header, data and status), then a flush.
+        let q = MockSplitQueue::create(&mem, GuestAddress(0x1000), 16);
+        let mut descs = Vec::new();
+        let chain = |descs: &mut Vec<RawDescriptor>, parts: &[RawDescriptor]| {
+            let first = descs.len() as u16;
+            for (k, d) in parts.iter().enumerate() {
+                let d = SplitDescriptor::from(*d);
+                let last = k + 1 == parts.len();
+                let flags = d.flags() | if last { 0 } else { 1 };
+                let next = if last { 0 } else { first + k as u16 + 1 };
+                descs.push(RawDescriptor::from(SplitDescriptor::new(
+                    d.addr().0,
+                    d.len(),
+                    flags,
+                    next,
+                )));
+            }
+        };
+        for i in 0..=WRITES {
+            let t = if i < WRITES {
+                VIRTIO_BLK_T_OUT
+            } else {
+                VIRTIO_BLK_T_FLUSH
+            };
+            let h = RequestHeader {
+                request_type: t.into(),
+                reserved: 0.into(),
+                sector: (i as u64).into(),
+            };
+            let hdr = HDR + 16 * i as u64;
+            mem.write_obj(h, GuestAddress(hdr)).unwrap();
+            mem.write_slice(&[0xc0 + i as u8; 512], GuestAddress(DATA + 512 * i as u64))
+                .unwrap();
+            let status = desc(STATUS + i as u64, 1, true);
+            if i < WRITES {
+                let data = desc(DATA + 512 * i as u64, 512, false);
+                chain(&mut descs, &[desc(hdr, 16, false), data, status]);
+            } else {
+                chain(&mut descs, &[desc(hdr, 16, false), status]);
+            }
+        }
+        q.add_desc_chains(&descs, 0).unwrap();
+        let vring = VringRwLock::new(gm.clone(), 16).unwrap();
+        vring.set_queue_size(16);
+        vring
+            .set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
+            .unwrap();
+        vring.set_queue_ready(true);
+
+        let mut w = QueueWorker {
+            service_ns: 10 * CONCURRENT_ABOVE,
+            ..QueueWorker::default()
+        };
+        w.process_queue(&backend, &vring, Duration::ZERO, &gm)
+            .unwrap();
+
+        assert_eq!(
+            device.met.load(Ordering::Relaxed),
+            WRITES,
+            "all {WRITES} writes of the batch were in flight at once"
+        );
+        assert_eq!(device.flush_saw_done.load(Ordering::Relaxed), WRITES);
+        assert_eq!(q.used().idx().load(), WRITES as u16 + 1);
+        let heads: Vec<u32> = (0..=WRITES)
+            .map(|i| q.used().ring().ref_at(i).unwrap().load().id())
+            .collect();
+        assert_eq!(heads, vec![0, 3, 6, 9, 12], "used in the order popped");
+        for i in 0..=WRITES {
+            assert_eq!(
+                mem.read_obj::<u8>(GuestAddress(STATUS + i as u64)).unwrap(),
+                VIRTIO_BLK_S_OK
+            );
+        }
+        let data = device.inner.data.lock().unwrap();
+        for i in 0..WRITES {
+            assert!(data[512 * i..512 * (i + 1)]
+                .iter()
+                .all(|&b| b == 0xc0 + i as u8));
+        }
     }
 
     /// A ring at 0x1000 (descriptors), 0x2000 (avail), 0x3000 (used) of 16 entries.
