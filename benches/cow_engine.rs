@@ -63,13 +63,26 @@ fn per_op(d: Duration, n: u64) -> f64 {
 
 fn main() {
     println!("# cow_engine micro-benchmarks ({})", chrono_free_date());
-    first_touch();
-    rewrite();
-    read_depth();
-    create_latency();
-    delete_time();
-    recovery();
-    chunk_size_and_subblocks();
+    // `cargo bench --bench cow_engine -- create read` runs only the sections whose name
+    // contains one of the words.
+    let words: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let sections: [(&str, fn()); 7] = [
+        ("first-touch", first_touch),
+        ("rewrite", rewrite),
+        ("read-depth", read_depth),
+        ("create-latency", create_latency),
+        ("delete-time", delete_time),
+        ("recovery", recovery),
+        ("chunk-size", chunk_size_and_subblocks),
+    ];
+    for (name, run) in sections {
+        if words.is_empty() || words.iter().any(|w| name.contains(w.as_str())) {
+            run();
+        }
+    }
 }
 
 fn chrono_free_date() -> String {

@@ -205,6 +205,9 @@ pub struct CacheObject {
     stripes: Box<[RwLock<()>]>,
     journal: Mutex<Journal>,
     durable_epoch: AtomicU64,
+    /// Records up to this epoch have their data (the copies and fills they map) durable: it
+    /// was written before they were logged, and a cache sync started after they were logged.
+    data_durable_epoch: AtomicU64,
     failed: AtomicBool,
     counters: Counters,
 }
@@ -389,6 +392,7 @@ impl CacheObject {
                 ckpt_blocks: recovered.ckpt_blocks,
             }),
             durable_epoch: AtomicU64::new(0),
+            data_durable_epoch: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             counters: Counters::default(),
         })
@@ -1186,14 +1190,18 @@ impl CacheObject {
             (payload, upto, ckpt)
         };
         if payload.is_empty() && ckpt.is_none() {
-            self.cache.sync()?;
+            self.sync_cache()?;
         } else if let Some((bytes, blocks)) = ckpt {
             self.write_checkpoint(j, &bytes, blocks)?;
         } else {
-            // Data of new blocks is durable before the records that map them.
-            self.cache.sync()?;
+            // Data of new blocks is durable before the records that map them. Under load,
+            // the previous commit's closing sync often covered it already: then one sync per
+            // commit, not two.
+            if upto > self.data_durable_epoch.load(Ordering::Acquire) {
+                self.cache.sync()?;
+            }
             self.append_txn(j, &payload)?;
-            self.cache.sync()?;
+            self.sync_cache()?;
         }
         self.counters.commits.fetch_add(1, Ordering::Relaxed);
         // Unmappings up to `upto` are durable: their blocks may be reused or changed in place.
@@ -1213,6 +1221,15 @@ impl CacheObject {
         drop(st);
         self.durable_epoch.store(upto, Ordering::Release);
         Ok(released)
+    }
+
+    /// Syncs the cache file and notes which records' data that made durable: every record
+    /// logged before the sync started had its data written before it was logged.
+    fn sync_cache(&self) -> Result<()> {
+        let logged = self.read_state().epoch;
+        self.cache.sync()?;
+        self.data_durable_epoch.fetch_max(logged, Ordering::AcqRel);
+        Ok(())
     }
 
     fn append_txn(&self, j: &mut Journal, payload: &[u8]) -> Result<()> {

@@ -107,6 +107,8 @@ pub struct CrashController {
     crash_at: AtomicU64,
     rng: Mutex<fastrand_like::Rng>,
     stores: Mutex<Vec<Arc<CrashStorage>>>,
+    /// How long a sync takes (widens the windows concurrent callers race in).
+    sync_micros: AtomicU64,
 }
 
 /// A tiny deterministic generator so the crash image depends only on the seed
@@ -134,7 +136,15 @@ impl CrashController {
             crash_at: AtomicU64::new(crash_at),
             rng: Mutex::new(fastrand_like::Rng(seed)),
             stores: Mutex::new(Vec::new()),
+            sync_micros: AtomicU64::new(0),
         })
+    }
+
+    /// Makes every sync take `d`. As with a real disk, a sync makes durable only the writes
+    /// issued before it started, not those issued while it runs.
+    pub fn set_sync_time(&self, d: std::time::Duration) {
+        self.sync_micros
+            .store(d.as_micros() as u64, Ordering::SeqCst);
     }
 
     /// A new crash-injecting store with `initial` as its durable content.
@@ -276,8 +286,20 @@ impl Storage for CrashStorage {
     }
     fn sync(&self) -> io::Result<()> {
         self.tick();
+        let delay = self
+            .ctl
+            .upgrade()
+            .map_or(0, |c| c.sync_micros.load(Ordering::SeqCst));
+        let covered = if delay > 0 {
+            let n = lock(&self.state).pending.len();
+            std::thread::sleep(std::time::Duration::from_micros(delay));
+            n
+        } else {
+            usize::MAX
+        };
         let mut st = lock(&self.state);
-        let pending = std::mem::take(&mut st.pending);
+        let covered = covered.min(st.pending.len());
+        let pending: Vec<_> = st.pending.drain(..covered).collect();
         for (off, data) in pending {
             put(&mut st.durable, &data, off);
         }
