@@ -196,7 +196,8 @@ impl QueueWorker {
                 // (ADD_MEM_REG) at any time and point its next request there.
                 let guard = guest_mem.memory();
                 let mem = &*guard;
-                let popped = if self.service_ns > CONCURRENT_ABOVE {
+                let concurrent = self.service_ns > CONCURRENT_ABOVE;
+                let popped = if concurrent {
                     self.run_batch(backend, state, mem)?
                 } else {
                     self.run_one(backend, state, mem)?
@@ -211,6 +212,19 @@ impl QueueWorker {
                         .map_err(ring)?;
                 }
                 used_any = true;
+                if concurrent {
+                    // A slow batch is reported at once, so the driver refills the ring while
+                    // the next batch runs instead of after the whole drain. (Cheap requests
+                    // are reported once per drain: signalling more often costs more than the
+                    // overlap gains; measured in docs/benchmarks.md.)
+                    if state
+                        .get_queue_mut()
+                        .needs_notification(mem)
+                        .map_err(ring)?
+                    {
+                        state.signal_used_queue().map_err(QueueFault::Notify)?;
+                    }
+                }
             }
             let guard = guest_mem.memory();
             let mem = &*guard;
@@ -341,9 +355,13 @@ impl QueueWorker {
         Ok(n)
     }
 
-    /// Feeds one request's time into the moving average.
+    /// Feeds one request's time into the moving average. A sample counts at most 4 times the
+    /// threshold, so one request that was merely preempted cannot switch modes: it takes a run
+    /// of slow requests.
     fn record(&mut self, took: Duration) {
-        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let ns = u64::try_from(took.as_nanos())
+            .unwrap_or(u64::MAX)
+            .min(4 * CONCURRENT_ABOVE);
         self.service_ns = self.service_ns - self.service_ns / 8 + ns / 8;
     }
 
