@@ -1045,6 +1045,13 @@ impl CacheObject {
                 Self::free_unused(&mut st, nb);
                 return Err(e);
             }
+            if st.meta.has_unmapped_child(dev, c) {
+                // A snapshot of `dev` was created (or moved under it by a delete) while the lock
+                // was dropped: it must get our old view (step 1) before our entry changes, or it
+                // would keep resolving to a block we are about to release. Start over.
+                Self::free_unused(&mut st, nb);
+                continue;
+            }
             st.log(Record::SetEntry {
                 dev,
                 chunk: c,
