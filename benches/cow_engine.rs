@@ -1,5 +1,7 @@
 //! Micro-benchmarks of the copy-on-write engine on real files in a temp dir.
-//! Run: `cargo bench --bench cow_engine` (set COW_BENCH_DIR to choose the file system).
+//! Run: `cargo bench --bench cow_engine` (set COW_BENCH_DIR to choose the file system);
+//! `cargo bench --bench cow_engine -- read_depth first_touch` runs only the cases whose names
+//! contain one of the given words.
 
 use snapblk::cow::{CacheObject, CreateOptions, DeviceId, OpenOptions};
 use snapblk::storage::{FileStorage, Storage};
@@ -63,23 +65,22 @@ fn per_op(d: Duration, n: u64) -> f64 {
 
 fn main() {
     println!("# cow_engine micro-benchmarks ({})", chrono_free_date());
-    // `cargo bench --bench cow_engine -- create read` runs only the sections whose name
-    // contains one of the words.
-    let words: Vec<String> = std::env::args()
+    // Cargo passes `--bench` (and libtest-style flags) to harness-less benches: skip flags.
+    let filters: Vec<String> = std::env::args()
         .skip(1)
-        .filter(|a| !a.starts_with("--"))
+        .filter(|a| !a.starts_with('-'))
         .collect();
-    let sections: [(&str, fn()); 7] = [
-        ("first-touch", first_touch),
+    let cases: [(&str, fn()); 7] = [
+        ("first_touch", first_touch),
         ("rewrite", rewrite),
-        ("read-depth", read_depth),
-        ("create-latency", create_latency),
-        ("delete-time", delete_time),
+        ("read_depth", read_depth),
+        ("create_latency", create_latency),
+        ("delete_time", delete_time),
         ("recovery", recovery),
-        ("chunk-size", chunk_size_and_subblocks),
+        ("chunk_size_and_subblocks", chunk_size_and_subblocks),
     ];
-    for (name, run) in sections {
-        if words.is_empty() || words.iter().any(|w| name.contains(w.as_str())) {
+    for (name, run) in cases {
+        if filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())) {
             run();
         }
     }

@@ -441,3 +441,162 @@ fn stress_concurrent_writers_readers_and_snapshots() {
     let report = check_cache(cache.as_ref());
     assert!(report.is_clean(), "{report}");
 }
+
+/// A chunk filled with `tag` (little-endian u64, repeated).
+fn tagged(tag: u64) -> Vec<u8> {
+    tag.to_le_bytes()
+        .iter()
+        .copied()
+        .cycle()
+        .take(CHUNK as usize)
+        .collect()
+}
+
+/// Snapshot reads race with writers that make tables copy the very pages being read: first
+/// writes to other chunks of the same pages on the snapshot, on its parent (whose write first
+/// gives the snapshot its own mapping) and on the origin (copy-outs into the parent), while
+/// new snapshots keep taking away the parent's right to change pages in place. Every read of a
+/// chunk nobody writes must return exactly its bytes.
+#[test]
+fn snapshot_reads_while_their_pages_are_copied() {
+    // Four pages of 512 chunks. Every 8th chunk is "stable": written only during setup.
+    const CHUNKS: u64 = 4 * 512;
+    let (_o, cache, eng) = mem_engine(CHUNKS, 1 << 30);
+    let origin_tag = |c: u64| 0xA000_0000_0000_0000 | c;
+    let s1_tag = |c: u64| 0xB000_0000_0000_0000 | c;
+    for c in 0..CHUNKS {
+        eng.write(DeviceId::ORIGIN, c * CHUNK, &tagged(origin_tag(c)))
+            .unwrap();
+    }
+    let s1 = eng.create_snapshot(DeviceId::ORIGIN, "s1", true).unwrap();
+    // Stable chunks of s1: an own block, zeros, or read through to the origin.
+    let stable: Vec<u64> = (0..CHUNKS).step_by(8).collect();
+    let expect = |c: u64| -> Vec<u8> {
+        match c % 24 {
+            0 => tagged(s1_tag(c)),
+            8 => vec![0; CHUNK as usize],
+            _ => tagged(origin_tag(c)),
+        }
+    };
+    for &c in &stable {
+        match c % 24 {
+            0 => eng.write(s1, c * CHUNK, &tagged(s1_tag(c))).unwrap(),
+            8 => eng.write_zeroes(s1, c * CHUNK, CHUNK).unwrap(),
+            _ => {}
+        }
+    }
+    // s2 shares s1's pages: from here on both must copy a page before changing it.
+    let s2 = eng.create_snapshot(s1, "s2", true).unwrap();
+    let devs = Mutex::new(vec![s1, s2]);
+    let stop = AtomicBool::new(false);
+    let reads = AtomicU64::new(0);
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    // Last value each writer gave its chunks (s1 writer, s2 writer); checked at the end.
+    let mut model_s1: HashMap<u64, u64> = HashMap::new();
+    let mut model_s2: HashMap<u64, u64> = HashMap::new();
+    let unstable = |rng: &mut fastrand::Rng| loop {
+        let c = rng.u64(0..CHUNKS);
+        if !c.is_multiple_of(8) {
+            return c;
+        }
+    };
+    std::thread::scope(|sc| {
+        for r in 0..2u64 {
+            let (eng, devs, stop, reads, stable, expect) =
+                (&eng, &devs, &stop, &reads, &stable, &expect);
+            sc.spawn(move || {
+                let mut rng = fastrand::Rng::with_seed(100 + r);
+                let mut buf = vec![0u8; CHUNK as usize];
+                while !stop.load(Ordering::Relaxed) {
+                    let dev = {
+                        let d = devs.lock().unwrap();
+                        d[rng.usize(0..d.len())]
+                    };
+                    let c = stable[rng.usize(0..stable.len())];
+                    match eng.read(dev, c * CHUNK, &mut buf) {
+                        Ok(()) => assert!(
+                            buf == expect(c),
+                            "device {dev} chunk {c}: read {:#x}",
+                            u64::from_le_bytes(buf[..8].try_into().unwrap())
+                        ),
+                        // A snapshot made during the run may be deleted under the reader.
+                        Err(CowError::NoDevice(_)) if dev != s1 && dev != s2 => {}
+                        Err(e) => panic!("device {dev} chunk {c}: {e}"),
+                    }
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        // Origin writer: copy-outs into s1 (and the pages of s1 that hold them).
+        {
+            let (eng, stop) = (&eng, &stop);
+            sc.spawn(move || {
+                let mut rng = fastrand::Rng::with_seed(7);
+                let mut seq = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let c = unstable(&mut rng);
+                    seq += 1;
+                    eng.write(DeviceId::ORIGIN, c * CHUNK, &tagged(0xC << 56 | seq))
+                        .unwrap();
+                }
+            });
+        }
+        // Creator: a snapshot of s1 or s2 takes away their in-place rights; old ones go.
+        {
+            let (eng, devs, stop) = (&eng, &devs, &stop);
+            sc.spawn(move || {
+                let mut rng = fastrand::Rng::with_seed(9);
+                let mut made = std::collections::VecDeque::new();
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let parent = if rng.bool() { s1 } else { s2 };
+                    i += 1;
+                    let d = eng
+                        .create_snapshot(parent, &format!("t{i}"), false)
+                        .unwrap();
+                    devs.lock().unwrap().push(d);
+                    made.push_back(d);
+                    if made.len() > 6 {
+                        let old = made.pop_front().unwrap();
+                        devs.lock().unwrap().retain(|&x| x != old);
+                        eng.delete_snapshot(old).unwrap();
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            });
+        }
+        // Writers of s1 and s2 (this thread alternates): whole-chunk first writes to
+        // unstable chunks, next to the stable ones on the same pages.
+        let mut rng = fastrand::Rng::with_seed(11);
+        let mut seq = 0u64;
+        while Instant::now() < deadline {
+            for (dev, model, tag) in [(s1, &mut model_s1, 0xD), (s2, &mut model_s2, 0xE)] {
+                let c = unstable(&mut rng);
+                seq += 1;
+                let v = tag << 56 | seq;
+                eng.write(dev, c * CHUNK, &tagged(v)).unwrap();
+                model.insert(c, v);
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    assert!(
+        reads.load(Ordering::Relaxed) > 1000,
+        "readers made progress"
+    );
+    let mut buf = vec![0u8; CHUNK as usize];
+    for c in 0..CHUNKS {
+        for (dev, model) in [(s1, &model_s1), (s2, &model_s2)] {
+            let want = match model.get(&c) {
+                Some(&v) => tagged(v),
+                None if c.is_multiple_of(8) => expect(c),
+                None => tagged(origin_tag(c)),
+            };
+            eng.read(dev, c * CHUNK, &mut buf).unwrap();
+            assert!(buf == want, "device {dev} chunk {c} after the run");
+        }
+    }
+    eng.verify_in_memory().unwrap();
+    drop(eng);
+    assert!(check_cache(cache.as_ref()).is_clean());
+}

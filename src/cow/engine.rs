@@ -6,8 +6,21 @@
 //!   origin overwrite. So a snapshot read can never resolve "read through to the origin" and then
 //!   read origin data written after the snapshot: the writer holds the stripe until the snapshot
 //!   has its own mapping;
-//! - `state` (an `RwLock`) guards the tables; held only to resolve or change mappings, never
-//!   across I/O;
+//! - `state` (an `RwLock`) guards the tables, reference counts and allocator; held only to
+//!   resolve or change mappings, never across I/O. Writers and the control plane take it;
+//!   reads do not: they find the device in `registry` and its entry in the device's published
+//!   page tree ([`ReadSide`]) with lock-free loads. That needs, and this file keeps, one rule:
+//!   **every change of any device's resolved entry at chunk c is made with c's stripe held
+//!   exclusively.** The only records that change resolved entries are the `SetEntry` and
+//!   `ShareDown` logged by `write_chunk_locked_deferred` for its chunk (and `Meta::propagate`
+//!   under them, same chunk), whose callers hold that stripe (`write_chunk`,
+//!   `write_origin_batched`, `restore`). `DeleteDevice` changes no surviving device's resolved
+//!   entry (children unmapped at c already resolve to the entry it passes down to them), and the
+//!   deleted table is retired (its readers are waited out by a barrier over the stripes before
+//!   its blocks can be freed); `SetInoperative` replaces the table instead of changing it and
+//!   retires the old one; `CreateDevice` only shares pages. A reader's entry therefore cannot
+//!   change while it holds the stripe; other entries of the page and the page tree can, which
+//!   `meta::Table` handles (copy-on-write pages, in place only when no one else can see them);
 //! - `journal` (a `Mutex`) serializes commits; waiters for a commit that covers their change
 //!   return without doing I/O (group commit).
 
@@ -16,9 +29,10 @@ use super::format::{
     parse_txn_header, txn_len, verify_txn, Enc, Header, Record, CKPT_BLOCK_HEADER, ENTRY_UNMAPPED,
     ENTRY_ZERO, HEADER_SLOT_SIZE, JOURNAL_OFFSET, NO_BLOCK, TXN_ALIGN, TXN_HEADER, TXN_WRAP,
 };
-use super::meta::{Meta, View, META_REF, NO_PARENT, ORIGIN_ID};
+use super::meta::{Meta, ReadSide, ReadStatus, View, META_REF, NO_PARENT, ORIGIN_ID};
 use super::{CowError, DeviceId, Result};
 use crate::storage::Storage;
+use arc_swap::ArcSwap;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -148,9 +162,15 @@ impl<'a> Src<'a> {
     }
 }
 
+/// Each device's [`ReadSide`] by id: how a read finds a device's mapping without the state
+/// lock. Replaced (under the state lock) when a device is created, deleted or made inoperative.
+type Registry = ArcSwap<Vec<Option<Arc<ReadSide>>>>;
+
 /// Tables plus what is not yet durable.
 struct State {
     meta: Meta,
+    /// Shared with [`CacheObject::registry`]; republished by [`State::log`].
+    registry: Arc<Registry>,
     /// Encoded records applied but not yet committed.
     records: Vec<u8>,
     /// Epoch of the last applied record.
@@ -202,6 +222,8 @@ pub struct CacheObject {
     journal_size: u64,
     low_space_threshold: u64,
     state: RwLock<State>,
+    /// Read without any lock by snapshot reads.
+    registry: Arc<Registry>,
     stripes: Box<[RwLock<()>]>,
     journal: Mutex<Journal>,
     durable_epoch: AtomicU64,
@@ -233,6 +255,14 @@ impl State {
             _ => None,
         };
         self.meta.apply(&rec).map_err(corrupt)?;
+        if matches!(
+            rec,
+            Record::CreateDevice { .. }
+                | Record::DeleteDevice { .. }
+                | Record::SetInoperative { .. }
+        ) {
+            self.registry.store(Arc::new(self.meta.read_sides()));
+        }
         let mut enc = Enc(std::mem::take(&mut self.records));
         rec.encode(&mut enc);
         self.records = enc.0;
@@ -363,6 +393,7 @@ impl CacheObject {
             Some(t) => t,
         };
         let stripes = (0..STRIPES).map(|_| RwLock::new(())).collect();
+        let registry = Arc::new(ArcSwap::from_pointee(recovered.meta.read_sides()));
         Ok(Self {
             origin,
             cache,
@@ -373,8 +404,10 @@ impl CacheObject {
             data_offset: header.data_offset,
             journal_size: header.journal_size,
             low_space_threshold: threshold,
+            registry: registry.clone(),
             state: RwLock::new(State {
                 meta: recovered.meta,
+                registry,
                 records: Vec::new(),
                 epoch: 0,
                 pending_unref: HashMap::new(),
@@ -619,11 +652,29 @@ impl CacheObject {
         self.state.write().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// What device `dev` shows at chunk `c`, after checking the device still exists.
-    fn view_of(&self, dev: u64, c: u64) -> Result<View> {
-        let st = self.read_state();
-        Self::check_dev(&st.meta, dev)?;
-        Ok(st.meta.resolve(dev, c))
+    /// The read side of `dev` in a loaded registry.
+    fn read_side(registry: &[Option<Arc<ReadSide>>], dev: u64) -> Result<&ReadSide> {
+        registry
+            .get(dev as usize)
+            .and_then(Option::as_deref)
+            .ok_or(CowError::NoDevice(DeviceId(dev)))
+    }
+
+    fn check_read_status(side: &ReadSide, dev: u64) -> Result<()> {
+        match side.status() {
+            ReadStatus::Active => Ok(()),
+            ReadStatus::Inoperative => Err(CowError::Inoperative(DeviceId(dev))),
+            ReadStatus::Deleted => Err(CowError::NoDevice(DeviceId(dev))),
+        }
+    }
+
+    /// What the device of `side` shows at chunk `c`. Lock-free; the caller holds `c`'s stripe
+    /// lock, under which no device's entry at `c` changes.
+    fn view(side: &ReadSide, c: u64) -> View {
+        match side.resolved(c) {
+            ENTRY_UNMAPPED => View::Origin,
+            e => entry_to_block(e).map_or(View::Zero, View::Block),
+        }
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
@@ -651,7 +702,6 @@ impl CacheObject {
 
     // ---- data path ------------------------------------------------------------------------
 
-    /// Reads `buf.len()` bytes of device `dev` at `offset` (both multiples of 512).
     /// Reads into several buffers from `offset` on: the vectored form of [`Self::read`].
     ///
     /// The origin's view is always the origin image itself (restore copies data into it), so
@@ -677,8 +727,14 @@ impl CacheObject {
         Ok(())
     }
 
+    /// Reads `buf.len()` bytes of device `dev` at `offset` (both multiples of 512). Takes each
+    /// chunk's stripe lock shared and no engine-wide lock: the device and its mapping are found
+    /// by lock-free loads (registry, then the device's page tree).
     pub fn read(&self, dev: DeviceId, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
+        // A guard, not an `Arc` clone: no shared counter for concurrent readers to contend on.
+        let registry = self.registry.load();
+        let side = Self::read_side(&registry, dev.0)?;
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -690,12 +746,16 @@ impl CacheObject {
                 .stripe(c)
                 .read()
                 .unwrap_or_else(PoisonError::into_inner);
-            let view = self.view_of(dev.0, c)?;
-            match view {
+            Self::check_read_status(side, dev.0)?;
+            match Self::view(side, c) {
                 View::Origin => self.origin.read_at(piece, pos)?,
                 View::Zero => piece.fill(0),
                 View::Block(b) => self.cache.read_at(piece, self.block_offset(b) + inoff)?,
             }
+            // A device made inoperative meanwhile may have lost that block, which may have been
+            // reused: fail rather than return another device's data. (Deletion waits for reads
+            // under the stripe locks; inoperative marking happens under one stripe only.)
+            Self::check_read_status(side, dev.0)?;
             done += n;
         }
         Ok(())
@@ -1049,6 +1109,13 @@ impl CacheObject {
                 Self::free_unused(&mut st, nb);
                 return Err(e);
             }
+            if st.meta.has_unmapped_child(dev, c) {
+                // A snapshot of `dev` was created (or moved under it by a delete) while the lock
+                // was dropped: it must get our old view (step 1) before our entry changes, or it
+                // would keep resolving to a block we are about to release. Start over.
+                Self::free_unused(&mut st, nb);
+                continue;
+            }
             st.log(Record::SetEntry {
                 dev,
                 chunk: c,
@@ -1378,14 +1445,16 @@ impl CacheObject {
         if from == DeviceId::ORIGIN {
             return Err(CowError::Origin("restored from itself"));
         }
-        Self::check_dev(&self.read_state().meta, from.0)?;
+        let registry = self.registry.load_full();
+        let side = Self::read_side(&registry, from.0)?;
         let mut buf = vec![0u8; self.chunk_size as usize];
         for c in 0..self.nchunks {
             let _stripe = self
                 .stripe(c)
                 .write()
                 .unwrap_or_else(PoisonError::into_inner);
-            let view = self.view_of(from.0, c)?;
+            Self::check_read_status(side, from.0)?;
+            let view = Self::view(side, c);
             let clen = self.chunk_len(c);
             match view {
                 View::Origin => {}
@@ -1523,6 +1592,24 @@ impl CacheObject {
                 return Err(corrupt(format!("block {b} is free and used")));
             }
         }
+        // Lock-free readers must find exactly the tables the state holds.
+        let registry = self.registry.load();
+        for (id, d) in m.devices.iter().enumerate() {
+            let published = registry.get(id).and_then(Option::as_ref);
+            let ok = match (d, published) {
+                (Some(d), Some(p)) => {
+                    Arc::ptr_eq(d.table.read_side(), p)
+                        && (p.status() == ReadStatus::Inoperative) == d.inoperative
+                }
+                (None, None) => true,
+                _ => false,
+            };
+            if !ok {
+                return Err(corrupt(format!(
+                    "device {id}: registry differs from the state"
+                )));
+            }
+        }
         for d in m.devices.iter().flatten().filter(|d| !d.inoperative) {
             for c in 0..m.nchunks {
                 if m.resolve(d.id, c) != m.resolve_by_walk(d.id, c) {
@@ -1555,3 +1642,77 @@ const _: () = {
     const fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<CacheObject>();
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::mem::MemStorage;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    const CHUNK: u64 = 4096;
+
+    impl CacheObject {
+        /// Holds every engine-wide lock (the state lock for writing and the journal mutex) for
+        /// as long as the returned guards live: what a long commit or checkpoint does.
+        fn hold_global_locks(&self) -> (RwLockWriteGuard<'_, State>, MutexGuard<'_, Journal>) {
+            let j = lock(&self.journal);
+            (self.write_state(), j)
+        }
+    }
+
+    /// A snapshot read resolves its mapping under its chunk's stripe lock and lock-free loads
+    /// only: it completes while another thread holds the state and journal locks.
+    #[test]
+    fn snapshot_read_takes_no_engine_wide_lock() {
+        let origin = Arc::new(MemStorage::new(64 * CHUNK));
+        let cache = Arc::new(MemStorage::new(0));
+        let eng = CacheObject::create(
+            origin,
+            cache,
+            CreateOptions {
+                chunk_size: CHUNK,
+                max_size: 1 << 30,
+                journal_size: 64 << 10,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        eng.write(DeviceId::ORIGIN, 0, &[1u8; 3 * CHUNK as usize])
+            .unwrap();
+        let s1 = eng.create_snapshot(DeviceId::ORIGIN, "s1", true).unwrap();
+        eng.write_zeroes(s1, CHUNK, CHUNK).unwrap();
+        let s2 = eng.create_snapshot(s1, "s2", false).unwrap();
+        // s1 and s2 read: chunk 0 a block (copied out), chunk 1 zeros, chunk 2 the origin.
+        eng.write(DeviceId::ORIGIN, 0, &[2u8; CHUNK as usize])
+            .unwrap();
+        let eng = Arc::new(eng);
+        let guards = eng.hold_global_locks();
+        let (tx, rx) = mpsc::channel();
+        let reader = {
+            let eng = eng.clone();
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                for dev in [s1, s2] {
+                    let mut buf = vec![9u8; 3 * CHUNK as usize];
+                    eng.read(dev, 0, &mut buf).unwrap();
+                    got.push(buf);
+                }
+                let _ = tx.send(got);
+            })
+        };
+        let got = rx.recv_timeout(Duration::from_secs(5));
+        drop(guards);
+        reader.join().unwrap();
+        let got = got.expect("snapshot read blocked on an engine-wide lock");
+        for buf in got {
+            let c = CHUNK as usize;
+            assert!(
+                buf[..c].iter().all(|&b| b == 1),
+                "chunk 0: the copied block"
+            );
+            assert!(buf[c..2 * c].iter().all(|&b| b == 0), "chunk 1: zeros");
+            assert!(buf[2 * c..].iter().all(|&b| b == 1), "chunk 2: the origin");
+        }
+    }
+}
