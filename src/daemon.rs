@@ -350,6 +350,24 @@ impl Daemon {
             .ok_or_else(|| Failure(ErrorCode::NotFound, format!("no device named {name:?}")))
     }
 
+    /// Stops serving device `id` (if it is served): with `force` whatever is connected, else
+    /// only if no frontend is connected (`Err` then, and it stays served).
+    fn stop_serving(reg: &mut HashMap<u64, Served>, id: u64, force: bool) -> Result<(), ()> {
+        let Some(served) = reg.get_mut(&id) else {
+            return Ok(());
+        };
+        match served.server.take() {
+            None => Ok(()),
+            Some(server) if force => {
+                server.stop();
+                Ok(())
+            }
+            Some(server) => server.stop_unless_connected().map_err(|server| {
+                served.server = Some(server);
+            }),
+        }
+    }
+
     fn connected(reg: &HashMap<u64, Served>, id: u64) -> bool {
         reg.get(&id)
             .and_then(|s| s.server.as_ref())
@@ -475,15 +493,12 @@ impl Daemon {
             ));
         }
         let mut reg = self.registry();
-        if Self::connected(&reg, dev.id) && !force {
-            return Err(Failure(
+        Self::stop_serving(&mut reg, dev.id, force).map_err(|()| {
+            Failure(
                 ErrorCode::Busy,
                 format!("a VM is connected to {name}; use --force to delete anyway"),
-            ));
-        }
-        if let Some(server) = reg.get_mut(&dev.id).and_then(|s| s.server.take()) {
-            server.stop();
-        }
+            )
+        })?;
         reg.remove(&dev.id);
         self.engine.delete_snapshot(DeviceId(dev.id))?;
         info!("deleted snapshot {name}");
@@ -528,16 +543,15 @@ impl Daemon {
     fn unserve(&self, name: &str, force: bool) -> Outcome<()> {
         let dev = self.find(name)?;
         let mut reg = self.registry();
-        if Self::connected(&reg, dev.id) && !force {
-            return Err(Failure(
+        if reg.get(&dev.id).is_none_or(|s| s.server.is_none()) {
+            return Err(Failure(ErrorCode::Invalid, format!("{name} is not served")));
+        }
+        Self::stop_serving(&mut reg, dev.id, force).map_err(|()| {
+            Failure(
                 ErrorCode::Busy,
                 format!("a VM is connected to {name}; use --force"),
-            ));
-        }
-        match reg.get_mut(&dev.id).and_then(|s| s.server.take()) {
-            Some(server) => server.stop(),
-            None => return Err(Failure(ErrorCode::Invalid, format!("{name} is not served"))),
-        }
+            )
+        })?;
         if dev.id != DeviceId::ORIGIN.0 {
             self.engine
                 .set_device_attr(DeviceId(dev.id), ATTR_SOCKET, None)?;

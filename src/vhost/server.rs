@@ -127,6 +127,22 @@ impl DeviceServer {
         self.shutdown();
     }
 
+    /// Stops serving if no frontend is connected; otherwise gives the server back, still
+    /// serving. A frontend connecting at the same instant either counts as connected or is
+    /// turned away before its first request, never disconnected mid-use.
+    pub fn stop_unless_connected(mut self) -> Result<(), DeviceServer> {
+        {
+            let connection = self.stop.lock();
+            if self.stats.connected.load(Ordering::SeqCst) {
+                drop(connection);
+                return Err(self);
+            }
+            self.stop.requested.store(true, Ordering::SeqCst);
+        }
+        self.shutdown();
+        Ok(())
+    }
+
     fn shutdown(&mut self) {
         self.stop.request();
         if let Some(t) = self.thread.take() {
@@ -191,11 +207,17 @@ fn serve_one(
     daemon
         .start(listener)
         .map_err(|e| ServeError::Vhost(e.to_string()))?;
-    info!("{name}: frontend connected");
-    stats.connected.store(true, Ordering::SeqCst);
-    *stop.lock() = daemon.shutdown_handle();
-    if stop.requested() {
-        daemon.request_shutdown();
+    {
+        // Under the connection lock, so `stop_unless_connected` sees either this frontend
+        // connected or its own stop request honoured here, never neither.
+        let mut connection = stop.lock();
+        if stop.requested() {
+            daemon.request_shutdown();
+        } else {
+            info!("{name}: frontend connected");
+            stats.connected.store(true, Ordering::SeqCst);
+            *connection = daemon.shutdown_handle();
+        }
     }
     // Wait for the connection to end on a helper thread, and meanwhile turn away any other
     // frontend: a vhost-user socket serves one, and a second VM would otherwise hang.
