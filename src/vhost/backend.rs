@@ -11,8 +11,9 @@ use crate::virtio_blk::{self, config_offsets, features, Limits};
 use log::{debug, warn};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -50,6 +51,19 @@ pub struct BlkBackend {
     /// Exit events, one per worker thread. We keep the consumer fds: the library takes them
     /// with `into_raw_fd` and never closes them, so we close them when the backend drops.
     exit_events: Vec<(EventConsumer, EventNotifier)>,
+    /// The connection is about to be closed: workers pop no more requests.
+    quiescing: AtomicBool,
+    /// Workers inside `handle_event` right now.
+    busy: AtomicUsize,
+}
+
+/// Leaves `busy` on every path out of `handle_event`.
+struct Busy<'a>(&'a AtomicUsize);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl BlkBackend {
@@ -80,7 +94,29 @@ impl BlkBackend {
             writeback: AtomicBool::new(true),
             workers,
             exit_events,
+            quiescing: AtomicBool::new(false),
+            busy: AtomicUsize::new(0),
         })
+    }
+
+    /// Stops the workers popping requests and waits (up to `timeout`) until every request
+    /// they popped is answered in the used ring. Called before the connection is closed: a
+    /// frontend that reconnects resumes from the used index it saw at the disconnect, so an
+    /// entry added after it would make it run that request again. Returns false on timeout.
+    pub fn quiesce(&self, timeout: Duration) -> bool {
+        self.quiescing.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + timeout;
+        while self.busy.load(Ordering::SeqCst) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        true
+    }
+
+    pub(super) fn quiescing(&self) -> bool {
+        self.quiescing.load(Ordering::SeqCst)
     }
 
     fn config(&self) -> [u8; config_offsets::SIZE] {
@@ -239,6 +275,13 @@ impl VhostUserBackend for BlkBackend {
             .workers
             .get(thread_id)
             .ok_or_else(|| io::Error::other(format!("unknown worker thread {thread_id}")))?;
+        // Entering before checking (both SeqCst) means `quiesce` either sees us busy or we see
+        // its flag.
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        let _busy = Busy(&self.busy);
+        if self.quiescing() {
+            return Ok(());
+        }
         // Uncontended: only this queue's thread takes this worker's lock.
         let mut worker = worker
             .lock()

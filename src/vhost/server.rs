@@ -53,14 +53,21 @@ fn wait_for_event(event: &EventFd, timeout: Duration) -> bool {
 struct StopSignal {
     requested: AtomicBool,
     wake: EventFd,
-    connection: Mutex<Option<ShutdownHandle>>,
+    connection: Mutex<Option<(ShutdownHandle, Arc<BlkBackend>)>>,
 }
+
+/// How long a stop waits for requests in flight before closing the connection anyway.
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl StopSignal {
     fn request(&self) {
         self.requested.store(true, Ordering::SeqCst);
         let _ = self.wake.write(1);
-        if let Some(handle) = self.lock().as_ref() {
+        if let Some((handle, backend)) = self.lock().as_ref() {
+            // Answer what was popped before the frontend sees the disconnect (see `quiesce`).
+            if !backend.quiesce(QUIESCE_TIMEOUT) {
+                warn!("requests still running after {QUIESCE_TIMEOUT:?}; disconnecting anyway");
+            }
             handle.shutdown();
         }
     }
@@ -69,7 +76,7 @@ impl StopSignal {
         self.requested.load(Ordering::SeqCst)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<ShutdownHandle>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(ShutdownHandle, Arc<BlkBackend>)>> {
         self.connection.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -202,7 +209,7 @@ fn serve_one(
 ) -> Result<(), ServeError> {
     let mem: GuestMem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let backend = Arc::new(BlkBackend::new(device, opts, mem.clone()).map_err(ServeError::Setup)?);
-    let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem)
+    let mut daemon = VhostUserDaemon::new(name.to_string(), backend.clone(), mem)
         .map_err(|e| ServeError::Vhost(e.to_string()))?;
     daemon
         .start(listener)
@@ -216,7 +223,7 @@ fn serve_one(
         } else {
             info!("{name}: frontend connected");
             stats.connected.store(true, Ordering::SeqCst);
-            *connection = daemon.shutdown_handle();
+            *connection = daemon.shutdown_handle().map(|h| (h, backend.clone()));
         }
     }
     // Wait for the connection to end on a helper thread, and meanwhile turn away any other
