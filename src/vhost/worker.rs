@@ -1211,7 +1211,7 @@ mod tests {
         );
         // A kick after quiescing pops nothing.
         g.backend
-            .handle_event(0, EventSet::IN, &[g.vring.clone()], 0)
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&g.vring), 0)
             .unwrap();
         assert_eq!(g.used_idx(), 1);
     }
