@@ -125,6 +125,10 @@ pub struct Stats {
     /// Partial writes to a snapshot that filled a new block from the old view.
     pub cow_fills: u64,
     pub commits: u64,
+    /// Commits that needed no data sync of their own: the previous commit's closing sync
+    /// already covered the data their records map.
+    #[serde(default)]
+    pub data_syncs_skipped: u64,
     pub checkpoints: u64,
     pub devices: u64,
     pub inoperative_devices: u64,
@@ -206,6 +210,7 @@ struct Counters {
     copies: AtomicU64,
     bytes_copied: AtomicU64,
     cow_fills: AtomicU64,
+    data_syncs_skipped: AtomicU64,
     commits: AtomicU64,
     checkpoints: AtomicU64,
 }
@@ -753,9 +758,13 @@ impl CacheObject {
                 View::Block(b) => self.cache.read_at(piece, self.block_offset(b) + inoff)?,
             }
             // A device made inoperative meanwhile may have lost that block, which may have been
-            // reused: fail rather than return another device's data. (Deletion waits for reads
-            // under the stripe locks; inoperative marking happens under one stripe only.)
-            Self::check_read_status(side, dev.0)?;
+            // reused: fail rather than return another device's data, and wipe what was read so
+            // it does not reach the caller's buffer either. (Deletion waits for reads under the
+            // stripe locks; inoperative marking happens under one stripe only.)
+            if let Err(e) = Self::check_read_status(side, dev.0) {
+                piece.fill(0);
+                return Err(e);
+            }
             done += n;
         }
         Ok(())
@@ -1266,6 +1275,10 @@ impl CacheObject {
             // commit, not two.
             if upto > self.data_durable_epoch.load(Ordering::Acquire) {
                 self.cache.sync()?;
+            } else {
+                self.counters
+                    .data_syncs_skipped
+                    .fetch_add(1, Ordering::Relaxed);
             }
             self.append_txn(j, &payload)?;
             self.sync_cache()?;
@@ -1550,6 +1563,7 @@ impl CacheObject {
             copies: c.copies.load(Ordering::Relaxed),
             bytes_copied: c.bytes_copied.load(Ordering::Relaxed),
             cow_fills: c.cow_fills.load(Ordering::Relaxed),
+            data_syncs_skipped: c.data_syncs_skipped.load(Ordering::Relaxed),
             commits: c.commits.load(Ordering::Relaxed),
             checkpoints: c.checkpoints.load(Ordering::Relaxed),
             devices: m.devices.iter().flatten().count() as u64,

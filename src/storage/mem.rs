@@ -155,6 +155,7 @@ impl CrashController {
                 durable: initial.clone(),
                 current: initial,
                 pending: Vec::new(),
+                next_seq: 0,
                 crash_image: None,
             }),
         });
@@ -209,8 +210,11 @@ impl CrashController {
 struct CrashState {
     durable: Vec<u8>,
     current: Vec<u8>,
-    /// Unsynced writes in issue order: offset and bytes (zeroing is a write of zeros).
-    pending: Vec<(u64, Vec<u8>)>,
+    /// Unsynced writes in issue order: sequence number, offset and bytes (zeroing is a
+    /// write of zeros).
+    pending: Vec<(u64, u64, Vec<u8>)>,
+    /// Sequence number of the next write.
+    next_seq: u64,
     crash_image: Option<Vec<u8>>,
 }
 
@@ -234,7 +238,7 @@ impl CrashStorage {
             return;
         }
         let mut img = st.durable.clone();
-        for (off, data) in &st.pending {
+        for (_, off, data) in &st.pending {
             match rng.next() % 3 {
                 0 => {}                         // lost
                 1 => put(&mut img, data, *off), // fully written
@@ -269,7 +273,9 @@ impl CrashStorage {
         self.tick();
         let mut st = lock(&self.state);
         put(&mut st.current, buf, offset);
-        st.pending.push((offset, buf.to_vec()));
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        st.pending.push((seq, offset, buf.to_vec()));
     }
 }
 
@@ -290,17 +296,18 @@ impl Storage for CrashStorage {
             .ctl
             .upgrade()
             .map_or(0, |c| c.sync_micros.load(Ordering::SeqCst));
-        let covered = if delay > 0 {
-            let n = lock(&self.state).pending.len();
+        // Writes issued before the sync started (sequence numbers below `started`); syncs of
+        // one store may overlap, so count by sequence number, not by position.
+        let started = lock(&self.state).next_seq;
+        if delay > 0 {
             std::thread::sleep(std::time::Duration::from_micros(delay));
-            n
-        } else {
-            usize::MAX
-        };
+        }
         let mut st = lock(&self.state);
-        let covered = covered.min(st.pending.len());
-        let pending: Vec<_> = st.pending.drain(..covered).collect();
-        for (off, data) in pending {
+        let (covered, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut st.pending)
+            .into_iter()
+            .partition(|(seq, _, _)| *seq < started);
+        st.pending = rest;
+        for (_, off, data) in covered {
             put(&mut st.durable, &data, off);
         }
         Ok(())
