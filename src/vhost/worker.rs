@@ -11,6 +11,9 @@
 //! costs more than they do. The worker measures requests to choose. Either way used entries
 //! are added in the order the chains were popped, so after a crash of the daemon the frontend
 //! can resubmit exactly the requests past the used index (no inflight tracking needed).
+//!
+//! The pool is shared by every queue of every device: they all live on the same origin image
+//! and cache object, so a stalled file would stall them all with or without a shared pool.
 
 use super::backend::{BlkBackend, GuestMem};
 use crate::device::{BlockDevice, IoCounters};
