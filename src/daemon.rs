@@ -110,6 +110,10 @@ impl BlockDevice for CowDevice {
         self.engine.origin_size()
     }
 
+    fn writes_may_wait(&self) -> bool {
+        self.engine.has_snapshots()
+    }
+
     fn read_vectored(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
         if self.id == DeviceId::ORIGIN || sector_sized(bufs.iter().map(|b| b.len())) {
             return self

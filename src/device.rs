@@ -35,6 +35,12 @@ pub trait BlockDevice: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
     /// Counters for stats.
     fn counters(&self) -> &IoCounters;
+    /// Whether a write may wait for something concurrent writes can share (a metadata
+    /// commit). Queue workers run slow writes concurrently only then: plain file writes that
+    /// are slow (the kernel throttling dirty pages) go no faster side by side, and cost CPU.
+    fn writes_may_wait(&self) -> bool {
+        false
+    }
 }
 
 /// Per-device I/O counters, updated with relaxed atomics (one cache line per device).

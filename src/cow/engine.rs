@@ -613,6 +613,12 @@ pub(crate) fn journal_damage(
 impl CacheObject {
     // ---- geometry -------------------------------------------------------------------------
 
+    /// Whether any snapshot exists: then a write may wait for a commit (its copy-out, or a
+    /// child's view, must be durable first), which concurrent writes can share.
+    pub fn has_snapshots(&self) -> bool {
+        self.registry.load().iter().skip(1).any(Option::is_some)
+    }
+
     /// The copy-on-write unit, bytes.
     pub fn chunk_size(&self) -> u64 {
         self.chunk_size
