@@ -526,14 +526,19 @@ fn guest_survives_daemon_sigkill_and_restart() {
         "stream",
         &st.guest_args(),
     );
-    // Three crashes. After record 8: the daemon is stopped (SIGSTOP) first and killed only
-    // once the guest has been blocked on its next write for 2 s, so that a request is surely
-    // in flight (QEMU must resubmit it after reconnecting); restarted at once. After record 20:
-    // killed, restarted after 1.5 s (QEMU retries meanwhile). After record 32: killed,
-    // restarted at once.
+    // Three crashes and a clean stop. After record 8: the daemon is stopped (SIGSTOP) first
+    // and killed only once the guest has been blocked on its next write for 2 s, so that a
+    // request is surely in flight (QEMU must resubmit it after reconnecting); restarted at
+    // once. After record 20: killed, restarted after 1.5 s (QEMU retries meanwhile). After
+    // record 32: killed, restarted at once. After record 40: SIGTERM, which answers the
+    // requests the daemon took before closing the connection, then a restart.
     let mut flushed_before_kill = Vec::new();
-    for (after_gen, stop_first, down_ms) in [(8u64, true, 0u64), (20, false, 1500), (32, false, 0)]
-    {
+    for (after_gen, stop_first, down_ms, sig) in [
+        (8u64, true, 0u64, libc::SIGKILL),
+        (20, false, 1500, libc::SIGKILL),
+        (32, false, 0, libc::SIGKILL),
+        (40, false, 0, libc::SIGTERM),
+    ] {
         guest.wait_for_line(
             &format!("SNAPBLK-REC: gen={after_gen} "),
             Duration::from_secs(180),
@@ -552,11 +557,24 @@ fn guest_survives_daemon_sigkill_and_restart() {
                 "the guest completed records while the daemon was stopped"
             );
         }
-        let killed = daemon.signal_and_wait(libc::SIGKILL);
+        let status = daemon.signal_and_wait(sig);
         let flushed = records_in(&guest.log_text()).len() as u64;
-        assert!(killed.signal() == Some(libc::SIGKILL), "{killed}");
+        if sig == libc::SIGKILL {
+            assert!(status.signal() == Some(libc::SIGKILL), "{status}");
+        } else {
+            assert!(
+                status.success(),
+                "SIGTERM must stop cleanly: {status}\n{}",
+                daemon.log_text()
+            );
+        }
         eprintln!(
-            "snapblk SIGKILLed{} after {flushed} flushed records; down for {down_ms} ms",
+            "snapblk {}{} after {flushed} flushed records; down for {down_ms} ms",
+            if sig == libc::SIGKILL {
+                "SIGKILLed"
+            } else {
+                "stopped by SIGTERM"
+            },
             if stop_first {
                 " (stopped for 2 s first)"
             } else {
@@ -601,8 +619,8 @@ fn guest_survives_daemon_sigkill_and_restart() {
     let daemon_log = fs::read_to_string(&daemon.log).unwrap_or_default();
     assert_eq!(
         daemon_log.matches("origin: frontend connected").count(),
-        4,
-        "QEMU connects once and reconnects after each of the 3 restarts:\n{daemon_log}"
+        5,
+        "QEMU connects once and reconnects after each of the 4 restarts:\n{daemon_log}"
     );
 
     let status = daemon.signal_and_wait(libc::SIGTERM);
