@@ -97,14 +97,16 @@ fn chrono_free_date() -> String {
 /// First-touch origin writes (whole 64 KiB chunks) with 1..1000 snapshots; best of 3 runs
 /// (each write waits for one commit, so the numbers follow the file system's sync latency).
 fn first_touch() {
-    println!("\n## first-touch origin write, 64 KiB chunk, whole-chunk writes, all 1024 chunks of a 64 MiB origin, best of 3");
-    println!("| snapshots | µs/write | copies per run | table memory bytes per preserved chunk per snapshot |");
-    println!("|---|---|---|---|");
-    for n in [0usize, 1, 10, 100, 1000] {
-        let mut best = f64::MAX;
-        let mut copies = 0;
-        let mut mem = String::from("-");
-        for _round in 0..3 {
+    const COUNTS: [usize; 5] = [0, 1, 10, 100, 1000];
+    const ROUNDS: usize = 5;
+    println!("\n## first-touch origin write, 64 KiB chunk, whole-chunk writes, all 1024 chunks of a 64 MiB origin, median of {ROUNDS} rounds (snapshot counts interleaved in each round, so disk drift hits them alike)");
+    println!("| snapshots | µs/write (median) | per round | copies per run | table memory bytes per preserved chunk per snapshot |");
+    println!("|---|---|---|---|---|");
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); COUNTS.len()];
+    let mut copies = [0u64; COUNTS.len()];
+    let mut mem = [const { String::new() }; COUNTS.len()];
+    for _round in 0..ROUNDS {
+        for (k, &n) in COUNTS.iter().enumerate() {
             let s = setup(64 * MIB, 64 << 10);
             let eng = s.eng.as_ref().unwrap();
             for i in 0..n {
@@ -118,17 +120,30 @@ fn first_touch() {
             for i in 0..writes {
                 eng.write(DeviceId::ORIGIN, i * (64 << 10), &buf).unwrap();
             }
-            best = best.min(per_op(t.elapsed(), writes));
+            times[k].push(per_op(t.elapsed(), writes));
             let st = eng.stats();
-            copies = st.copies - c0;
-            if n > 0 {
-                mem = format!(
+            copies[k] = st.copies - c0;
+            mem[k] = if n > 0 {
+                format!(
                     "{:.2}",
                     st.table_memory_bytes as f64 / (writes as f64 * n as f64)
-                );
-            }
+                )
+            } else {
+                "-".into()
+            };
         }
-        println!("| {n} | {best:.1} | {copies} | {mem} |");
+    }
+    for (k, n) in COUNTS.iter().enumerate() {
+        let per_round: Vec<String> = times[k].iter().map(|t| format!("{t:.0}")).collect();
+        let mut sorted = times[k].clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted[sorted.len() / 2];
+        println!(
+            "| {n} | {median:.1} | {} | {} | {} |",
+            per_round.join(" "),
+            copies[k],
+            mem[k]
+        );
     }
 }
 
