@@ -118,6 +118,9 @@ const POLL_START: Duration = Duration::from_micros(4);
 /// microseconds, which pays off only for requests that wait (syncs, disk reads, large copies).
 const CONCURRENT_ABOVE: u64 = 30_000;
 
+/// Slots kept across batches (each holds request and iovec vectors sized by the guest).
+const KEEP_SLOTS: usize = 64;
+
 /// Threads of the shared I/O pool. They mostly wait on the disk, so there are more of them
 /// than CPUs: enough for a full queue's worth of syncs to meet in one group commit.
 const IO_THREADS: usize = 32;
@@ -220,6 +223,7 @@ impl QueueWorker {
                         .add_used(mem, slot.head, slot.used_len)
                         .map_err(ring)?;
                 }
+                self.trim_slots();
                 used_any = true;
                 unsignaled = true;
                 if concurrent {
@@ -377,6 +381,12 @@ impl QueueWorker {
             self.record(took);
         }
         Ok(n)
+    }
+
+    /// Drops the slots past [`KEEP_SLOTS`] once their batch is answered: a guest that once
+    /// filled a large ring must not keep that much memory pinned in every queue.
+    fn trim_slots(&mut self) {
+        self.slots.truncate(KEEP_SLOTS);
     }
 
     /// Feeds one request's time into the moving average. A sample counts at most 4 times the
