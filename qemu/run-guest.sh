@@ -162,8 +162,10 @@ run_qemu() {
 run_qemu
 # QEMU 10's TCG occasionally aborts on an internal assertion of its own while the guest boots
 # (physmem.c iotlb_to_section; seen once in about 80 boots here), before the guest has said
-# anything. That is QEMU's failure, not the backend's: boot once more. A guest that got as far
-# as reporting a disk is never retried, and --stdin runs (fed by a test) are not either.
+# anything. That is QEMU's failure, not the backend's: boot once more. (The guest kernel may
+# already have probed the disk through the backend; the backend serves the next connection.)
+# A guest that got as far as reporting a disk is never retried, and --stdin runs (fed by a
+# test) are not either. The log keeps both boots and both exit statuses.
 if [ "$rc" -eq 134 ] && [ "$use_stdin" -eq 0 ] &&
     grep -aq 'iotlb_to_section: Assertion' "$log" && ! grep -aq '^SNAPBLK-' "$log"; then
     echo "run-guest.sh: qemu aborted in iotlb_to_section before the guest started; booting once more" >&2

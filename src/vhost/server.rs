@@ -56,8 +56,8 @@ struct StopSignal {
     connection: Mutex<Option<(ShutdownHandle, Arc<BlkBackend>)>>,
 }
 
-/// How long a stop waits for requests in flight before closing the connection anyway.
-const QUIESCE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a stop waiting for requests in flight says so.
+const QUIESCE_WARN_EVERY: Duration = Duration::from_secs(5);
 
 impl StopSignal {
     fn request(&self) {
@@ -65,8 +65,10 @@ impl StopSignal {
         let _ = self.wake.write(1);
         if let Some((handle, backend)) = self.lock().as_ref() {
             // Answer what was popped before the frontend sees the disconnect (see `quiesce`).
-            if !backend.quiesce(QUIESCE_TIMEOUT) {
-                warn!("requests still running after {QUIESCE_TIMEOUT:?}; disconnecting anyway");
+            // No deadline: disconnecting first would let a late answer make the frontend run
+            // that request twice, and the stop waits for the workers to end anyway.
+            while !backend.quiesce(QUIESCE_WARN_EVERY) {
+                warn!("a stop is waiting for requests still running (a stalled file?)");
             }
             handle.shutdown();
         }

@@ -223,7 +223,6 @@ impl QueueWorker {
                         .add_used(mem, slot.head, slot.used_len)
                         .map_err(ring)?;
                 }
-                self.trim_slots();
                 used_any = true;
                 unsignaled = true;
                 if concurrent {
@@ -252,6 +251,7 @@ impl QueueWorker {
                 state.signal_used_queue().map_err(QueueFault::Notify)?;
             }
             if backend.quiescing() {
+                self.trim_slots();
                 return Ok(());
             }
             if !poll.is_zero() && used_any {
@@ -271,6 +271,7 @@ impl QueueWorker {
                 .map_err(ring)?
             {
                 self.idle_since = Some(Instant::now());
+                self.trim_slots();
                 return Ok(());
             }
             if !used_any {
@@ -321,7 +322,10 @@ impl QueueWorker {
     }
 
     /// Pops every available request and runs them concurrently on the I/O pool (a flush
-    /// waits for the requests popped before it); returns how many were popped.
+    /// waits for the requests popped before it); returns how many were popped. A first
+    /// request that gains nothing from the pool (a write that waits on nothing shareable) runs
+    /// inline alone, as in [`Self::run_one`], so it is answered at once and a stop never waits
+    /// for a long serial batch.
     fn run_batch<M>(
         &mut self,
         backend: &BlkBackend,
@@ -331,26 +335,29 @@ impl QueueWorker {
     where
         M: GuestMemory + Sync,
     {
-        let mut n = 0;
-        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) {
+        let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) else {
+            return Ok(0);
+        };
+        self.slots[0].prepare(backend, chain, mem);
+        // Reads and flushes may overlap their waits; writes only where the device says so,
+        // or where each is followed by a flush (write-through) that concurrent ones share.
+        let writes_wait = backend.device().writes_may_wait() || !backend.writeback();
+        if !self.slots[0].may_wait(writes_wait) {
+            self.slots[0].run(backend, mem, true);
+            let took = self.slots[0].took;
+            self.record(took);
+            return Ok(1);
+        }
+        let mut n = 1;
+        while n < usize::from(state.get_queue().size()) {
+            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) else {
+                break;
+            };
             if n == self.slots.len() {
                 self.slots.push(Slot::default());
             }
             self.slots[n].prepare(backend, chain, mem);
             n += 1;
-            if n >= usize::from(state.get_queue().size()) {
-                break;
-            }
-        }
-        // Reads and flushes may overlap their waits; writes only where the device says so.
-        let writes_wait = backend.device().writes_may_wait();
-        if !self.slots[..n].iter().any(|s| s.may_wait(writes_wait)) {
-            for i in 0..n {
-                self.slots[i].run(backend, mem, true);
-                let took = self.slots[i].took;
-                self.record(took);
-            }
-            return Ok(n);
         }
         let mut start = 0;
         while start < n {
@@ -383,8 +390,9 @@ impl QueueWorker {
         Ok(n)
     }
 
-    /// Drops the slots past [`KEEP_SLOTS`] once their batch is answered: a guest that once
-    /// filled a large ring must not keep that much memory pinned in every queue.
+    /// Drops the slots past [`KEEP_SLOTS`] when the queue goes idle: a guest that once filled a
+    /// large ring must not keep that much memory pinned in every queue (and a busy queue does
+    /// not reallocate them batch after batch).
     fn trim_slots(&mut self) {
         self.slots.truncate(KEEP_SLOTS);
     }
