@@ -511,16 +511,34 @@ impl Daemon {
 
     fn restore(&self, name: &str, force: bool) -> Outcome<()> {
         let dev = self.find(name)?;
-        let reg = self.registry();
-        if Self::connected(&reg, DeviceId::ORIGIN.0) && !force {
-            return Err(Failure(
-                ErrorCode::Busy,
-                "a VM is connected to the origin and would see its disk change underneath it; \
-                 shut it down first or use --force"
-                    .into(),
-            ));
+        let mut reg = self.registry();
+        // Unless forced, the origin stops accepting frontends while it changes (checked
+        // atomically with a connecting frontend, as for delete), and is served again after.
+        let origin_socket = reg
+            .get(&DeviceId::ORIGIN.0)
+            .and_then(|s| s.server.as_ref())
+            .map(|server| server.path().to_path_buf());
+        if !force {
+            Self::stop_serving(&mut reg, DeviceId::ORIGIN.0, false).map_err(|()| {
+                Failure(
+                    ErrorCode::Busy,
+                    "a VM is connected to the origin and would see its disk change underneath \
+                     it; shut it down first or use --force"
+                        .into(),
+                )
+            })?;
         }
-        self.engine.restore(DeviceId(dev.id))?;
+        let restored = self.engine.restore(DeviceId(dev.id));
+        if let (false, Some(socket)) = (force, origin_socket) {
+            self.start_server(&mut reg, DeviceId::ORIGIN, &socket)
+                .map_err(|e| {
+                    Failure(
+                        ErrorCode::Internal,
+                        format!("restored, but the origin could not be served again: {e}"),
+                    )
+                })?;
+        }
+        restored?;
         info!("restored the origin to snapshot {name}");
         Ok(())
     }
