@@ -209,11 +209,7 @@ impl QueueWorker {
                 let guard = guest_mem.memory();
                 let mem = &*guard;
                 let concurrent = self.service_ns > CONCURRENT_ABOVE;
-                let popped = if concurrent {
-                    self.run_batch(backend, state, mem)?
-                } else {
-                    self.run_one(backend, state, mem)?
-                };
+                let popped = self.run_next(backend, state, mem, concurrent)?;
                 if popped == 0 {
                     break;
                 }
@@ -293,44 +289,18 @@ impl QueueWorker {
         }
     }
 
-    /// Pops and runs one request in `slots[0]`; returns how many were popped (0 or 1).
-    fn run_one<M>(
+    /// Pops the next request into `slots[0]` and runs it inline; or, in `concurrent` mode and
+    /// if it can overlap its wait with others (a read, a flush, a write the device says may
+    /// wait on something shareable), pops every other available request too and runs the
+    /// batch on the I/O pool, a flush waiting for the requests popped before it. A request
+    /// that gains nothing from the pool is thus answered at once, and a stop never waits for a
+    /// long serial batch. Returns how many were popped.
+    fn run_next<M>(
         &mut self,
         backend: &BlkBackend,
         state: &mut VringStateGuard<'_>,
         mem: &M,
-    ) -> Result<usize, QueueFault>
-    where
-        M: GuestMemory + Sync,
-    {
-        let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) else {
-            return Ok(0);
-        };
-        let slot = &mut self.slots[0];
-        slot.prepare(backend, chain, mem);
-        self.untimed += 1;
-        if self.untimed >= 8 {
-            // Timing every cheap request would cost a visible share of it.
-            self.untimed = 0;
-            slot.run(backend, mem, true);
-            let took = slot.took;
-            self.record(took);
-        } else {
-            slot.run(backend, mem, false);
-        }
-        Ok(1)
-    }
-
-    /// Pops every available request and runs them concurrently on the I/O pool (a flush
-    /// waits for the requests popped before it); returns how many were popped. A first
-    /// request that gains nothing from the pool (a write that waits on nothing shareable) runs
-    /// inline alone, as in [`Self::run_one`], so it is answered at once and a stop never waits
-    /// for a long serial batch.
-    fn run_batch<M>(
-        &mut self,
-        backend: &BlkBackend,
-        state: &mut VringStateGuard<'_>,
-        mem: &M,
+        concurrent: bool,
     ) -> Result<usize, QueueFault>
     where
         M: GuestMemory + Sync,
@@ -339,13 +309,22 @@ impl QueueWorker {
             return Ok(0);
         };
         self.slots[0].prepare(backend, chain, mem);
-        // Reads and flushes may overlap their waits; writes only where the device says so,
-        // or where each is followed by a flush (write-through) that concurrent ones share.
-        let writes_wait = backend.device().writes_may_wait() || !backend.writeback();
-        if !self.slots[0].may_wait(writes_wait) {
-            self.slots[0].run(backend, mem, true);
-            let took = self.slots[0].took;
-            self.record(took);
+        // Writes overlap only where the device says so, or where each is followed by a flush
+        // (write-through) that concurrent ones share.
+        let pooled = concurrent
+            && self.slots[0].may_wait(backend.device().writes_may_wait() || !backend.writeback());
+        if !pooled {
+            // Cheap requests are timed 1 in 8: timing each would cost a visible share of it.
+            self.untimed += 1;
+            let timed = concurrent || self.untimed >= 8;
+            if timed {
+                self.untimed = 0;
+            }
+            self.slots[0].run(backend, mem, timed);
+            if timed {
+                let took = self.slots[0].took;
+                self.record(took);
+            }
             return Ok(1);
         }
         let mut n = 1;
