@@ -886,6 +886,23 @@ fn command_version(cmd: &str, arg: &str) -> String {
         .unwrap_or_else(|| format!("{cmd}: not found"))
 }
 
+/// The bench's exit status: 1 if a run failed (each failure's first line is printed), 130
+/// if interrupted, else 0.
+fn exit_code(errors: &[String]) -> i32 {
+    if !errors.is_empty() {
+        eprintln!("vs_qsd: {} run(s) failed:", errors.len());
+        for e in errors {
+            eprintln!("  - {}", e.lines().next().unwrap_or(""));
+        }
+        1
+    } else if stopping() {
+        eprintln!("vs_qsd: interrupted");
+        130
+    } else {
+        0
+    }
+}
+
 fn main() {
     let cfg = match parse_config() {
         Ok(c) => c,
@@ -1078,18 +1095,7 @@ fn main() {
         None => summary.push_str(" overall min = n/a"),
     }
     println!("{summary}");
-    let code = if !errors.is_empty() {
-        eprintln!("vs_qsd: {} run(s) failed:", errors.len());
-        for e in &errors {
-            eprintln!("  - {}", e.lines().next().unwrap_or(""));
-        }
-        1
-    } else if stopping() {
-        eprintln!("vs_qsd: interrupted");
-        130
-    } else {
-        0
-    };
+    let code = exit_code(&errors);
     if cfg.keep {
         eprintln!("vs_qsd: kept {}", dir.keep().display());
     } else {

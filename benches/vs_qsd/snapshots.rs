@@ -596,16 +596,5 @@ pub(super) fn run(ctx: &Ctx) -> i32 {
         println!("| origin first-touch 4k randwrite | {}", tally.cells(true));
     }
 
-    if !errors.is_empty() {
-        eprintln!("vs_qsd: {} run(s) failed:", errors.len());
-        for e in &errors {
-            eprintln!("  - {}", e.lines().next().unwrap_or(""));
-        }
-        1
-    } else if stopping() {
-        eprintln!("vs_qsd: interrupted");
-        130
-    } else {
-        0
-    }
+    exit_code(&errors)
 }
