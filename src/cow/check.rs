@@ -35,6 +35,8 @@ pub struct CheckReport {
     pub notes: Vec<String>,
     pub devices: u64,
     pub mappings: u64,
+    /// Copies of origin chunks kept for snapshots.
+    pub preserved_copies: u64,
     pub blocks_used: u64,
     pub checkpoint_blocks: u64,
     pub journal_transactions: u64,
@@ -54,7 +56,7 @@ impl fmt::Display for CheckReport {
             writeln!(
                 f,
                 "cache object: format v{}, generation {}, chunk {} B, origin {} B (tag {:?}), limit {} B",
-                super::format::FORMAT_VERSION,
+                h.version,
                 h.generation,
                 h.chunk_size,
                 h.origin_size,
@@ -64,8 +66,8 @@ impl fmt::Display for CheckReport {
         }
         writeln!(
             f,
-            "devices: {}, mappings: {}, data blocks: {}, checkpoint blocks: {}",
-            self.devices, self.mappings, self.blocks_used, self.checkpoint_blocks
+            "devices: {}, mappings: {}, preserved origin copies: {}, data blocks: {}, checkpoint blocks: {}",
+            self.devices, self.mappings, self.preserved_copies, self.blocks_used, self.checkpoint_blocks
         )?;
         writeln!(
             f,
@@ -200,6 +202,55 @@ fn check_meta(m: &Meta, h: &Header, file_size: u64, ckpt: &[u64], r: &mut CheckR
                         .push(format!("block {b} mapped at chunks {} and {c}", u.1));
                 }
             }
+        }
+    }
+    // The origin's history: copies in bounds, stamps strictly increasing and not from the
+    // future, and each serving some operative snapshot (else its block is leaked).
+    for (c, copies) in m.history.all() {
+        if c >= m.nchunks {
+            r.problems
+                .push(format!("origin copy of chunk {c} past the origin"));
+        }
+        let mut older = 0;
+        for p in copies {
+            r.preserved_copies += 1;
+            if p.time <= older || p.time > m.clock {
+                r.problems.push(format!(
+                    "origin copy of chunk {c} stamped {} out of order (previous {older}, clock {})",
+                    p.time, m.clock
+                ));
+            }
+            if m.lineages.range(older + 1..=p.time).next().is_none() {
+                r.problems.push(format!(
+                    "origin copy of chunk {c} stamped {} serves no snapshot",
+                    p.time
+                ));
+            }
+            older = p.time;
+            let Some(b) = entry_to_block(p.entry) else {
+                r.problems
+                    .push(format!("origin copy of chunk {c} names no block"));
+                continue;
+            };
+            if b >= m.max_blocks || h.data_offset + b * h.chunk_size >= file_size {
+                r.problems.push(format!(
+                    "origin copy of chunk {c}: block {b} out of range or never written"
+                ));
+            }
+            let u = uses.entry(b).or_insert((0, c));
+            u.0 += 1;
+            if u.1 != c {
+                r.problems
+                    .push(format!("block {b} mapped at chunks {} and {c}", u.1));
+            }
+        }
+    }
+    for d in &devs {
+        if d.id != ORIGIN_ID && !d.inoperative && (d.otime == 0 || d.otime > m.clock) {
+            r.problems.push(format!(
+                "device {} has snapshot time {} (clock {})",
+                d.id, d.otime, m.clock
+            ));
         }
     }
     r.blocks_used = uses.len() as u64;

@@ -27,8 +27,10 @@
 use super::format::{
     decode_ckpt_block, encode_ckpt_block, encode_txn, entry_block, entry_to_block,
     parse_txn_header, txn_len, verify_txn, Enc, Header, Record, CKPT_BLOCK_HEADER, ENTRY_UNMAPPED,
-    ENTRY_ZERO, HEADER_SLOT_SIZE, JOURNAL_OFFSET, NO_BLOCK, TXN_ALIGN, TXN_HEADER, TXN_WRAP,
+    ENTRY_ZERO, FORMAT_VERSION, HEADER_SLOT_SIZE, JOURNAL_OFFSET, NO_BLOCK, TXN_ALIGN, TXN_HEADER,
+    TXN_WRAP,
 };
+use super::history::OriginHistory;
 use super::meta::{Meta, ReadSide, ReadStatus, View, META_REF, NO_PARENT, ORIGIN_ID};
 use super::{CowError, DeviceId, Result};
 use crate::storage::Storage;
@@ -104,6 +106,11 @@ pub struct DeviceInfo {
     pub owned_chunks: u64,
     /// Chunks mapped to zeros.
     pub zero_chunks: u64,
+    /// Origin chunks copied since this snapshot was taken: its share of the origin's history,
+    /// shared with every other snapshot taken before the same copies (it reads them where
+    /// neither it nor an ancestor maps the chunk).
+    #[serde(default)]
+    pub preserved_chunks: u64,
     pub attrs: BTreeMap<String, String>,
 }
 
@@ -132,8 +139,12 @@ pub struct Stats {
     pub checkpoints: u64,
     pub devices: u64,
     pub inoperative_devices: u64,
-    /// Bytes of memory held by the remap tables.
+    /// Bytes of memory held by the remap tables and the origin's history.
     pub table_memory_bytes: u64,
+    /// Copies of origin chunks kept for snapshots (each shared by every snapshot taken
+    /// between the chunk's previous copy and this one).
+    #[serde(default)]
+    pub preserved_copies: u64,
 }
 
 /// Geometry of the cache object.
@@ -229,6 +240,8 @@ pub struct CacheObject {
     state: RwLock<State>,
     /// Read without any lock by snapshot reads.
     registry: Arc<Registry>,
+    /// The origin's preserved copies (the same object as the state's), read without any lock.
+    history: Arc<OriginHistory>,
     stripes: Box<[RwLock<()>]>,
     journal: Mutex<Journal>,
     durable_epoch: AtomicU64,
@@ -256,7 +269,7 @@ impl State {
                 .dev(*dev)
                 .is_some_and(|d| d.table.get(*chunk) == ENTRY_UNMAPPED)
                 .then_some(*chunk),
-            Record::ShareDown { chunk, .. } => Some(*chunk),
+            Record::ShareDown { chunk, .. } | Record::Preserve { chunk, .. } => Some(*chunk),
             _ => None,
         };
         self.meta.apply(&rec).map_err(corrupt)?;
@@ -281,7 +294,12 @@ impl State {
                 self.fresh_blocks.insert(b, epoch);
             }
         }
-        for b in std::mem::take(&mut self.meta.dropped) {
+        // One record can drop two references to a block (a snapshot's entry and the origin
+        // copy it shared): free it once.
+        let mut dropped = std::mem::take(&mut self.meta.dropped);
+        dropped.sort_unstable();
+        dropped.dedup();
+        for b in dropped {
             self.pending_unref.insert(b, epoch);
             if self.meta.refcount(b) == 0 {
                 self.pending_free.push((epoch, b));
@@ -323,6 +341,7 @@ impl CacheObject {
             )));
         }
         let header = Header {
+            version: FORMAT_VERSION,
             generation: 1,
             incompat: 0,
             compat: 0,
@@ -399,6 +418,7 @@ impl CacheObject {
         };
         let stripes = (0..STRIPES).map(|_| RwLock::new(())).collect();
         let registry = Arc::new(ArcSwap::from_pointee(recovered.meta.read_sides()));
+        let history = recovered.meta.history.clone();
         Ok(Self {
             origin,
             cache,
@@ -410,6 +430,7 @@ impl CacheObject {
             journal_size: header.journal_size,
             low_space_threshold: threshold,
             registry: registry.clone(),
+            history,
             state: RwLock::new(State {
                 meta: recovered.meta,
                 registry,
@@ -521,7 +542,7 @@ pub(crate) fn recover(cache: &dyn Storage, h: &Header) -> Result<Recovered> {
     let mut meta = if h.ckpt_block == NO_BLOCK {
         Meta::new(nchunks, max_blocks)
     } else {
-        Meta::decode_checkpoint(&bytes, nchunks, max_blocks).map_err(corrupt)?
+        Meta::decode_checkpoint(&bytes, h.version, nchunks, max_blocks).map_err(corrupt)?
     };
     let js = h.journal_size;
     let mut pos = h.journal_start;
@@ -679,12 +700,14 @@ impl CacheObject {
         }
     }
 
-    /// What the device of `side` shows at chunk `c`. Lock-free; the caller holds `c`'s stripe
-    /// lock, under which no device's entry at `c` changes.
-    fn view(side: &ReadSide, c: u64) -> View {
+    /// What the device of `side` shows at chunk `c`: its resolved entry or, where it reads
+    /// through to the origin, the origin's copy for its snapshot time. Lock-free; the caller
+    /// holds `c`'s stripe lock, under which no device's entry or copy at `c` changes.
+    #[inline]
+    fn view(&self, side: &ReadSide, c: u64) -> View {
         match side.resolved(c) {
-            ENTRY_UNMAPPED => View::Origin,
-            e => entry_to_block(e).map_or(View::Zero, View::Block),
+            ENTRY_UNMAPPED => View::of_entry(self.history.lookup(c, side.otime())),
+            e => View::of_entry(e),
         }
     }
 
@@ -758,7 +781,7 @@ impl CacheObject {
                 .read()
                 .unwrap_or_else(PoisonError::into_inner);
             Self::check_read_status(side, dev.0)?;
-            match Self::view(side, c) {
+            match self.view(side, c) {
                 View::Origin => self.origin.read_at(piece, pos)?,
                 View::Zero => piece.fill(0),
                 View::Block(b) => self.cache.read_at(piece, self.block_offset(b) + inoff)?,
@@ -897,7 +920,8 @@ impl CacheObject {
         let m = &st.meta;
         // An upper bound of the next checkpoint's size, O(1): per device slot 1 KiB for its
         // record (names are at most 255 bytes; attributes are small), 16 bytes per entry.
-        let ckpt_bytes = 64 + m.devices.len() as u64 * 1024 + (m.total_entries + 64) * 16;
+        let ckpt_bytes =
+            64 + m.devices.len() as u64 * 1024 + (m.total_entries + 2 * m.history_copies + 64) * 16;
         let reserve = ckpt_bytes.div_ceil(self.chunk_size - CKPT_BLOCK_HEADER as u64) + 1;
         if m.free_blocks() <= reserve {
             return None;
@@ -931,19 +955,17 @@ impl CacheObject {
         Ok(())
     }
 
-    /// Marks every operative child of the origin unmapped at `c`, and its subtree, inoperative.
+    /// Marks inoperative every operative snapshot that reads the origin image at `c` (it is
+    /// newer than the chunk's newest copy and neither it nor an ancestor maps the chunk), with
+    /// its subtree. O(devices), on this rare path only.
     fn fail_unpreservable(&self, st: &mut State, c: u64) -> Result<u64> {
-        let mut todo: Vec<u64> = st
-            .meta
-            .dev(ORIGIN_ID)
-            .map(|d| d.children.clone())
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|&ch| {
-                st.meta
-                    .dev(ch)
-                    .is_some_and(|d| !d.inoperative && d.table.get(c) == 0)
-            })
+        let m = &st.meta;
+        let mut todo: Vec<u64> = m
+            .devices
+            .iter()
+            .flatten()
+            .filter(|d| d.id != ORIGIN_ID && !d.inoperative && m.resolve(d.id, c) == View::Origin)
+            .map(|d| d.id)
             .collect();
         let mut epoch = st.epoch;
         while let Some(id) = todo.pop() {
@@ -998,9 +1020,11 @@ impl CacheObject {
             if st.meta.dev(dev).is_some_and(|d| !d.writable) {
                 return Err(CowError::ReadOnly(DeviceId(dev)));
             }
-            // Step 1: children unmapped here get our old view first.
+            // Step 1: devices reading our view here get our old view first. For the origin:
+            // one copy, stamped with the snapshot clock, serves every snapshot taken since the
+            // chunk's previous copy, whatever their number.
             let mut must_be_durable = None;
-            if st.meta.has_unmapped_child(dev, c) {
+            if st.meta.view_shared(dev, c) {
                 match st.meta.resolve(dev, c) {
                     View::Origin => match self.alloc_data(&mut st) {
                         Some(nb) => {
@@ -1011,12 +1035,24 @@ impl CacheObject {
                                 Self::free_unused(&mut st, nb);
                                 return Err(e);
                             }
-                            if st.meta.has_unmapped_child(dev, c) {
-                                must_be_durable = Some(st.log(Record::ShareDown {
-                                    dev,
-                                    chunk: c,
-                                    entry: entry_block(nb),
-                                })?);
+                            if st.meta.view_shared(dev, c) {
+                                let entry = entry_block(nb);
+                                let rec = if dev == ORIGIN_ID {
+                                    // Stamped now: a snapshot taken during the copy shares it,
+                                    // as the origin chunk could not change meanwhile.
+                                    Record::Preserve {
+                                        chunk: c,
+                                        time: st.meta.clock,
+                                        entry,
+                                    }
+                                } else {
+                                    Record::ShareDown {
+                                        dev,
+                                        chunk: c,
+                                        entry,
+                                    }
+                                };
+                                must_be_durable = Some(st.log(rec)?);
                             } else {
                                 Self::free_unused(&mut st, nb);
                             }
@@ -1045,9 +1081,6 @@ impl CacheObject {
             }
             // Step 2: our own change.
             if dev == ORIGIN_ID {
-                if must_be_durable.is_some() || !st.meta.has_unmapped_child(dev, c) {
-                    st.meta.mark_origin_shared(c);
-                }
                 let shield = st.chunk_epochs[(c as usize) % CHUNK_EPOCH_SLOTS];
                 drop(st);
                 if let Some(wait) = defer_origin.as_deref_mut() {
@@ -1374,6 +1407,7 @@ impl CacheObject {
         }
         self.cache.sync()?;
         let mut h = j.header.clone();
+        h.version = FORMAT_VERSION;
         h.generation += 1;
         h.ckpt_block = blocks[0];
         h.ckpt_len = bytes.len() as u64;
@@ -1473,7 +1507,7 @@ impl CacheObject {
                 .write()
                 .unwrap_or_else(PoisonError::into_inner);
             Self::check_read_status(side, from.0)?;
-            let view = Self::view(side, c);
+            let view = self.view(side, c);
             let clen = self.chunk_len(c);
             match view {
                 View::Origin => {}
@@ -1508,10 +1542,23 @@ impl CacheObject {
     pub fn devices(&self) -> Vec<DeviceInfo> {
         let st = self.read_state();
         let m = &st.meta;
+        // A snapshot of time t has a copy of chunk c iff c's newest copy is stamped >= t.
+        let mut newest: Vec<u64> = m
+            .history
+            .all()
+            .iter()
+            .filter_map(|(_, copies)| copies.last().map(|p| p.time))
+            .collect();
+        newest.sort_unstable();
         m.devices
             .iter()
             .flatten()
             .map(|d| {
+                let preserved = if d.id == ORIGIN_ID || d.inoperative {
+                    0
+                } else {
+                    (newest.len() - newest.partition_point(|&t| t < d.otime)) as u64
+                };
                 let mut owned = 0;
                 let mut zero = 0;
                 for (_, e) in d.table.mapped() {
@@ -1534,6 +1581,7 @@ impl CacheObject {
                     mapped_chunks: d.mapped_blocks,
                     owned_chunks: owned,
                     zero_chunks: zero,
+                    preserved_chunks: preserved,
                     attrs: d.attrs.clone(),
                 }
             })
@@ -1583,8 +1631,11 @@ impl CacheObject {
                     pages.extend(p);
                     bytes += b as u64;
                 }
-                bytes + pages.len() as u64 * super::meta::PAGE_BYTES as u64
+                bytes
+                    + pages.len() as u64 * super::meta::PAGE_BYTES as u64
+                    + m.history.memory() as u64
             },
+            preserved_copies: m.history_copies,
         }
     }
 
@@ -1597,6 +1648,13 @@ impl CacheObject {
         for d in m.devices.iter().flatten() {
             for (_, e) in d.table.mapped() {
                 if let Some(b) = entry_to_block(e) {
+                    *counts.entry(b).or_default() += 1;
+                }
+            }
+        }
+        for (_, copies) in m.history.all() {
+            for p in copies {
+                if let Some(b) = entry_to_block(p.entry) {
                     *counts.entry(b).or_default() += 1;
                 }
             }

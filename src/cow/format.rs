@@ -12,8 +12,12 @@ use thiserror::Error;
 
 /// Magic at the start of a header slot.
 pub const HEADER_MAGIC: &[u8; 8] = b"SNAPBLKC";
-/// Current format version.
-pub const FORMAT_VERSION: u32 = 1;
+/// Current format version. Version 2 added the origin's history (the `Preserve` record, and
+/// snapshot times and preserved copies in checkpoints); version 1 cache objects are still read
+/// and become version 2 at their next checkpoint.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build reads.
+pub const MIN_FORMAT_VERSION: u32 = 1;
 /// Size of one header slot.
 pub const HEADER_SLOT_SIZE: u64 = 4096;
 /// Offset of the journal.
@@ -130,6 +134,8 @@ impl<'a> Dec<'a> {
 /// The header: geometry, identity, feature flags and where the latest checkpoint is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
+    /// Format version of the checkpoint this header names (and of the file).
+    pub version: u32,
     /// Incremented on every header write; the slot is `generation % 2`.
     pub generation: u64,
     pub incompat: u64,
@@ -157,7 +163,7 @@ impl Header {
     pub fn encode(&self) -> Vec<u8> {
         let mut e = Enc::default();
         e.0.extend_from_slice(HEADER_MAGIC);
-        e.u32(FORMAT_VERSION);
+        e.u32(self.version);
         e.u64(self.generation);
         e.u64(self.incompat);
         e.u64(self.compat);
@@ -205,13 +211,14 @@ impl Header {
         if crc32c::crc32c(&buf[..used]) != crc {
             return Err(FormatError::Checksum("header"));
         }
-        if version != FORMAT_VERSION {
+        if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(FormatError::Version(version));
         }
         if incompat & !KNOWN_INCOMPAT != 0 {
             return Err(FormatError::IncompatFeatures(incompat & !KNOWN_INCOMPAT));
         }
         let h = Self {
+            version,
             generation,
             incompat,
             compat,
@@ -270,6 +277,9 @@ pub enum Record {
     SetEntry { dev: u64, chunk: u64, entry: u64 },
     /// Gives `entry` to every child of `dev` that is unmapped at `chunk`.
     ShareDown { dev: u64, chunk: u64, entry: u64 },
+    /// The origin's old data at `chunk` was copied to `entry`, stamped with snapshot time
+    /// `time`: what snapshots of times up to `time` (and after the previous copy) read there.
+    Preserve { chunk: u64, time: u64, entry: u64 },
     /// Marks `dev` inoperative and releases its mappings.
     SetInoperative { dev: u64 },
     /// Sets (or with `None` removes) a persistent per-device attribute.
@@ -315,6 +325,12 @@ impl Record {
                 e.u8(5);
                 e.u64(*dev);
             }
+            Record::Preserve { chunk, time, entry } => {
+                e.u8(7);
+                e.u64(*chunk);
+                e.u64(*time);
+                e.u64(*entry);
+            }
             Record::SetAttr { dev, key, value } => {
                 e.u8(6);
                 e.u64(*dev);
@@ -356,6 +372,11 @@ impl Record {
                 let value = if d.u8()? != 0 { Some(d.str()?) } else { None };
                 Record::SetAttr { dev, key, value }
             }
+            7 => Record::Preserve {
+                chunk: d.u64()?,
+                time: d.u64()?,
+                entry: d.u64()?,
+            },
             _ => return Err(FormatError::Malformed("journal record")),
         })
     }
@@ -483,6 +504,7 @@ mod tests {
 
     fn header() -> Header {
         Header {
+            version: FORMAT_VERSION,
             generation: 3,
             incompat: 0,
             compat: 0,
@@ -539,6 +561,11 @@ mod tests {
                 dev: 1,
                 key: "k".into(),
                 value: None,
+            },
+            Record::Preserve {
+                chunk: 9,
+                time: 1 << 40,
+                entry: entry_block(3),
             },
             Record::DeleteDevice { id: 1 },
         ];

@@ -6,6 +6,7 @@
 use super::format::{
     entry_block, entry_to_block, Dec, Enc, FormatError, Record, ENTRY_UNMAPPED, ENTRY_ZERO,
 };
+use super::history::{OriginHistory, Preserved};
 use arc_swap::ArcSwap;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -17,6 +18,8 @@ pub const ORIGIN_ID: u64 = 0;
 pub const NO_PARENT: u64 = u64::MAX;
 /// Reference-count marker of a block holding a checkpoint.
 pub const META_REF: u32 = u32::MAX;
+/// Snapshot time of the origin (it reads its image, never the history).
+pub const NO_OTIME: u64 = u64::MAX;
 /// Bytes of one page of resolved entries.
 pub const PAGE_BYTES: usize = PAGE * 8;
 
@@ -111,14 +114,24 @@ pub enum ReadStatus {
 pub struct ReadSide {
     tree: ArcSwap<Tree>,
     status: AtomicU8,
+    /// The device's snapshot time: which of the origin's preserved copies it reads where it
+    /// reads through to the origin (see [`super::history`]).
+    otime: u64,
 }
 
 impl ReadSide {
-    fn new(tree: Arc<Tree>) -> Self {
+    fn new(tree: Arc<Tree>, otime: u64) -> Self {
         Self {
             tree: ArcSwap::new(tree),
             status: AtomicU8::new(ReadStatus::Active as u8),
+            otime,
         }
+    }
+
+    /// The device's snapshot time.
+    #[inline]
+    pub fn otime(&self) -> u64 {
+        self.otime
     }
 
     /// The device's resolved entry at `chunk` (ENTRY_UNMAPPED = the origin image). Lock-free;
@@ -172,7 +185,7 @@ pub struct Table {
 
 impl Default for Table {
     fn default() -> Self {
-        Self::with_tree(Arc::default())
+        Self::with_tree(Arc::default(), NO_OTIME)
     }
 }
 
@@ -203,9 +216,9 @@ fn set_bit(bits: &mut Vec<u64>, i: u64) {
 }
 
 impl Table {
-    fn with_tree(tree: Arc<Tree>) -> Self {
+    fn with_tree(tree: Arc<Tree>, otime: u64) -> Self {
         Self {
-            side: Arc::new(ReadSide::new(tree.clone())),
+            side: Arc::new(ReadSide::new(tree.clone(), otime)),
             tree,
             own: Vec::new(),
             writable: Vec::new(),
@@ -216,7 +229,18 @@ impl Table {
     /// page before changing it: the other one reads it too.
     pub fn share(&mut self) -> Self {
         self.writable.clear();
-        Self::with_tree(self.tree.clone())
+        Self::with_tree(self.tree.clone(), self.side.otime)
+    }
+
+    /// An empty table of a snapshot of the origin taken at snapshot time `otime`.
+    pub fn for_origin_snapshot(otime: u64) -> Self {
+        Self::with_tree(Arc::default(), otime)
+    }
+
+    /// The snapshot time of the device.
+    #[inline]
+    pub fn otime(&self) -> u64 {
+        self.side.otime
     }
 
     /// What readers of this device use.
@@ -323,6 +347,8 @@ pub struct Dev {
     pub inoperative: bool,
     pub children: Vec<u64>,
     pub attrs: BTreeMap<String, String>,
+    /// Snapshot time ([`super::history`]); [`NO_OTIME`] for the origin.
+    pub otime: u64,
     pub table: Table,
     /// Number of entries pointing at blocks.
     pub mapped_blocks: u64,
@@ -331,7 +357,7 @@ pub struct Dev {
 }
 
 impl Dev {
-    fn new(id: u64, parent: u64, name: String, writable: bool) -> Self {
+    fn new(id: u64, parent: u64, name: String, writable: bool, otime: u64) -> Self {
         Self {
             id,
             parent,
@@ -340,6 +366,7 @@ impl Dev {
             inoperative: false,
             children: Vec::new(),
             attrs: BTreeMap::new(),
+            otime,
             table: Table::default(),
             mapped_blocks: 0,
             entries: 0,
@@ -367,6 +394,15 @@ pub enum View {
 }
 
 impl View {
+    /// The view an entry names (`ENTRY_UNMAPPED` = the origin image).
+    #[inline]
+    pub fn of_entry(e: u64) -> Self {
+        match e {
+            ENTRY_UNMAPPED => View::Origin,
+            e => entry_to_block(e).map_or(View::Zero, View::Block),
+        }
+    }
+
     pub fn entry(self) -> u64 {
         match self {
             View::Origin => ENTRY_UNMAPPED,
@@ -389,6 +425,8 @@ pub enum MetaError {
     BlockRange(u64),
     #[error("operation not allowed on the origin")]
     Origin,
+    #[error("copy of chunk {0} stamped {1} is out of order or from the future")]
+    History(u64, u64),
     #[error("malformed checkpoint: {0}")]
     Format(#[from] FormatError),
 }
@@ -410,16 +448,19 @@ pub struct Meta {
     pub dropped: Vec<u64>,
     /// Sum over devices of non-unmapped entries (sizes the checkpoint).
     pub total_entries: u64,
-    /// Bumped whenever the set of the origin's children changes.
-    pub origin_children_gen: u32,
-    /// Per origin chunk: the `origin_children_gen` at which every child was known to be
-    /// mapped there. Lets an origin rewrite skip scanning 1000 children (not persisted).
-    pub origin_shared_gen: Vec<u32>,
+    /// The origin's preserved copies, shared with lock-free readers.
+    pub history: Arc<OriginHistory>,
+    /// Number of preserved copies in `history`.
+    pub history_copies: u64,
+    /// The snapshot clock: the time of the newest snapshot of the origin.
+    pub clock: u64,
+    /// Operative devices per snapshot time. A copy is kept while some time it serves has one.
+    pub lineages: BTreeMap<u64, u32>,
 }
 
 impl Meta {
     pub fn new(nchunks: u64, max_blocks: u64) -> Self {
-        let origin = Dev::new(ORIGIN_ID, NO_PARENT, "origin".into(), true);
+        let origin = Dev::new(ORIGIN_ID, NO_PARENT, "origin".into(), true, NO_OTIME);
         Self {
             nchunks,
             max_blocks,
@@ -430,31 +471,64 @@ impl Meta {
             high_water: 0,
             dropped: Vec::new(),
             total_entries: 0,
-            origin_children_gen: 1,
-            origin_shared_gen: Vec::new(),
+            history: Arc::default(),
+            history_copies: 0,
+            clock: 0,
+            lineages: BTreeMap::new(),
         }
     }
 
-    fn origin_children_changed(&mut self) {
-        self.origin_children_gen = self.origin_children_gen.wrapping_add(1);
-        if self.origin_children_gen == 0 {
-            // Wrapped: forget every cached answer.
-            self.origin_shared_gen.fill(0);
-            self.origin_children_gen = 1;
-        }
+    /// Whether writing the origin at `chunk` must first preserve its old data: some operative
+    /// device is newer than the newest copy of the chunk (and so may read the origin image
+    /// there). O(log snapshots), whatever their number: a device that already maps the chunk
+    /// itself still counts, so this may preserve a copy no one reads, never miss one.
+    pub fn origin_needs_copy(&self, chunk: u64) -> bool {
+        self.lineages
+            .last_key_value()
+            .is_some_and(|(&t, _)| t > self.history.newest(chunk))
     }
 
-    /// Records that every child of the origin is mapped at `chunk` now.
-    pub fn mark_origin_shared(&mut self, chunk: u64) {
-        let i = chunk as usize;
-        if chunk >= self.nchunks {
+    fn lineage_gained(&mut self, otime: u64) {
+        *self.lineages.entry(otime).or_default() += 1;
+    }
+
+    /// One device of snapshot time `t` stopped being operative. When it was the last, the
+    /// copies only it could read are released: a copy stamped `s` serves the times after the
+    /// chunk's previous copy up to `s`, so those stamped from `t` up to the next live time are
+    /// released unless the previous live time is newer than their previous copy. Cost: a sweep
+    /// of the history pages holding such stamps, i.e. where the origin was written while `t`
+    /// was the newest time.
+    fn lineage_lost(&mut self, t: u64) {
+        let Some(n) = self.lineages.get_mut(&t) else {
+            return;
+        };
+        *n -= 1;
+        if *n > 0 {
             return;
         }
-        if self.origin_shared_gen.len() <= i {
-            // Grows with the highest chunk written, not the origin size.
-            self.origin_shared_gen.resize(i + 1, 0);
+        self.lineages.remove(&t);
+        let prev_live = self.lineages.range(..t).next_back().map(|(&k, _)| k);
+        let next_live = self
+            .lineages
+            .range(t..)
+            .next()
+            .map_or(u64::MAX, |(&k, _)| k);
+        for (c, copies) in self.history.with_stamps_in(t, next_live) {
+            let mut kept = Vec::with_capacity(copies.len());
+            let mut older = 0;
+            for p in copies {
+                let in_range = (t..next_live).contains(&p.time);
+                // No live time in (older, p.time]: nobody can read it.
+                if in_range && prev_live.is_none_or(|l| l <= older) {
+                    self.history_copies -= 1;
+                    self.drop_ref(p.entry);
+                } else {
+                    kept.push(p);
+                }
+                older = p.time;
+            }
+            self.history.set(c, &kept);
         }
-        self.origin_shared_gen[i] = self.origin_children_gen;
     }
 
     /// Every device's read side, indexed by id, for the engine's lock-free registry.
@@ -486,17 +560,16 @@ impl Meta {
         let Some(d) = self.dev(id) else {
             return View::Origin;
         };
-        match d.table.resolved(chunk) {
-            ENTRY_UNMAPPED => View::Origin,
-            e => match entry_to_block(e) {
-                Some(b) => View::Block(b),
-                None => View::Zero,
-            },
-        }
+        let e = match d.table.resolved(chunk) {
+            ENTRY_UNMAPPED => self.history.lookup(chunk, d.table.otime()),
+            e => e,
+        };
+        View::of_entry(e)
     }
 
-    /// The read rule walked the slow way, to verify the flattened tables.
+    /// The read rule walked the slow way, to verify the flattened tables and the history.
     pub fn resolve_by_walk(&self, mut id: u64, chunk: u64) -> View {
+        let otime = self.dev(id).map_or(NO_OTIME, |d| d.otime);
         while id != ORIGIN_ID {
             let Some(d) = self.dev(id) else {
                 return View::Origin;
@@ -510,16 +583,29 @@ impl Meta {
             }
             id = d.parent;
         }
-        View::Origin
+        // Copies made since the snapshot time are the origin as it was then, oldest first.
+        let copies = self.history.copies(chunk);
+        View::of_entry(
+            copies
+                .iter()
+                .find(|p| p.time >= otime)
+                .map_or(ENTRY_UNMAPPED, |p| p.entry),
+        )
     }
 
-    /// Whether some child of `id` is unmapped at `chunk` (and so shares `id`'s view).
-    pub fn has_unmapped_child(&self, id: u64, chunk: u64) -> bool {
-        if id == ORIGIN_ID
-            && self.origin_shared_gen.get(chunk as usize) == Some(&self.origin_children_gen)
-        {
-            return false;
+    /// Whether some other device shares `id`'s current view at `chunk`, so a change of it
+    /// must first give them that view (the write rule's step 1). For the origin: some snapshot
+    /// may read its image there ([`Meta::origin_needs_copy`]). For a snapshot: some child of it
+    /// is unmapped there.
+    pub fn view_shared(&self, id: u64, chunk: u64) -> bool {
+        if id == ORIGIN_ID {
+            return self.origin_needs_copy(chunk);
         }
+        self.has_unmapped_child(id, chunk)
+    }
+
+    /// Whether some operative child of `id` is unmapped at `chunk`.
+    pub fn has_unmapped_child(&self, id: u64, chunk: u64) -> bool {
         self.dev(id).is_some_and(|d| {
             d.children.iter().any(|&c| {
                 self.dev(c)
@@ -580,15 +666,14 @@ impl Meta {
             self.total_entries + (entry != ENTRY_UNMAPPED) as u64 - (old != ENTRY_UNMAPPED) as u64;
         self.take_ref(entry);
         self.drop_ref(old);
-        if old == ENTRY_UNMAPPED && entry != ENTRY_UNMAPPED {
-            self.propagate(id, chunk, entry);
-        }
+        // Children unmapped here keep what they resolve to: the write rule gave them the old
+        // view first, or they read the same origin copies as `id` did (same snapshot time).
         Ok(())
     }
 
     /// `id` now maps `chunk` itself (same data as before: it only stopped reading through).
-    /// Descendants that read through `id` there must resolve to the new entry, or they would
-    /// keep pointing at the ancestor `id` just stopped depending on.
+    /// Descendants that read through `id` there must resolve to the new entry. (A no-op except
+    /// for the `ShareDown` of the origin in journals written before the origin's history.)
     fn propagate(&mut self, id: u64, chunk: u64, value: u64) {
         let mut stack: Vec<u64> = self.dev(id).map(|d| d.children.clone()).unwrap_or_default();
         while let Some(e) = stack.pop() {
@@ -640,6 +725,19 @@ impl Meta {
         Ok(())
     }
 
+    /// Adds the origin's copy of `chunk` stamped `time` (the snapshot clock when it was made).
+    fn preserve(&mut self, chunk: u64, time: u64, entry: u64) -> Result<(), MetaError> {
+        let mut copies = self.history.copies(chunk);
+        if time > self.clock || copies.last().is_some_and(|p| p.time >= time) {
+            return Err(MetaError::History(chunk, time));
+        }
+        copies.push(Preserved { time, entry });
+        self.history.set(chunk, &copies);
+        self.history_copies += 1;
+        self.take_ref(entry);
+        Ok(())
+    }
+
     /// Applies one record.
     pub fn apply(&mut self, rec: &Record) -> Result<(), MetaError> {
         match rec {
@@ -652,19 +750,29 @@ impl Meta {
                 if self.dev(*id).is_some() || *id == NO_PARENT {
                     return Err(MetaError::DuplicateDevice(*id));
                 }
-                self.dev_mut(*parent)?.children.push(*id);
-                if *parent == ORIGIN_ID {
-                    self.origin_children_changed();
+                let p = self.dev_mut(*parent)?;
+                if p.inoperative {
+                    return Err(MetaError::NoDevice(*parent));
                 }
+                p.children.push(*id);
                 let slot = *id as usize;
                 if self.devices.len() <= slot {
                     self.devices.resize_with(slot + 1, || None);
                 }
-                let mut dev = Dev::new(*id, *parent, name.clone(), *writable);
-                if *parent != ORIGIN_ID {
-                    dev.table = self.dev_mut(*parent)?.table.share();
-                }
+                let otime = if *parent == ORIGIN_ID {
+                    self.clock += 1;
+                    self.clock
+                } else {
+                    self.dev_mut(*parent)?.otime
+                };
+                let mut dev = Dev::new(*id, *parent, name.clone(), *writable, otime);
+                dev.table = if *parent == ORIGIN_ID {
+                    Table::for_origin_snapshot(otime)
+                } else {
+                    self.dev_mut(*parent)?.table.share()
+                };
                 self.devices[slot] = Some(dev);
+                self.lineage_gained(otime);
                 self.next_id = self.next_id.max(id + 1);
             }
             Record::DeleteDevice { id } => {
@@ -674,6 +782,7 @@ impl Meta {
                 let d = self.dev(*id).ok_or(MetaError::NoDevice(*id))?;
                 let parent = d.parent;
                 let children = d.children.clone();
+                let lost = (!d.inoperative).then_some(d.otime);
                 let mapped: Vec<(u64, u64)> = d.table.mapped().collect();
                 for (chunk, entry) in mapped {
                     self.share_down(*id, chunk, entry)?;
@@ -686,11 +795,11 @@ impl Meta {
                 let p = self.dev_mut(parent)?;
                 p.children.retain(|c| c != id);
                 p.children.extend_from_slice(&children);
-                if parent == ORIGIN_ID {
-                    self.origin_children_changed();
-                }
                 if let Some(d) = self.devices[*id as usize].take() {
                     d.table.retire(ReadStatus::Deleted);
+                }
+                if let Some(t) = lost {
+                    self.lineage_lost(t);
                 }
             }
             Record::SetEntry { dev, chunk, entry } => {
@@ -704,21 +813,29 @@ impl Meta {
                 self.check_entry(*chunk, *entry)?;
                 self.share_down(*dev, *chunk, *entry)?;
             }
+            Record::Preserve { chunk, time, entry } => {
+                self.check_entry(*chunk, *entry)?;
+                if entry_to_block(*entry).is_none() {
+                    return Err(FormatError::Malformed("preserved copy without a block").into());
+                }
+                self.preserve(*chunk, *time, *entry)?;
+            }
             Record::SetInoperative { dev } => {
                 if *dev == ORIGIN_ID {
                     return Err(MetaError::Origin);
                 }
-                let mapped: Vec<(u64, u64)> = self
-                    .dev(*dev)
-                    .ok_or(MetaError::NoDevice(*dev))?
-                    .table
-                    .mapped()
-                    .collect();
+                let d = self.dev(*dev).ok_or(MetaError::NoDevice(*dev))?;
+                if d.inoperative {
+                    return Ok(());
+                }
+                let otime = d.otime;
+                let mapped: Vec<(u64, u64)> = d.table.mapped().collect();
                 for (_, entry) in mapped {
                     self.drop_ref(entry);
                     self.total_entries -= 1;
                 }
                 self.dev_mut(*dev)?.set_inoperative();
+                self.lineage_lost(otime);
             }
             Record::SetAttr { dev, key, value } => {
                 let d = self.dev_mut(*dev)?;
@@ -775,16 +892,18 @@ impl Meta {
         self.free.len() as u64 + (self.max_blocks - self.high_water.min(self.max_blocks))
     }
 
-    /// Serializes the state for a checkpoint.
+    /// Serializes the state for a checkpoint (format version 2).
     pub fn encode_checkpoint(&self) -> Vec<u8> {
         let mut e = Enc::default();
         e.u64(self.next_id);
+        e.u64(self.clock);
         let devs: Vec<&Dev> = self.devices.iter().flatten().collect();
         e.u64(devs.len() as u64);
         for d in devs {
             e.u64(d.id);
             e.u64(d.parent);
             e.u8(d.writable as u8 | (d.inoperative as u8) << 1);
+            e.u64(d.otime);
             e.str(&d.name);
             e.u64(d.attrs.len() as u64);
             for (k, v) in &d.attrs {
@@ -797,24 +916,46 @@ impl Meta {
                 e.u64(ent);
             }
         }
+        let history = self.history.all();
+        e.u64(history.len() as u64);
+        for (c, copies) in history {
+            e.u64(c);
+            e.u64(copies.len() as u64);
+            for p in copies {
+                e.u64(p.time);
+                e.u64(p.entry);
+            }
+        }
         e.0
     }
 
-    /// Rebuilds the state from a checkpoint. Parents precede children in the encoding only
-    /// by accident, so links are made after all devices are read.
-    pub fn decode_checkpoint(buf: &[u8], nchunks: u64, max_blocks: u64) -> Result<Self, MetaError> {
+    /// Rebuilds the state from a checkpoint of format `version`. Parents precede children in
+    /// the encoding only by accident, so links are made after all devices are read. Version 1
+    /// has no snapshot times and no history: snapshots of the origin get times in id (that is,
+    /// creation) order.
+    pub fn decode_checkpoint(
+        buf: &[u8],
+        version: u32,
+        nchunks: u64,
+        max_blocks: u64,
+    ) -> Result<Self, MetaError> {
+        let v1 = version < 2;
         let mut m = Meta::new(nchunks, max_blocks);
         m.devices.clear();
         let mut d = Dec::new(buf, "checkpoint");
         let mut own_entries: Vec<(u64, Vec<(u64, u64)>)> = Vec::new();
         m.next_id = d.u64()?;
+        if !v1 {
+            m.clock = d.u64()?;
+        }
         let ndev = d.u64()?;
         for _ in 0..ndev {
             let id = d.u64()?;
             let parent = d.u64()?;
             let flags = d.u8()?;
+            let otime = if v1 { NO_OTIME } else { d.u64()? };
             let name = d.str()?;
-            let mut dev = Dev::new(id, parent, name, flags & 1 != 0);
+            let mut dev = Dev::new(id, parent, name, flags & 1 != 0, otime);
             if flags & 2 != 0 {
                 dev.set_inoperative();
             }
@@ -844,6 +985,20 @@ impl Meta {
                 list.push((c, ent));
             }
             own_entries.push((id, list));
+        }
+        let mut history = Vec::new();
+        if !v1 {
+            let nhist = d.u64()?;
+            for _ in 0..nhist {
+                let c = d.u64()?;
+                let n = d.u64()?;
+                if n == 0 {
+                    return Err(FormatError::Malformed("checkpoint history").into());
+                }
+                for _ in 0..n {
+                    history.push((c, d.u64()?, d.u64()?));
+                }
+            }
         }
         if !d.done() {
             return Err(FormatError::Malformed("checkpoint trailer").into());
@@ -878,9 +1033,31 @@ impl Meta {
             };
             if id != ORIGIN_ID {
                 // An inoperative device keeps its empty, retired table, as when it became so.
-                if parent != ORIGIN_ID && m.dev(id).is_some_and(|d| !d.inoperative) {
-                    let t = m.dev_mut(parent)?.table.share();
+                let operative = m.dev(id).is_some_and(|d| !d.inoperative);
+                if v1 {
+                    let otime = if parent == ORIGIN_ID {
+                        m.clock += 1;
+                        m.clock
+                    } else {
+                        m.dev(parent).map_or(NO_OTIME, |p| p.otime)
+                    };
+                    m.dev_mut(id)?.otime = otime;
+                }
+                let otime = m.dev(id).map_or(NO_OTIME, |d| d.otime);
+                if operative {
+                    if otime == NO_OTIME || otime > m.clock {
+                        return Err(FormatError::Malformed("checkpoint snapshot time").into());
+                    }
+                    let t = if parent == ORIGIN_ID {
+                        Table::for_origin_snapshot(otime)
+                    } else {
+                        m.dev_mut(parent)?.table.share()
+                    };
+                    if t.otime() != otime {
+                        return Err(FormatError::Malformed("checkpoint snapshot time").into());
+                    }
                     m.dev_mut(id)?.table = t;
+                    m.lineage_gained(otime);
                 }
                 for (c, ent) in entries.remove(&id).unwrap_or_default() {
                     m.set_entry(id, c, ent)?;
@@ -894,7 +1071,118 @@ impl Meta {
         if !entries.is_empty() {
             return Err(FormatError::Malformed("checkpoint device tree").into());
         }
+        for (c, time, entry) in history {
+            m.check_entry(c, entry)?;
+            if entry_to_block(entry).is_none() {
+                return Err(FormatError::Malformed("checkpoint history").into());
+            }
+            m.preserve(c, time, entry)?;
+        }
         m.dropped.clear();
         Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A checkpoint in format version 1 (before the origin's history): no clock, no snapshot
+    /// times, no copies; the origin's copies were entries of its children.
+    fn encode_v1(m: &Meta) -> Vec<u8> {
+        let mut e = Enc::default();
+        e.u64(m.next_id);
+        let devs: Vec<&Dev> = m.devices.iter().flatten().collect();
+        e.u64(devs.len() as u64);
+        for d in devs {
+            e.u64(d.id);
+            e.u64(d.parent);
+            e.u8(d.writable as u8 | (d.inoperative as u8) << 1);
+            e.str(&d.name);
+            e.u64(0);
+            e.u64(d.entries);
+            for (c, ent) in d.table.mapped() {
+                e.u64(c);
+                e.u64(ent);
+            }
+        }
+        e.0
+    }
+
+    fn create(m: &mut Meta, id: u64, parent: u64) {
+        m.apply(&Record::CreateDevice {
+            id,
+            parent,
+            writable: true,
+            name: format!("s{id}"),
+        })
+        .unwrap();
+    }
+
+    /// A version 1 cache object still opens with every view intact, and the snapshot times
+    /// it gets let the origin's history take over from there.
+    #[test]
+    fn version_1_checkpoints_are_read() {
+        let mut m = Meta::new(8, 100);
+        create(&mut m, 1, ORIGIN_ID);
+        create(&mut m, 2, 1);
+        create(&mut m, 3, ORIGIN_ID);
+        // What a version 1 engine journaled for an origin write: the copy to every child.
+        m.apply(&Record::ShareDown {
+            dev: ORIGIN_ID,
+            chunk: 4,
+            entry: entry_block(0),
+        })
+        .unwrap();
+        m.apply(&Record::SetEntry {
+            dev: 2,
+            chunk: 5,
+            entry: ENTRY_ZERO,
+        })
+        .unwrap();
+        let v1 = encode_v1(&m);
+        let mut back = Meta::decode_checkpoint(&v1, 1, 8, 100).unwrap();
+        for id in 1..=3 {
+            for c in 0..8 {
+                assert_eq!(
+                    back.resolve(id, c),
+                    m.resolve(id, c),
+                    "device {id} chunk {c}"
+                );
+            }
+        }
+        assert_eq!(
+            back.refcount(0),
+            2,
+            "one copy, an entry of each child of the origin"
+        );
+        assert_eq!(back.clock, 2, "two snapshots of the origin");
+        assert_eq!(back.dev(2).unwrap().otime, back.dev(1).unwrap().otime);
+        // From now on an origin write is one stamped copy for all of them.
+        assert!(back.origin_needs_copy(6));
+        back.apply(&Record::Preserve {
+            chunk: 6,
+            time: back.clock,
+            entry: entry_block(1),
+        })
+        .unwrap();
+        assert!(!back.origin_needs_copy(6));
+        for id in 1..=3 {
+            assert_eq!(back.resolve(id, 6), View::Block(1));
+            assert_eq!(back.resolve_by_walk(id, 6), View::Block(1));
+        }
+        // And the version 2 checkpoint of that state round-trips.
+        let v2 = back.encode_checkpoint();
+        let again = Meta::decode_checkpoint(&v2, 2, 8, 100).unwrap();
+        for id in 1..=3 {
+            for c in 0..8 {
+                assert_eq!(again.resolve(id, c), back.resolve(id, c));
+            }
+        }
+        assert_eq!(again.refcount(1), 1);
+        assert!(
+            Meta::decode_checkpoint(&v1, 2, 8, 100).is_err(),
+            "layouts are told apart"
+        );
     }
 }

@@ -12,6 +12,7 @@
 pub mod check;
 pub(crate) mod engine;
 pub mod format;
+pub mod history;
 pub mod meta;
 
 pub use check::{check_cache, check_cache_path, CheckReport};

@@ -1,0 +1,366 @@
+//! The origin's history: for each origin chunk, the copies of its old data made when the origin
+//! was written, each stamped with the snapshot time it was made at (DESIGN.md §9, dm-thin's
+//! "write time" idea with 64-bit times).
+//!
+//! Every snapshot has a *snapshot time* (`otime`): a snapshot of the origin takes the next tick
+//! of a clock that advances only when the origin gets a snapshot; a snapshot of a snapshot
+//! inherits its parent's time, since both froze the origin at the same moment. A copy made when
+//! the origin's chunk `c` is written while the clock reads `t` is stamped `t`; a device with
+//! snapshot time `s` that reads through to the origin at `c` reads the oldest copy of `c`
+//! stamped `>= s` (the origin's data at `c` as it was from `s` until that copy), or the origin
+//! image if there is none.
+//!
+//! So an origin write preserves a chunk with **one** record whatever the number of snapshots,
+//! instead of one table entry per snapshot.
+//!
+//! Memory: one 8-byte slot per chunk of each 512-chunk page that holds a copy. A chunk with one
+//! copy (the common case) keeps it in the slot itself; a chunk with more copies, or with a
+//! stamp or block too large to pack, keeps them in a list on the side.
+//!
+//! Concurrency: readers take no lock here. Copies of chunk `c` are added only with `c`'s stripe
+//! lock held exclusively, so no reader of `c` runs meanwhile; copies are removed (when the last
+//! snapshot that could read them goes) while readers of other snapshots may read the same chunk,
+//! so every removal leaves each slot in a state that gives every remaining snapshot time the same
+//! answer as before.
+
+use super::format::ENTRY_UNMAPPED;
+use arc_swap::{ArcSwap, ArcSwapOption};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+const PAGE_SHIFT: u32 = 9;
+/// Chunks per page.
+pub const PAGE: usize = 1 << PAGE_SHIFT;
+
+/// A slot holding no copy.
+const EMPTY: u64 = 0;
+/// A slot whose copies are in the page's side lists.
+const LISTED: u64 = 2;
+/// Packed slots: bit 0 set, the entry in bits 1..40, the stamp in bits 40..64.
+const ENTRY_BITS: u32 = 39;
+const STAMP_SHIFT: u32 = ENTRY_BITS + 1;
+
+/// One preserved copy: its stamp (snapshot time) and its entry (a cache block).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Preserved {
+    pub time: u64,
+    pub entry: u64,
+}
+
+impl Preserved {
+    fn packed(self) -> Option<u64> {
+        (self.entry < 1 << ENTRY_BITS && self.time > 0 && self.time < 1 << (64 - STAMP_SHIFT))
+            .then_some((self.time << STAMP_SHIFT) | (self.entry << 1) | 1)
+    }
+
+    #[inline]
+    fn unpack(v: u64) -> Self {
+        Self {
+            time: v >> STAMP_SHIFT,
+            entry: (v >> 1) & ((1 << ENTRY_BITS) - 1),
+        }
+    }
+}
+
+/// The copies of one chunk, oldest (lowest stamp) first; stamps strictly increase.
+type Copies = Box<[Preserved]>;
+
+struct SideLists([ArcSwapOption<Copies>; PAGE]);
+
+/// The slots of [`PAGE`] chunks.
+struct Page {
+    slots: [AtomicU64; PAGE],
+    /// Allocated when a chunk of the page first needs a list.
+    lists: ArcSwapOption<SideLists>,
+    /// Lowest and highest stamp of the page's copies (a superset: exact after a sweep). Only
+    /// the writer (under the engine's state lock) uses them.
+    min_stamp: AtomicU64,
+    max_stamp: AtomicU64,
+}
+
+impl Page {
+    fn new() -> Self {
+        Self {
+            slots: std::array::from_fn(|_| AtomicU64::new(EMPTY)),
+            lists: ArcSwapOption::const_empty(),
+            min_stamp: AtomicU64::new(u64::MAX),
+            max_stamp: AtomicU64::new(0),
+        }
+    }
+
+    fn copies(&self, i: usize) -> Vec<Preserved> {
+        match self.slots[i].load(Ordering::Acquire) {
+            EMPTY => Vec::new(),
+            LISTED => self
+                .lists
+                .load()
+                .as_ref()
+                .and_then(|l| l.0[i].load().as_deref().map(|c| c.to_vec()))
+                .unwrap_or_default(),
+            v => vec![Preserved::unpack(v)],
+        }
+    }
+}
+
+/// Per origin chunk, its preserved copies. Pages are allocated when a chunk of theirs is first
+/// preserved and never freed; the page vector is republished (copied) when it grows.
+pub struct OriginHistory {
+    pages: ArcSwap<Vec<Option<Arc<Page>>>>,
+}
+
+impl std::fmt::Debug for OriginHistory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OriginHistory")
+            .field("pages", &self.pages.load().iter().flatten().count())
+            .finish()
+    }
+}
+
+impl Default for OriginHistory {
+    fn default() -> Self {
+        Self {
+            pages: ArcSwap::from_pointee(Vec::new()),
+        }
+    }
+}
+
+impl OriginHistory {
+    fn page(&self, chunk: u64) -> Option<Arc<Page>> {
+        self.pages
+            .load()
+            .get((chunk >> PAGE_SHIFT) as usize)?
+            .clone()
+    }
+
+    /// What a device with snapshot time `otime` reads at `chunk` when it reads through to the
+    /// origin: the entry of the oldest copy stamped `>= otime`, or `ENTRY_UNMAPPED` (the origin
+    /// image). Lock-free; sound while the caller holds the chunk's stripe lock.
+    #[inline]
+    pub fn lookup(&self, chunk: u64, otime: u64) -> u64 {
+        let pages = self.pages.load();
+        let Some(Some(page)) = pages.get((chunk >> PAGE_SHIFT) as usize) else {
+            return ENTRY_UNMAPPED;
+        };
+        let i = (chunk as usize) & (PAGE - 1);
+        // Acquire: a list is published before the slot says to look there.
+        match page.slots[i].load(Ordering::Acquire) {
+            EMPTY => ENTRY_UNMAPPED,
+            LISTED => page
+                .lists
+                .load()
+                .as_ref()
+                .and_then(|l| {
+                    l.0[i]
+                        .load()
+                        .as_deref()
+                        .and_then(|c| c.iter().find(|p| p.time >= otime).map(|p| p.entry))
+                })
+                .unwrap_or(ENTRY_UNMAPPED),
+            v => {
+                let p = Preserved::unpack(v);
+                if p.time >= otime {
+                    p.entry
+                } else {
+                    ENTRY_UNMAPPED
+                }
+            }
+        }
+    }
+
+    /// The copies of `chunk`, oldest first.
+    pub fn copies(&self, chunk: u64) -> Vec<Preserved> {
+        self.page(chunk)
+            .map(|p| p.copies((chunk as usize) & (PAGE - 1)))
+            .unwrap_or_default()
+    }
+
+    /// The stamp of the newest copy of `chunk`, 0 if none. No allocation: on every origin write.
+    #[inline]
+    pub fn newest(&self, chunk: u64) -> u64 {
+        let pages = self.pages.load();
+        let Some(Some(page)) = pages.get((chunk >> PAGE_SHIFT) as usize) else {
+            return 0;
+        };
+        let i = (chunk as usize) & (PAGE - 1);
+        match page.slots[i].load(Ordering::Acquire) {
+            EMPTY => 0,
+            LISTED => page
+                .lists
+                .load()
+                .as_ref()
+                .and_then(|l| {
+                    l.0[i]
+                        .load()
+                        .as_deref()
+                        .and_then(|c| c.last())
+                        .map(|p| p.time)
+                })
+                .unwrap_or(0),
+            v => Preserved::unpack(v).time,
+        }
+    }
+
+    /// Replaces the copies of `chunk` (empty = none). Callers serialize changes (the state
+    /// lock) and keep stamps strictly increasing. A chunk that ever needed a list keeps using
+    /// it: switching it back to a packed slot would let a reader that saw "listed" find the
+    /// list already gone.
+    pub fn set(&self, chunk: u64, copies: &[Preserved]) {
+        let i = (chunk as usize) & (PAGE - 1);
+        let page = match self.page(chunk) {
+            Some(p) => p,
+            None if copies.is_empty() => return,
+            None => self.add_page(chunk),
+        };
+        for p in copies {
+            page.min_stamp.fetch_min(p.time, Ordering::Relaxed);
+            page.max_stamp.fetch_max(p.time, Ordering::Relaxed);
+        }
+        let slot = &page.slots[i];
+        let listed = slot.load(Ordering::Relaxed) == LISTED;
+        let packed = match copies {
+            [] => Some(EMPTY),
+            [one] if !listed => one.packed(),
+            _ => None,
+        };
+        match packed {
+            Some(v) => {
+                slot.store(v, Ordering::Release);
+                if listed {
+                    // Now empty: a reader that saw "listed" finds no list, which is right.
+                    if let Some(l) = page.lists.load().as_ref() {
+                        l.0[i].store(None);
+                    }
+                }
+            }
+            None => {
+                let lists = match page.lists.load_full() {
+                    Some(l) => l,
+                    None => {
+                        let l = Arc::new(SideLists(std::array::from_fn(|_| {
+                            ArcSwapOption::const_empty()
+                        })));
+                        page.lists.store(Some(l.clone()));
+                        l
+                    }
+                };
+                lists.0[i].store(Some(Arc::new(copies.to_vec().into_boxed_slice())));
+                slot.store(LISTED, Ordering::Release);
+            }
+        }
+    }
+
+    fn add_page(&self, chunk: u64) -> Arc<Page> {
+        let pi = (chunk >> PAGE_SHIFT) as usize;
+        let mut pages: Vec<Option<Arc<Page>>> = self.pages.load().as_ref().clone();
+        if pages.len() <= pi {
+            pages.resize(pi + 1, None);
+        }
+        let page = Arc::new(Page::new());
+        pages[pi] = Some(page.clone());
+        self.pages.store(Arc::new(pages));
+        page
+    }
+
+    /// Every chunk with a copy stamped in `lo..hi`, with its copies, for a sweep by the writer.
+    /// Visits only pages whose stamps may fall in the range, and tightens their stamp bounds.
+    pub fn with_stamps_in(&self, lo: u64, hi: u64) -> Vec<(u64, Vec<Preserved>)> {
+        let pages = self.pages.load();
+        let mut v = Vec::new();
+        for (pi, page) in pages.iter().enumerate() {
+            let Some(page) = page else { continue };
+            if page.min_stamp.load(Ordering::Relaxed) >= hi
+                || page.max_stamp.load(Ordering::Relaxed) < lo
+            {
+                continue;
+            }
+            let (mut min, mut max) = (u64::MAX, 0);
+            for i in 0..PAGE {
+                let copies = page.copies(i);
+                if let (Some(first), Some(last)) = (copies.first(), copies.last()) {
+                    min = min.min(first.time);
+                    max = max.max(last.time);
+                }
+                if copies.iter().any(|p| (lo..hi).contains(&p.time)) {
+                    v.push((((pi << PAGE_SHIFT) + i) as u64, copies));
+                }
+            }
+            page.min_stamp.store(min, Ordering::Relaxed);
+            page.max_stamp.store(max, Ordering::Relaxed);
+        }
+        v
+    }
+
+    /// Every chunk with copies, and its copies, in chunk order.
+    pub fn all(&self) -> Vec<(u64, Vec<Preserved>)> {
+        self.with_stamps_in(0, u64::MAX)
+    }
+
+    /// Bytes of memory held: pages, side lists and the page vector.
+    pub fn memory(&self) -> usize {
+        let pages = self.pages.load();
+        let mut bytes = pages.len() * 8;
+        for page in pages.iter().flatten() {
+            bytes += std::mem::size_of::<Page>();
+            if let Some(l) = page.lists.load().as_ref() {
+                bytes += std::mem::size_of::<SideLists>();
+                for s in l.0.iter() {
+                    if let Some(c) = s.load().as_deref() {
+                        bytes += 32 + c.len() * std::mem::size_of::<Preserved>();
+                    }
+                }
+            }
+        }
+        bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(time: u64, entry: u64) -> Preserved {
+        Preserved { time, entry }
+    }
+
+    #[test]
+    fn lookup_finds_the_oldest_copy_at_or_after_the_snapshot_time() {
+        let h = OriginHistory::default();
+        assert_eq!(h.lookup(5, 1), ENTRY_UNMAPPED);
+        h.set(5, &[p(2, 10)]);
+        assert_eq!(h.lookup(5, 2), 10, "one copy, packed");
+        assert_eq!(h.lookup(5, 3), ENTRY_UNMAPPED);
+        h.set(5, &[p(2, 10), p(5, 11)]);
+        assert_eq!(h.lookup(5, 1), 10);
+        assert_eq!(h.lookup(5, 2), 10);
+        assert_eq!(h.lookup(5, 3), 11);
+        assert_eq!(h.lookup(5, 5), 11);
+        assert_eq!(
+            h.lookup(5, 6),
+            ENTRY_UNMAPPED,
+            "newer snapshots read the origin"
+        );
+        assert_eq!(h.lookup(4, 1), ENTRY_UNMAPPED, "other chunks of the page");
+        assert_eq!(h.newest(5), 5);
+        // Too large to pack: listed.
+        h.set(5000, &[p(1 << 30, 1 << 45)]);
+        assert_eq!(h.lookup(5000, 1), 1 << 45, "a second page");
+        assert_eq!(h.newest(5000), 1 << 30);
+        assert_eq!(
+            h.all(),
+            vec![
+                (5, vec![p(2, 10), p(5, 11)]),
+                (5000, vec![p(1 << 30, 1 << 45)])
+            ]
+        );
+        assert_eq!(h.with_stamps_in(3, 6), vec![(5, vec![p(2, 10), p(5, 11)])]);
+        assert!(h.with_stamps_in(6, 1 << 30).is_empty());
+        // Back to one copy: stays listed, same answers.
+        h.set(5, &[p(5, 11)]);
+        assert_eq!(h.lookup(5, 1), 11);
+        assert_eq!(h.lookup(5, 6), ENTRY_UNMAPPED);
+        h.set(5, &[]);
+        assert_eq!(h.lookup(5, 1), ENTRY_UNMAPPED);
+        assert_eq!(h.newest(5), 0);
+        assert_eq!(h.copies(5000), vec![p(1 << 30, 1 << 45)]);
+    }
+}
