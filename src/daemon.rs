@@ -408,6 +408,7 @@ impl Daemon {
             owned_bytes: d.owned_chunks * chunk,
             shared_bytes: d.mapped_chunks.saturating_sub(d.owned_chunks) * chunk,
             zero_chunks: d.zero_chunks,
+            preserved_bytes: d.preserved_chunks * chunk,
             socket,
             serial: d.attrs.get(ATTR_SERIAL).cloned(),
             connected: Self::connected(reg, d.id),

@@ -181,8 +181,8 @@ pub fn snapshot(control: &Path, cmd: SnapshotCommand) -> Result<(), CliError> {
 /// Prints devices as an indented tree, children under their parent.
 fn print_tree(devices: &[DeviceView]) {
     println!(
-        "{:<24} {:<4} {:<11} {:>10} {:>10} {:<10} SOCKET",
-        "NAME", "MODE", "STATE", "OWNED", "SHARED", "VM"
+        "{:<24} {:<4} {:<11} {:>10} {:>10} {:>10} {:<10} SOCKET",
+        "NAME", "MODE", "STATE", "OWNED", "SHARED", "PRESERVED", "VM"
     );
     fn walk(devices: &[DeviceView], parent: Option<&str>, depth: usize) {
         for d in devices.iter().filter(|d| d.parent.as_deref() == parent) {
@@ -190,12 +190,13 @@ fn print_tree(devices: &[DeviceView]) {
             let mode = if d.writable { "rw" } else { "ro" };
             let vm = if d.connected { "connected" } else { "-" };
             println!(
-                "{:<24} {:<4} {:<11} {:>10} {:>10} {:<10} {}",
+                "{:<24} {:<4} {:<11} {:>10} {:>10} {:>10} {:<10} {}",
                 name,
                 mode,
                 d.state,
                 human(d.owned_bytes),
                 human(d.shared_bytes),
+                human(d.preserved_bytes),
                 vm,
                 d.socket.as_deref().unwrap_or("-")
             );

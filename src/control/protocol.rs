@@ -168,6 +168,10 @@ pub struct DeviceView {
     pub shared_bytes: u64,
     /// Chunks that read as zeros without a block.
     pub zero_chunks: u64,
+    /// Bytes of origin data copied since this snapshot was taken, kept for it and shared
+    /// with the other snapshots taken before the same copies.
+    #[serde(default)]
+    pub preserved_bytes: u64,
     pub socket: Option<String>,
     pub serial: Option<String>,
     /// A VM (frontend) is connected right now.
