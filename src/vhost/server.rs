@@ -201,6 +201,19 @@ fn serve_loop(
     }
 }
 
+/// Clears the stop signal's handle and the connected flag when dropped.
+struct ConnectionOver<'a> {
+    stop: &'a StopSignal,
+    stats: &'a ConnectionStats,
+}
+
+impl Drop for ConnectionOver<'_> {
+    fn drop(&mut self) {
+        *self.stop.lock() = None;
+        self.stats.connected.store(false, Ordering::SeqCst);
+    }
+}
+
 fn serve_one(
     name: &str,
     listener: &mut Listener,
@@ -213,6 +226,7 @@ fn serve_one(
     let backend = Arc::new(BlkBackend::new(device, opts, mem.clone()).map_err(ServeError::Setup)?);
     let mut daemon = VhostUserDaemon::new(name.to_string(), backend.clone(), mem)
         .map_err(|e| ServeError::Vhost(e.to_string()))?;
+    let done = Arc::new(EventFd::new(libc::EFD_CLOEXEC).map_err(ServeError::Setup)?);
     daemon
         .start(listener)
         .map_err(|e| ServeError::Vhost(e.to_string()))?;
@@ -228,9 +242,11 @@ fn serve_one(
             *connection = daemon.shutdown_handle().map(|h| (h, backend.clone()));
         }
     }
+    // Every way out of here, early ones included, ends the connection's bookkeeping; it is
+    // dropped after the daemon (declared before it is handed back by the waiter).
+    let _over = ConnectionOver { stop, stats };
     // Wait for the connection to end on a helper thread, and meanwhile turn away any other
     // frontend: a vhost-user socket serves one, and a second VM would otherwise hang.
-    let done = Arc::new(EventFd::new(libc::EFD_CLOEXEC).map_err(ServeError::Setup)?);
     let waiter = {
         let done = done.clone();
         std::thread::Builder::new()
