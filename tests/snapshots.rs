@@ -161,6 +161,17 @@ fn snapshots_keep_their_point_in_time_view_while_the_origin_changes() {
         copies, 32,
         "copies after writing 2 MiB of the origin under one snapshot"
     );
+    // Those copies are what the snapshots taken before the writes keep of the origin.
+    assert_eq!(
+        s.device("before")["preserved_bytes"].as_u64().unwrap(),
+        2 * MIB as u64
+    );
+    assert_eq!(
+        s.device("scratch")["preserved_bytes"].as_u64().unwrap(),
+        2 * MIB as u64,
+        "a snapshot of a snapshot shares its parent's point in time"
+    );
+    assert_eq!(s.device("origin")["preserved_bytes"].as_u64().unwrap(), 0);
     // The image file holds the origin's new data.
     assert_eq!(fs::read(s.p("golden.img")).unwrap()[MIB..3 * MIB], new[..]);
 }
