@@ -754,3 +754,43 @@ fn origin_history_over_many_generations_and_random_deletes() {
         assert!(check_cache(cache.as_ref()).is_clean());
     }
 }
+
+/// The origin copies a chunk only for a snapshot that reads the origin image there: restoring
+/// from the newest snapshot (which maps everything it restores) copies nothing and commits a
+/// few times, not once per chunk; an older snapshot that reads through still gets its copy.
+#[test]
+fn restore_copies_only_what_some_snapshot_reads() {
+    let (_o, _c, eng) = mem_engine(64, 1 << 30);
+    let s = eng.create_snapshot(DeviceId::ORIGIN, "s", true).unwrap();
+    eng.write(s, 0, &vec![7u8; 64 * CHUNK as usize]).unwrap();
+    let before = eng.stats();
+    eng.restore(s).unwrap();
+    let after = eng.stats();
+    assert_eq!(
+        after.copies, before.copies,
+        "no snapshot reads the old origin"
+    );
+    assert_eq!(after.blocks_used, before.blocks_used);
+    assert!(
+        after.commits - before.commits <= 4,
+        "{} commits for a restore that copies nothing",
+        after.commits - before.commits
+    );
+    // An older snapshot reading through the origin is preserved as usual.
+    let (_o, _c, eng) = mem_engine(64, 1 << 30);
+    let old = eng.create_snapshot(DeviceId::ORIGIN, "old", false).unwrap();
+    let s = eng.create_snapshot(DeviceId::ORIGIN, "s", true).unwrap();
+    eng.write(s, 0, &vec![7u8; 8 * CHUNK as usize]).unwrap();
+    eng.restore(s).unwrap();
+    assert_eq!(
+        eng.stats().copies,
+        8,
+        "one copy per restored chunk, for `old`"
+    );
+    let mut buf = vec![1u8; 8 * CHUNK as usize];
+    eng.read(old, 0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0), "old keeps the origin it saw");
+    eng.read(DeviceId::ORIGIN, 0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 7), "the origin holds s's data");
+    eng.verify_in_memory().unwrap();
+}

@@ -1514,6 +1514,9 @@ impl CacheObject {
                 View::Zero => self.write_chunk_locked(ORIGIN_ID, c, 0, clen, Src::Zeroes)?,
                 View::Block(b) => {
                     self.cache.read_at(&mut buf[..clen], self.block_offset(b))?;
+                    // Made inoperative meanwhile (under another stripe), `from` may have lost
+                    // that block to another user: never copy such data into the origin.
+                    Self::check_read_status(side, from.0)?;
                     self.write_chunk_locked(ORIGIN_ID, c, 0, clen, Src::Data(&buf[..clen]))?;
                 }
             }

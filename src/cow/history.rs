@@ -26,7 +26,7 @@
 use super::format::ENTRY_UNMAPPED;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 const PAGE_SHIFT: u32 = 9;
 /// Chunks per page.
@@ -72,10 +72,10 @@ struct Page {
     slots: [AtomicU64; PAGE],
     /// Allocated when a chunk of the page first needs a list.
     lists: ArcSwapOption<SideLists>,
-    /// Lowest and highest stamp of the page's copies (a superset: exact after a sweep). Only
-    /// the writer (under the engine's state lock) uses them.
-    min_stamp: AtomicU64,
-    max_stamp: AtomicU64,
+    /// The stamps of the page's copies and how many copies carry each, sorted: lets a release
+    /// visit only the pages holding the stamps it releases. Only the writer (which holds the
+    /// engine's state lock) uses it; the mutex is never contended.
+    stamps: Mutex<Vec<(u64, u32)>>,
 }
 
 impl Page {
@@ -83,9 +83,34 @@ impl Page {
         Self {
             slots: std::array::from_fn(|_| AtomicU64::new(EMPTY)),
             lists: ArcSwapOption::const_empty(),
-            min_stamp: AtomicU64::new(u64::MAX),
-            max_stamp: AtomicU64::new(0),
+            stamps: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Counts the stamps of `gone` out and those of `new` in.
+    fn restamp(&self, gone: &[Preserved], new: &[Preserved]) {
+        let mut stamps = self.stamps.lock().unwrap_or_else(PoisonError::into_inner);
+        for p in gone {
+            if let Ok(i) = stamps.binary_search_by_key(&p.time, |e| e.0) {
+                stamps[i].1 -= 1;
+                if stamps[i].1 == 0 {
+                    stamps.remove(i);
+                }
+            }
+        }
+        for p in new {
+            match stamps.binary_search_by_key(&p.time, |e| e.0) {
+                Ok(i) => stamps[i].1 += 1,
+                Err(i) => stamps.insert(i, (p.time, 1)),
+            }
+        }
+    }
+
+    /// Whether some copy of the page is stamped in `lo..hi`.
+    fn has_stamps_in(&self, lo: u64, hi: u64) -> bool {
+        let stamps = self.stamps.lock().unwrap_or_else(PoisonError::into_inner);
+        let i = stamps.partition_point(|e| e.0 < lo);
+        stamps.get(i).is_some_and(|e| e.0 < hi)
     }
 
     fn copies(&self, i: usize) -> Vec<Preserved> {
@@ -211,10 +236,7 @@ impl OriginHistory {
             None if copies.is_empty() => return,
             None => self.add_page(chunk),
         };
-        for p in copies {
-            page.min_stamp.fetch_min(p.time, Ordering::Relaxed);
-            page.max_stamp.fetch_max(p.time, Ordering::Relaxed);
-        }
+        page.restamp(&page.copies(i), copies);
         let slot = &page.slots[i];
         let listed = slot.load(Ordering::Relaxed) == LISTED;
         let packed = match copies {
@@ -262,30 +284,24 @@ impl OriginHistory {
     }
 
     /// Every chunk with a copy stamped in `lo..hi`, with its copies, for a sweep by the writer.
-    /// Visits only pages whose stamps may fall in the range, and tightens their stamp bounds.
+    /// Visits only the pages holding such a stamp.
     pub fn with_stamps_in(&self, lo: u64, hi: u64) -> Vec<(u64, Vec<Preserved>)> {
         let pages = self.pages.load();
         let mut v = Vec::new();
         for (pi, page) in pages.iter().enumerate() {
             let Some(page) = page else { continue };
-            if page.min_stamp.load(Ordering::Relaxed) >= hi
-                || page.max_stamp.load(Ordering::Relaxed) < lo
-            {
+            if !page.has_stamps_in(lo, hi) {
                 continue;
             }
-            let (mut min, mut max) = (u64::MAX, 0);
             for i in 0..PAGE {
-                let copies = page.copies(i);
-                if let (Some(first), Some(last)) = (copies.first(), copies.last()) {
-                    min = min.min(first.time);
-                    max = max.max(last.time);
+                if page.slots[i].load(Ordering::Acquire) == EMPTY {
+                    continue;
                 }
+                let copies = page.copies(i);
                 if copies.iter().any(|p| (lo..hi).contains(&p.time)) {
                     v.push((((pi << PAGE_SHIFT) + i) as u64, copies));
                 }
             }
-            page.min_stamp.store(min, Ordering::Relaxed);
-            page.max_stamp.store(max, Ordering::Relaxed);
         }
         v
     }
@@ -301,6 +317,12 @@ impl OriginHistory {
         let mut bytes = pages.len() * 8;
         for page in pages.iter().flatten() {
             bytes += std::mem::size_of::<Page>();
+            bytes += page
+                .stamps
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .capacity()
+                * 16;
             if let Some(l) = page.lists.load().as_ref() {
                 bytes += std::mem::size_of::<SideLists>();
                 for s in l.0.iter() {

@@ -455,7 +455,7 @@ pub struct Meta {
     /// The snapshot clock: the time of the newest snapshot of the origin.
     pub clock: u64,
     /// Operative devices per snapshot time. A copy is kept while some time it serves has one.
-    pub lineages: BTreeMap<u64, u32>,
+    pub lineages: BTreeMap<u64, Vec<u64>>,
 }
 
 impl Meta {
@@ -479,17 +479,26 @@ impl Meta {
     }
 
     /// Whether writing the origin at `chunk` must first preserve its old data: some operative
-    /// device is newer than the newest copy of the chunk (and so may read the origin image
-    /// there). O(log snapshots), whatever their number: a device that already maps the chunk
-    /// itself still counts, so this may preserve a copy no one reads, never miss one.
+    /// device newer than the chunk's newest copy reads through to the origin image there.
+    /// Devices are asked newest first and the first that reads through answers, so a first
+    /// touch costs one lookup whatever the number of snapshots, and a rewrite of a preserved
+    /// chunk none (no device is newer than its copy). Only when the newer devices all map the
+    /// chunk themselves (e.g. a restore from the newest snapshot) is each of them asked.
     pub fn origin_needs_copy(&self, chunk: u64) -> bool {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let newest = self.history.newest(chunk);
         self.lineages
-            .last_key_value()
-            .is_some_and(|(&t, _)| t > self.history.newest(chunk))
+            .range((Excluded(newest), Unbounded))
+            .rev()
+            .flat_map(|(_, devs)| devs.iter())
+            .any(|&id| {
+                self.dev(id)
+                    .is_some_and(|d| d.table.resolved(chunk) == ENTRY_UNMAPPED)
+            })
     }
 
-    fn lineage_gained(&mut self, otime: u64) {
-        *self.lineages.entry(otime).or_default() += 1;
+    fn lineage_gained(&mut self, otime: u64, id: u64) {
+        self.lineages.entry(otime).or_default().push(id);
     }
 
     /// One device of snapshot time `t` stopped being operative. When it was the last, the
@@ -498,12 +507,12 @@ impl Meta {
     /// released unless the previous live time is newer than their previous copy. Cost: a sweep
     /// of the history pages holding such stamps, i.e. where the origin was written while `t`
     /// was the newest time.
-    fn lineage_lost(&mut self, t: u64) {
-        let Some(n) = self.lineages.get_mut(&t) else {
+    fn lineage_lost(&mut self, t: u64, id: u64) {
+        let Some(devs) = self.lineages.get_mut(&t) else {
             return;
         };
-        *n -= 1;
-        if *n > 0 {
+        devs.retain(|&d| d != id);
+        if !devs.is_empty() {
             return;
         }
         self.lineages.remove(&t);
@@ -772,7 +781,7 @@ impl Meta {
                     self.dev_mut(*parent)?.table.share()
                 };
                 self.devices[slot] = Some(dev);
-                self.lineage_gained(otime);
+                self.lineage_gained(otime, *id);
                 self.next_id = self.next_id.max(id + 1);
             }
             Record::DeleteDevice { id } => {
@@ -799,7 +808,7 @@ impl Meta {
                     d.table.retire(ReadStatus::Deleted);
                 }
                 if let Some(t) = lost {
-                    self.lineage_lost(t);
+                    self.lineage_lost(t, *id);
                 }
             }
             Record::SetEntry { dev, chunk, entry } => {
@@ -835,7 +844,7 @@ impl Meta {
                     self.total_entries -= 1;
                 }
                 self.dev_mut(*dev)?.set_inoperative();
-                self.lineage_lost(otime);
+                self.lineage_lost(otime, *dev);
             }
             Record::SetAttr { dev, key, value } => {
                 let d = self.dev_mut(*dev)?;
@@ -1057,7 +1066,7 @@ impl Meta {
                         return Err(FormatError::Malformed("checkpoint snapshot time").into());
                     }
                     m.dev_mut(id)?.table = t;
-                    m.lineage_gained(otime);
+                    m.lineage_gained(otime, id);
                 }
                 for (c, ent) in entries.remove(&id).unwrap_or_default() {
                     m.set_entry(id, c, ent)?;
