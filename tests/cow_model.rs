@@ -211,6 +211,151 @@ fn model_long_sequences() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Many snapshots over several pages of the origin's history (after an independent review's
+// test): up to 14 devices, writes concentrated on chunks at page boundaries, restores, reopens
+// and, in one case in three, a cache so small that snapshots become inoperative.
+// ---------------------------------------------------------------------------------------
+
+const PAGES_CHUNKS: u64 = 1100;
+const HOT: &[u64] = &[0, 1, 2, 511, 512, 513, 700, 1023, 1024, 1025, 1099];
+
+fn run_history_case(seed: u64, steps: usize) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let size = PAGES_CHUNKS * CHUNK;
+    let mut init = vec![0u8; size as usize];
+    rng.fill(&mut init);
+    let origin = Arc::new(MemStorage::from_bytes(init.clone()));
+    let cache = Arc::new(MemStorage::new(0));
+    let tight = rng.u8(0..3) == 0;
+    let opts = CreateOptions {
+        chunk_size: CHUNK,
+        max_size: if tight {
+            16384 + 4096 + CHUNK * rng.u64(12..40)
+        } else {
+            1 << 30
+        },
+        journal_size: 16 << 10,
+        origin_tag: "pages".into(),
+        ..Default::default()
+    };
+    let mut eng = CacheObject::create(origin.clone(), cache.clone(), opts).unwrap();
+    // Per device: writable, and the content of each hot chunk.
+    let chunk_of = |c: u64| init[(c * CHUNK) as usize..((c + 1) * CHUNK) as usize].to_vec();
+    let mut model: BTreeMap<u64, (bool, BTreeMap<u64, Vec<u8>>)> = BTreeMap::new();
+    model.insert(0, (true, HOT.iter().map(|&c| (c, chunk_of(c))).collect()));
+    let mut names = 0;
+    let mut buf = vec![0u8; CHUNK as usize];
+    for step in 0..steps {
+        let ctx = format!("seed {seed} step {step}");
+        let ids: Vec<u64> = model.keys().copied().collect();
+        let dev = if rng.u8(0..3) == 0 {
+            0
+        } else {
+            ids[rng.usize(0..ids.len())]
+        };
+        match rng.u8(0..100) {
+            0..=49 => {
+                let c = HOT[rng.usize(0..HOT.len())];
+                let (off, len) = if rng.bool() {
+                    (0, CHUNK)
+                } else {
+                    (rng.u64(0..8) * 512, 512)
+                };
+                let mut d = vec![0u8; len as usize];
+                rng.fill(&mut d);
+                let r = if rng.u8(0..6) == 0 {
+                    d.fill(0);
+                    eng.write_zeroes(DeviceId(dev), c * CHUNK + off, len)
+                } else {
+                    eng.write(DeviceId(dev), c * CHUNK + off, &d)
+                };
+                let (writable, data) = model.get_mut(&dev).unwrap();
+                match r {
+                    Ok(()) => {
+                        assert!(*writable, "{ctx}: write to a read-only device");
+                        data.get_mut(&c).unwrap()[off as usize..(off + len) as usize]
+                            .copy_from_slice(&d);
+                    }
+                    Err(CowError::ReadOnly(_)) => assert!(!*writable, "{ctx}"),
+                    Err(CowError::NoSpace) if dev != 0 && tight => {}
+                    Err(e) => panic!("{ctx}: write {dev}: {e}"),
+                }
+            }
+            50..=64 if model.len() < 14 => {
+                names += 1;
+                let writable = rng.u8(0..4) != 0;
+                let id = eng
+                    .create_snapshot(DeviceId(dev), &format!("s{names}"), writable)
+                    .unwrap_or_else(|e| panic!("{ctx}: create: {e}"));
+                let data = model[&dev].1.clone();
+                model.insert(id.0, (writable, data));
+            }
+            65..=74 if dev != 0 => {
+                eng.delete_snapshot(DeviceId(dev))
+                    .unwrap_or_else(|e| panic!("{ctx}: delete: {e}"));
+                model.remove(&dev);
+            }
+            75..=78 if dev != 0 => match eng.restore(DeviceId(dev)) {
+                Ok(()) => {
+                    let data = model[&dev].1.clone();
+                    model.get_mut(&0).unwrap().1 = data;
+                }
+                // With a full cache the source can become inoperative part way (its own
+                // restore makes the origin's copies): each chunk is then old or restored.
+                Err(CowError::Inoperative(_)) if tight => {
+                    let src = model[&dev].1.clone();
+                    for &c in HOT {
+                        eng.read(DeviceId::ORIGIN, c * CHUNK, &mut buf).unwrap();
+                        let o = model.get_mut(&0).unwrap().1.get_mut(&c).unwrap();
+                        assert!(buf == *o || buf == src[&c], "{ctx}: restore chunk {c}");
+                        o.copy_from_slice(&buf);
+                    }
+                }
+                Err(e) => panic!("{ctx}: restore: {e}"),
+            },
+            79..=84 => {
+                if rng.bool() {
+                    eng.flush().unwrap();
+                }
+                drop(eng);
+                eng = CacheObject::open(origin.clone(), cache.clone(), OpenOptions::default())
+                    .unwrap_or_else(|e| panic!("{ctx}: reopen: {e}"));
+                let report = check_cache(cache.as_ref());
+                assert!(report.is_clean(), "{ctx}: check after reopen:\n{report}");
+            }
+            _ => eng.flush().unwrap(),
+        }
+        for d in eng.devices() {
+            if d.state == DeviceState::Inoperative && model.remove(&d.id).is_some() {
+                assert!(
+                    tight,
+                    "{ctx}: device {} inoperative with room to spare",
+                    d.id
+                );
+            }
+        }
+        for (&id, (_, data)) in &model {
+            for &c in HOT {
+                eng.read(DeviceId(id), c * CHUNK, &mut buf)
+                    .unwrap_or_else(|e| panic!("{ctx}: read {id} chunk {c}: {e}"));
+                assert!(buf == data[&c], "{ctx}: device {id} chunk {c} differs");
+            }
+        }
+        eng.verify_in_memory()
+            .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+    }
+    let report = check_cache(cache.as_ref());
+    assert!(report.is_clean(), "seed {seed}: final check:\n{report}");
+}
+
+#[test]
+fn model_many_snapshots_over_several_history_pages() {
+    for seed in seeds(150, 3) {
+        run_history_case(seed, 80);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Crash injection: tokens per sector, with the set of values each sector may hold after a
 // crash (its value at the last completed flush plus everything written since).
 // ---------------------------------------------------------------------------------------
