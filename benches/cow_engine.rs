@@ -314,6 +314,34 @@ fn delete_time() {
         );
         println!("| {preserved} origin copies only it reads (of {before}) | {ms:.2} |");
     }
+    // A snapshot taken between two generations of copies, none of which it alone reads: the
+    // release has nothing to sweep.
+    {
+        let chunks = 16_000u64;
+        let s = setup(1024 * MIB, 64 << 10);
+        let eng = s.eng.as_ref().unwrap();
+        let buf = vec![1u8; 64 << 10];
+        eng.create_snapshot(DeviceId::ORIGIN, "first", false)
+            .unwrap();
+        for c in 0..chunks {
+            eng.write(DeviceId::ORIGIN, c * (64 << 10), &buf).unwrap();
+        }
+        let middle = eng
+            .create_snapshot(DeviceId::ORIGIN, "middle", false)
+            .unwrap();
+        eng.create_snapshot(DeviceId::ORIGIN, "last", false)
+            .unwrap();
+        for c in 0..chunks {
+            eng.write(DeviceId::ORIGIN, c * (64 << 10), &buf).unwrap();
+        }
+        eng.flush().unwrap();
+        let before = eng.stats().preserved_copies;
+        let t = Instant::now();
+        eng.delete_snapshot(middle).unwrap();
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        assert_eq!(eng.stats().preserved_copies, before, "nothing to release");
+        println!("| nothing of its own, between two generations of {chunks} copies | {ms:.2} |");
+    }
 }
 
 /// Recovery (open after a crash) with the journal about half full (a checkpoint is taken
