@@ -90,6 +90,7 @@ impl Page {
     /// Counts the stamps of `gone` out and those of `new` in.
     fn restamp(&self, gone: &[Preserved], new: &[Preserved]) {
         let mut stamps = self.stamps.lock().unwrap_or_else(PoisonError::into_inner);
+        let distinct = stamps.len();
         for p in gone {
             if let Ok(i) = stamps.binary_search_by_key(&p.time, |e| e.0) {
                 stamps[i].1 -= 1;
@@ -103,6 +104,10 @@ impl Page {
                 Ok(i) => stamps[i].1 += 1,
                 Err(i) => stamps.insert(i, (p.time, 1)),
             }
+        }
+        if stamps.len() != distinct {
+            // A page usually holds one or two stamps: keep exactly what it needs.
+            stamps.shrink_to_fit();
         }
     }
 
@@ -316,7 +321,8 @@ impl OriginHistory {
         let pages = self.pages.load();
         let mut bytes = pages.len() * 8;
         for page in pages.iter().flatten() {
-            bytes += std::mem::size_of::<Page>();
+            // The page and its `Arc`'s two counts.
+            bytes += std::mem::size_of::<Page>() + 16;
             bytes += page
                 .stamps
                 .lock()
