@@ -204,6 +204,10 @@ struct State {
     /// in-place writes into them are always safe.
     fresh_blocks: HashMap<u64, u64>,
     low_space_warned: bool,
+    /// Epoch of the last record that took a device out of the origin's readers (a delete, or
+    /// a device made inoperative). Until it is durable a crash can bring that device back, so
+    /// an origin write that made no copy because of it must wait for it.
+    readers_dropped_epoch: u64,
 }
 
 struct Journal {
@@ -273,12 +277,11 @@ impl State {
             _ => None,
         };
         self.meta.apply(&rec).map_err(corrupt)?;
-        if matches!(
+        let drops_reader = matches!(
             rec,
-            Record::CreateDevice { .. }
-                | Record::DeleteDevice { .. }
-                | Record::SetInoperative { .. }
-        ) {
+            Record::DeleteDevice { .. } | Record::SetInoperative { .. }
+        );
+        if drops_reader || matches!(rec, Record::CreateDevice { .. }) {
             self.registry.store(Arc::new(self.meta.read_sides()));
         }
         let mut enc = Enc(std::mem::take(&mut self.records));
@@ -286,6 +289,9 @@ impl State {
         self.records = enc.0;
         self.epoch += 1;
         let epoch = self.epoch;
+        if drops_reader {
+            self.readers_dropped_epoch = epoch;
+        }
         if let Some(c) = shields {
             self.chunk_epochs[(c as usize) % CHUNK_EPOCH_SLOTS] = epoch;
         }
@@ -441,6 +447,7 @@ impl CacheObject {
                 chunk_epochs: vec![0; CHUNK_EPOCH_SLOTS],
                 fresh_blocks: HashMap::new(),
                 low_space_warned: false,
+                readers_dropped_epoch: 0,
             }),
             stripes,
             journal: Mutex::new(Journal {
@@ -1081,7 +1088,10 @@ impl CacheObject {
             }
             // Step 2: our own change.
             if dev == ORIGIN_ID {
-                let shield = st.chunk_epochs[(c as usize) % CHUNK_EPOCH_SLOTS];
+                // Also wait for any delete or inoperative marking not yet durable: it may be
+                // why no copy was needed, and a crash could bring that reader back.
+                let shield =
+                    st.chunk_epochs[(c as usize) % CHUNK_EPOCH_SLOTS].max(st.readers_dropped_epoch);
                 drop(st);
                 if let Some(wait) = defer_origin.as_deref_mut() {
                     *wait = (*wait).max(shield).max(must_be_durable.unwrap_or(0));
@@ -1740,6 +1750,41 @@ mod tests {
             let j = lock(&self.journal);
             (self.write_state(), j)
         }
+    }
+
+    /// A delete takes effect in memory before it is durable. An origin write in between, which
+    /// needs no copy only because the snapshot is gone, must not change the origin until the
+    /// delete is durable: after a crash the snapshot would be back, reading the new data.
+    #[test]
+    fn an_origin_write_after_an_uncommitted_delete_waits_for_it() {
+        let origin = Arc::new(MemStorage::new(16 * CHUNK));
+        let cache = Arc::new(MemStorage::new(0));
+        let eng = CacheObject::create(
+            origin,
+            cache,
+            CreateOptions {
+                chunk_size: CHUNK,
+                max_size: 1 << 30,
+                journal_size: 64 << 10,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let s = eng.create_snapshot(DeviceId::ORIGIN, "s", false).unwrap();
+        eng.flush().unwrap();
+        // What delete_snapshot does before its commit.
+        let deleted = eng
+            .write_state()
+            .log(Record::DeleteDevice { id: s.0 })
+            .unwrap();
+        assert!(eng.durable_epoch.load(Ordering::Acquire) < deleted);
+        eng.write(DeviceId::ORIGIN, 0, &[5u8; CHUNK as usize])
+            .unwrap();
+        assert_eq!(eng.stats().copies, 0, "no snapshot reads the chunk now");
+        assert!(
+            eng.durable_epoch.load(Ordering::Acquire) >= deleted,
+            "the origin changed while the delete could still be undone by a crash"
+        );
     }
 
     /// A snapshot read resolves its mapping under its chunk's stripe lock and lock-free loads
