@@ -173,6 +173,24 @@ const KEEP_SLOTS: usize = 64;
 /// than CPUs: enough for a full queue's worth of syncs to meet in one group commit.
 const IO_THREADS: usize = 32;
 
+/// The threads that take the second half of a split batch of cheap reads: one per CPU, apart
+/// from the I/O pool, so a split never waits behind other queues' slow requests there (a
+/// worker thread is outside the pool and cannot run its own spawned half; it waits until a
+/// pool thread picks it up, which on the I/O pool can be after every queued slow request).
+fn split_pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(cpus)
+            .thread_name(|i| format!("snapblk-split-{i}"))
+            .build()
+            .map_err(|e| warn!("no thread pool for cheap reads, they run one by one: {e}"))
+            .ok()
+    })
+    .as_ref()
+}
+
 /// The pool that runs concurrent batches, shared by every queue of every device.
 fn io_pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
@@ -370,10 +388,12 @@ impl QueueWorker {
         let spare = SpareCpu::available();
         if !concurrent && spare && self.slots[0].splittable() {
             let queue = state.get_queue_mut();
-            let avail = queue
+            // An unreadable index just means no split: the request popped is run below, and
+            // the ring's fault is found on the next pop.
+            let available = queue
                 .avail_idx(mem, Ordering::Acquire)
-                .map_err(|e| QueueFault::Ring(e.to_string()))?;
-            if usize::from(avail.0.wrapping_sub(queue.next_avail())) + 1 >= SPLIT_MIN {
+                .map_or(0, |a| usize::from(a.0.wrapping_sub(queue.next_avail())));
+            if available + 1 >= SPLIT_MIN {
                 return Ok(self.run_split(state, backend, mem));
             }
         }
@@ -435,9 +455,8 @@ impl QueueWorker {
 
     /// Cheap reads with a CPU to spare and at least [`SPLIT_MIN`] requests available: pops the
     /// other available requests (up to the first that is not a read) and, if there are enough,
-    /// runs the first half of
-    /// them here while one pool thread runs the other half; then the one that ended the run
-    /// (a flush waits for them). `slots[0]` is prepared. Returns how many were popped.
+    /// runs the first half of them here while a thread of the split pool runs the other half;
+    /// then the one that ended the run (a flush waits for them). `slots[0]` is prepared. Returns how many were popped.
     fn run_split<M>(
         &mut self,
         state: &mut VringStateGuard<'_>,
@@ -464,7 +483,7 @@ impl QueueWorker {
             }
         }
         let run = n - tail as usize;
-        match io_pool() {
+        match split_pool() {
             Some(pool) if run >= SPLIT_MIN => {
                 let (here, there) = self.slots[..run].split_at_mut(run / 2);
                 pool.in_place_scope(|scope| {
@@ -1396,6 +1415,58 @@ mod tests {
                 .unwrap();
             assert!(got.iter().all(|&b| b == 0x40 + i as u8), "read {i}");
         }
+    }
+
+    #[test]
+    fn a_split_batch_does_not_wait_behind_slow_requests_on_the_io_pool() {
+        // Every I/O pool thread is stuck (as under other queues' slow syncs) until released.
+        let gate = Arc::new((
+            std::sync::Mutex::new((0usize, false)),
+            std::sync::Condvar::new(),
+        ));
+        let pool = io_pool().expect("the I/O pool");
+        for _ in 0..IO_THREADS {
+            let gate = gate.clone();
+            pool.spawn(move || {
+                let (m, cv) = &*gate;
+                let mut g = m.lock().unwrap();
+                g.0 += 1;
+                cv.notify_all();
+                let _ = cv
+                    .wait_timeout_while(g, Duration::from_secs(5), |g| !g.1)
+                    .unwrap();
+            });
+        }
+        {
+            let (m, cv) = &*gate;
+            let g = m.lock().unwrap();
+            let (g, _) = cv
+                .wait_timeout_while(g, Duration::from_secs(5), |g| g.0 < IO_THREADS)
+                .unwrap();
+            assert_eq!(g.0, IO_THREADS, "all I/O pool threads are blocked");
+        }
+        const READS: usize = 12;
+        let g = gated_on_ring(READS, 2, Duration::from_secs(5), false, 64, true);
+        let mut w = QueueWorker {
+            always_split: true,
+            ..QueueWorker::default()
+        };
+        let start = Instant::now();
+        w.process_queue(&g.backend, &g.vring, Duration::ZERO, &g.gm)
+            .unwrap();
+        let took = start.elapsed();
+        {
+            let (m, cv) = &*gate;
+            m.lock().unwrap().1 = true;
+            cv.notify_all();
+        }
+        assert_eq!(
+            g.device.most.load(Ordering::Relaxed),
+            2,
+            "still on two threads"
+        );
+        assert_eq!(g.used_idx(), READS as u16 + 1);
+        assert!(took < Duration::from_secs(2), "the split waited {took:?}");
     }
 
     #[test]
