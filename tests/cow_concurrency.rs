@@ -794,3 +794,40 @@ fn restore_copies_only_what_some_snapshot_reads() {
     assert!(buf.iter().all(|&b| b == 7), "the origin holds s's data");
     eng.verify_in_memory().unwrap();
 }
+
+/// Snapshots of a snapshot that maps a chunk read its block, not the origin: an origin write
+/// there copies nothing, however many there are, and they all keep their data.
+#[test]
+fn clones_of_a_snapshot_that_maps_a_chunk_need_no_origin_copy() {
+    let (_o, cache, eng) = mem_engine(8, 1 << 30);
+    let golden = eng
+        .create_snapshot(DeviceId::ORIGIN, "golden", true)
+        .unwrap();
+    eng.write(golden, 0, &vec![3u8; CHUNK as usize]).unwrap();
+    let clones: Vec<DeviceId> = (0..300)
+        .map(|i| eng.create_snapshot(golden, &format!("c{i}"), true).unwrap())
+        .collect();
+    eng.write(DeviceId::ORIGIN, 0, &vec![9u8; CHUNK as usize])
+        .unwrap();
+    assert_eq!(eng.stats().copies, 0);
+    // Chunk 1 is read through by all of them: one copy.
+    eng.write(DeviceId::ORIGIN, CHUNK, &vec![9u8; CHUNK as usize])
+        .unwrap();
+    assert_eq!(eng.stats().copies, 1);
+    let mut buf = vec![0u8; 2 * CHUNK as usize];
+    for &c in clones.iter().step_by(37) {
+        eng.read(c, 0, &mut buf).unwrap();
+        assert!(buf[..CHUNK as usize].iter().all(|&b| b == 3));
+        assert!(buf[CHUNK as usize..].iter().all(|&b| b == 0));
+    }
+    // With golden gone, the clones are the origin's readers: the copy stays theirs.
+    eng.delete_snapshot(golden).unwrap();
+    eng.write(DeviceId::ORIGIN, CHUNK, &vec![8u8; CHUNK as usize])
+        .unwrap();
+    assert_eq!(eng.stats().copies, 1, "chunk 1 was preserved already");
+    eng.read(clones[299], 0, &mut buf).unwrap();
+    assert!(buf[CHUNK as usize..].iter().all(|&b| b == 0));
+    eng.verify_in_memory().unwrap();
+    eng.flush().unwrap();
+    assert!(check_cache(cache.as_ref()).is_clean());
+}

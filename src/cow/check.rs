@@ -252,6 +252,26 @@ fn check_meta(m: &Meta, h: &Header, file_size: u64, ckpt: &[u64], r: &mut CheckR
                 d.id, d.otime, m.clock
             ));
         }
+        // An operative device keeps its time's copies alive through an operative ancestor
+        // among the origin's children, of the same time.
+        if d.id != ORIGIN_ID && !d.inoperative {
+            let mut at = d.id;
+            let mut steps = 0;
+            while let Some(x) = m.dev(at).filter(|x| x.parent != ORIGIN_ID) {
+                at = x.parent;
+                steps += 1;
+                if steps > devs.len() {
+                    break;
+                }
+            }
+            let top = m.dev(at);
+            if top.is_none_or(|t| t.inoperative || t.otime != d.otime) {
+                r.problems.push(format!(
+                    "operative device {} has no operative ancestor of its time under the origin",
+                    d.id
+                ));
+            }
+        }
     }
     r.blocks_used = uses.len() as u64;
     for (b, &rc) in m.refcounts.iter().enumerate() {

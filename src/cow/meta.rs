@@ -454,7 +454,11 @@ pub struct Meta {
     pub history_copies: u64,
     /// The snapshot clock: the time of the newest snapshot of the origin.
     pub clock: u64,
-    /// Operative devices per snapshot time. A copy is kept while some time it serves has one.
+    /// Operative snapshots of the origin (its direct children) per snapshot time. Every other
+    /// operative device descends from one of them with the same time (a device made
+    /// inoperative takes its subtree with it, and a delete moves children up), so a time has
+    /// an operative device iff it has an entry here. A copy is kept while a time it serves
+    /// has one.
     pub lineages: BTreeMap<u64, Vec<u64>>,
 }
 
@@ -479,11 +483,13 @@ impl Meta {
     }
 
     /// Whether writing the origin at `chunk` must first preserve its old data: some operative
-    /// device newer than the chunk's newest copy reads through to the origin image there.
-    /// Devices are asked newest first and the first that reads through answers, so a first
-    /// touch costs one lookup whatever the number of snapshots, and a rewrite of a preserved
-    /// chunk none (no device is newer than its copy). Only when the newer devices all map the
-    /// chunk themselves (e.g. a restore from the newest snapshot) is each of them asked.
+    /// device newer than the chunk's newest copy reads through to the origin image there. Only
+    /// the origin's children need asking: a device reads through only if every ancestor below
+    /// the origin does (tables are flattened). They are asked newest first and the first that
+    /// reads through answers, so a first touch costs one lookup whatever the number of
+    /// snapshots, and a rewrite of a preserved chunk none (no time is newer than its copy).
+    /// Only when the newer children all map the chunk (e.g. a restore from the newest
+    /// snapshot) is each of them asked.
     pub fn origin_needs_copy(&self, chunk: u64) -> bool {
         use std::ops::Bound::{Excluded, Unbounded};
         let newest = self.history.newest(chunk);
@@ -781,7 +787,9 @@ impl Meta {
                     self.dev_mut(*parent)?.table.share()
                 };
                 self.devices[slot] = Some(dev);
-                self.lineage_gained(otime, *id);
+                if *parent == ORIGIN_ID {
+                    self.lineage_gained(otime, *id);
+                }
                 self.next_id = self.next_id.max(id + 1);
             }
             Record::DeleteDevice { id } => {
@@ -791,7 +799,9 @@ impl Meta {
                 let d = self.dev(*id).ok_or(MetaError::NoDevice(*id))?;
                 let parent = d.parent;
                 let children = d.children.clone();
-                let lost = (!d.inoperative).then_some(d.otime);
+                // An operative child of the origin leaves the origin's readers, and its
+                // operative children join them, moved up with the same time.
+                let lost = (!d.inoperative && parent == ORIGIN_ID).then_some(d.otime);
                 let mapped: Vec<(u64, u64)> = d.table.mapped().collect();
                 for (chunk, entry) in mapped {
                     self.share_down(*id, chunk, entry)?;
@@ -808,6 +818,11 @@ impl Meta {
                     d.table.retire(ReadStatus::Deleted);
                 }
                 if let Some(t) = lost {
+                    for &c in &children {
+                        if self.dev(c).is_some_and(|cd| !cd.inoperative) {
+                            self.lineage_gained(t, c);
+                        }
+                    }
                     self.lineage_lost(t, *id);
                 }
             }
@@ -838,13 +853,16 @@ impl Meta {
                     return Ok(());
                 }
                 let otime = d.otime;
+                let of_origin = d.parent == ORIGIN_ID;
                 let mapped: Vec<(u64, u64)> = d.table.mapped().collect();
                 for (_, entry) in mapped {
                     self.drop_ref(entry);
                     self.total_entries -= 1;
                 }
                 self.dev_mut(*dev)?.set_inoperative();
-                self.lineage_lost(otime, *dev);
+                if of_origin {
+                    self.lineage_lost(otime, *dev);
+                }
             }
             Record::SetAttr { dev, key, value } => {
                 let d = self.dev_mut(*dev)?;
@@ -1066,7 +1084,9 @@ impl Meta {
                         return Err(FormatError::Malformed("checkpoint snapshot time").into());
                     }
                     m.dev_mut(id)?.table = t;
-                    m.lineage_gained(otime, id);
+                    if parent == ORIGIN_ID {
+                        m.lineage_gained(otime, id);
+                    }
                 }
                 for (c, ent) in entries.remove(&id).unwrap_or_default() {
                     m.set_entry(id, c, ent)?;
