@@ -1752,14 +1752,11 @@ mod tests {
         }
     }
 
-    /// A delete takes effect in memory before it is durable. An origin write in between, which
-    /// needs no copy only because the snapshot is gone, must not change the origin until the
-    /// delete is durable: after a crash the snapshot would be back, reading the new data.
-    #[test]
-    fn an_origin_write_after_an_uncommitted_delete_waits_for_it() {
-        let origin = Arc::new(MemStorage::new(16 * CHUNK));
+    /// An engine over an in-memory origin of `chunks` chunks and an in-memory cache object.
+    fn mem_engine(chunks: u64) -> CacheObject {
+        let origin = Arc::new(MemStorage::new(chunks * CHUNK));
         let cache = Arc::new(MemStorage::new(0));
-        let eng = CacheObject::create(
+        CacheObject::create(
             origin,
             cache,
             CreateOptions {
@@ -1769,7 +1766,15 @@ mod tests {
                 ..Default::default()
             },
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    /// A delete takes effect in memory before it is durable. An origin write in between, which
+    /// needs no copy only because the snapshot is gone, must not change the origin until the
+    /// delete is durable: after a crash the snapshot would be back, reading the new data.
+    #[test]
+    fn an_origin_write_after_an_uncommitted_delete_waits_for_it() {
+        let eng = mem_engine(16);
         let s = eng.create_snapshot(DeviceId::ORIGIN, "s", false).unwrap();
         eng.flush().unwrap();
         // What delete_snapshot does before its commit.
@@ -1791,19 +1796,7 @@ mod tests {
     /// only: it completes while another thread holds the state and journal locks.
     #[test]
     fn snapshot_read_takes_no_engine_wide_lock() {
-        let origin = Arc::new(MemStorage::new(64 * CHUNK));
-        let cache = Arc::new(MemStorage::new(0));
-        let eng = CacheObject::create(
-            origin,
-            cache,
-            CreateOptions {
-                chunk_size: CHUNK,
-                max_size: 1 << 30,
-                journal_size: 64 << 10,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let eng = mem_engine(64);
         eng.write(DeviceId::ORIGIN, 0, &[1u8; 3 * CHUNK as usize])
             .unwrap();
         let s1 = eng.create_snapshot(DeviceId::ORIGIN, "s1", true).unwrap();

@@ -118,17 +118,27 @@ impl Page {
         stamps.get(i).is_some_and(|e| e.0 < hi)
     }
 
-    fn copies(&self, i: usize) -> Vec<Preserved> {
+    /// Calls `f` with the copies of chunk `i` of the page, oldest first, without allocating:
+    /// the one place that decodes a slot. Lock-free.
+    #[inline]
+    fn with_copies<R>(&self, i: usize, f: impl FnOnce(&[Preserved]) -> R) -> R {
+        // Acquire: a list is published before the slot says to look there.
         match self.slots[i].load(Ordering::Acquire) {
-            EMPTY => Vec::new(),
-            LISTED => self
-                .lists
-                .load()
-                .as_ref()
-                .and_then(|l| l.0[i].load().as_deref().map(|c| c.to_vec()))
-                .unwrap_or_default(),
-            v => vec![Preserved::unpack(v)],
+            EMPTY => f(&[]),
+            LISTED => {
+                let lists = self.lists.load();
+                match lists.as_ref().map(|l| l.0[i].load()) {
+                    Some(copies) => f(copies.as_deref().map_or(&[], |c| &c[..])),
+                    // Emptied by a release after the slot was read: no copies, as now.
+                    None => f(&[]),
+                }
+            }
+            v => f(&[Preserved::unpack(v)]),
         }
+    }
+
+    fn copies(&self, i: usize) -> Vec<Preserved> {
+        self.with_copies(i, <[Preserved]>::to_vec)
     }
 }
 
@@ -162,72 +172,38 @@ impl OriginHistory {
             .clone()
     }
 
+    /// Calls `f` with the copies of `chunk` (none if its page does not exist). Lock-free.
+    #[inline]
+    fn with_copies<R>(&self, chunk: u64, f: impl FnOnce(&[Preserved]) -> R) -> R {
+        let pages = self.pages.load();
+        match pages.get((chunk >> PAGE_SHIFT) as usize) {
+            Some(Some(page)) => page.with_copies((chunk as usize) & (PAGE - 1), f),
+            _ => f(&[]),
+        }
+    }
+
     /// What a device with snapshot time `otime` reads at `chunk` when it reads through to the
     /// origin: the entry of the oldest copy stamped `>= otime`, or `ENTRY_UNMAPPED` (the origin
     /// image). Lock-free; sound while the caller holds the chunk's stripe lock.
     #[inline]
     pub fn lookup(&self, chunk: u64, otime: u64) -> u64 {
-        let pages = self.pages.load();
-        let Some(Some(page)) = pages.get((chunk >> PAGE_SHIFT) as usize) else {
-            return ENTRY_UNMAPPED;
-        };
-        let i = (chunk as usize) & (PAGE - 1);
-        // Acquire: a list is published before the slot says to look there.
-        match page.slots[i].load(Ordering::Acquire) {
-            EMPTY => ENTRY_UNMAPPED,
-            LISTED => page
-                .lists
-                .load()
-                .as_ref()
-                .and_then(|l| {
-                    l.0[i]
-                        .load()
-                        .as_deref()
-                        .and_then(|c| c.iter().find(|p| p.time >= otime).map(|p| p.entry))
-                })
-                .unwrap_or(ENTRY_UNMAPPED),
-            v => {
-                let p = Preserved::unpack(v);
-                if p.time >= otime {
-                    p.entry
-                } else {
-                    ENTRY_UNMAPPED
-                }
-            }
-        }
+        self.with_copies(chunk, |copies| {
+            copies
+                .iter()
+                .find(|p| p.time >= otime)
+                .map_or(ENTRY_UNMAPPED, |p| p.entry)
+        })
     }
 
     /// The copies of `chunk`, oldest first.
     pub fn copies(&self, chunk: u64) -> Vec<Preserved> {
-        self.page(chunk)
-            .map(|p| p.copies((chunk as usize) & (PAGE - 1)))
-            .unwrap_or_default()
+        self.with_copies(chunk, <[Preserved]>::to_vec)
     }
 
     /// The stamp of the newest copy of `chunk`, 0 if none. No allocation: on every origin write.
     #[inline]
     pub fn newest(&self, chunk: u64) -> u64 {
-        let pages = self.pages.load();
-        let Some(Some(page)) = pages.get((chunk >> PAGE_SHIFT) as usize) else {
-            return 0;
-        };
-        let i = (chunk as usize) & (PAGE - 1);
-        match page.slots[i].load(Ordering::Acquire) {
-            EMPTY => 0,
-            LISTED => page
-                .lists
-                .load()
-                .as_ref()
-                .and_then(|l| {
-                    l.0[i]
-                        .load()
-                        .as_deref()
-                        .and_then(|c| c.last())
-                        .map(|p| p.time)
-                })
-                .unwrap_or(0),
-            v => Preserved::unpack(v).time,
-        }
+        self.with_copies(chunk, |copies| copies.last().map_or(0, |p| p.time))
     }
 
     /// Replaces the copies of `chunk` (empty = none). Callers serialize changes (the state

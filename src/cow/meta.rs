@@ -492,6 +492,9 @@ impl Meta {
     /// snapshot) is each of them asked.
     pub fn origin_needs_copy(&self, chunk: u64) -> bool {
         use std::ops::Bound::{Excluded, Unbounded};
+        if self.lineages.is_empty() {
+            return false;
+        }
         let newest = self.history.newest(chunk);
         self.lineages
             .range((Excluded(newest), Unbounded))
@@ -686,9 +689,10 @@ impl Meta {
         Ok(())
     }
 
-    /// `id` now maps `chunk` itself (same data as before: it only stopped reading through).
-    /// Descendants that read through `id` there must resolve to the new entry. (A no-op except
-    /// for the `ShareDown` of the origin in journals written before the origin's history.)
+    /// `id` now maps `chunk` itself (same data: it only stopped reading through). Descendants
+    /// that read through `id` there must resolve to the new entry. That changes something only
+    /// where they resolved "origin" before: a copy of the origin chunk shared down by a
+    /// snapshot about to change its view, or the origin's `ShareDown` in version 1 journals.
     fn propagate(&mut self, id: u64, chunk: u64, value: u64) {
         let mut stack: Vec<u64> = self.dev(id).map(|d| d.children.clone()).unwrap_or_default();
         while let Some(e) = stack.pop() {
@@ -703,8 +707,9 @@ impl Meta {
         }
     }
 
-    /// Gives `entry` to every operative child of `id` unmapped at `chunk`. The hot path of an
-    /// origin first touch with many snapshots: one pass, reference count added once.
+    /// Gives `entry` to every operative child of `id` unmapped at `chunk` (a snapshot's old view
+    /// before it changes, a deleted snapshot's blocks, or, in version 1 journals, the origin's
+    /// copy): one pass, reference count added once.
     fn share_down(&mut self, id: u64, chunk: u64, entry: u64) -> Result<(), MetaError> {
         let n = self.dev(id).ok_or(MetaError::NoDevice(id))?.children.len();
         let mut added = 0u64;

@@ -95,12 +95,7 @@ struct PollSlot;
 
 impl PollSlot {
     fn take() -> Option<PollSlot> {
-        static LIMIT: OnceLock<usize> = OnceLock::new();
-        let limit = *LIMIT.get_or_init(|| {
-            std::thread::available_parallelism()
-                .map(|n| (n.get() / 2).max(1))
-                .unwrap_or(1)
-        });
+        let limit = (cpus() / 2).max(1);
         POLLERS
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
                 (n < limit).then_some(n + 1)
@@ -144,13 +139,7 @@ struct SpareCpu;
 
 impl SpareCpu {
     fn available() -> bool {
-        static CPUS: OnceLock<usize> = OnceLock::new();
-        let cpus = *CPUS.get_or_init(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        });
-        ACTIVE_QUEUES.load(Ordering::Relaxed) < cpus
+        ACTIVE_QUEUES.load(Ordering::Relaxed) < cpus()
     }
 }
 
@@ -179,30 +168,29 @@ const IO_THREADS: usize = 32;
 /// pool thread picks it up, which on the I/O pool can be after every queued slow request).
 fn split_pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
-    POOL.get_or_init(|| {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(cpus)
-            .thread_name(|i| format!("snapblk-split-{i}"))
-            .build()
-            .map_err(|e| warn!("no thread pool for cheap reads, they run one by one: {e}"))
-            .ok()
-    })
-    .as_ref()
+    POOL.get_or_init(|| build_pool(cpus(), "split")).as_ref()
 }
 
 /// The pool that runs concurrent batches, shared by every queue of every device.
 fn io_pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
-    POOL.get_or_init(|| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(IO_THREADS)
-            .thread_name(|i| format!("snapblk-io-{i}"))
-            .build()
-            .map_err(|e| warn!("no I/O thread pool, requests run one by one: {e}"))
-            .ok()
-    })
-    .as_ref()
+    POOL.get_or_init(|| build_pool(IO_THREADS, "io")).as_ref()
+}
+
+/// A pool of `threads` named `snapblk-NAME-i`; without one, its requests run one by one.
+fn build_pool(threads: usize, name: &'static str) -> Option<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(move |i| format!("snapblk-{name}-{i}"))
+        .build()
+        .map_err(|e| warn!("no {name} thread pool, its requests run one by one: {e}"))
+        .ok()
+}
+
+/// CPUs this process may use (read once).
+fn cpus() -> usize {
+    static CPUS: OnceLock<usize> = OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 impl QueueWorker {
@@ -382,11 +370,7 @@ impl QueueWorker {
         // (write-through) that concurrent ones share.
         let pooled = concurrent
             && self.slots[0].may_wait(backend.device().writes_may_wait() || !backend.writeback());
-        #[cfg(test)]
-        let spare = self.always_split || SpareCpu::available();
-        #[cfg(not(test))]
-        let spare = SpareCpu::available();
-        if !concurrent && spare && self.slots[0].splittable() {
+        if !concurrent && self.slots[0].splittable() && self.cpu_to_spare() {
             let queue = state.get_queue_mut();
             // An unreadable index just means no split: the request popped is run below, and
             // the ring's fault is found on the next pop.
@@ -503,6 +487,15 @@ impl QueueWorker {
             self.record(took);
         }
         n
+    }
+
+    /// Whether a split batch may take a second CPU.
+    fn cpu_to_spare(&self) -> bool {
+        #[cfg(test)]
+        if self.always_split {
+            return true;
+        }
+        SpareCpu::available()
     }
 
     /// Drops the slots past [`KEEP_SLOTS`] when the queue goes idle: a guest that once filled a
