@@ -6,6 +6,11 @@
 //! - sync:      one pread per request, as a queue worker does for each request of a batch;
 //! - uring-qdN: batches of N reads submitted with one io_uring_enter and reaped together, as
 //!   an io_uring worker would do for a batch of N requests popped from the ring.
+//!
+//! A second table shows what a buffered 4 KiB random write costs the kernel, depending on how
+//! the file entered the page cache: filled with 1 MiB writes, the cache holds large folios and
+//! (on ext4, kernel 6.18 here) each write walks every buffer head of its folio under the inode
+//! lock; filled with 4 KiB writes, each folio is one page. Every daemon pays this per write.
 
 use io_uring::{opcode, types, IoUring};
 use std::fs::File;
@@ -15,10 +20,12 @@ use std::os::unix::io::AsRawFd;
 use std::time::{Duration, Instant};
 
 const IMAGE: usize = 256 << 20;
+/// Large enough that the folios' buffer heads do not stay in the CPU caches.
+const WRITE_IMAGE: usize = 1 << 30;
 const BLOCK: usize = 4096;
 const RUN: Duration = Duration::from_secs(2);
 
-fn offsets(n: usize) -> Vec<u64> {
+fn offsets(n: usize, image: usize) -> Vec<u64> {
     // xorshift: deterministic, no extra dependency.
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     (0..n)
@@ -26,9 +33,38 @@ fn offsets(n: usize) -> Vec<u64> {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            (x % (IMAGE / BLOCK) as u64) * BLOCK as u64
+            (x % (image / BLOCK) as u64) * BLOCK as u64
         })
         .collect()
+}
+
+/// A file of `size` bytes written `piece` bytes at a time (so cached in folios of that size).
+fn filled(path: &std::path::Path, size: usize, piece: usize) -> File {
+    let mut f = File::create(path).expect("create image");
+    let chunk = vec![0x5au8; piece];
+    for _ in 0..size / piece {
+        f.write_all(&chunk).expect("fill image");
+    }
+    f.sync_all().expect("fsync image");
+    drop(f);
+    File::options()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open image")
+}
+
+fn sync_writes(file: &File, offs: &[u64]) -> f64 {
+    let buf = vec![0xa5u8; BLOCK];
+    let start = Instant::now();
+    let mut n = 0usize;
+    while start.elapsed() < RUN {
+        for &o in &offs[n % offs.len()..][..1024] {
+            file.write_all_at(&buf, o).expect("pwrite");
+        }
+        n += 1024;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
 }
 
 fn sync_reads(file: &File, offs: &[u64]) -> f64 {
@@ -78,14 +114,8 @@ fn main() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("image.raw");
-    let mut f = File::create(&path).expect("create image");
-    let chunk = vec![0x5au8; 1 << 20];
-    for _ in 0..IMAGE / chunk.len() {
-        f.write_all(&chunk).expect("fill image");
-    }
-    drop(f);
-    let file = File::open(&path).expect("open image");
-    let offs = offsets(1 << 16);
+    let file = filled(&path, IMAGE, 1 << 20);
+    let offs = offsets(1 << 16, IMAGE);
     // Warm the page cache.
     sync_reads(&file, &offs);
     println!(
@@ -100,5 +130,24 @@ fn main() {
     for depth in [1, 8, 32] {
         let r = uring_reads(&file, &offs, depth);
         println!("| io_uring qd{depth} | {r:.0} | {:.2} |", r / sync);
+    }
+    drop(file);
+
+    println!(
+        "\n# 4 KiB random pwrites over a page-cached {} MiB file, one thread, {:?} each, by \
+         how the file was filled (and so the size of its page-cache folios)",
+        WRITE_IMAGE >> 20,
+        RUN
+    );
+    println!("| filled with | writes/s | µs per write |");
+    println!("|---|---:|---:|");
+    let offs = offsets(1 << 16, WRITE_IMAGE);
+    for (piece, name) in [(1usize << 20, "1 MiB writes"), (BLOCK, "4 KiB writes")] {
+        let path = dir.path().join("write-image.raw");
+        let file = filled(&path, WRITE_IMAGE, piece);
+        let r = sync_writes(&file, &offs);
+        println!("| {name} | {r:.0} | {:.2} |", 1e6 / r);
+        drop(file);
+        std::fs::remove_file(&path).expect("remove image");
     }
 }

@@ -3,9 +3,11 @@
 //!
 //! Run: `cargo bench --bench vs_qsd [-- OPTIONS]`; see `docs/benchmarks.md` and `--help`.
 //!
-//! Each cell (workload x queue count) is run once against every backend, one after the
-//! other, each on a freshly started daemon, so that slow drift on a shared machine hits all
-//! backends alike. The first backend is the reference for the ratio columns.
+//! Each cell (workload x queue count) is run in rounds; a round runs every backend once, one
+//! after the other, each on a freshly started daemon, so that slow drift on a shared machine
+//! hits all backends alike. The first backend is the reference for the ratio columns: a cell's
+//! ratio is the median of its rounds' ratios (each between runs seconds apart), so one burst
+//! of another process's load on one backend's window does not decide it.
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 use std::fmt::Write as _;
@@ -127,7 +129,7 @@ struct Config {
     keep: bool,
     /// Which suite: the backend comparison cells, or `snapshots` (`vs_qsd/snapshots.rs`).
     suite: Suite,
-    /// Rounds of the snapshots suite.
+    /// Rounds per cell (both suites).
     rounds: usize,
     /// `cargo bench` passes `--bench`; `cargo test --benches`/`--all-targets` does not.
     bench_mode: bool,
@@ -153,8 +155,9 @@ usage: cargo bench --bench vs_qsd -- [OPTIONS] [FILTER]
                     vs qsd qcow2 overlay (first-touch, rewrite, mixed read), and origin writes
                     under 1 vs 100 snapshots; FILTER picks `snapshot-vs-qcow2` or
                     `origin-write` (env VS_QSD_SUITE)
-  --rounds N        rounds of the snapshots suite, backends alternating (default 3;
-                    env VS_QSD_ROUNDS)
+  --rounds N        rounds per cell, backends alternating within each; a cell shows each
+                    backend's median round and the median of the rounds' ratios, and the
+                    rounds' ratios follow the table (default 3; env VS_QSD_ROUNDS)
 
 cells: 4k-randread-qd1, 4k-randread-qd32, 4k-randwrite-qd32, 1m-seqread-qd8, each /q1 and /q2
 env SNAPBLK_BIN overrides the snapblk binary (default: the one cargo built for this bench);
@@ -866,6 +869,25 @@ fn run_one(
     })
 }
 
+/// The median of `xs` (the mean of the middle two for an even count); `None` if empty.
+fn median(mut xs: Vec<f64>) -> Option<f64> {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(xs[n / 2]),
+        _ => Some((xs[n / 2 - 1] + xs[n / 2]) / 2.0),
+    }
+}
+
+/// The round with the median IOPS (the lower middle one for an even count), whole, so its
+/// MB/s and CPU time belong to the same run.
+fn median_round(rounds: impl Iterator<Item = Measured>) -> Option<Measured> {
+    let mut all: Vec<Measured> = rounds.collect();
+    all.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+    all.get(all.len().saturating_sub(1) / 2).copied()
+}
+
 fn fmt_ratio(a: Option<Measured>, b: Option<Measured>) -> (String, Option<f64>) {
     match (a, b) {
         (Some(a), Some(b)) if b.iops > 0.0 => {
@@ -1022,29 +1044,39 @@ fn main() {
     let mut errors: Vec<String> = Vec::new();
     let mut min_ratio: Vec<Option<(f64, String)>> = vec![None; others.len()];
     let mut seq = 0usize;
+    // Per cell and other backend, the ratio of each round, printed after the table.
+    let mut round_ratios: Vec<String> = Vec::new();
     for (ci, &(w, nq)) in cells.iter().enumerate() {
         if stopping() {
             break;
         }
-        // Rotate the start backend per cell so no backend always runs first.
-        let mut got: Vec<Option<Measured>> = vec![None; cfg.backends.len()];
-        for k in 0..cfg.backends.len() {
-            let bi = (ci + k) % cfg.backends.len();
-            let backend = cfg.backends[bi];
-            seq += 1;
-            match run_one(&ctx, backend, w, nq, seq, ci) {
-                Ok(m) => got[bi] = Some(m),
-                Err(_) if stopping() => {}
-                Err(e) => {
-                    let msg = format!("{}/q{nq} on {}: {e}", w.name, backend.name());
-                    eprintln!("ERROR {msg}");
-                    errors.push(msg);
+        // rounds[r][bi]: backend bi's measurement in round r.
+        let mut rounds: Vec<Vec<Option<Measured>>> = Vec::new();
+        'rounds: for round in 0..cfg.rounds {
+            let mut got: Vec<Option<Measured>> = vec![None; cfg.backends.len()];
+            // Rotate the start backend per cell and round so no backend always runs first.
+            for k in 0..cfg.backends.len() {
+                if stopping() {
+                    break 'rounds;
+                }
+                let bi = (ci + round + k) % cfg.backends.len();
+                let backend = cfg.backends[bi];
+                seq += 1;
+                match run_one(&ctx, backend, w, nq, seq, ci) {
+                    Ok(m) => got[bi] = Some(m),
+                    Err(_) if stopping() => {}
+                    Err(e) => {
+                        let msg = format!("{}/q{nq} on {}: {e}", w.name, backend.name());
+                        eprintln!("ERROR {msg}");
+                        errors.push(msg);
+                    }
                 }
             }
-            if stopping() {
-                break;
-            }
+            rounds.push(got);
         }
+        let got: Vec<Option<Measured>> = (0..cfg.backends.len())
+            .map(|bi| median_round(rounds.iter().filter_map(|r| r[bi])))
+            .collect();
         let mut row = format!("| {} | {nq} |", w.name);
         for m in &got {
             match m {
@@ -1054,8 +1086,23 @@ fn main() {
                 None => row.push_str(" ERR | ERR | ERR |"),
             }
         }
-        for (oi, _) in others.iter().enumerate() {
-            let (s, r) = fmt_ratio(got[0], got[oi + 1]);
+        for (oi, o) in others.iter().enumerate() {
+            let per_round: Vec<f64> = rounds
+                .iter()
+                .filter_map(|r| fmt_ratio(r[0], r[oi + 1]).1)
+                .collect();
+            if cfg.rounds > 1 {
+                let list: Vec<String> = per_round.iter().map(|r| format!("{r:.2}")).collect();
+                round_ratios.push(format!(
+                    "#   {}/q{nq} {}/{}: {}",
+                    w.name,
+                    reference.name(),
+                    o.name(),
+                    list.join(" ")
+                ));
+            }
+            let r = median(per_round);
+            let s = r.map_or_else(|| "-".to_string(), |r| format!("{r:.2}"));
             let _ = write!(row, " {s} |");
             if let Some(r) = r {
                 let cell = format!("{}/q{nq}", w.name);
@@ -1068,6 +1115,12 @@ fn main() {
         println!("{row}");
     }
 
+    if !round_ratios.is_empty() {
+        println!("# ratio of each round (the table shows their median):");
+        for line in &round_ratios {
+            println!("{line}");
+        }
+    }
     let mut summary = String::from("# summary: min ratio");
     let mut overall: Option<(f64, String)> = None;
     for (oi, o) in others.iter().enumerate() {

@@ -46,17 +46,9 @@ impl Side {
 #[derive(Default)]
 struct Rounds(Vec<(f64, f64)>);
 
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+/// The median of `v`, 0 for none (see `super::median`).
+fn median(v: Vec<f64>) -> f64 {
+    super::median(v).unwrap_or(0.0)
 }
 
 impl Rounds {
