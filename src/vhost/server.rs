@@ -246,32 +246,61 @@ fn serve_one(
     // dropped after the daemon (declared before it is handed back by the waiter).
     let _over = ConnectionOver { stop, stats };
     // Wait for the connection to end on a helper thread, and meanwhile turn away any other
-    // frontend: a vhost-user socket serves one, and a second VM would otherwise hang.
-    let waiter = {
-        let done = done.clone();
+    // frontend: a vhost-user socket serves one, and a second VM would otherwise hang. The
+    // daemon waits in a slot the thread takes it from, so that if the thread cannot be
+    // started it is still here to be waited for (and quiesced) on this one.
+    let parked = Arc::new(Mutex::new(Some(daemon)));
+    let spawned = if waiter_spawn_fails() {
+        Err(io::Error::from_raw_os_error(libc::EAGAIN))
+    } else {
+        let (done, parked) = (done.clone(), parked.clone());
         std::thread::Builder::new()
             .name(format!("wait-{name}"))
             .spawn(move || {
-                let result = daemon.wait();
+                let daemon = parked.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let waited = daemon.map(|mut daemon| {
+                    let result = daemon.wait();
+                    (daemon, result)
+                });
                 let _ = done.write(1);
+                waited
+            })
+    };
+    let waited = match spawned {
+        Ok(waiter) => {
+            while !stop.requested() && wait_readable(listener.as_raw_fd(), &done) {
+                // A frontend that just hung up and reconnects can be seen before its old
+                // connection is: give the current one a moment to end before calling the
+                // newcomer a second VM.
+                if wait_for_event(&done, RECONNECT_GRACE) {
+                    break;
+                }
+                if let Ok(Some(extra)) = listener.accept() {
+                    warn!(
+                        "{name}: refused a second frontend: the device already has one connected"
+                    );
+                    drop(extra);
+                }
+            }
+            waiter
+                .join()
+                .map_err(|_| ServeError::Vhost("connection thread panicked".into()))?
+        }
+        Err(e) => {
+            warn!(
+                "{name}: cannot start a thread to watch the connection ({e}); serving it \
+                 anyway, and a second frontend waits until it ends"
+            );
+            let daemon = parked.lock().unwrap_or_else(|p| p.into_inner()).take();
+            daemon.map(|mut daemon| {
+                let result = daemon.wait();
                 (daemon, result)
             })
-            .map_err(ServeError::Setup)?
+        }
     };
-    while !stop.requested() && wait_readable(listener.as_raw_fd(), &done) {
-        // A frontend that just hung up and reconnects can be seen before its old connection
-        // is: give the current one a moment to end before calling the newcomer a second VM.
-        if wait_for_event(&done, RECONNECT_GRACE) {
-            break;
-        }
-        if let Ok(Some(extra)) = listener.accept() {
-            warn!("{name}: refused a second frontend: the device already has one connected");
-            drop(extra);
-        }
-    }
-    let (daemon, result) = waiter
-        .join()
-        .map_err(|_| ServeError::Vhost("connection thread panicked".into()))?;
+    let Some((daemon, result)) = waited else {
+        return Err(ServeError::Vhost("connection lost its daemon".into()));
+    };
     *stop.lock() = None;
     // Dropping the daemon joins the queue workers, so no request is in flight after this.
     drop(daemon);
@@ -283,5 +312,113 @@ fn serve_one(
             VhostUserError::Disconnected | VhostUserError::PartialMessage,
         )) => Ok(()),
         Err(e) => Err(ServeError::Vhost(e.to_string())),
+    }
+}
+
+/// Tests: pretend a connection's watcher thread cannot be started.
+#[cfg(test)]
+static FAIL_WAITER_SPAWN: AtomicBool = AtomicBool::new(false);
+
+fn waiter_spawn_fails() -> bool {
+    #[cfg(test)]
+    return FAIL_WAITER_SPAWN.load(Ordering::SeqCst);
+    #[cfg(not(test))]
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::mock::MemDevice;
+    use blkio::{Blkio, Completion, ReqFlags};
+    use std::mem::MaybeUninit;
+
+    /// A blkio client connected to `socket`, with an 8 KiB buffer region.
+    struct Client {
+        _blkio: Blkio,
+        queue: blkio::Blkioq,
+        buf: *mut u8,
+    }
+
+    impl Client {
+        fn connect(socket: &Path) -> Client {
+            let mut b = Blkio::new("virtio-blk-vhost-user").unwrap();
+            b.set_str("path", socket.to_str().unwrap()).unwrap();
+            b.connect().unwrap();
+            b.set_i32("num-queues", 1).unwrap();
+            let mut started = b.start().unwrap();
+            let region = b.alloc_mem_region(8192).unwrap();
+            b.map_mem_region(&region).unwrap();
+            Client {
+                queue: started.queues.remove(0),
+                buf: region.addr as *mut u8,
+                _blkio: b,
+            }
+        }
+
+        fn complete(&mut self) -> i32 {
+            let mut c = [MaybeUninit::<Completion>::uninit()];
+            let mut timeout = Duration::from_secs(10);
+            let n = self
+                .queue
+                .do_io(&mut c, 1, Some(&mut timeout), None)
+                .unwrap();
+            assert_eq!(n, 1, "request did not complete within 10 s");
+            // SAFETY: do_io initialized the first `n` completions.
+            unsafe { c[0].assume_init_ref() }.ret
+        }
+
+        /// Writes 4 KiB of `byte` at offset 0 and reads them back.
+        fn write_and_read(&mut self, byte: u8) -> Vec<u8> {
+            // SAFETY: the region is mapped for the client's life and 8 KiB long; no request
+            // is in flight while it is touched here.
+            unsafe { std::ptr::write_bytes(self.buf, byte, 4096) };
+            self.queue.write(0, self.buf, 4096, 0, ReqFlags::empty());
+            assert_eq!(self.complete(), 0);
+            let back = self.buf.wrapping_add(4096);
+            self.queue.read(0, back, 4096, 0, ReqFlags::empty());
+            assert_eq!(self.complete(), 0);
+            // SAFETY: as above; the read has completed.
+            unsafe { std::slice::from_raw_parts(back, 4096) }.to_vec()
+        }
+    }
+
+    #[test]
+    fn a_connection_is_served_and_stopped_when_its_watcher_thread_cannot_start() {
+        FAIL_WAITER_SPAWN.store(true, Ordering::SeqCst);
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("dev.sock");
+        let device = Arc::new(MemDevice::new(1 << 20));
+        let opts = ServeOptions {
+            num_queues: 1,
+            queue_size: 256,
+            serial: "no-watcher".into(),
+            logical_block_size: 512,
+            read_only: false,
+            poll: Duration::ZERO,
+        };
+        let server = DeviceServer::start("t", &socket, 0o600, device.clone(), opts).unwrap();
+        // Served, disconnected, served again.
+        for byte in [0x11u8, 0x22] {
+            let mut client = Client::connect(&socket);
+            assert_eq!(client.write_and_read(byte), vec![byte; 4096]);
+        }
+        assert!(device.data.lock().unwrap()[..4096]
+            .iter()
+            .all(|&b| b == 0x22));
+        // A stop with a frontend connected ends its connection instead of hanging.
+        let mut client = Client::connect(&socket);
+        assert_eq!(client.write_and_read(0x33), vec![0x33; 4096]);
+        let stopped = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(server);
+            let _ = stopped.0.send(());
+        });
+        assert!(
+            stopped.1.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "the server did not stop within 10 s"
+        );
+        assert!(!socket.exists(), "the socket was removed");
+        drop(client);
     }
 }
