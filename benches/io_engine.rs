@@ -58,11 +58,13 @@ fn sync_writes(file: &File, offs: &[u64]) -> f64 {
     let buf = vec![0xa5u8; BLOCK];
     let start = Instant::now();
     let mut n = 0usize;
+    let mut rounds = offs.chunks(1024).cycle();
     while start.elapsed() < RUN {
-        for &o in &offs[n % offs.len()..][..1024] {
+        let round = rounds.next().expect("offsets to write at");
+        for &o in round {
             file.write_all_at(&buf, o).expect("pwrite");
         }
-        n += 1024;
+        n += round.len();
     }
     n as f64 / start.elapsed().as_secs_f64()
 }
@@ -139,6 +141,17 @@ fn main() {
         WRITE_IMAGE >> 20,
         RUN
     );
+    // Buffer heads are ext4's (and other block-based filesystems'); tmpfs has none.
+    let fs = std::process::Command::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(dir.path())
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map_or_else(|| "unknown".to_string(), |s| s.trim().to_string())
+        // ext4 shares ext2's magic number, which is all `stat -f` sees.
+        .replace("ext2/ext3", "ext2/3/4");
+    println!("# filesystem of the temp dir: {fs} (set TMPDIR to measure another)");
     println!("| filled with | writes/s | µs per write |");
     println!("|---|---:|---:|");
     let offs = offsets(1 << 16, WRITE_IMAGE);

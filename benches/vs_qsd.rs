@@ -888,13 +888,11 @@ fn median_round(rounds: impl Iterator<Item = Measured>) -> Option<Measured> {
     all.get(all.len().saturating_sub(1) / 2).copied()
 }
 
-fn fmt_ratio(a: Option<Measured>, b: Option<Measured>) -> (String, Option<f64>) {
+/// `a`'s IOPS over `b`'s, if both ran.
+fn iops_ratio(a: Option<Measured>, b: Option<Measured>) -> Option<f64> {
     match (a, b) {
-        (Some(a), Some(b)) if b.iops > 0.0 => {
-            let r = a.iops / b.iops;
-            (format!("{r:.2}"), Some(r))
-        }
-        _ => ("-".into(), None),
+        (Some(a), Some(b)) if b.iops > 0.0 => Some(a.iops / b.iops),
+        _ => None,
     }
 }
 
@@ -1078,21 +1076,34 @@ fn main() {
             .map(|bi| median_round(rounds.iter().filter_map(|r| r[bi])))
             .collect();
         let mut row = format!("| {} | {nq} |", w.name);
-        for m in &got {
+        for (bi, m) in got.iter().enumerate() {
             match m {
                 Some(m) => {
-                    let _ = write!(row, " {:.0} | {:.1} | {:.2} |", m.iops, m.mbps, m.cpu);
+                    // A backend that failed in some rounds says in how many it ran.
+                    let ran = rounds.iter().filter(|r| r[bi].is_some()).count();
+                    let partial = if ran < rounds.len() {
+                        format!(" ({ran}/{} rounds)", rounds.len())
+                    } else {
+                        String::new()
+                    };
+                    let _ = write!(
+                        row,
+                        " {:.0}{partial} | {:.1} | {:.2} |",
+                        m.iops, m.mbps, m.cpu
+                    );
                 }
                 None => row.push_str(" ERR | ERR | ERR |"),
             }
         }
         for (oi, o) in others.iter().enumerate() {
-            let per_round: Vec<f64> = rounds
-                .iter()
-                .filter_map(|r| fmt_ratio(r[0], r[oi + 1]).1)
-                .collect();
+            let each: Vec<Option<f64>> =
+                rounds.iter().map(|r| iops_ratio(r[0], r[oi + 1])).collect();
+            let per_round: Vec<f64> = each.iter().flatten().copied().collect();
             if cfg.rounds > 1 {
-                let list: Vec<String> = per_round.iter().map(|r| format!("{r:.2}")).collect();
+                let list: Vec<String> = each
+                    .iter()
+                    .map(|r| r.map_or_else(|| "ERR".to_string(), |r| format!("{r:.2}")))
+                    .collect();
                 round_ratios.push(format!(
                     "#   {}/q{nq} {}/{}: {}",
                     w.name,

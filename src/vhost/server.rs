@@ -291,6 +291,8 @@ fn serve_one(
                 "{name}: cannot start a thread to watch the connection ({e}); serving it \
                  anyway, and a second frontend waits until it ends"
             );
+            #[cfg(test)]
+            WAITED_HERE.fetch_add(1, Ordering::SeqCst);
             let daemon = parked.lock().unwrap_or_else(|p| p.into_inner()).take();
             daemon.map(|mut daemon| {
                 let result = daemon.wait();
@@ -318,6 +320,9 @@ fn serve_one(
 /// Tests: pretend a connection's watcher thread cannot be started.
 #[cfg(test)]
 static FAIL_WAITER_SPAWN: AtomicBool = AtomicBool::new(false);
+/// Tests: connections waited for on the serving thread for want of a watcher.
+#[cfg(test)]
+static WAITED_HERE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 fn waiter_spawn_fails() -> bool {
     #[cfg(test)]
@@ -383,9 +388,26 @@ mod tests {
         }
     }
 
+    /// Fails watcher spawns until dropped (also when the test panics), so that no other test
+    /// of this binary runs without its watcher.
+    struct FailWaiterSpawn;
+
+    impl FailWaiterSpawn {
+        fn new() -> Self {
+            FAIL_WAITER_SPAWN.store(true, Ordering::SeqCst);
+            FailWaiterSpawn
+        }
+    }
+
+    impl Drop for FailWaiterSpawn {
+        fn drop(&mut self) {
+            FAIL_WAITER_SPAWN.store(false, Ordering::SeqCst);
+        }
+    }
+
     #[test]
     fn a_connection_is_served_and_stopped_when_its_watcher_thread_cannot_start() {
-        FAIL_WAITER_SPAWN.store(true, Ordering::SeqCst);
+        let _failing = FailWaiterSpawn::new();
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("dev.sock");
         let device = Arc::new(MemDevice::new(1 << 20));
@@ -419,6 +441,11 @@ mod tests {
             "the server did not stop within 10 s"
         );
         assert!(!socket.exists(), "the socket was removed");
+        assert_eq!(
+            WAITED_HERE.load(Ordering::SeqCst),
+            3,
+            "each connection was waited for on the serving thread"
+        );
         drop(client);
     }
 }
