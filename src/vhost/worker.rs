@@ -1241,7 +1241,13 @@ mod tests {
         gm: GuestMem,
         vring: VringRwLock<GuestMem>,
         used: u64,
+        avail: u64,
     }
+
+    /// The used ring of [`gated_on_ring`]'s queue: apart from the avail ring, which
+    /// `MockSplitQueue` lays it over (it adds the avail ring's entry count, not its byte size),
+    /// so that the driver's `used_event` (after the avail ring) survives used entries.
+    const USED_RING: u64 = 0x8000;
 
     fn gated(writes: usize, want: usize, give_up: Duration, writes_wait: bool) -> Gated {
         gated_on_ring(writes, want, give_up, writes_wait, 16, false)
@@ -1326,11 +1332,13 @@ mod tests {
         let vring = VringRwLock::new(gm.clone(), ring).unwrap();
         vring.set_queue_size(ring);
         vring
-            .set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
+            .set_queue_info(q.desc_table_addr().0, q.avail_addr().0, USED_RING)
             .unwrap();
         vring.set_queue_ready(true);
-        let used = q.used_addr().0;
+        let used = USED_RING;
+        let avail = q.avail_addr().0;
         Gated {
+            avail,
             mem,
             device,
             backend,
@@ -1429,12 +1437,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_long_drain_of_cheap_requests_signals_the_driver_every_few_completions() {
-        const WRITES: usize = 40;
-        // Cheap writes (nothing to wait for), then a flush: 41 requests in one drain.
-        let g = gated_on_ring(WRITES, 1, Duration::ZERO, false, 128, false);
-        // Non-blocking: no signal at all reads as an error, not a hang.
+    /// A non-blocking eventfd installed as the ring's call fd: reading it returns how many
+    /// signals were sent (an error for none).
+    fn count_signals(g: &Gated) -> vmm_sys_util::eventfd::EventFd {
         let call = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let dup = call.try_clone().unwrap();
         // SAFETY: `into_raw_fd` hands over sole ownership of the duplicate descriptor.
@@ -1444,6 +1449,15 @@ mod tests {
             )
         };
         g.vring.set_call(Some(file));
+        call
+    }
+
+    #[test]
+    fn a_long_drain_of_cheap_requests_signals_the_driver_every_few_completions() {
+        const WRITES: usize = 40;
+        // Cheap writes (nothing to wait for), then a flush: 41 requests in one drain.
+        let g = gated_on_ring(WRITES, 1, Duration::ZERO, false, 128, false);
+        let call = count_signals(&g);
         let mut w = QueueWorker {
             always_cheap: true,
             ..QueueWorker::default()
@@ -1456,6 +1470,48 @@ mod tests {
         }
         // After the 16th and the 32nd, then the last 9 at the end of the drain.
         assert_eq!(call.read().expect("no signal at all"), 3, "signals sent");
+    }
+
+    #[test]
+    fn with_event_idx_the_driver_gets_exactly_the_signal_it_asks_for() {
+        const WRITES: usize = 40;
+        const RING: u16 = 128;
+        // The driver asks to be signalled once the used index passes `used_event`: anywhere
+        // in the drain (around the mid-drain checks too) that is one signal, past its end none.
+        for (used_event, signals) in [
+            (0u16, 1u64),
+            (5, 1),
+            (14, 1),
+            (15, 1),
+            (16, 1),
+            (20, 1),
+            (31, 1),
+            (32, 1),
+            (35, 1),
+            (40, 1),
+            (41, 0),
+            (200, 0),
+        ] {
+            let g = gated_on_ring(WRITES, 1, Duration::ZERO, false, RING, false);
+            g.vring.set_queue_event_idx(true);
+            // used_event sits right after the avail ring's entries.
+            g.mem
+                .write_obj(used_event, GuestAddress(g.avail + 4 + 2 * u64::from(RING)))
+                .unwrap();
+            let call = count_signals(&g);
+            let mut w = QueueWorker {
+                always_cheap: true,
+                ..QueueWorker::default()
+            };
+            w.process_queue(&g.backend, &g.vring, Duration::ZERO, &g.gm)
+                .unwrap();
+            assert_eq!(g.used_idx(), WRITES as u16 + 1);
+            assert_eq!(
+                call.read().unwrap_or(0),
+                signals,
+                "signals with used_event {used_event}"
+            );
+        }
     }
 
     #[test]
