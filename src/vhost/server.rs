@@ -249,7 +249,7 @@ fn serve_one(
     // frontend: a vhost-user socket serves one, and a second VM would otherwise hang. The
     // daemon waits in a slot the thread takes it from, so that if the thread cannot be
     // started it is still here to be waited for (and quiesced) on this one.
-    let parked = Arc::new(Mutex::new(Some(daemon)));
+    let parked: Parked = Arc::new(Mutex::new(Some(daemon)));
     let spawned = if waiter_spawn_fails() {
         Err(io::Error::from_raw_os_error(libc::EAGAIN))
     } else {
@@ -257,11 +257,7 @@ fn serve_one(
         std::thread::Builder::new()
             .name(format!("wait-{name}"))
             .spawn(move || {
-                let daemon = parked.lock().unwrap_or_else(|p| p.into_inner()).take();
-                let waited = daemon.map(|mut daemon| {
-                    let result = daemon.wait();
-                    (daemon, result)
-                });
+                let waited = wait_parked(&parked);
                 let _ = done.write(1);
                 waited
             })
@@ -293,11 +289,7 @@ fn serve_one(
             );
             #[cfg(test)]
             WAITED_HERE.fetch_add(1, Ordering::SeqCst);
-            let daemon = parked.lock().unwrap_or_else(|p| p.into_inner()).take();
-            daemon.map(|mut daemon| {
-                let result = daemon.wait();
-                (daemon, result)
-            })
+            wait_parked(&parked)
         }
     };
     let Some((daemon, result)) = waited else {
@@ -315,6 +307,20 @@ fn serve_one(
         )) => Ok(()),
         Err(e) => Err(ServeError::Vhost(e.to_string())),
     }
+}
+
+type Daemon = VhostUserDaemon<Arc<BlkBackend>>;
+
+/// A connection's daemon, parked for whichever thread waits for the connection to end.
+type Parked = Arc<Mutex<Option<Daemon>>>;
+
+/// Takes the parked daemon and waits for its connection to end; returns the daemon and how
+/// its wait ended, or `None` if another thread took it (never: a failed spawn never runs its
+/// closure, and a running one is the only other taker).
+fn wait_parked(parked: &Parked) -> Option<(Daemon, Result<(), vhost_user_backend::Error>)> {
+    let mut daemon = parked.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+    let result = daemon.wait();
+    Some((daemon, result))
 }
 
 /// Tests: pretend a connection's watcher thread cannot be started.

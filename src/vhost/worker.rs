@@ -135,18 +135,6 @@ impl Drop for ActiveQueue {
     }
 }
 
-/// Whether fewer queues are in use than there are CPUs: then a batch of cheap reads may use a
-/// second thread without taking a CPU another queue's worker (or its driver) needs. Measured:
-/// with one queue on 2 CPUs, splitting doubled 4 KiB reads at QD32; with two queues, letting
-/// an idle moment of one queue trigger splits in the other halved them.
-struct SpareCpu;
-
-impl SpareCpu {
-    fn available() -> bool {
-        ACTIVE_QUEUES.load(Ordering::Relaxed) < cpus()
-    }
-}
-
 /// Batches of cheap reads split in two when at least this many are available.
 const SPLIT_MIN: usize = 8;
 /// At most this many cheap reads are popped for one split batch.
@@ -155,9 +143,8 @@ const SPLIT_MAX: usize = 64;
 /// Cheap requests answered in one drain are signalled to the driver every this many, and at
 /// the end of the drain. Measured on 4 KiB random writes at QD32 (one queue, docs/
 /// benchmarks.md): once per drain, the driver got all 32 completions at once and the worker
-/// then waited for it to refill the ring; every 16 gave 6% more IOPS, every 8 about the same,
-/// every 32 no gain; every 8 (one run) was between once per drain and every 16; 4 KiB reads
-/// at QD32 were unchanged.
+/// then waited for it to refill the ring; every 16 gave 6% more IOPS, every 32 no gain, every
+/// 8 (one run) fell between once per drain and every 16; 4 KiB reads at QD32 were unchanged.
 const SIGNAL_EVERY: usize = 16;
 
 /// Smallest polling window worth starting with.
@@ -261,7 +248,6 @@ impl QueueWorker {
         loop {
             let mut used_any = false;
             // Used entries added since the driver was last told (or chose not to be).
-            let mut unsignaled = false;
             let mut since_signal = 0usize;
             {
                 let guard = guest_mem.memory();
@@ -291,7 +277,6 @@ impl QueueWorker {
                         .map_err(ring)?;
                 }
                 used_any = true;
-                unsignaled = true;
                 since_signal += popped;
                 if concurrent || since_signal >= SIGNAL_EVERY {
                     // Report a slow batch at once, and cheap requests every SIGNAL_EVERY, so
@@ -305,12 +290,11 @@ impl QueueWorker {
                     {
                         state.signal_used_queue().map_err(QueueFault::Notify)?;
                     }
-                    unsignaled = false;
                 }
             }
             let guard = guest_mem.memory();
             let mem = &*guard;
-            if unsignaled
+            if since_signal > 0
                 && state
                     .get_queue_mut()
                     .needs_notification(mem)
@@ -411,14 +395,7 @@ impl QueueWorker {
             return Ok(1);
         }
         let mut n = 1;
-        while n < usize::from(state.get_queue().size()) {
-            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) else {
-                break;
-            };
-            if n == self.slots.len() {
-                self.slots.push(Slot::default());
-            }
-            self.slots[n].prepare(backend, chain, mem);
+        while n < usize::from(state.get_queue().size()) && self.pop_into(n, state, backend, mem) {
             n += 1;
         }
         let mut start = 0;
@@ -445,10 +422,7 @@ impl QueueWorker {
             }
             start = end;
         }
-        for i in 0..n {
-            let took = self.slots[i].took;
-            self.record(took);
-        }
+        self.record_batch(n);
         Ok(n)
     }
 
@@ -467,14 +441,7 @@ impl QueueWorker {
     {
         let mut n = 1;
         let mut tail = false;
-        while n < SPLIT_MAX {
-            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) else {
-                break;
-            };
-            if n == self.slots.len() {
-                self.slots.push(Slot::default());
-            }
-            self.slots[n].prepare(backend, chain, mem);
+        while n < SPLIT_MAX && self.pop_into(n, state, backend, mem) {
             n += 1;
             if !self.slots[n - 1].splittable() {
                 tail = true;
@@ -497,20 +464,39 @@ impl QueueWorker {
         if tail {
             self.slots[n - 1].run(backend, mem, true);
         }
-        for i in 0..n {
-            let took = self.slots[i].took;
-            self.record(took);
-        }
+        self.record_batch(n);
         n
     }
 
-    /// Whether a split batch may take a second CPU.
+    /// Pops the next chain into `slots[n]` (growing `slots` to it) and parses it; false when
+    /// the ring has none.
+    fn pop_into<M: GuestMemory>(
+        &mut self,
+        n: usize,
+        state: &mut VringStateGuard<'_>,
+        backend: &BlkBackend,
+        mem: &M,
+    ) -> bool {
+        let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) else {
+            return false;
+        };
+        if n == self.slots.len() {
+            self.slots.push(Slot::default());
+        }
+        self.slots[n].prepare(backend, chain, mem);
+        true
+    }
+
+    /// Whether a split batch may take a second CPU: when fewer queues are in use than there
+    /// are CPUs, it takes none that another queue's worker (or its driver) needs. Measured:
+    /// with one queue on 2 CPUs, splitting doubled 4 KiB reads at QD32; with two queues,
+    /// letting an idle moment of one queue trigger splits in the other halved them.
     fn cpu_to_spare(&self) -> bool {
         #[cfg(test)]
         if self.always_split {
             return true;
         }
-        SpareCpu::available()
+        ACTIVE_QUEUES.load(Ordering::Relaxed) < cpus()
     }
 
     /// Drops the slots past [`KEEP_SLOTS`] when the queue goes idle: a guest that once filled a
@@ -518,6 +504,14 @@ impl QueueWorker {
     /// not reallocate them batch after batch).
     fn trim_slots(&mut self) {
         self.slots.truncate(KEEP_SLOTS);
+    }
+
+    /// Records the times of `slots[..n]`, a batch just run.
+    fn record_batch(&mut self, n: usize) {
+        for i in 0..n {
+            let took = self.slots[i].took;
+            self.record(took);
+        }
     }
 
     /// Feeds one request's time into the moving average. A sample counts at most 4 times the
