@@ -1556,12 +1556,10 @@ impl CacheObject {
         let st = self.read_state();
         let m = &st.meta;
         // A snapshot of time t has a copy of chunk c iff c's newest copy is stamped >= t.
-        let mut newest: Vec<u64> = m
-            .history
-            .all()
-            .iter()
-            .filter_map(|(_, copies)| copies.last().map(|p| p.time))
-            .collect();
+        let mut newest: Vec<u64> = Vec::new();
+        m.history.for_each_in(0, u64::MAX, |_, copies| {
+            newest.extend(copies.last().map(|p| p.time));
+        });
         newest.sort_unstable();
         m.devices
             .iter()
@@ -1665,13 +1663,13 @@ impl CacheObject {
                 }
             }
         }
-        for (_, copies) in m.history.all() {
+        m.history.for_each_in(0, u64::MAX, |_, copies| {
             for p in copies {
                 if let Some(b) = entry_to_block(p.entry) {
                     *counts.entry(b).or_default() += 1;
                 }
             }
-        }
+        });
         for (b, &r) in m.refcounts.iter().enumerate() {
             let want = counts.get(&(b as u64)).copied().unwrap_or(0);
             if r != META_REF && r != want {

@@ -264,11 +264,10 @@ impl OriginHistory {
         page
     }
 
-    /// Every chunk with a copy stamped in `lo..hi`, with its copies, for a sweep by the writer.
-    /// Visits only the pages holding such a stamp.
-    pub fn with_stamps_in(&self, lo: u64, hi: u64) -> Vec<(u64, Vec<Preserved>)> {
+    /// Calls `f` with every chunk that has a copy stamped in `lo..hi` and its copies, in chunk
+    /// order, without allocating. Visits only the pages holding such a stamp.
+    pub fn for_each_in(&self, lo: u64, hi: u64, mut f: impl FnMut(u64, &[Preserved])) {
         let pages = self.pages.load();
-        let mut v = Vec::new();
         for (pi, page) in pages.iter().enumerate() {
             let Some(page) = page else { continue };
             if !page.has_stamps_in(lo, hi) {
@@ -278,12 +277,20 @@ impl OriginHistory {
                 if page.slots[i].load(Ordering::Acquire) == EMPTY {
                     continue;
                 }
-                let copies = page.copies(i);
-                if copies.iter().any(|p| (lo..hi).contains(&p.time)) {
-                    v.push((((pi << PAGE_SHIFT) + i) as u64, copies));
-                }
+                page.with_copies(i, |copies| {
+                    if copies.iter().any(|p| (lo..hi).contains(&p.time)) {
+                        f(((pi << PAGE_SHIFT) + i) as u64, copies);
+                    }
+                });
             }
         }
+    }
+
+    /// Every chunk with a copy stamped in `lo..hi`, with its copies, for a sweep by the writer
+    /// that changes them as it goes.
+    pub fn with_stamps_in(&self, lo: u64, hi: u64) -> Vec<(u64, Vec<Preserved>)> {
+        let mut v = Vec::new();
+        self.for_each_in(lo, hi, |c, copies| v.push((c, copies.to_vec())));
         v
     }
 

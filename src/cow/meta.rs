@@ -506,6 +506,27 @@ impl Meta {
             })
     }
 
+    /// The snapshot time of a new child of `parent`: a new tick of the clock for a snapshot
+    /// of the origin, else its parent's time.
+    fn child_otime(&mut self, parent: u64) -> Result<u64, MetaError> {
+        if parent == ORIGIN_ID {
+            self.clock += 1;
+            Ok(self.clock)
+        } else {
+            Ok(self.dev_mut(parent)?.otime)
+        }
+    }
+
+    /// The table of a new operative child of `parent` with snapshot time `otime`: empty over
+    /// the origin's history, or sharing its parent's.
+    fn child_table(&mut self, parent: u64, otime: u64) -> Result<Table, MetaError> {
+        Ok(if parent == ORIGIN_ID {
+            Table::for_origin_snapshot(otime)
+        } else {
+            self.dev_mut(parent)?.table.share()
+        })
+    }
+
     fn lineage_gained(&mut self, otime: u64, id: u64) {
         self.lineages.entry(otime).or_default().push(id);
     }
@@ -534,7 +555,7 @@ impl Meta {
         for (c, copies) in self.history.with_stamps_in(t, next_live) {
             let mut kept = Vec::with_capacity(copies.len());
             let mut older = 0;
-            for p in copies {
+            for &p in &copies {
                 let in_range = (t..next_live).contains(&p.time);
                 // No live time in (older, p.time]: nobody can read it.
                 if in_range && prev_live.is_none_or(|l| l <= older) {
@@ -545,7 +566,9 @@ impl Meta {
                 }
                 older = p.time;
             }
-            self.history.set(c, &kept);
+            if kept.len() != copies.len() {
+                self.history.set(c, &kept);
+            }
         }
     }
 
@@ -602,13 +625,7 @@ impl Meta {
             id = d.parent;
         }
         // Copies made since the snapshot time are the origin as it was then, oldest first.
-        let copies = self.history.copies(chunk);
-        View::of_entry(
-            copies
-                .iter()
-                .find(|p| p.time >= otime)
-                .map_or(ENTRY_UNMAPPED, |p| p.entry),
-        )
+        View::of_entry(self.history.lookup(chunk, otime))
     }
 
     /// Whether some other device shares `id`'s current view at `chunk`, so a change of it
@@ -779,18 +796,9 @@ impl Meta {
                 if self.devices.len() <= slot {
                     self.devices.resize_with(slot + 1, || None);
                 }
-                let otime = if *parent == ORIGIN_ID {
-                    self.clock += 1;
-                    self.clock
-                } else {
-                    self.dev_mut(*parent)?.otime
-                };
+                let otime = self.child_otime(*parent)?;
                 let mut dev = Dev::new(*id, *parent, name.clone(), *writable, otime);
-                dev.table = if *parent == ORIGIN_ID {
-                    Table::for_origin_snapshot(otime)
-                } else {
-                    self.dev_mut(*parent)?.table.share()
-                };
+                dev.table = self.child_table(*parent, otime)?;
                 self.devices[slot] = Some(dev);
                 if *parent == ORIGIN_ID {
                     self.lineage_gained(otime, *id);
@@ -1067,12 +1075,8 @@ impl Meta {
                 // An inoperative device keeps its empty, retired table, as when it became so.
                 let operative = m.dev(id).is_some_and(|d| !d.inoperative);
                 if v1 {
-                    let otime = if parent == ORIGIN_ID {
-                        m.clock += 1;
-                        m.clock
-                    } else {
-                        m.dev(parent).map_or(NO_OTIME, |p| p.otime)
-                    };
+                    // The parent was visited first: the walk goes down from the origin.
+                    let otime = m.child_otime(parent)?;
                     m.dev_mut(id)?.otime = otime;
                 }
                 let otime = m.dev(id).map_or(NO_OTIME, |d| d.otime);
@@ -1080,11 +1084,7 @@ impl Meta {
                     if otime == NO_OTIME || otime > m.clock {
                         return Err(FormatError::Malformed("checkpoint snapshot time").into());
                     }
-                    let t = if parent == ORIGIN_ID {
-                        Table::for_origin_snapshot(otime)
-                    } else {
-                        m.dev_mut(parent)?.table.share()
-                    };
+                    let t = m.child_table(parent, otime)?;
                     if t.otime() != otime {
                         return Err(FormatError::Malformed("checkpoint snapshot time").into());
                     }
