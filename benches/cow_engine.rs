@@ -4,7 +4,8 @@
 //! contain one of the given words.
 
 use snapblk::cow::{CacheObject, CreateOptions, DeviceId, OpenOptions};
-use snapblk::storage::{FileStorage, Storage};
+use snapblk::storage::Storage;
+use snapblk::testkit::engine::{file_stores, EngineSpec};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,19 +21,14 @@ struct Setup {
 }
 
 fn files(dir: &Path, origin_size: u64) -> (Arc<dyn Storage>, Arc<dyn Storage>) {
-    let o = dir.join("origin.img");
-    let c = dir.join("cache.obj");
-    let f = std::fs::File::create(&o).unwrap();
-    f.set_len(origin_size).unwrap();
+    let stores = file_stores(dir, origin_size);
     // Give the origin real (allocated, cached) data, as a used disk has.
     let buf = vec![0x5au8; MIB as usize];
-    let s = FileStorage::open(&o, false).unwrap();
     for i in 0..origin_size / MIB {
-        s.write_at(&buf, i * MIB).unwrap();
+        stores.origin.write_at(&buf, i * MIB).unwrap();
     }
-    s.sync().unwrap();
-    std::fs::File::create(&c).unwrap();
-    (Arc::new(s), Arc::new(FileStorage::open(&c, false).unwrap()))
+    stores.origin.sync().unwrap();
+    (stores.origin, stores.cache)
 }
 
 fn setup(origin_size: u64, chunk: u64) -> Setup {
@@ -41,16 +37,13 @@ fn setup(origin_size: u64, chunk: u64) -> Setup {
         Err(_) => tempfile::tempdir().unwrap(),
     };
     let (origin, cache) = files(dir.path(), origin_size);
-    let eng = CacheObject::create(
-        origin.clone(),
-        cache.clone(),
-        CreateOptions {
-            chunk_size: chunk,
-            max_size: 64 << 30,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    // The production journal size (not the fixture's small one): commits and checkpoints as
+    // in the daemon.
+    let eng = EngineSpec::default()
+        .chunk_size(chunk)
+        .max_size(64 << 30)
+        .journal(CreateOptions::default().journal_size)
+        .on(origin.clone(), cache.clone());
     Setup {
         _dir: dir,
         origin,

@@ -424,6 +424,7 @@ impl Daemon {
                 .ok_or_else(|| format!("/proc/{}/stat: bad field {n}", self.pid))
         };
         let ticks = field(14)? + field(15)?;
+        // SAFETY: sysconf has no preconditions; it only reads a system setting.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         Ok(ticks as f64 / hz)
     }
@@ -456,6 +457,7 @@ impl Daemon {
         let status = match child.try_wait() {
             Ok(Some(s)) => Some(s),
             _ => {
+                // SAFETY: kill(2) on the pid of a child we spawned and have not reaped yet.
                 unsafe { libc::kill(self.pid, libc::SIGTERM) };
                 let deadline = Instant::now() + Duration::from_secs(3);
                 loop {
@@ -578,6 +580,7 @@ fn completion_error(c: &Completion) -> String {
         String::new()
     } else {
         // blkio hands out static C strings here.
+        // SAFETY: blkio sets error_msg to a NUL-terminated static C string when it is not null.
         let s = unsafe { std::ffi::CStr::from_ptr(c.error_msg) };
         format!(": {}", s.to_string_lossy())
     };
@@ -609,10 +612,12 @@ fn verify(client: &mut Client) -> Result<(), String> {
     let mut comps: Vec<MaybeUninit<Completion>> = (0..1).map(|_| MaybeUninit::uninit()).collect();
     for idx in [0, last] {
         let q = &mut client.queues[0];
+        // SAFETY: `buf` is the start of the client's mapped region, at least one block long, and no request is in flight.
         unsafe { std::ptr::write_bytes(buf, 0, BLOCK as usize) };
         q.read(idx * BLOCK, buf, BLOCK as usize, 0, ReqFlags::empty());
         let n = wait_some(q, &mut comps)?;
         assert_eq!(n, 1);
+        // SAFETY: do_io (in wait_some) initialized the first `n` (= 1) completions.
         let c = unsafe { comps[0].assume_init_read() };
         if c.ret != 0 {
             return Err(format!(
@@ -621,6 +626,7 @@ fn verify(client: &mut Client) -> Result<(), String> {
             ));
         }
         fill_block(&mut expect, idx);
+        // SAFETY: the read into `buf` (mapped, one block long) has completed; nothing writes it meanwhile.
         let got = unsafe { std::slice::from_raw_parts(buf, BLOCK as usize) };
         if got != expect.as_slice() {
             return Err(format!(
@@ -679,6 +685,7 @@ fn run_queue(mut job: QueueJob) -> Result<QueueResult, String> {
     // keep it so. Reads check that word in every block they return, so a
     // backend completing requests without the right data fails instead of posting numbers.
     let buf_of = |slot: usize| (job.buf + slot * bs) as *mut u8;
+    // SAFETY: `slot < qd` and `byte < bs`: the address is inside this job's part of the mapped region; the caller only dereferences it for a slot with no request in flight.
     let word_at = |slot: usize, byte: usize| unsafe { buf_of(slot).add(byte) as *mut u64 };
     let mut slot_off = vec![0u64; w.qd];
     let submit = |q: &mut Blkioq, slot_off: &mut [u64], slot: usize, off: u64| {
@@ -686,11 +693,13 @@ fn run_queue(mut job: QueueJob) -> Result<QueueResult, String> {
         match w.pattern {
             Pattern::RandRead | Pattern::SeqRead => {
                 for b in (0..bs).step_by(BLOCK as usize) {
+                    // SAFETY: `slot` has no request in flight (it is being submitted); the word is inside its buffer.
                     unsafe { *word_at(slot, b) = u64::MAX };
                 }
                 q.read(off, buf_of(slot), bs, slot, ReqFlags::empty())
             }
             Pattern::RandWrite => {
+                // SAFETY: as above: the slot is being submitted, the word is inside its buffer.
                 unsafe { *word_at(slot, 0) = (off / BLOCK).to_le() };
                 q.write(off, buf_of(slot), bs, slot, ReqFlags::empty())
             }
@@ -701,6 +710,7 @@ fn run_queue(mut job: QueueJob) -> Result<QueueResult, String> {
             return Ok(());
         }
         for byte in (0..bs).step_by(BLOCK as usize) {
+            // SAFETY: the slot's request has completed; the word is inside its buffer.
             let got = u64::from_le(unsafe { *word_at(slot, byte) });
             let want = (off + byte as u64) / BLOCK;
             if got != want {
@@ -728,6 +738,7 @@ fn run_queue(mut job: QueueJob) -> Result<QueueResult, String> {
         let now = Instant::now();
         let go_on = now < job.end && !stopping() && first_err.is_none();
         for c in &comps[..n] {
+            // SAFETY: wait_some initialized the first `n` completions.
             let c = unsafe { c.assume_init_read() };
             in_flight -= 1;
             if c.ret != 0 {
@@ -794,6 +805,7 @@ fn run_one(
     let mut client = connect(&mut daemon, nq, nq * w.qd * w.bs as usize, read_only)?;
     verify(&mut client).map_err(|e| format!("{e}\n{}", daemon.log_tail()))?;
     // Write buffers carry a recognizable pattern; read buffers get overwritten anyway.
+    // SAFETY: the region is mapped for the client's life, `len` bytes long, and no request is in flight yet.
     unsafe { std::ptr::write_bytes(client.region.addr as *mut u8, 0x5a, client.region.len) };
 
     let start = Instant::now();
@@ -937,6 +949,7 @@ fn main() {
         println!("vs_qsd: skipped (run it with `cargo bench --bench vs_qsd`)");
         return;
     }
+    // SAFETY: installing a handler that only stores to an atomic is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);

@@ -4,13 +4,16 @@
 //! Module layout, one job each (see README.md, "Architecture"):
 //! - [`storage`]: positional I/O on files (and test doubles) behind one trait.
 //! - [`virtio_blk`]: virtio-blk request parsing and validation; pure, transport-independent.
-//! - [`device`]: the block-device trait queue workers call, and the raw-file device.
+//! - [`device`]: the block-device trait queue workers call: the raw-file device, the
+//!   copy-on-write device adapter.
 //! - [`vhost`]: the vhost-user face: backend, queue workers, config space, listener loop.
 //! - [`cow`]: the copy-on-write engine: snapshots sharing one cache object (docs/engine.md).
-//! - [`control`]: the control socket: versioned JSON-lines protocol, server, client.
-//! - [`daemon`]: joins the engine, the vhost servers and the control plane.
+//! - [`control`]: the control socket: versioned JSON-lines protocol, server, the daemon's
+//!   answers, client.
+//! - [`daemon`]: the registry of devices and their lifecycle (serve, create, delete, restore).
 //! - [`sock`]: unix socket binding shared by the vhost and control servers.
 //! - [`cli`]: command-line parsing, `serve`, and the administration commands.
+//! - `testkit` (tests and the `test-utils` feature only): shared test fixtures.
 
 pub mod cli;
 pub mod control;
@@ -19,5 +22,7 @@ pub mod daemon;
 pub mod device;
 pub mod sock;
 pub mod storage;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testkit;
 pub mod vhost;
 pub mod virtio_blk;

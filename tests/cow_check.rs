@@ -2,26 +2,15 @@
 
 use snapblk::cow::format::{encode_txn, Enc, Header, Record, JOURNAL_OFFSET};
 use snapblk::cow::{check_cache, check_cache_path, CacheObject, CreateOptions, DeviceId};
-use snapblk::storage::mem::MemStorage;
-use snapblk::storage::{FileStorage, Storage};
+use snapblk::storage::Storage;
+use snapblk::testkit::engine::{file_stores, mem_engine, MemEngine, CHUNK};
+use snapblk::testkit::storage::MemStorage;
 use std::sync::Arc;
 
-const CHUNK: u64 = 4096;
-
 fn build(journal_size: u64, writes: u64) -> Arc<MemStorage> {
-    let origin = Arc::new(MemStorage::new(64 * CHUNK));
-    let cache = Arc::new(MemStorage::new(0));
-    let eng = CacheObject::create(
-        origin,
-        cache.clone(),
-        CreateOptions {
-            chunk_size: CHUNK,
-            max_size: 1 << 30,
-            journal_size,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let MemEngine {
+        cache, engine: eng, ..
+    } = mem_engine(64).journal(journal_size).build();
     let a = eng.create_snapshot(DeviceId::ORIGIN, "a", true).unwrap();
     let _b = eng.create_snapshot(a, "b", false).unwrap();
     for i in 0..writes {
@@ -129,16 +118,9 @@ fn bad_mapping_in_a_valid_transaction_is_caught() {
 #[test]
 fn check_by_path() {
     let dir = tempfile::tempdir().unwrap();
-    let opath = dir.path().join("o");
-    let cpath = dir.path().join("c");
-    std::fs::File::create(&opath)
-        .unwrap()
-        .set_len(16 * CHUNK)
-        .unwrap();
-    std::fs::File::create(&cpath).unwrap();
-    let origin: Arc<dyn Storage> = Arc::new(FileStorage::open(&opath, false).unwrap());
-    let cache: Arc<dyn Storage> = Arc::new(FileStorage::open(&cpath, false).unwrap());
-    let eng = CacheObject::create(origin, cache, CreateOptions::default()).unwrap();
+    let stores = file_stores(dir.path(), 16 * CHUNK);
+    let cpath = stores.cache_path.clone();
+    let eng = CacheObject::create(stores.origin, stores.cache, CreateOptions::default()).unwrap();
     eng.create_snapshot(DeviceId::ORIGIN, "s", false).unwrap();
     eng.write(DeviceId::ORIGIN, 0, &[1u8; 4096]).unwrap();
     drop(eng);

@@ -1,38 +1,26 @@
 //! Copy counting, cache-full behaviour and a multi-threaded stress test with a checker.
 
-use snapblk::cow::{
-    check_cache, CacheObject, CowError, CreateOptions, DeviceId, DeviceState, OpenOptions,
+use snapblk::cow::{check_cache, CacheObject, CowError, DeviceId, DeviceState, OpenOptions};
+use snapblk::storage::Storage;
+use snapblk::testkit::engine::{
+    fast_tempdir, file_stores, mem_engine, EngineSpec, MemEngine, CHUNK,
 };
-use snapblk::storage::mem::MemStorage;
-use snapblk::storage::{FileStorage, Storage};
+use snapblk::testkit::storage::MemStorage;
+use snapblk::testkit::tokens::{sector_token, token_sector, writer_token};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const CHUNK: u64 = 4096;
-
-fn mem_engine(chunks: u64, max_size: u64) -> (Arc<MemStorage>, Arc<MemStorage>, CacheObject) {
-    let origin = Arc::new(MemStorage::new(chunks * CHUNK));
-    let cache = Arc::new(MemStorage::new(0));
-    let eng = CacheObject::create(
-        origin.clone(),
-        cache.clone(),
-        CreateOptions {
-            chunk_size: CHUNK,
-            max_size,
-            journal_size: 64 << 10,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    (origin, cache, eng)
+/// The fixture engine of `chunks` chunks with a growth limit of `max_size` bytes.
+fn engine(chunks: u64, max_size: u64) -> MemEngine {
+    mem_engine(chunks).max_size(max_size).build()
 }
 
 #[test]
 fn origin_write_copies_once_whatever_the_number_of_snapshots() {
     for n in [1usize, 10, 100, 1000] {
-        let (_o, _c, eng) = mem_engine(32, 1 << 30);
+        let MemEngine { engine: eng, .. } = engine(32, 1 << 30);
         let snaps: Vec<DeviceId> = (0..n)
             .map(|i| {
                 eng.create_snapshot(DeviceId::ORIGIN, &format!("s{i}"), i % 2 == 0)
@@ -73,7 +61,9 @@ fn origin_write_copies_once_whatever_the_number_of_snapshots() {
 
 #[test]
 fn snapshot_of_snapshot_and_delete_pass_blocks_without_copying() {
-    let (_o, cache, eng) = mem_engine(16, 1 << 30);
+    let MemEngine {
+        cache, engine: eng, ..
+    } = engine(16, 1 << 30);
     let a = eng.create_snapshot(DeviceId::ORIGIN, "a", true).unwrap();
     eng.write(a, 0, &vec![1u8; 3 * CHUNK as usize]).unwrap();
     let b = eng.create_snapshot(a, "b", false).unwrap();
@@ -96,7 +86,11 @@ fn cache_full_makes_the_snapshot_inoperative_never_the_origin() {
     // Room for about 20 data blocks (the journal and a checkpoint reserve take the rest).
     let journal = 64 << 10;
     let data_offset = (8192 + journal as u64).div_ceil(CHUNK) * CHUNK;
-    let (origin, cache, eng) = mem_engine(64, data_offset + 24 * CHUNK);
+    let MemEngine {
+        origin,
+        cache,
+        engine: eng,
+    } = engine(64, data_offset + 24 * CHUNK);
     let ro = eng.create_snapshot(DeviceId::ORIGIN, "ro", false).unwrap();
     let rw = eng.create_snapshot(DeviceId::ORIGIN, "rw", true).unwrap();
     let rw_child = eng.create_snapshot(rw, "rw-child", false).unwrap();
@@ -158,7 +152,11 @@ fn cache_full_makes_the_snapshot_inoperative_never_the_origin() {
 
 #[test]
 fn refuses_foreign_origin_and_unknown_features() {
-    let (origin, cache, eng) = mem_engine(8, 1 << 30);
+    let MemEngine {
+        origin,
+        cache,
+        engine: eng,
+    } = engine(8, 1 << 30);
     drop(eng);
     let other: Arc<dyn Storage> = Arc::new(MemStorage::new(16 * CHUNK));
     assert!(matches!(
@@ -189,21 +187,6 @@ fn refuses_foreign_origin_and_unknown_features() {
 // Stress: origin writers, snapshot readers, a snapshot writer, create/delete, at once.
 // ---------------------------------------------------------------------------------------
 
-fn token_sector(writer: u64, seq: u64) -> [u8; 512] {
-    let mut s = [0u8; 512];
-    let t = (writer << 56) | seq;
-    for w in s.chunks_mut(8) {
-        w.copy_from_slice(&t.to_le_bytes());
-    }
-    s
-}
-
-fn sector_token(s: &[u8]) -> u64 {
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&s[..8]);
-    u64::from_le_bytes(w)
-}
-
 /// Stops every thread when any one exits, panicking or not, so a failure cannot hang the test.
 struct StopOnExit<'a>(&'a AtomicBool);
 
@@ -219,30 +202,13 @@ struct Registered {
 
 #[test]
 fn stress_concurrent_writers_readers_and_snapshots() {
-    let dir = tempfile::tempdir_in("/dev/shm")
-        .or_else(|_| tempfile::tempdir())
-        .unwrap();
+    let dir = fast_tempdir();
     let size = 256 * CHUNK;
-    let opath = dir.path().join("origin");
-    let cpath = dir.path().join("cache");
-    std::fs::File::create(&opath)
-        .unwrap()
-        .set_len(size)
-        .unwrap();
-    std::fs::File::create(&cpath).unwrap();
-    let origin: Arc<dyn Storage> = Arc::new(FileStorage::open(&opath, false).unwrap());
-    let cache: Arc<dyn Storage> = Arc::new(FileStorage::open(&cpath, false).unwrap());
-    let eng = CacheObject::create(
-        origin,
-        cache.clone(),
-        CreateOptions {
-            chunk_size: CHUNK,
-            max_size: 1 << 30,
-            journal_size: 256 << 10,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let stores = file_stores(dir.path(), size);
+    let cache = stores.cache.clone();
+    let eng = EngineSpec::default()
+        .journal(256 << 10)
+        .on(stores.origin, stores.cache);
     let nwriters = 2u64;
     let started: Vec<AtomicU64> = (0..nwriters).map(|_| AtomicU64::new(0)).collect();
     let registry: Mutex<HashMap<u64, Arc<Registered>>> = Mutex::new(HashMap::new());
@@ -272,7 +238,7 @@ fn stress_concurrent_writers_readers_and_snapshots() {
                         }
                     }
                     for _ in &sectors {
-                        buf.extend_from_slice(&token_sector(w + 1, seq));
+                        buf.extend_from_slice(&token_sector(writer_token(w + 1, seq)));
                     }
                     // Write each owned sector (runs may be split by band boundaries).
                     for (i, &sct) in sectors.iter().enumerate() {
@@ -327,7 +293,9 @@ fn stress_concurrent_writers_readers_and_snapshots() {
                     match parent {
                         None => {
                             for (i, sct) in buf.chunks(512).enumerate() {
-                                let t = sector_token(sct);
+                                let t = sector_token(sct).unwrap_or_else(|| {
+                                    panic!("snapshot {id} sector {i} holds no whole write")
+                                });
                                 if t != 0 {
                                     let w = (t >> 56) - 1;
                                     assert_eq!(w, owner(i));
@@ -423,7 +391,7 @@ fn stress_concurrent_writers_readers_and_snapshots() {
                     let n = rng.usize(1..40);
                     let mut data = Vec::new();
                     for _ in 0..n {
-                        data.extend_from_slice(&token_sector(9, seq));
+                        data.extend_from_slice(&token_sector(writer_token(9, seq)));
                     }
                     eng.write(w, first as u64 * 512, &data).unwrap();
                     model[first * 512..(first + n) * 512].copy_from_slice(&data);
@@ -461,7 +429,9 @@ fn tagged(tag: u64) -> Vec<u8> {
 fn snapshot_reads_while_their_pages_are_copied() {
     // Four pages of 512 chunks. Every 8th chunk is "stable": written only during setup.
     const CHUNKS: u64 = 4 * 512;
-    let (_o, cache, eng) = mem_engine(CHUNKS, 1 << 30);
+    let MemEngine {
+        cache, engine: eng, ..
+    } = engine(CHUNKS, 1 << 30);
     let origin_tag = |c: u64| 0xA000_0000_0000_0000 | c;
     let s1_tag = |c: u64| 0xB000_0000_0000_0000 | c;
     for c in 0..CHUNKS {
@@ -606,7 +576,11 @@ fn snapshot_reads_while_their_pages_are_copied() {
 /// of them exists, whatever order they are deleted in, and across a reopen.
 #[test]
 fn origin_copies_live_as_long_as_a_snapshot_reads_them() {
-    let (origin, cache, eng) = mem_engine(8, 1 << 30);
+    let MemEngine {
+        origin,
+        cache,
+        engine: eng,
+    } = engine(8, 1 << 30);
     let fill = |v: u8| vec![v; CHUNK as usize];
     let read = |eng: &CacheObject, d: DeviceId| {
         let mut b = fill(0xee);
@@ -701,7 +675,9 @@ fn origin_history_over_many_generations_and_random_deletes() {
     const CHUNKS: u64 = 2048; // four history pages
     for seed in 0..4u64 {
         let mut rng = fastrand::Rng::with_seed(seed);
-        let (_o, cache, eng) = mem_engine(CHUNKS, 1 << 30);
+        let MemEngine {
+            cache, engine: eng, ..
+        } = engine(CHUNKS, 1 << 30);
         let mut origin = vec![0u8; CHUNKS as usize];
         let mut snaps: Vec<(DeviceId, Vec<u8>)> = Vec::new();
         let mut buf = vec![0u8; CHUNK as usize];
@@ -760,7 +736,7 @@ fn origin_history_over_many_generations_and_random_deletes() {
 /// few times, not once per chunk; an older snapshot that reads through still gets its copy.
 #[test]
 fn restore_copies_only_what_some_snapshot_reads() {
-    let (_o, _c, eng) = mem_engine(64, 1 << 30);
+    let MemEngine { engine: eng, .. } = engine(64, 1 << 30);
     let s = eng.create_snapshot(DeviceId::ORIGIN, "s", true).unwrap();
     eng.write(s, 0, &vec![7u8; 64 * CHUNK as usize]).unwrap();
     let before = eng.stats();
@@ -777,7 +753,7 @@ fn restore_copies_only_what_some_snapshot_reads() {
         after.commits - before.commits
     );
     // An older snapshot reading through the origin is preserved as usual.
-    let (_o, _c, eng) = mem_engine(64, 1 << 30);
+    let MemEngine { engine: eng, .. } = engine(64, 1 << 30);
     let old = eng.create_snapshot(DeviceId::ORIGIN, "old", false).unwrap();
     let s = eng.create_snapshot(DeviceId::ORIGIN, "s", true).unwrap();
     eng.write(s, 0, &vec![7u8; 8 * CHUNK as usize]).unwrap();
@@ -799,7 +775,9 @@ fn restore_copies_only_what_some_snapshot_reads() {
 /// there copies nothing, however many there are, and they all keep their data.
 #[test]
 fn clones_of_a_snapshot_that_maps_a_chunk_need_no_origin_copy() {
-    let (_o, cache, eng) = mem_engine(8, 1 << 30);
+    let MemEngine {
+        cache, engine: eng, ..
+    } = engine(8, 1 << 30);
     let golden = eng
         .create_snapshot(DeviceId::ORIGIN, "golden", true)
         .unwrap();

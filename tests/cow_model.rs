@@ -2,16 +2,16 @@
 //!
 //! Every failure message carries the seed; rerun one case with `COW_SEED=<seed>`.
 
-use snapblk::cow::{
-    check_cache, CacheObject, CowError, CreateOptions, DeviceId, DeviceState, OpenOptions,
-};
-use snapblk::storage::mem::{CrashController, MemStorage};
+use snapblk::cow::{check_cache, CacheObject, CowError, DeviceId, DeviceState, OpenOptions};
 use snapblk::storage::Storage;
+use snapblk::testkit::engine::{EngineSpec, CHUNK};
+use snapblk::testkit::storage::{CrashController, MemStorage};
+use snapblk::testkit::tokens::{sector_token, token_sector};
+use snapblk::virtio_blk::SECTOR_SIZE;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-const CHUNK: u64 = 4096;
-const SECTOR: usize = 512;
+const SECTOR: usize = SECTOR_SIZE as usize;
 
 fn seeds(default_count: u64, salt: u64) -> Vec<u64> {
     match std::env::var("COW_SEED").ok().and_then(|s| s.parse().ok()) {
@@ -82,14 +82,11 @@ fn run_model_case(seed: u64, steps: usize) {
     rng.fill(&mut init);
     let origin = Arc::new(MemStorage::from_bytes(init.clone()));
     let cache = Arc::new(MemStorage::new(0));
-    let opts = CreateOptions {
-        chunk_size: CHUNK,
-        max_size: 1 << 30,
-        journal_size: 16 << 10,
-        origin_tag: "model".into(),
-        ..Default::default()
-    };
-    let mut eng = CacheObject::create(origin.clone(), cache.clone(), opts).unwrap();
+    let spec = EngineSpec::default()
+        .max_size(1 << 30)
+        .journal(16 << 10)
+        .tag("model");
+    let mut eng = spec.on(origin.clone(), cache.clone());
     let mut model = BTreeMap::new();
     model.insert(
         0u64,
@@ -227,18 +224,15 @@ fn run_history_case(seed: u64, steps: usize) {
     let origin = Arc::new(MemStorage::from_bytes(init.clone()));
     let cache = Arc::new(MemStorage::new(0));
     let tight = rng.u8(0..3) == 0;
-    let opts = CreateOptions {
-        chunk_size: CHUNK,
-        max_size: if tight {
+    let spec = EngineSpec::default()
+        .max_size(if tight {
             16384 + 4096 + CHUNK * rng.u64(12..40)
         } else {
             1 << 30
-        },
-        journal_size: 16 << 10,
-        origin_tag: "pages".into(),
-        ..Default::default()
-    };
-    let mut eng = CacheObject::create(origin.clone(), cache.clone(), opts).unwrap();
+        })
+        .journal(16 << 10)
+        .tag("pages");
+    let mut eng = spec.on(origin.clone(), cache.clone());
     // Per device: writable, and the content of each hot chunk.
     let chunk_of = |c: u64| init[(c * CHUNK) as usize..((c + 1) * CHUNK) as usize].to_vec();
     let mut model: BTreeMap<u64, (bool, BTreeMap<u64, Vec<u8>>)> = BTreeMap::new();
@@ -360,23 +354,6 @@ fn model_many_snapshots_over_several_history_pages() {
 // crash (its value at the last completed flush plus everything written since).
 // ---------------------------------------------------------------------------------------
 
-fn sector_bytes(token: u64) -> [u8; SECTOR] {
-    let mut s = [0u8; SECTOR];
-    if token != 0 {
-        for w in s.chunks_mut(8) {
-            w.copy_from_slice(&token.to_le_bytes());
-        }
-    }
-    s
-}
-
-fn sector_token(s: &[u8]) -> Option<u64> {
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&s[..8]);
-    let t = u64::from_le_bytes(w);
-    s.chunks(8).all(|x| x == w.as_slice()).then_some(t)
-}
-
 #[derive(Clone)]
 struct CrashDev {
     writable: bool,
@@ -439,7 +416,7 @@ fn run_crash_case(seed: u64) {
     let init_tokens: Vec<u64> = (0..nsect as u64).map(|i| (1 << 63) | i).collect();
     let mut init = Vec::with_capacity(size as usize);
     for &t in &init_tokens {
-        init.extend_from_slice(&sector_bytes(t));
+        init.extend_from_slice(&token_sector(t));
     }
     let origin = ctl.store(init);
     let cache = ctl.store(Vec::new());
@@ -447,17 +424,14 @@ fn run_crash_case(seed: u64) {
     // snapshot writes fail for lack of space, with crashes around those moments too.
     let tight = rng.u8(0..4) == 0;
     let data_offset = (8192u64 + (16 << 10)).div_ceil(CHUNK) * CHUNK;
-    let opts = CreateOptions {
-        chunk_size: CHUNK,
-        max_size: if tight {
+    let spec = EngineSpec::default()
+        .max_size(if tight {
             data_offset + rng.u64(8..40) * CHUNK
         } else {
             1 << 30
-        },
-        journal_size: 16 << 10,
-        ..Default::default()
-    };
-    let eng = CacheObject::create(origin.clone(), cache.clone(), opts).unwrap();
+        })
+        .journal(16 << 10);
+    let eng = spec.on(origin.clone(), cache.clone());
     let mut model: BTreeMap<u64, CrashDev> = BTreeMap::new();
     model.insert(
         0,
@@ -507,7 +481,7 @@ fn run_crash_case(seed: u64) {
                     .collect();
                 let mut data = Vec::with_capacity(n * SECTOR);
                 for &t in &tokens {
-                    data.extend_from_slice(&sector_bytes(t));
+                    data.extend_from_slice(&token_sector(t));
                 }
                 log.push(format!("write dev {dev} sectors {first}+{n}"));
                 match eng.write(DeviceId(dev), (first * SECTOR) as u64, &data) {
@@ -713,7 +687,7 @@ fn run_crash_case(seed: u64) {
             let tokens: Vec<u64> = (0..8).map(|k| (7 << 56) | (id << 32) | k).collect();
             let mut data = Vec::new();
             for &t in &tokens {
-                data.extend_from_slice(&sector_bytes(t));
+                data.extend_from_slice(&token_sector(t));
             }
             match eng.write(DeviceId(id), (first * SECTOR) as u64, &data) {
                 Ok(()) => {
@@ -776,7 +750,7 @@ fn sector_of(token: u64) -> [u8; SECTOR] {
     if token == ZERO_TOKEN {
         [0; SECTOR]
     } else {
-        sector_bytes(token)
+        token_sector(token)
     }
 }
 
@@ -796,16 +770,11 @@ fn run_concurrent_crash_case(seed: u64) -> u64 {
     let sectors_per_chunk = CHUNK as usize / SECTOR;
     let ctl = CrashController::new(seed, 0);
     let init_tokens: Vec<u64> = (0..nsect as u64).map(|i| (1 << 63) | i).collect();
-    let init: Vec<u8> = init_tokens.iter().flat_map(|&t| sector_bytes(t)).collect();
+    let init: Vec<u8> = init_tokens.iter().flat_map(|&t| token_sector(t)).collect();
     let origin = ctl.store(init);
     let cache = ctl.store(Vec::new());
-    let opts = CreateOptions {
-        chunk_size: CHUNK,
-        max_size: 1 << 30,
-        journal_size: 16 << 10,
-        ..Default::default()
-    };
-    let eng = CacheObject::create(origin.clone(), cache.clone(), opts).unwrap();
+    let spec = EngineSpec::default().max_size(1 << 30).journal(16 << 10);
+    let eng = spec.on(origin.clone(), cache.clone());
     let kept = eng
         .create_snapshot(DeviceId::ORIGIN, "kept", false)
         .unwrap();
@@ -872,7 +841,7 @@ fn run_concurrent_crash_case(seed: u64) -> u64 {
                     let done = if discard {
                         eng.discard(dev, at, (n * SECTOR) as u64)
                     } else {
-                        let buf: Vec<u8> = tokens.iter().flat_map(|&t| sector_bytes(t)).collect();
+                        let buf: Vec<u8> = tokens.iter().flat_map(|&t| token_sector(t)).collect();
                         eng.write(dev, at, &buf)
                     };
                     if done.is_ok() {
@@ -905,7 +874,7 @@ fn run_concurrent_crash_case(seed: u64) -> u64 {
     for s in 0..nsect {
         let at = s * SECTOR..(s + 1) * SECTOR;
         assert!(
-            snap[at.clone()] == sector_bytes(init_tokens[s]),
+            snap[at.clone()] == token_sector(init_tokens[s]),
             "{ctx}: the snapshot lost its point-in-time data at sector {s}"
         );
         for (name, shown, written) in [

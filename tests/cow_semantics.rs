@@ -2,72 +2,22 @@
 //! group commit, attributes and low-space reporting.
 
 use snapblk::cow::{CacheObject, CreateOptions, DeviceId, OpenOptions};
-use snapblk::storage::mem::MemStorage;
-use snapblk::storage::Storage;
-use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use snapblk::testkit::engine::{file_stores, EngineSpec};
+use snapblk::testkit::storage::{CountingStorage, MemStorage};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Barrier};
 
 const CHUNK: u64 = 64 << 10;
 
-/// A store that counts reads and syncs.
-#[derive(Default)]
-struct Counting {
-    inner: MemStorage,
-    reads: AtomicU64,
-    syncs: AtomicU64,
-}
+type Counting = CountingStorage;
 
-impl Counting {
-    fn new(size: u64) -> Arc<Self> {
-        Arc::new(Self {
-            inner: MemStorage::new(size),
-            ..Default::default()
-        })
-    }
-}
-
-impl Storage for Counting {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.inner.write_at(buf, offset)
-    }
-    fn sync(&self) -> io::Result<()> {
-        self.syncs.fetch_add(1, Ordering::Relaxed);
-        // Make a sync take a little time, as on a disk, so commits can be shared.
-        std::thread::sleep(std::time::Duration::from_micros(200));
-        self.inner.sync()
-    }
-    fn set_size(&self, size: u64) -> io::Result<()> {
-        self.inner.set_size(size)
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.inner.punch_hole(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.inner.write_zeroes(offset, len)
-    }
-}
-
+/// The fixture engine with 64 KiB chunks, a 1 MiB journal and a low-space warning below 512 MiB.
 fn engine(origin: Arc<Counting>, cache: Arc<Counting>) -> CacheObject {
-    CacheObject::create(
-        origin,
-        cache,
-        CreateOptions {
-            chunk_size: CHUNK,
-            max_size: 1 << 30,
-            low_space_threshold: 1 << 29,
-            journal_size: 1 << 20,
-            ..Default::default()
-        },
-    )
-    .unwrap()
+    EngineSpec::default()
+        .chunk_size(CHUNK)
+        .low_space(1 << 29)
+        .journal(1 << 20)
+        .on(origin, cache)
 }
 
 #[test]
@@ -175,17 +125,8 @@ fn attributes_persist_and_low_space_is_reported() {
 fn deleting_a_snapshot_gives_its_space_back_to_the_file_system() {
     use std::os::unix::fs::MetadataExt;
     let dir = tempfile::tempdir().unwrap();
-    let opath = dir.path().join("o");
-    let cpath = dir.path().join("c");
-    std::fs::File::create(&opath)
-        .unwrap()
-        .set_len(128 * CHUNK)
-        .unwrap();
-    std::fs::File::create(&cpath).unwrap();
-    let origin: Arc<dyn Storage> =
-        Arc::new(snapblk::storage::FileStorage::open(&opath, false).unwrap());
-    let cache: Arc<dyn Storage> =
-        Arc::new(snapblk::storage::FileStorage::open(&cpath, false).unwrap());
+    let stores = file_stores(dir.path(), 128 * CHUNK);
+    let (origin, cache, cpath) = (stores.origin, stores.cache, stores.cache_path);
     let eng = CacheObject::create(
         origin,
         cache,

@@ -3,11 +3,12 @@
 
 mod support;
 
+use snapblk::testkit::blkio_client::Client;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
-use support::{make_image, pattern, Client, Daemon, BIN};
+use support::{make_image, pattern, Daemon, BIN};
 
 const MIB: usize = 1 << 20;
 
@@ -163,8 +164,11 @@ fn two_queues_at_once() {
         for i in 0..depth {
             let data = pattern(per_req, (q * depth + i) as u8);
             let off = (q * 16 * MIB + i * per_req) as u64;
-            // SAFETY: each request gets its own disjoint part of queue q's buffer.
+            // SAFETY: depth * per_req (1 MiB) fits in queue q's QUEUE_BUF-byte buffer, so each
+            // request gets its own disjoint part of it.
             let buf = unsafe { c.buf(q).add(i * per_req) };
+            // SAFETY: `buf` has per_req bytes of its own (above), no request uses them yet, and
+            // `data` is a separate allocation of per_req bytes.
             unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf, per_req) };
             c.queues[q].write(off, buf, per_req, 0, blkio::ReqFlags::empty());
         }

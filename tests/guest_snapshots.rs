@@ -8,6 +8,7 @@
 mod support;
 
 use serde_json::Value;
+use snapblk::testkit::blkio_client::Client;
 use std::fs;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -17,7 +18,6 @@ use support::guest::{
     fill_pattern, first_difference, pattern_sector, run_guest, start_guest_test, tail,
     BackgroundGuest, GuestOpts, GuestRun, Pattern, Serve, MIB, NUM_QUEUES, SECTOR,
 };
-use support::Client;
 
 /// Image size of every test here: small, because TCG guests on 2 cores are slow.
 const IMG_MIB: u64 = 16;

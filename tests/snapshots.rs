@@ -4,10 +4,11 @@
 mod support;
 
 use serde_json::Value;
+use snapblk::testkit::blkio_client::Client;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use support::{make_image, pattern, Client, Daemon, BIN};
+use support::{make_image, pattern, Daemon, BIN};
 
 const MIB: usize = 1 << 20;
 
@@ -378,8 +379,8 @@ fn buffers_that_split_sectors_are_served_on_every_device() {
                 iov_base: base as *mut libc::c_void,
                 iov_len: 1000,
             },
-            // SAFETY: inside the client's mapped buffer region.
             libc::iovec {
+                // SAFETY: `base` is queue 0's buffer (QUEUE_BUF bytes): base + 1000 is inside it.
                 iov_base: unsafe { base.add(1000) } as *mut libc::c_void,
                 iov_len: 3096,
             },

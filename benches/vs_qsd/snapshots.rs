@@ -186,10 +186,12 @@ fn drive(
         slot_off[slot] = off;
         match io {
             Io::Read => {
+                // SAFETY: the slot is being submitted (no request in flight); the word is inside its buffer.
                 unsafe { *word(slot) = u64::MAX };
                 q.read(off, buf_of(slot), bs, slot, ReqFlags::empty())
             }
             Io::Write => {
+                // SAFETY: as above.
                 unsafe { *word(slot) = (off / BLOCK).to_le() };
                 q.write(off, buf_of(slot), bs, slot, ReqFlags::empty())
             }
@@ -221,6 +223,7 @@ fn drive(
             done = true;
         }
         for c in &comps[..n] {
+            // SAFETY: wait_some initialized the first `n` completions.
             let c = unsafe { c.assume_init_read() };
             in_flight -= 1;
             let slot = c.user_data;
@@ -229,6 +232,7 @@ fn drive(
                 continue;
             }
             if io == Io::Read {
+                // SAFETY: the slot's request has completed; the word is inside its buffer.
                 let got = u64::from_le(unsafe { *word(slot) });
                 let want = slot_off[slot] / BLOCK;
                 if got != want {
@@ -282,6 +286,7 @@ fn snapshot_run(
 ) -> Result<[(u64, f64); 3], String> {
     let dir = ctx.dir;
     // Write back what earlier runs left dirty now, not during this run's measurement.
+    // SAFETY: sync(2) has no preconditions.
     unsafe { libc::sync() };
     let mut control = None;
     let mut daemon = match side {
@@ -344,6 +349,7 @@ fn snapshot_run(
     };
     let mut client = connect(&mut daemon, 1, QD * BLOCK as usize, false)?;
     verify(&mut client).map_err(|e| format!("{e}\n{}", daemon.log_tail()))?;
+    // SAFETY: the region is mapped for the client's life, `len` bytes long, and no request is in flight yet.
     unsafe { std::ptr::write_bytes(client.region.addr as *mut u8, 0x5a, client.region.len) };
     let capacity = client.capacity;
     let seed = 0x5eed_5a00 + round as u64;
@@ -415,6 +421,7 @@ fn origin_run(
     // The previous run wrote to the origin: start again from the pristine pattern (this also
     // puts it back in the page cache).
     create_image(ctx.img, ctx.cfg.image_mib << 20);
+    // SAFETY: sync(2) has no preconditions.
     unsafe { libc::sync() };
     let (mut daemon, ctrl) = start_snapblk(ctx.img, ctx.dir, seq)?;
     let mut c = Control::connect(&mut daemon, &ctrl)?;
@@ -426,6 +433,7 @@ fn origin_run(
     let create_secs = t.elapsed().as_secs_f64();
     let mut client = connect(&mut daemon, 1, QD * BLOCK as usize, false)?;
     verify(&mut client).map_err(|e| format!("{e}\n{}", daemon.log_tail()))?;
+    // SAFETY: the region is mapped for the client's life, `len` bytes long, and no request is in flight yet.
     unsafe { std::ptr::write_bytes(client.region.addr as *mut u8, 0x5a, client.region.len) };
     let seed = 0x0519_0000 + round as u64;
     let chunks = touch_chunks(client.capacity, ORIGIN_TOUCH_FRAC, seed);

@@ -1,6 +1,7 @@
 //! The administration commands: clients of a running daemon's control socket.
 
-use super::{human, CliError};
+use super::error::CliError;
+use super::units::human;
 use crate::control::client::ControlClient;
 use crate::control::protocol::{Command, DeviceList, DeviceView, Reply, Request, StatsView};
 use clap::{Args, Subcommand};
@@ -10,7 +11,7 @@ use std::path::{Path, PathBuf};
 #[derive(Args, Debug, Clone)]
 pub struct ControlArg {
     /// Control socket of the daemon.
-    #[arg(long, value_name = "PATH", default_value = super::DEFAULT_CONTROL, global = true)]
+    #[arg(long, value_name = "PATH", default_value = super::serve::DEFAULT_CONTROL, global = true)]
     pub control: PathBuf,
 }
 
@@ -77,14 +78,12 @@ fn absolute(p: &Path) -> String {
 
 /// Sends one command and returns the result, or the daemon's error as a CLI error.
 pub fn call(control: &Path, cmd: Command) -> Result<serde_json::Value, CliError> {
-    let mut client = ControlClient::connect(control).map_err(|e| CliError::Usage(e.to_string()))?;
-    let reply: Reply = client
-        .call(&Request::new(cmd))
-        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let mut client = ControlClient::connect(control)?;
+    let reply: Reply = client.call(&Request::new(cmd))?;
     match (reply.ok, reply.result, reply.error) {
         (true, result, _) => Ok(result.unwrap_or(serde_json::Value::Null)),
-        (false, _, Some(err)) => Err(CliError::Usage(err.message)),
-        (false, _, None) => Err(CliError::Usage("the daemon refused the request".into())),
+        (false, _, Some(err)) => Err(CliError::Refused(err.message)),
+        (false, _, None) => Err(CliError::Refused("the daemon refused the request".into())),
     }
 }
 
@@ -108,8 +107,7 @@ pub fn snapshot(control: &Path, cmd: SnapshotCommand) -> Result<(), CliError> {
                     serial,
                 },
             )?;
-            let dev: DeviceView =
-                serde_json::from_value(result).map_err(|e| CliError::Usage(e.to_string()))?;
+            let dev: DeviceView = serde_json::from_value(result).map_err(CliError::Reply)?;
             let mode = if dev.writable {
                 "writable"
             } else {
@@ -128,8 +126,7 @@ pub fn snapshot(control: &Path, cmd: SnapshotCommand) -> Result<(), CliError> {
                     serde_json::to_string_pretty(&result).unwrap_or_default()
                 );
             } else {
-                let list: DeviceList =
-                    serde_json::from_value(result).map_err(|e| CliError::Usage(e.to_string()))?;
+                let list: DeviceList = serde_json::from_value(result).map_err(CliError::Reply)?;
                 print_tree(&list.devices);
             }
         }
@@ -215,8 +212,7 @@ pub fn stats(control: &Path, json: bool) -> Result<(), CliError> {
         );
         return Ok(());
     }
-    let stats: StatsView =
-        serde_json::from_value(result).map_err(|e| CliError::Usage(e.to_string()))?;
+    let stats: StatsView = serde_json::from_value(result).map_err(CliError::Reply)?;
     println!("cache object:");
     for (k, v) in &stats.cache {
         println!("  {k:<22} {v}");

@@ -1,7 +1,8 @@
-//! The control plane: a local socket speaking JSON lines ([`protocol`]), its server and the
-//! client the CLI uses.
+//! The control plane: a local socket speaking JSON lines ([`protocol`]), its server, the
+//! daemon's answers to each command ([`handler`]) and the client the CLI uses.
 
 pub mod client;
+pub mod handler;
 pub mod protocol;
 pub mod server;
 

@@ -1735,7 +1735,7 @@ const _: () = {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::mem::MemStorage;
+    use crate::testkit::storage::MemStorage;
     use std::sync::mpsc;
     use std::time::Duration;
 

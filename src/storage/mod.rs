@@ -1,10 +1,9 @@
 //! The storage I/O layer: positional reads and writes on a byte store.
 //!
 //! Everything above this module (the virtio-blk data path, the copy-on-write engine) does I/O
-//! through [`Storage`], so tests can substitute an in-memory or crash-injecting store.
+//! through [`Storage`], so tests can substitute an in-memory or crash-injecting store (`crate::testkit::storage`).
 
 mod file;
-pub mod mem;
 
 pub use file::FileStorage;
 

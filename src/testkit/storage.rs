@@ -1,4 +1,4 @@
-//! In-memory [`Storage`] doubles for tests: a plain store and a crash-injecting one.
+//! In-memory [`Storage`] doubles: a plain store and a crash-injecting one.
 //!
 //! [`CrashStorage`] keeps every write since the last `sync` apart from the durable image, so a
 //! test can "pull the plug" at any instant: [`CrashController`] counts I/O events across all the
@@ -6,12 +6,13 @@
 //! leave: the durable bytes plus any subset of the unsynced writes, each possibly torn at
 //! 512-byte granularity.
 
-use super::Storage;
+use crate::storage::Storage;
+use crate::virtio_blk::SECTOR_SIZE;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-const SECTOR: usize = 512;
+const SECTOR: usize = SECTOR_SIZE as usize;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -111,8 +112,7 @@ pub struct CrashController {
     sync_micros: AtomicU64,
 }
 
-/// A tiny deterministic generator so the crash image depends only on the seed
-/// (kept local: the storage module must not depend on test-only crates).
+/// A tiny deterministic generator so the crash image depends only on the seed.
 mod fastrand_like {
     #[derive(Debug)]
     pub struct Rng(pub u64);
@@ -330,5 +330,56 @@ impl Storage for CrashStorage {
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         self.punch_hole(offset, len)
+    }
+}
+
+/// An in-memory store that counts reads and syncs, and whose syncs take a little time (as on a
+/// disk, so that concurrent commits can share one).
+#[derive(Debug, Default)]
+pub struct CountingStorage {
+    inner: MemStorage,
+    /// Reads so far.
+    pub reads: AtomicU64,
+    /// Syncs so far.
+    pub syncs: AtomicU64,
+}
+
+impl CountingStorage {
+    /// How long each sync takes.
+    pub const SYNC_TIME: std::time::Duration = std::time::Duration::from_micros(200);
+
+    /// A store of `size` zero bytes.
+    pub fn new(size: u64) -> Arc<Self> {
+        Arc::new(Self {
+            inner: MemStorage::new(size),
+            ..Default::default()
+        })
+    }
+}
+
+impl Storage for CountingStorage {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        std::thread::sleep(Self::SYNC_TIME);
+        self.inner.sync()
+    }
+    fn set_size(&self, size: u64) -> io::Result<()> {
+        self.inner.set_size(size)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.write_zeroes(offset, len)
     }
 }

@@ -1,0 +1,377 @@
+//! `snapblk serve`: its options, opening or creating the origin and the cache object,
+//! serving every device until SIGINT/SIGTERM, and the attach help it prints.
+
+use super::error::CliError;
+use super::units::{human, parse_size};
+use crate::control::ControlServer;
+use crate::cow::{self, CacheObject, CreateOptions};
+use crate::daemon::{self, Daemon, ServeDefaults};
+use crate::device::{BlockDevice, RawDevice};
+use crate::storage::{FileStorage, Storage};
+use crate::vhost::{DeviceServer, ServeOptions};
+use clap::Args;
+use log::info;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where the daemon keeps its files when no paths are given.
+pub const DEFAULT_DIR: &str = "snapblk-data";
+pub const DEFAULT_ORIGIN: &str = "snapblk-data/origin.img";
+pub const DEFAULT_SOCKET: &str = "snapblk-data/origin.sock";
+pub const DEFAULT_CONTROL: &str = "snapblk-data/control.sock";
+pub const DEFAULT_CACHE: &str = "snapblk-data/cache.obj";
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Raw origin image. The default one is created sparse if missing.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_ORIGIN)]
+    pub origin: PathBuf,
+
+    /// Size of the origin image to create when it does not exist (e.g. 8G, 512M, 1T).
+    /// Ignored when the image exists.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub size: Option<u64>,
+
+    /// Unix socket the VMM connects to. A stale socket is replaced; a live one is refused.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+
+    /// Number of virtqueues offered (each gets its own worker thread).
+    #[arg(long, value_name = "N", default_value_t = default_queues(), value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub num_queues: u16,
+
+    /// Maximum virtqueue size offered (a power of two, 2..=1024).
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = parse_queue_size)]
+    pub queue_size: u16,
+
+    /// Serve the image read-only (VIRTIO_BLK_F_RO); writes fail with an I/O error.
+    #[arg(long)]
+    pub read_only: bool,
+
+    /// Serial number reported to the guest (GET_ID; at most 20 bytes are shown).
+    #[arg(long, value_name = "STR", default_value = "snapblk")]
+    pub serial: String,
+
+    /// Logical block size reported to the guest.
+    #[arg(long, value_name = "BYTES", default_value_t = 512, value_parser = parse_block_size)]
+    pub logical_block_size: u32,
+
+    /// Permission bits of the vhost-user and control sockets, in octal (0600: only the
+    /// owner may connect; 0660 lets the socket's group in).
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
+    pub socket_mode: u32,
+
+    /// Cache object holding every snapshot's blocks; created if missing. Default:
+    /// snapblk-data/cache.obj for the default origin, ORIGIN.cache beside any other.
+    #[arg(long, value_name = "PATH", conflicts_with = "no_cache")]
+    pub cache: Option<PathBuf>,
+
+    /// Control socket for `snapblk snapshot ...` and `snapblk stats`. Default:
+    /// snapblk-data/control.sock beside the default socket, SOCKET-STEM.control.sock beside
+    /// any other.
+    #[arg(long, value_name = "PATH", conflicts_with = "no_cache")]
+    pub control: Option<PathBuf>,
+
+    /// Copy-on-write chunk size of a new cache object (power of two, 4K..1M).
+    #[arg(long, value_name = "SIZE", default_value = "64K", value_parser = parse_size)]
+    pub chunk_size: u64,
+
+    /// Growth limit of the cache object file (default: twice the origin's size). A larger
+    /// value given for an existing cache object raises its limit.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub cache_size: Option<u64>,
+
+    /// Warn (log, stats) when free cache space falls below this (default: 10% of the limit).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub low_space: Option<u64>,
+
+    /// Microseconds a queue worker keeps polling its ring after a batch before sleeping
+    /// until the next kick: lower latency at low queue depth for some CPU (0 disables).
+    #[arg(long, value_name = "US", default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub poll_us: u32,
+
+    /// Serve the raw origin alone: no cache object, no snapshots, no control socket.
+    #[arg(long)]
+    pub no_cache: bool,
+}
+
+fn default_queues() -> u16 {
+    std::thread::available_parallelism()
+        .map(|n| n.get().min(8) as u16)
+        .unwrap_or(1)
+}
+
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(n) if (2..=1024).contains(&n) && n.is_power_of_two() => Ok(n),
+        _ => Err(format!("'{s}' is not a power of two between 2 and 1024")),
+    }
+}
+
+fn parse_block_size(s: &str) -> Result<u32, String> {
+    match s {
+        "512" => Ok(512),
+        "4096" => Ok(4096),
+        _ => Err(format!("'{s}': the logical block size must be 512 or 4096")),
+    }
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("'{s}' is not an octal permission mode like 0600 or 0660"))
+}
+
+fn ensure_origin(args: &ServeArgs) -> Result<(), CliError> {
+    if args.origin.exists() {
+        return Ok(());
+    }
+    let is_default = args.origin == Path::new(DEFAULT_ORIGIN);
+    let size = match (args.size, is_default) {
+        (Some(size), _) => size,
+        (None, true) => 8 << 30,
+        (None, false) => return Err(CliError::MissingOrigin(args.origin.clone())),
+    };
+    if args.read_only {
+        return Err(CliError::Usage(format!(
+            "origin image {} does not exist; a read-only device cannot create it",
+            args.origin.display()
+        )));
+    }
+    if is_default {
+        fs::create_dir_all(DEFAULT_DIR).map_err(|source| CliError::Create {
+            path: DEFAULT_DIR.into(),
+            source,
+        })?;
+    }
+    let create = |path: &Path| -> std::io::Result<()> {
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        f.set_len(size)
+    };
+    create(&args.origin).map_err(|source| CliError::Create {
+        path: args.origin.clone(),
+        source,
+    })?;
+    info!(
+        "created sparse origin image {} of {} bytes",
+        args.origin.display(),
+        size
+    );
+    Ok(())
+}
+
+/// Runs the daemon until SIGINT/SIGTERM.
+pub fn serve(args: ServeArgs) -> Result<(), CliError> {
+    if args.socket == Path::new(DEFAULT_SOCKET) || args.origin == Path::new(DEFAULT_ORIGIN) {
+        fs::create_dir_all(DEFAULT_DIR).map_err(|source| CliError::Create {
+            path: DEFAULT_DIR.into(),
+            source,
+        })?;
+    }
+    ensure_origin(&args)?;
+    // Install the handlers before serving so an early SIGTERM still shuts down cleanly.
+    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(CliError::Signals)?;
+    if args.no_cache {
+        return serve_raw(&args, &mut signals);
+    }
+
+    let origin = Arc::new(
+        FileStorage::open(&args.origin, args.read_only).map_err(|source| {
+            crate::device::DeviceError::Open {
+                path: args.origin.display().to_string(),
+                source,
+            }
+        })?,
+    );
+    let cache_path = args.cache.clone().unwrap_or_else(|| {
+        if args.origin == Path::new(DEFAULT_ORIGIN) {
+            PathBuf::from(DEFAULT_CACHE)
+        } else {
+            daemon::default_cache_path(&args.origin)
+        }
+    });
+    let control_path = args.control.clone().unwrap_or_else(|| {
+        if args.socket == Path::new(DEFAULT_SOCKET) {
+            PathBuf::from(DEFAULT_CONTROL)
+        } else {
+            let stem = args
+                .socket
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            args.socket.with_file_name(format!("{stem}.control.sock"))
+        }
+    });
+    let engine = Arc::new(open_cache(&args, origin, &cache_path)?);
+    let defaults = ServeDefaults {
+        num_queues: args.num_queues,
+        queue_size: args.queue_size,
+        logical_block_size: args.logical_block_size,
+        socket_mode: args.socket_mode,
+        origin_read_only: args.read_only,
+        poll: Duration::from_micros(args.poll_us.into()),
+        origin_serial: args.serial.clone(),
+    };
+    let daemon = Daemon::new(engine.clone(), defaults);
+    daemon.serve_all(&args.socket)?;
+    let control = ControlServer::start(&control_path, args.socket_mode, daemon.clone())?;
+    print_attach_help(&args, engine.origin_size());
+    println!(
+        "Cache object {} (chunk {}); control socket {}",
+        cache_path.display(),
+        human(engine.chunk_size()),
+        control.path().display()
+    );
+
+    let signal = signals.forever().next();
+    info!("received signal {signal:?}: finishing in-flight requests and shutting down");
+    drop(control);
+    daemon.shutdown().map_err(|source| CliError::FlushCache {
+        path: cache_path.clone(),
+        source,
+    })?;
+    info!("shut down cleanly");
+    Ok(())
+}
+
+/// Opens the cache object, or creates it for this origin if it does not exist.
+fn open_cache(
+    args: &ServeArgs,
+    origin: Arc<FileStorage>,
+    path: &Path,
+) -> Result<CacheObject, CliError> {
+    let tag = fs::canonicalize(&args.origin)
+        .unwrap_or_else(|_| args.origin.clone())
+        .display()
+        .to_string();
+    let cow_err = |source| CliError::Cache {
+        path: path.into(),
+        source,
+    };
+    if path.exists() {
+        let cache = FileStorage::open(path, false).map_err(|source| CliError::Create {
+            path: path.into(),
+            source,
+        })?;
+        let opts = cow::OpenOptions {
+            max_size: args.cache_size,
+            low_space_threshold: args.low_space,
+            origin_tag: Some(tag),
+        };
+        return CacheObject::open(origin, Arc::new(cache), opts).map_err(cow_err);
+    }
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|source| CliError::Create {
+            path: path.into(),
+            source,
+        })?;
+    let cache = FileStorage::from_file(file).map_err(|source| CliError::Create {
+        path: path.into(),
+        source,
+    })?;
+    let opts = CreateOptions {
+        chunk_size: args.chunk_size,
+        max_size: args
+            .cache_size
+            .unwrap_or_else(|| (2 * origin.size()).max(64 << 20)),
+        low_space_threshold: args.low_space.unwrap_or(0),
+        origin_tag: tag,
+        ..CreateOptions::default()
+    };
+    match CacheObject::create(origin, Arc::new(cache), opts) {
+        Ok(c) => {
+            info!("created cache object {}", path.display());
+            Ok(c)
+        }
+        Err(e) => {
+            // Do not leave a half-made cache object that the next start would trip over.
+            let _ = fs::remove_file(path);
+            Err(cow_err(e))
+        }
+    }
+}
+
+/// `--no-cache`: the raw origin on its socket, nothing else.
+fn serve_raw(args: &ServeArgs, signals: &mut Signals) -> Result<(), CliError> {
+    let device = Arc::new(RawDevice::open(
+        &args.origin,
+        args.read_only,
+        args.logical_block_size,
+    )?);
+    let opts = ServeOptions {
+        num_queues: args.num_queues,
+        queue_size: args.queue_size,
+        serial: args.serial.clone(),
+        logical_block_size: args.logical_block_size,
+        read_only: args.read_only,
+        poll: Duration::from_micros(args.poll_us.into()),
+    };
+    let dev: Arc<dyn BlockDevice> = device.clone();
+    let server = DeviceServer::start("origin", &args.socket, args.socket_mode, dev, opts)?;
+    print_attach_help(args, device.capacity());
+    let signal = signals.forever().next();
+    info!("received signal {signal:?}: finishing in-flight requests and shutting down");
+    server.stop();
+    device.flush().map_err(|source| CliError::Flush {
+        path: args.origin.clone(),
+        source,
+    })?;
+    info!("shut down cleanly");
+    Ok(())
+}
+
+fn print_attach_help(args: &ServeArgs, capacity: u64) {
+    let sock = fs::canonicalize(&args.socket).unwrap_or_else(|_| args.socket.clone());
+    let mode = if args.read_only {
+        "read-only"
+    } else {
+        "read-write"
+    };
+    println!(
+        "snapblk: serving {} ({}, {mode}, {} queue(s)) on {}",
+        args.origin.display(),
+        human(capacity),
+        args.num_queues,
+        sock.display()
+    );
+    println!("Attach with QEMU (guest RAM must be shared memory):");
+    println!(
+        "  -object memory-backend-memfd,id=mem,size=<RAM>,share=on -numa node,memdev=mem \\\n  \
+         -chardev socket,id=snapblk0,path={} \\\n  \
+         -device vhost-user-blk-pci,chardev=snapblk0,num-queues={}",
+        sock.display(),
+        args.num_queues
+    );
+    println!("Attach with cloud-hypervisor:");
+    println!(
+        "  --memory size=<RAM>,shared=on --disk vhost_user=true,socket={},num_queues={}",
+        sock.display(),
+        args.num_queues
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_sizes_and_modes() {
+        assert_eq!(parse_queue_size("256"), Ok(256));
+        assert!(parse_queue_size("100").is_err());
+        assert!(parse_queue_size("2048").is_err());
+        assert_eq!(parse_mode("0660"), Ok(0o660));
+        assert!(parse_mode("999").is_err());
+    }
+}

@@ -1,0 +1,145 @@
+//! The daemon's answers to control requests: each [`Command`] becomes a [`Daemon`] call, and
+//! its result or error becomes a [`Reply`] (with the error code clients act on).
+
+use super::protocol::{
+    Command, DeviceList, DeviceView, ErrorCode, IoStats, Reply, Request, StatsView,
+};
+use super::server::ControlHandler;
+use crate::cow::{CowError, DeviceState};
+use crate::daemon::{Daemon, DaemonError, DeviceStatus};
+use crate::device::{BlockDevice, IoCounters};
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+/// The code a client sees for an engine error.
+fn engine_code(e: &CowError) -> ErrorCode {
+    match e {
+        CowError::NoDevice(_) => ErrorCode::NotFound,
+        CowError::NameInUse(_) => ErrorCode::Exists,
+        CowError::NoSpace => ErrorCode::NoSpace,
+        CowError::Origin(_)
+        | CowError::ReadOnly(_)
+        | CowError::InvalidOption(_)
+        | CowError::Inoperative(_) => ErrorCode::Invalid,
+        _ => ErrorCode::Internal,
+    }
+}
+
+/// The code a client sees for a failed daemon call.
+fn error_code(e: &DaemonError) -> ErrorCode {
+    match e {
+        DaemonError::NotFound(_) => ErrorCode::NotFound,
+        DaemonError::Invalid(_) | DaemonError::NotServed(_) => ErrorCode::Invalid,
+        DaemonError::Busy(_) => ErrorCode::Busy,
+        // A socket that cannot be bound is taken (by a live socket or another file).
+        DaemonError::AlreadyServed(_) | DaemonError::Serve { .. } => ErrorCode::Exists,
+        DaemonError::ServeAgain { .. } => ErrorCode::Internal,
+        DaemonError::Engine(e) => engine_code(e),
+    }
+}
+
+fn reply<T: serde::Serialize>(r: Result<T, DaemonError>) -> Reply {
+    match r {
+        Ok(v) => Reply::ok(v),
+        Err(e) => Reply::err(error_code(&e), e.to_string()),
+    }
+}
+
+fn done(r: Result<(), DaemonError>) -> Reply {
+    reply(r.map(|()| serde_json::json!({})))
+}
+
+impl From<&IoCounters> for IoStats {
+    fn from(c: &IoCounters) -> Self {
+        let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        IoStats {
+            reads: l(&c.reads),
+            read_bytes: l(&c.read_bytes),
+            writes: l(&c.writes),
+            write_bytes: l(&c.write_bytes),
+            flushes: l(&c.flushes),
+            discards: l(&c.discards),
+            write_zeroes: l(&c.write_zeroes),
+            errors: l(&c.errors),
+        }
+    }
+}
+
+/// A device as `list` shows it; `chunk` converts chunk counts to bytes.
+fn view(s: &DeviceStatus, chunk: u64) -> DeviceView {
+    let d = &s.info;
+    DeviceView {
+        id: d.id,
+        name: s.name.clone(),
+        parent: s.parent.clone(),
+        writable: d.writable,
+        state: match d.state {
+            DeviceState::Active => "active".into(),
+            DeviceState::Inoperative => "inoperative".into(),
+        },
+        owned_bytes: d.owned_chunks * chunk,
+        shared_bytes: d.mapped_chunks.saturating_sub(d.owned_chunks) * chunk,
+        zero_chunks: d.zero_chunks,
+        preserved_bytes: d.preserved_chunks * chunk,
+        socket: s.socket.clone(),
+        serial: d.attrs.get(crate::daemon::ATTR_SERIAL).cloned(),
+        connected: s.connected,
+        io: s
+            .device
+            .as_ref()
+            .map(|dev| IoStats::from(dev.counters()))
+            .unwrap_or_default(),
+    }
+}
+
+fn list(daemon: &Daemon) -> DeviceList {
+    let chunk = daemon.engine().chunk_size();
+    DeviceList {
+        devices: daemon.devices().iter().map(|s| view(s, chunk)).collect(),
+    }
+}
+
+fn stats(daemon: &Daemon) -> StatsView {
+    let cache = match serde_json::to_value(daemon.engine().stats()) {
+        Ok(serde_json::Value::Object(m)) => m.into_iter().collect(),
+        _ => BTreeMap::new(),
+    };
+    // Devices that were served at some time (the others have done no I/O).
+    let devices = daemon
+        .devices()
+        .into_iter()
+        .filter_map(|s| Some((s.name, IoStats::from(s.device?.counters()))))
+        .collect();
+    StatsView { cache, devices }
+}
+
+impl ControlHandler for Daemon {
+    fn handle(&self, request: Request) -> Reply {
+        match request.cmd {
+            Command::SnapshotCreate {
+                name,
+                parent,
+                writable,
+                socket,
+                serial,
+            } => {
+                let chunk = self.engine().chunk_size();
+                let created = self.create(
+                    &name,
+                    &parent,
+                    writable,
+                    socket.as_deref(),
+                    serial.as_deref(),
+                );
+                reply(created.map(|s| view(&s, chunk)))
+            }
+            Command::Serve { name, socket } => done(self.serve(&name, &socket)),
+            Command::Unserve { name, force } => done(self.unserve(&name, force)),
+            Command::List => Reply::ok(list(self)),
+            Command::SnapshotDelete { name, force } => done(self.delete(&name, force)),
+            Command::Restore { name, force } => done(self.restore(&name, force)),
+            Command::Stats => Reply::ok(stats(self)),
+            Command::CacheInfo => Reply::ok(self.engine().cache_info()),
+        }
+    }
+}
