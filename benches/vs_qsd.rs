@@ -45,6 +45,8 @@ fn stopping() -> bool {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Backend {
     Snapblk,
+    /// Another snapblk build (`SNAPBLK_BASE_BIN`), for an A/B of two versions in one run.
+    SnapblkBase,
     QsdFast,
     QsdDefault,
 }
@@ -53,6 +55,7 @@ impl Backend {
     fn name(self) -> &'static str {
         match self {
             Backend::Snapblk => "snapblk",
+            Backend::SnapblkBase => "snapblk-base",
             Backend::QsdFast => "qsd-fast",
             Backend::QsdDefault => "qsd-default",
         }
@@ -61,10 +64,11 @@ impl Backend {
     fn parse(s: &str) -> Result<Backend, String> {
         match s.trim() {
             "snapblk" => Ok(Backend::Snapblk),
+            "snapblk-base" => Ok(Backend::SnapblkBase),
             "qsd-fast" => Ok(Backend::QsdFast),
             "qsd-default" => Ok(Backend::QsdDefault),
             other => Err(format!(
-                "unknown backend {other:?} (expected snapblk, qsd-fast, qsd-default)"
+                "unknown backend {other:?} (expected snapblk, snapblk-base, qsd-fast, qsd-default)"
             )),
         }
     }
@@ -161,6 +165,8 @@ usage: cargo bench --bench vs_qsd -- [OPTIONS] [FILTER]
 
 cells: 4k-randread-qd1, 4k-randread-qd32, 4k-randwrite-qd32, 1m-seqread-qd8, each /q1 and /q2
 env SNAPBLK_BIN overrides the snapblk binary (default: the one cargo built for this bench);
+env SNAPBLK_BASE_BIN names the binary of backend `snapblk-base` (an A/B of two builds:
+  --backends snapblk,snapblk-base gives new/old ratios);
 env VS_QSD_SNAPBLK_ARGS adds arguments to `snapblk serve` (e.g. --no-cache);
 env RUST_LOG is passed to snapblk; daemon logs go to the temp dir and are shown on failure.
 ";
@@ -312,12 +318,21 @@ fn snapblk_bin() -> PathBuf {
     }
 }
 
+/// The other snapblk build of an A/B run.
+fn snapblk_base_bin() -> Option<PathBuf> {
+    std::env::var_os("SNAPBLK_BASE_BIN").map(PathBuf::from)
+}
+
 fn daemon_command(backend: Backend, img: &Path, sock: &Path, nq: usize) -> Command {
     let img = img.display();
     let sock_s = sock.display();
     match backend {
-        Backend::Snapblk => {
-            let mut c = Command::new(snapblk_bin());
+        Backend::Snapblk | Backend::SnapblkBase => {
+            let bin = match backend {
+                Backend::SnapblkBase => snapblk_base_bin().unwrap_or_default(),
+                _ => snapblk_bin(),
+            };
+            let mut c = Command::new(bin);
             c.arg("serve")
                 .arg("--origin")
                 .arg(img.to_string())
@@ -962,7 +977,16 @@ fn main() {
         );
         std::process::exit(2);
     }
-    let uses_qsd = cfg.backends.iter().any(|b| *b != Backend::Snapblk);
+    if cfg.backends.contains(&Backend::SnapblkBase)
+        && !snapblk_base_bin().is_some_and(|b| b.is_file())
+    {
+        eprintln!("vs_qsd: backend snapblk-base needs SNAPBLK_BASE_BIN, the other snapblk binary");
+        std::process::exit(2);
+    }
+    let uses_qsd = cfg
+        .backends
+        .iter()
+        .any(|b| !matches!(b, Backend::Snapblk | Backend::SnapblkBase));
     if uses_qsd
         && Command::new("qemu-storage-daemon")
             .arg("--version")
@@ -1008,6 +1032,12 @@ fn main() {
     );
     if cfg.backends.contains(&Backend::Snapblk) {
         println!("# snapblk: {}", snapblk_bin().display());
+    }
+    if let (true, Some(base)) = (
+        cfg.backends.contains(&Backend::SnapblkBase),
+        snapblk_base_bin(),
+    ) {
+        println!("# snapblk-base: {}", base.display());
     }
     println!(
         "# qsd: {}",
