@@ -32,7 +32,7 @@ use super::format::{
 };
 use super::history::OriginHistory;
 use super::meta::{Meta, ReadSide, ReadStatus, View, META_REF, NO_PARENT, ORIGIN_ID};
-use super::{CowError, DeviceId, Result};
+use super::error::{corrupt, CowError, DeviceId, Result};
 use crate::storage::Storage;
 use arc_swap::ArcSwap;
 use std::collections::{BTreeMap, HashMap};
@@ -260,10 +260,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn corrupt(e: impl std::fmt::Display) -> CowError {
-    CowError::Corrupt(e.to_string())
-}
-
 impl State {
     /// Applies a record and queues it for the next commit; returns its epoch.
     fn log(&mut self, rec: Record) -> Result<u64> {
@@ -276,7 +272,7 @@ impl State {
             Record::ShareDown { chunk, .. } | Record::Preserve { chunk, .. } => Some(*chunk),
             _ => None,
         };
-        self.meta.apply(&rec).map_err(corrupt)?;
+        self.meta.apply(&rec)?;
         let drops_reader = matches!(
             rec,
             Record::DeleteDevice { .. } | Record::SetInoperative { .. }
@@ -549,7 +545,7 @@ pub(crate) fn recover(cache: &dyn Storage, h: &Header) -> Result<Recovered> {
     let mut meta = if h.ckpt_block == NO_BLOCK {
         Meta::new(nchunks, max_blocks)
     } else {
-        Meta::decode_checkpoint(&bytes, h.version, nchunks, max_blocks).map_err(corrupt)?
+        Meta::decode_checkpoint(&bytes, h.version, nchunks, max_blocks)?
     };
     let js = h.journal_size;
     let mut pos = h.journal_start;
@@ -583,8 +579,10 @@ pub(crate) fn recover(cache: &dyn Storage, h: &Header) -> Result<Recovered> {
         }
         let recs = Record::decode_all(&buf[TXN_HEADER..TXN_HEADER + th.payload_len])?;
         for r in &recs {
-            meta.apply(r)
-                .map_err(|e| corrupt(format!("journal transaction {}: {e}", th.seq)))?;
+            meta.apply(r).map_err(|source| CowError::Journal {
+                seq: th.seq,
+                source,
+            })?;
         }
         pos += len;
         used += len;
