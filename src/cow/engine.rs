@@ -24,6 +24,7 @@
 //! - `journal` (a `Mutex`) serializes commits; waiters for a commit that covers their change
 //!   return without doing I/O (group commit).
 
+use super::error::{corrupt, CowError, DeviceId, Result};
 use super::format::{
     decode_ckpt_block, encode_ckpt_block, encode_txn, entry_block, entry_to_block,
     parse_txn_header, txn_len, verify_txn, Enc, Header, Record, CKPT_BLOCK_HEADER, ENTRY_UNMAPPED,
@@ -32,7 +33,6 @@ use super::format::{
 };
 use super::history::OriginHistory;
 use super::meta::{Meta, ReadSide, ReadStatus, View, META_REF, NO_PARENT, ORIGIN_ID};
-use super::error::{corrupt, CowError, DeviceId, Result};
 use crate::storage::Storage;
 use arc_swap::ArcSwap;
 use std::collections::{BTreeMap, HashMap};

@@ -9,12 +9,15 @@
 //!
 //! See docs/engine.md for the format, the ordering argument and measurements.
 
+mod apply;
 pub mod check;
+mod checkpoint;
 pub(crate) mod engine;
 mod error;
 pub mod format;
 pub mod history;
 pub mod meta;
+mod table;
 
 pub use check::{check_cache, check_cache_path, CheckReport};
 pub use engine::{
