@@ -26,13 +26,13 @@
 
 use super::error::{corrupt, CowError, DeviceId, Result};
 use super::format::{
-    decode_ckpt_block, encode_ckpt_block, encode_txn, entry_block, entry_to_block,
-    parse_txn_header, txn_len, verify_txn, Enc, Header, Record, CKPT_BLOCK_HEADER, ENTRY_UNMAPPED,
-    ENTRY_ZERO, FORMAT_VERSION, HEADER_SLOT_SIZE, JOURNAL_OFFSET, NO_BLOCK, TXN_ALIGN, TXN_HEADER,
-    TXN_WRAP,
+    encode_ckpt_block, encode_txn, entry_block, entry_to_block, txn_len, Enc, Header, Record,
+    CKPT_BLOCK_HEADER, ENTRY_UNMAPPED, ENTRY_ZERO, FORMAT_VERSION, HEADER_SLOT_SIZE,
+    JOURNAL_OFFSET, NO_BLOCK, TXN_ALIGN, TXN_WRAP,
 };
 use super::history::OriginHistory;
 use super::meta::{Meta, ReadSide, ReadStatus, View, META_REF, NO_PARENT, ORIGIN_ID};
+use super::recovery::{read_header, recover};
 use crate::storage::Storage;
 use arc_swap::ArcSwap;
 use std::collections::{BTreeMap, HashMap};
@@ -408,8 +408,7 @@ impl CacheObject {
         }
         let recovered = recover(cache.as_ref(), &header)?;
         // Refuse rather than silently drop durable transactions after a damaged one.
-        if let Some(p) = journal_damage(cache.as_ref(), &header, recovered.next_seq, recovered.pos)
-        {
+        if let Some(p) = recovered.damage {
             return Err(CowError::Corrupt(p));
         }
         let cs = header.chunk_size;
@@ -459,181 +458,6 @@ impl CacheObject {
             counters: Counters::default(),
         })
     }
-}
-
-/// Reads both header slots and returns the valid one with the highest generation.
-pub(crate) fn read_header(cache: &dyn Storage) -> Result<Header> {
-    let mut best: Option<Header> = None;
-    let mut first_err = None;
-    for slot in 0..2 {
-        let mut buf = vec![0u8; HEADER_SLOT_SIZE as usize];
-        if cache.read_at(&mut buf, slot * HEADER_SLOT_SIZE).is_err() {
-            continue;
-        }
-        match Header::decode(&buf) {
-            Ok(h) => {
-                if best.as_ref().is_none_or(|b| h.generation > b.generation) {
-                    best = Some(h);
-                }
-            }
-            Err(e) => {
-                // Unknown features or versions must be refused, never skipped over.
-                if matches!(
-                    e,
-                    super::format::FormatError::IncompatFeatures(_)
-                        | super::format::FormatError::Version(_)
-                ) {
-                    return Err(e.into());
-                }
-                first_err.get_or_insert(e);
-            }
-        }
-    }
-    match (best, first_err) {
-        (Some(h), _) => Ok(h),
-        (None, Some(e)) => Err(e.into()),
-        (None, None) => Err(corrupt("cache object too short for a header")),
-    }
-}
-
-/// State rebuilt from a checkpoint and the journal.
-pub(crate) struct Recovered {
-    pub meta: Meta,
-    pub ckpt_blocks: Vec<u64>,
-    pub pos: u64,
-    pub used: u64,
-    pub next_seq: u64,
-    /// Transactions replayed.
-    pub txns: u64,
-}
-
-/// Reads the checkpoint chain named by the header; returns its bytes and blocks.
-pub(crate) fn read_checkpoint(cache: &dyn Storage, h: &Header) -> Result<(Vec<u8>, Vec<u64>)> {
-    let mut bytes = Vec::new();
-    let mut blocks = Vec::new();
-    if h.ckpt_block == NO_BLOCK {
-        return Ok((bytes, blocks));
-    }
-    let max_blocks = (h.max_size - h.data_offset) / h.chunk_size;
-    let mut buf = vec![0u8; h.chunk_size as usize];
-    let mut b = h.ckpt_block;
-    while b != NO_BLOCK {
-        if b >= max_blocks || blocks.len() as u64 > max_blocks {
-            return Err(corrupt(format!("checkpoint block {b} out of range")));
-        }
-        cache.read_at(&mut buf, h.data_offset + b * h.chunk_size)?;
-        let (bh, data) = decode_ckpt_block(&buf)?;
-        if bh.index as usize != blocks.len() {
-            return Err(corrupt("checkpoint chain out of order"));
-        }
-        bytes.extend_from_slice(data);
-        blocks.push(b);
-        b = bh.next;
-    }
-    if bytes.len() as u64 != h.ckpt_len || crc32c::crc32c(&bytes) != h.ckpt_crc {
-        return Err(super::format::FormatError::Checksum("checkpoint").into());
-    }
-    Ok((bytes, blocks))
-}
-
-/// Loads the checkpoint, then replays journal transactions with consecutive sequence numbers
-/// from the checkpoint's journal position, stopping at the first torn or stale one.
-pub(crate) fn recover(cache: &dyn Storage, h: &Header) -> Result<Recovered> {
-    let nchunks = h.origin_size.div_ceil(h.chunk_size);
-    let max_blocks = (h.max_size - h.data_offset) / h.chunk_size;
-    let (bytes, ckpt_blocks) = read_checkpoint(cache, h)?;
-    let mut meta = if h.ckpt_block == NO_BLOCK {
-        Meta::new(nchunks, max_blocks)
-    } else {
-        Meta::decode_checkpoint(&bytes, h.version, nchunks, max_blocks)?
-    };
-    let js = h.journal_size;
-    let mut pos = h.journal_start;
-    let mut used = 0u64;
-    let mut seq = h.ckpt_seq + 1;
-    let mut txns = 0;
-    let mut hdr = vec![0u8; TXN_ALIGN as usize];
-    loop {
-        if pos + TXN_ALIGN > js || used >= js {
-            break;
-        }
-        cache.read_at(&mut hdr, JOURNAL_OFFSET + pos)?;
-        let Some(th) = parse_txn_header(&hdr) else {
-            break;
-        };
-        let len = txn_len(th.payload_len);
-        if th.seq != seq || pos + len > js {
-            break;
-        }
-        let mut buf = vec![0u8; len as usize];
-        cache.read_at(&mut buf, JOURNAL_OFFSET + pos)?;
-        if !verify_txn(&th, &buf) {
-            break; // torn last transaction: it was never acknowledged as durable
-        }
-        seq += 1;
-        txns += 1;
-        if th.flags & TXN_WRAP != 0 {
-            used += js - pos;
-            pos = 0;
-            continue;
-        }
-        let recs = Record::decode_all(&buf[TXN_HEADER..TXN_HEADER + th.payload_len])?;
-        for r in &recs {
-            meta.apply(r).map_err(|source| CowError::Journal {
-                seq: th.seq,
-                source,
-            })?;
-        }
-        pos += len;
-        used += len;
-    }
-    for &b in &ckpt_blocks {
-        if meta.refcount(b) != 0 {
-            return Err(corrupt(format!("block {b} is both checkpoint and data")));
-        }
-    }
-    meta.rebuild_allocator(&ckpt_blocks);
-    Ok(Recovered {
-        meta,
-        ckpt_blocks,
-        pos,
-        used,
-        next_seq: seq,
-        txns,
-    })
-}
-
-/// Replay stops at the first transaction that is missing or fails its checksum; after a crash
-/// that is the torn last one. A valid transaction with a later sequence number anywhere in the
-/// journal means the replay stopped early: the journal is damaged in the middle.
-pub(crate) fn journal_damage(
-    cache: &dyn Storage,
-    h: &Header,
-    next_seq: u64,
-    end: u64,
-) -> Option<String> {
-    let mut buf = vec![0u8; h.journal_size as usize];
-    if cache.read_at(&mut buf, JOURNAL_OFFSET).is_err() {
-        return Some("journal area unreadable".into());
-    }
-    let mut pos = 0usize;
-    while pos + TXN_HEADER <= buf.len() {
-        if let Some(th) = parse_txn_header(&buf[pos..]) {
-            let len = txn_len(th.payload_len) as usize;
-            // seq == next_seq + 1 is left alone: a crash can keep the transaction that
-            // follows a journal wrap and lose the wrap marker written just before it.
-            let later = th.seq > next_seq + 1 || (th.seq == next_seq && pos as u64 != end);
-            if later && pos + len <= buf.len() && verify_txn(&th, &buf[pos..pos + len]) {
-                return Some(format!(
-                    "journal damaged: replay ended before sequence {next_seq} at offset {end}, \
-                     but a valid transaction {} sits at offset {pos}",
-                    th.seq
-                ));
-            }
-        }
-        pos += TXN_ALIGN as usize;
-    }
-    None
 }
 
 impl CacheObject {

@@ -17,6 +17,7 @@ mod error;
 pub mod format;
 pub mod history;
 pub mod meta;
+mod recovery;
 mod table;
 
 pub use check::{check_cache, check_cache_path, CheckReport};
