@@ -1,10 +1,20 @@
 //! The copy-on-write engine: an origin image plus snapshots whose blocks live in one shared
-//! cache object (DESIGN.md §2–6). Knows nothing of vhost; all I/O goes through
+//! cache object (docs/engine.md). Knows nothing of vhost; all I/O goes through
 //! [`Storage`](crate::storage::Storage).
 //!
 //! - [`format`]: the on-disk format (header, journal, checkpoints).
-//! - [`meta`]: the in-memory device tree and remap tables, changed only by journal records.
-//! - [`engine`]: [`CacheObject`], the data path, group commit and recovery.
+//! - [`meta`]: the in-memory device tree and remap tables, changed only by journal records:
+//!   the types and queries in `meta.rs`, the remap tables' lock-free page tree in `table.rs`,
+//!   record application (`Meta::apply`) in `apply.rs`, the checkpoint codec in
+//!   `checkpoint.rs`.
+//! - [`history`]: the origin's copies, stamped with snapshot times.
+//! - [`CacheObject`] (`engine.rs`: its state, locks and geometry), one job per file:
+//!   `open.rs` (create, open), `recovery.rs` (header slots, checkpoint chain, journal replay,
+//!   damage detection: shared with the checker), `read.rs` (the read path), `write.rs` (the
+//!   write rule), `space.rs` (block allocation, the cache-full rule), `commit.rs` (group
+//!   commit, checkpoints, flush), `snapshots.rs` (create, delete, restore, attributes),
+//!   `info.rs` (device listings, stats), `verify.rs` (the in-memory verifier).
+//! - `error.rs`: [`CowError`], [`DeviceId`].
 //! - [`check`]: the offline checker behind `snapblk check`.
 //!
 //! See docs/engine.md for the format, the ordering argument and measurements.
@@ -12,16 +22,26 @@
 mod apply;
 pub mod check;
 mod checkpoint;
-pub(crate) mod engine;
+mod commit;
+mod engine;
 mod error;
 pub mod format;
 pub mod history;
+mod info;
 pub mod meta;
+mod open;
+mod read;
 mod recovery;
+mod snapshots;
+mod space;
 mod table;
+#[cfg(test)]
+mod testkit;
+mod verify;
+mod write;
 
 pub use check::{check_cache, check_cache_path, CheckReport};
-pub use engine::{
-    CacheInfo, CacheObject, CreateOptions, DeviceInfo, DeviceState, OpenOptions, Stats,
-};
+pub use engine::CacheObject;
 pub use error::{CowError, DeviceId, Result};
+pub use info::{CacheInfo, DeviceInfo, DeviceState, Stats};
+pub use open::{CreateOptions, OpenOptions};
