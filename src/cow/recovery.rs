@@ -231,3 +231,61 @@ fn journal_damage(cache: &dyn Storage, h: &Header, next_seq: u64, end: u64) -> O
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cow::format::{encode_txn, Enc, ENTRY_ZERO, FORMAT_VERSION};
+    use crate::cow::meta::MetaError;
+    use crate::storage::mem::MemStorage;
+    use std::error::Error;
+
+    /// A record that does not apply fails recovery with the metadata's own error as the
+    /// source, and the message names the transaction.
+    #[test]
+    fn a_record_that_does_not_apply_keeps_its_error_as_the_source() {
+        let h = Header {
+            version: FORMAT_VERSION,
+            generation: 1,
+            incompat: 0,
+            compat: 0,
+            chunk_size: 4096,
+            origin_size: 16 * 4096,
+            origin_tag: String::new(),
+            journal_size: 16 << 10,
+            data_offset: 24 << 10,
+            max_size: 1 << 20,
+            ckpt_block: NO_BLOCK,
+            ckpt_len: 0,
+            ckpt_crc: 0,
+            ckpt_seq: 0,
+            journal_start: 0,
+        };
+        let cache = MemStorage::new(h.data_offset);
+        cache
+            .write_at(&h.encode(), (h.generation % 2) * HEADER_SLOT_SIZE)
+            .unwrap();
+        let mut payload = Enc::default();
+        Record::SetEntry {
+            dev: 7,
+            chunk: 0,
+            entry: ENTRY_ZERO,
+        }
+        .encode(&mut payload);
+        cache
+            .write_at(&encode_txn(1, 0, &payload.0), JOURNAL_OFFSET)
+            .unwrap();
+        let slots = read_header_slots(&cache);
+        assert!(slots.notes.is_empty());
+        let h = slots.header.unwrap();
+        let err = recover(&cache, &h)
+            .err()
+            .expect("the record names no device");
+        assert_eq!(
+            err.to_string(),
+            "cache object is corrupt: journal transaction 1: record names unknown device 7"
+        );
+        let source = err.source().and_then(|s| s.downcast_ref::<MetaError>());
+        assert_eq!(source, Some(&MetaError::NoDevice(7)));
+    }
+}
