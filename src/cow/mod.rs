@@ -2,7 +2,7 @@
 //! cache object (docs/engine.md). Knows nothing of vhost; all I/O goes through
 //! [`Storage`](crate::storage::Storage).
 //!
-//! - [`format`]: the on-disk format (header, journal, checkpoints).
+//! - [`format`](mod@format): the on-disk format (header, journal, checkpoints).
 //! - [`meta`]: the in-memory device tree and remap tables, changed only by journal records:
 //!   the types and queries in `meta.rs`, the remap tables' lock-free page tree in `table.rs`,
 //!   record application (`Meta::apply`) in `apply.rs`, the checkpoint codec in
