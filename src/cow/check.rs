@@ -6,9 +6,9 @@
 //! used), every block shared only at one chunk index, the device tree well-formed. It reads
 //! no data blocks, so its time is bounded by the metadata, not the data.
 
-use super::engine::{journal_damage, read_checkpoint, read_header, recover};
-use super::format::{entry_to_block, Header, HEADER_SLOT_SIZE};
-use super::meta::{Meta, META_REF, NO_PARENT, ORIGIN_ID};
+use super::format::{entry_to_block, Header};
+use super::meta::{Dev, Meta, META_REF, NO_PARENT, ORIGIN_ID};
+use super::recovery::{read_checkpoint, read_header_slots, replay};
 use crate::storage::{FileStorage, Storage};
 use std::collections::HashMap;
 use std::fmt;
@@ -97,20 +97,13 @@ pub fn check_cache_path(path: &Path) -> Result<CheckReport, CheckError> {
     Ok(check_cache(&s))
 }
 
-/// Checks a cache object on any storage.
+/// Checks a cache object on any storage: recovery's steps, as `open` runs them, each one's
+/// failure reported, then the recovered metadata verified.
 pub fn check_cache(cache: &dyn Storage) -> CheckReport {
     let mut r = CheckReport::default();
-    for slot in 0..2u64 {
-        let mut buf = vec![0u8; HEADER_SLOT_SIZE as usize];
-        if cache.read_at(&mut buf, slot * HEADER_SLOT_SIZE).is_ok() && buf.iter().any(|&b| b != 0) {
-            if let Err(e) = Header::decode(&buf) {
-                r.notes.push(format!(
-                    "header slot {slot} is invalid ({e}); the other slot is used"
-                ));
-            }
-        }
-    }
-    let h = match read_header(cache) {
+    let slots = read_header_slots(cache);
+    r.notes.extend(slots.notes);
+    let h = match slots.header {
         Ok(h) => h,
         Err(e) => {
             r.problems.push(format!("no valid header: {e}"));
@@ -118,11 +111,14 @@ pub fn check_cache(cache: &dyn Storage) -> CheckReport {
         }
     };
     r.header = Some(h.clone());
-    if let Err(e) = read_checkpoint(cache, &h) {
-        r.problems.push(format!("checkpoint: {e}"));
-        return r;
-    }
-    let rec = match recover(cache, &h) {
+    let ckpt = match read_checkpoint(cache, &h) {
+        Ok(ckpt) => ckpt,
+        Err(e) => {
+            r.problems.push(format!("checkpoint: {e}"));
+            return r;
+        }
+    };
+    let rec = match replay(cache, &h, ckpt) {
         Ok(rec) => rec,
         Err(e) => {
             r.problems.push(format!("replaying the journal: {e}"));
@@ -130,9 +126,7 @@ pub fn check_cache(cache: &dyn Storage) -> CheckReport {
         }
     };
     r.journal_transactions = rec.txns;
-    if let Some(p) = journal_damage(cache, &h, rec.next_seq, rec.pos) {
-        r.problems.push(p);
-    }
+    r.problems.extend(rec.damage);
     r.journal_bytes = rec.used;
     r.checkpoint_blocks = rec.ckpt_blocks.len() as u64;
     check_meta(&rec.meta, &h, cache.size(), &rec.ckpt_blocks, &mut r);
@@ -142,8 +136,19 @@ pub fn check_cache(cache: &dyn Storage) -> CheckReport {
 fn check_meta(m: &Meta, h: &Header, file_size: u64, ckpt: &[u64], r: &mut CheckReport) {
     let devs: Vec<_> = m.devices.iter().flatten().collect();
     r.devices = devs.len() as u64;
-    // Tree: parents exist and list their children; every walk up reaches the origin.
-    for d in &devs {
+    check_tree(m, &devs, r);
+    // Every block's users: how many, and at which chunk index (the first one seen).
+    let mut uses: HashMap<u64, (u32, u64)> = HashMap::new();
+    check_mappings(m, &devs, h, file_size, &mut uses, r);
+    check_history(m, h, file_size, &mut uses, r);
+    check_times(m, &devs, r);
+    r.blocks_used = uses.len() as u64;
+    check_counts(m, &uses, ckpt, r);
+}
+
+/// Tree: parents exist and list their children; every walk up reaches the origin.
+fn check_tree(m: &Meta, devs: &[&Dev], r: &mut CheckReport) {
+    for d in devs {
         if d.id == ORIGIN_ID {
             if d.parent != NO_PARENT {
                 r.problems.push("origin has a parent".into());
@@ -175,9 +180,28 @@ fn check_meta(m: &Meta, h: &Header, file_size: u64, ckpt: &[u64], r: &mut CheckR
                 .push(format!("inoperative device {} still maps chunks", d.id));
         }
     }
-    // Mappings: in bounds, one chunk index per block, counts equal to reference counts.
-    let mut uses: HashMap<u64, (u32, u64)> = HashMap::new();
-    for d in &devs {
+}
+
+/// One more user of block `b` at chunk `c`; a block is shared only at one chunk index.
+fn count_use(uses: &mut HashMap<u64, (u32, u64)>, b: u64, c: u64, r: &mut CheckReport) {
+    let u = uses.entry(b).or_insert((0, c));
+    u.0 += 1;
+    if u.1 != c {
+        r.problems
+            .push(format!("block {b} mapped at chunks {} and {c}", u.1));
+    }
+}
+
+/// Mappings: in bounds, one chunk index per block.
+fn check_mappings(
+    m: &Meta,
+    devs: &[&Dev],
+    h: &Header,
+    file_size: u64,
+    uses: &mut HashMap<u64, (u32, u64)>,
+    r: &mut CheckReport,
+) {
+    for d in devs {
         for (c, e) in d.table.mapped() {
             r.mappings += 1;
             if c >= m.nchunks {
@@ -195,17 +219,21 @@ fn check_meta(m: &Meta, h: &Header, file_size: u64, ckpt: &[u64], r: &mut CheckR
                         d.id
                     ));
                 }
-                let u = uses.entry(b).or_insert((0, c));
-                u.0 += 1;
-                if u.1 != c {
-                    r.problems
-                        .push(format!("block {b} mapped at chunks {} and {c}", u.1));
-                }
+                count_use(uses, b, c, r);
             }
         }
     }
-    // The origin's history: copies in bounds, stamps strictly increasing and not from the
-    // future, and each serving some operative snapshot (else its block is leaked).
+}
+
+/// The origin's history: copies in bounds, stamps strictly increasing and not from the
+/// future, and each serving some operative snapshot (else its block is leaked).
+fn check_history(
+    m: &Meta,
+    h: &Header,
+    file_size: u64,
+    uses: &mut HashMap<u64, (u32, u64)>,
+    r: &mut CheckReport,
+) {
     for (c, copies) in m.history.all() {
         if c >= m.nchunks {
             r.problems
@@ -237,15 +265,15 @@ fn check_meta(m: &Meta, h: &Header, file_size: u64, ckpt: &[u64], r: &mut CheckR
                     "origin copy of chunk {c}: block {b} out of range or never written"
                 ));
             }
-            let u = uses.entry(b).or_insert((0, c));
-            u.0 += 1;
-            if u.1 != c {
-                r.problems
-                    .push(format!("block {b} mapped at chunks {} and {c}", u.1));
-            }
+            count_use(uses, b, c, r);
         }
     }
-    for d in &devs {
+}
+
+/// Snapshot times: within the clock, and each operative device's kept alive by an operative
+/// ancestor of the same time among the origin's children.
+fn check_times(m: &Meta, devs: &[&Dev], r: &mut CheckReport) {
+    for d in devs {
         if d.id != ORIGIN_ID && !d.inoperative && (d.otime == 0 || d.otime > m.clock) {
             r.problems.push(format!(
                 "device {} has snapshot time {} (clock {})",
@@ -273,7 +301,11 @@ fn check_meta(m: &Meta, h: &Header, file_size: u64, ckpt: &[u64], r: &mut CheckR
             }
         }
     }
-    r.blocks_used = uses.len() as u64;
+}
+
+/// Reference counts equal to the mappings plus the copies; no block both checkpoint and
+/// data, nor free and used.
+fn check_counts(m: &Meta, uses: &HashMap<u64, (u32, u64)>, ckpt: &[u64], r: &mut CheckReport) {
     for (b, &rc) in m.refcounts.iter().enumerate() {
         let want = uses.get(&(b as u64)).map_or(0, |u| u.0);
         if rc == META_REF {

@@ -1,6 +1,6 @@
 //! The origin's history: for each origin chunk, the copies of its old data made when the origin
-//! was written, each stamped with the snapshot time it was made at (DESIGN.md §9, dm-thin's
-//! "write time" idea with 64-bit times).
+//! was written, each stamped with the snapshot time it was made at (docs/engine.md, "The
+//! origin's history": dm-thin's "write time" idea with 64-bit times).
 //!
 //! Every snapshot has a *snapshot time* (`otime`): a snapshot of the origin takes the next tick
 //! of a clock that advances only when the origin gets a snapshot; a snapshot of a snapshot

@@ -1,74 +1,47 @@
 //! The copy-on-write engine: an origin image plus snapshots whose blocks live in one shared
-//! cache object (DESIGN.md §2–6). Knows nothing of vhost; all I/O goes through
+//! cache object (docs/engine.md). Knows nothing of vhost; all I/O goes through
 //! [`Storage`](crate::storage::Storage).
 //!
-//! - [`format`]: the on-disk format (header, journal, checkpoints).
-//! - [`meta`]: the in-memory device tree and remap tables, changed only by journal records.
-//! - [`engine`]: [`CacheObject`], the data path, group commit and recovery.
+//! - [`format`](mod@format): the on-disk format (header, journal, checkpoints).
+//! - [`meta`]: the in-memory device tree and remap tables, changed only by journal records:
+//!   the types and queries in `meta.rs`, the remap tables' lock-free page tree in `table.rs`,
+//!   record application (`Meta::apply`) in `apply.rs`, the checkpoint codec in
+//!   `checkpoint.rs`.
+//! - [`history`]: the origin's copies, stamped with snapshot times.
+//! - [`CacheObject`] (`engine.rs`: its state, locks and geometry), one job per file:
+//!   `open.rs` (create, open), `recovery.rs` (header slots, checkpoint chain, journal replay,
+//!   damage detection: shared with the checker), `read.rs` (the read path), `write.rs` (the
+//!   write rule), `space.rs` (block allocation, the cache-full rule), `commit.rs` (group
+//!   commit, checkpoints, flush), `snapshots.rs` (create, delete, restore, attributes),
+//!   `info.rs` (device listings, stats), `verify.rs` (the in-memory verifier).
+//! - `error.rs`: [`CowError`], [`DeviceId`].
 //! - [`check`]: the offline checker behind `snapblk check`.
 //!
 //! See docs/engine.md for the format, the ordering argument and measurements.
 
+mod apply;
 pub mod check;
-pub(crate) mod engine;
+mod checkpoint;
+mod commit;
+mod engine;
+mod error;
 pub mod format;
 pub mod history;
+mod info;
 pub mod meta;
+mod open;
+mod read;
+mod recovery;
+mod snapshots;
+mod space;
+mod table;
+#[cfg(test)]
+mod testkit;
+mod verify;
+mod write;
 
 pub use check::{check_cache, check_cache_path, CheckReport};
-pub use engine::{
-    CacheInfo, CacheObject, CreateOptions, DeviceInfo, DeviceState, OpenOptions, Stats,
-};
-
-use std::fmt;
-use thiserror::Error;
-
-/// Identifies a device of one cache object. The origin is [`DeviceId::ORIGIN`]; snapshot ids
-/// are 64-bit and never reused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DeviceId(pub u64);
-
-impl DeviceId {
-    /// The origin image.
-    pub const ORIGIN: DeviceId = DeviceId(meta::ORIGIN_ID);
-}
-
-impl fmt::Display for DeviceId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
-
-/// Errors of the engine.
-#[derive(Debug, Error)]
-pub enum CowError {
-    #[error("request out of range or not 512-byte aligned (offset {offset}, length {len})")]
-    OutOfRange { offset: u64, len: u64 },
-    #[error("device {0} does not exist")]
-    NoDevice(DeviceId),
-    #[error("device {0} is read-only")]
-    ReadOnly(DeviceId),
-    #[error("device {0} is inoperative (its snapshot space was exhausted)")]
-    Inoperative(DeviceId),
-    #[error("no space left in the cache object")]
-    NoSpace,
-    #[error("the origin cannot be {0}")]
-    Origin(&'static str),
-    #[error("a device named {0:?} already exists")]
-    NameInUse(String),
-    #[error("invalid option: {0}")]
-    InvalidOption(String),
-    #[error("cache object belongs to another origin: {0}")]
-    WrongOrigin(String),
-    #[error("cache object is corrupt: {0}")]
-    Corrupt(String),
-    #[error("cache object format: {0}")]
-    Format(#[from] format::FormatError),
-    #[error("engine stopped after an earlier I/O error on the cache object")]
-    Failed,
-    #[error("I/O error: {0}")]
-    Io(#[from] std::io::Error),
-}
-
-/// Result of engine operations.
-pub type Result<T, E = CowError> = std::result::Result<T, E>;
+pub use engine::CacheObject;
+pub use error::{CowError, DeviceId, Result};
+pub use info::{CacheInfo, DeviceInfo, DeviceState, Stats};
+pub use open::{CreateOptions, OpenOptions};

@@ -1,0 +1,197 @@
+//! What the control plane lists: devices with their space use, counters, geometry.
+
+use super::engine::{lock, CacheObject};
+use super::error::DeviceId;
+use super::format::entry_to_block;
+use super::meta::{META_REF, NO_PARENT, ORIGIN_ID, PAGE_BYTES};
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+/// Whether a device can do I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum DeviceState {
+    Active,
+    /// Its preserving copy could not be made for lack of space; reads and writes fail.
+    Inoperative,
+}
+
+/// A device as listed by [`CacheObject::devices`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceInfo {
+    pub id: u64,
+    pub name: String,
+    /// `None` for the origin.
+    pub parent: Option<u64>,
+    pub writable: bool,
+    pub state: DeviceState,
+    /// Chunks whose data this device maps to a cache block (shared or not).
+    pub mapped_chunks: u64,
+    /// Chunks mapped to a block only this device uses.
+    pub owned_chunks: u64,
+    /// Chunks mapped to zeros.
+    pub zero_chunks: u64,
+    /// Origin chunks copied since this snapshot was taken: its share of the origin's history,
+    /// shared with every other snapshot taken before the same copies (it reads them where
+    /// neither it nor an ancestor maps the chunk).
+    #[serde(default)]
+    pub preserved_chunks: u64,
+    pub attrs: BTreeMap<String, String>,
+}
+
+/// Counters and space use.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Stats {
+    pub chunk_size: u64,
+    pub blocks_used: u64,
+    pub blocks_free: u64,
+    /// Freed blocks waiting for the unmapping to be durable.
+    pub blocks_pending_free: u64,
+    pub blocks_max: u64,
+    pub checkpoint_blocks: u64,
+    pub free_bytes: u64,
+    pub low_space: bool,
+    /// Chunks copied from the origin to preserve snapshot views.
+    pub copies: u64,
+    pub bytes_copied: u64,
+    /// Partial writes to a snapshot that filled a new block from the old view.
+    pub cow_fills: u64,
+    pub commits: u64,
+    /// Commits that needed no data sync of their own: the previous commit's closing sync
+    /// already covered the data their records map.
+    #[serde(default)]
+    pub data_syncs_skipped: u64,
+    pub checkpoints: u64,
+    pub devices: u64,
+    pub inoperative_devices: u64,
+    /// Bytes of memory held by the remap tables and the origin's history.
+    pub table_memory_bytes: u64,
+    /// Copies of origin chunks kept for snapshots (each shared by every snapshot taken
+    /// between the chunk's previous copy and this one).
+    #[serde(default)]
+    pub preserved_copies: u64,
+}
+
+/// Geometry of the cache object.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CacheInfo {
+    pub chunk_size: u64,
+    pub origin_size: u64,
+    pub origin_tag: String,
+    pub max_size: u64,
+    pub journal_size: u64,
+    pub data_offset: u64,
+    pub low_space_threshold: u64,
+}
+
+impl CacheObject {
+    /// All devices, origin first.
+    pub fn devices(&self) -> Vec<DeviceInfo> {
+        let st = self.read_state();
+        let m = &st.meta;
+        // A snapshot of time t has a copy of chunk c iff c's newest copy is stamped >= t.
+        let mut newest: Vec<u64> = Vec::new();
+        m.history.for_each_in(0, u64::MAX, |_, copies| {
+            newest.extend(copies.last().map(|p| p.time));
+        });
+        newest.sort_unstable();
+        m.devices
+            .iter()
+            .flatten()
+            .map(|d| {
+                let preserved = if d.id == ORIGIN_ID || d.inoperative {
+                    0
+                } else {
+                    (newest.len() - newest.partition_point(|&t| t < d.otime)) as u64
+                };
+                let mut owned = 0;
+                let mut zero = 0;
+                for (_, e) in d.table.mapped() {
+                    match entry_to_block(e) {
+                        Some(b) if m.refcount(b) == 1 => owned += 1,
+                        Some(_) => {}
+                        None => zero += 1,
+                    }
+                }
+                DeviceInfo {
+                    id: d.id,
+                    name: d.name.clone(),
+                    parent: (d.parent != NO_PARENT).then_some(d.parent),
+                    writable: d.writable,
+                    state: if d.inoperative {
+                        DeviceState::Inoperative
+                    } else {
+                        DeviceState::Active
+                    },
+                    mapped_chunks: d.mapped_blocks,
+                    owned_chunks: owned,
+                    zero_chunks: zero,
+                    preserved_chunks: preserved,
+                    attrs: d.attrs.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// Information about one device.
+    pub fn device(&self, id: DeviceId) -> Option<DeviceInfo> {
+        self.devices().into_iter().find(|d| d.id == id.0)
+    }
+
+    /// Space use and counters.
+    pub fn stats(&self) -> Stats {
+        let ckpt_blocks = lock(&self.journal).ckpt_blocks.len() as u64;
+        let st = self.read_state();
+        let m = &st.meta;
+        let blocks_used = m
+            .refcounts
+            .iter()
+            .filter(|&&r| r != 0 && r != META_REF)
+            .count() as u64;
+        let free = m.free_blocks();
+        let c = &self.counters;
+        Stats {
+            chunk_size: self.chunk_size,
+            blocks_used,
+            blocks_free: free,
+            blocks_pending_free: st.pending_free.len() as u64,
+            blocks_max: m.max_blocks,
+            checkpoint_blocks: ckpt_blocks,
+            free_bytes: free * self.chunk_size,
+            low_space: free * self.chunk_size < self.low_space_threshold,
+            copies: c.copies.load(Ordering::Relaxed),
+            bytes_copied: c.bytes_copied.load(Ordering::Relaxed),
+            cow_fills: c.cow_fills.load(Ordering::Relaxed),
+            data_syncs_skipped: c.data_syncs_skipped.load(Ordering::Relaxed),
+            commits: c.commits.load(Ordering::Relaxed),
+            checkpoints: c.checkpoints.load(Ordering::Relaxed),
+            devices: m.devices.iter().flatten().count() as u64,
+            inoperative_devices: m.devices.iter().flatten().filter(|d| d.inoperative).count()
+                as u64,
+            table_memory_bytes: {
+                let mut pages = std::collections::HashSet::new();
+                let mut bytes = 0u64;
+                for d in m.devices.iter().flatten() {
+                    let (p, b) = d.table.memory();
+                    pages.extend(p);
+                    bytes += b as u64;
+                }
+                bytes + pages.len() as u64 * PAGE_BYTES as u64 + m.history.memory() as u64
+            },
+            preserved_copies: m.history_copies,
+        }
+    }
+
+    /// Geometry and limits.
+    pub fn cache_info(&self) -> CacheInfo {
+        let j = lock(&self.journal);
+        CacheInfo {
+            chunk_size: self.chunk_size,
+            origin_size: self.origin_size,
+            origin_tag: j.header.origin_tag.clone(),
+            max_size: j.header.max_size,
+            journal_size: self.journal_size,
+            data_offset: self.data_offset,
+            low_space_threshold: self.low_space_threshold,
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! Creating and opening a cache object: option validation, the first header, the origin's
+//! identity check, raising the growth limit, and the engine built from what recovery found.
+
+use super::engine::{CacheObject, Counters, Journal, State, CHUNK_EPOCH_SLOTS, SECTOR, STRIPES};
+use super::error::{CowError, Result};
+use super::format::{
+    Header, FORMAT_VERSION, HEADER_SLOT_SIZE, JOURNAL_OFFSET, NO_BLOCK, TXN_ALIGN,
+};
+use super::recovery::{read_header, recover};
+use crate::storage::Storage;
+use arc_swap::ArcSwap;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// Options for [`CacheObject::create`].
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Copy-on-write unit: a power of two, 4 KiB to 1 MiB.
+    pub chunk_size: u64,
+    /// Growth limit of the cache object file, bytes.
+    pub max_size: u64,
+    /// Warn (log and stats) when free space falls below this many bytes; 0 = 10% of the limit.
+    pub low_space_threshold: u64,
+    /// Size of the circular journal; a checkpoint is written when it is half full.
+    pub journal_size: u64,
+    /// Identity of the origin (e.g. its canonical path or a UUID); checked on open.
+    pub origin_tag: String,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        Self {
+            chunk_size: 64 << 10,
+            max_size: 1 << 40,
+            low_space_threshold: 0,
+            journal_size: 4 << 20,
+            origin_tag: String::new(),
+        }
+    }
+}
+
+/// Options for [`CacheObject::open`].
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// Raise the growth limit (a smaller value than the stored one is ignored).
+    pub max_size: Option<u64>,
+    /// Override the low-space threshold, bytes.
+    pub low_space_threshold: Option<u64>,
+    /// If set, must equal the tag given at create time.
+    pub origin_tag: Option<String>,
+}
+
+impl CacheObject {
+    /// Creates a new, empty cache object for `origin` (overwriting `cache`).
+    pub fn create(
+        origin: Arc<dyn Storage>,
+        cache: Arc<dyn Storage>,
+        opts: CreateOptions,
+    ) -> Result<Self> {
+        let header = new_header(origin.size(), &opts)?;
+        let data_offset = header.data_offset;
+        // Truncating first makes the journal read as zeros: no stale transaction survives.
+        cache.set_size(0)?;
+        cache.set_size(data_offset)?;
+        cache.write_at(&header.encode(), HEADER_SLOT_SIZE)?;
+        cache.sync()?;
+        Self::open(
+            origin,
+            cache,
+            OpenOptions {
+                low_space_threshold: Some(opts.low_space_threshold),
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Opens an existing cache object and recovers its state from the latest checkpoint and
+    /// the journal after it. Reads no data blocks.
+    pub fn open(
+        origin: Arc<dyn Storage>,
+        cache: Arc<dyn Storage>,
+        opts: OpenOptions,
+    ) -> Result<Self> {
+        let mut header = read_header(cache.as_ref())?;
+        check_origin(origin.as_ref(), &header, &opts)?;
+        if let Some(m) = opts.max_size.filter(|&m| m > header.max_size) {
+            raise_limit(cache.as_ref(), &mut header, m)?;
+        }
+        let recovered = recover(cache.as_ref(), &header)?;
+        // Refuse rather than silently drop durable transactions after a damaged one.
+        if let Some(p) = recovered.damage {
+            return Err(CowError::Corrupt(p));
+        }
+        let cs = header.chunk_size;
+        let max_blocks = (header.max_size - header.data_offset) / cs;
+        let threshold = match opts.low_space_threshold {
+            Some(0) | None => max_blocks * cs / 10,
+            Some(t) => t,
+        };
+        let stripes = (0..STRIPES).map(|_| RwLock::new(())).collect();
+        let registry = Arc::new(ArcSwap::from_pointee(recovered.meta.read_sides()));
+        let history = recovered.meta.history.clone();
+        Ok(Self {
+            origin,
+            cache,
+            chunk_size: cs,
+            chunk_shift: cs.trailing_zeros(),
+            origin_size: header.origin_size,
+            nchunks: header.origin_size.div_ceil(cs),
+            data_offset: header.data_offset,
+            journal_size: header.journal_size,
+            low_space_threshold: threshold,
+            registry: registry.clone(),
+            history,
+            state: RwLock::new(State {
+                meta: recovered.meta,
+                registry,
+                records: Vec::new(),
+                epoch: 0,
+                pending_unref: HashMap::new(),
+                pending_free: Vec::new(),
+                chunk_epochs: vec![0; CHUNK_EPOCH_SLOTS],
+                fresh_blocks: HashMap::new(),
+                low_space_warned: false,
+                readers_dropped_epoch: 0,
+            }),
+            stripes,
+            journal: Mutex::new(Journal {
+                pos: recovered.pos,
+                used: recovered.used,
+                next_seq: recovered.next_seq,
+                header,
+                ckpt_blocks: recovered.ckpt_blocks,
+            }),
+            durable_epoch: AtomicU64::new(0),
+            data_durable_epoch: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+            counters: Counters::default(),
+        })
+    }
+}
+
+/// Validates the options of a new cache object for an origin of `origin_size` bytes and
+/// returns its first header.
+fn new_header(origin_size: u64, opts: &CreateOptions) -> Result<Header> {
+    let cs = opts.chunk_size;
+    if !cs.is_power_of_two() || !(4096..=1 << 20).contains(&cs) {
+        return Err(CowError::InvalidOption(format!(
+            "chunk size {cs} must be a power of two from 4 KiB to 1 MiB"
+        )));
+    }
+    if origin_size == 0 || !origin_size.is_multiple_of(SECTOR) || origin_size > 1 << 56 {
+        return Err(CowError::InvalidOption(format!(
+            "origin size {origin_size} must be a non-zero multiple of 512, at most 2^56"
+        )));
+    }
+    let js = opts.journal_size.div_ceil(TXN_ALIGN) * TXN_ALIGN;
+    if js < 16 * 1024 {
+        return Err(CowError::InvalidOption("journal size below 16 KiB".into()));
+    }
+    let data_offset = (JOURNAL_OFFSET + js).div_ceil(cs) * cs;
+    if opts.max_size < data_offset + 4 * cs {
+        return Err(CowError::InvalidOption(format!(
+            "max size {} leaves no room for data (needs at least {})",
+            opts.max_size,
+            data_offset + 4 * cs
+        )));
+    }
+    Ok(Header {
+        version: FORMAT_VERSION,
+        generation: 1,
+        incompat: 0,
+        compat: 0,
+        chunk_size: cs,
+        origin_size,
+        origin_tag: opts.origin_tag.clone(),
+        journal_size: js,
+        data_offset,
+        max_size: opts.max_size,
+        ckpt_block: NO_BLOCK,
+        ckpt_len: 0,
+        ckpt_crc: 0,
+        ckpt_seq: 0,
+        journal_start: 0,
+    })
+}
+
+/// Refuses an origin of another size or, if the opener names one, another tag.
+fn check_origin(origin: &dyn Storage, header: &Header, opts: &OpenOptions) -> Result<()> {
+    if origin.size() != header.origin_size {
+        return Err(CowError::WrongOrigin(format!(
+            "origin is {} bytes, cache object was made for {} bytes",
+            origin.size(),
+            header.origin_size
+        )));
+    }
+    if let Some(tag) = &opts.origin_tag {
+        if *tag != header.origin_tag {
+            return Err(CowError::WrongOrigin(format!(
+                "origin tag {tag:?}, cache object was made for {:?}",
+                header.origin_tag
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Raises the growth limit to `max_size` in the header, durably.
+fn raise_limit(cache: &dyn Storage, header: &mut Header, max_size: u64) -> Result<()> {
+    // Persist the raised limit before any block above the old one can be allocated and
+    // journaled: otherwise a later open without the option would find mappings out of
+    // range. The other header slot stays valid if this write is torn.
+    header.max_size = max_size;
+    header.generation += 1;
+    cache.write_at(&header.encode(), (header.generation % 2) * HEADER_SLOT_SIZE)?;
+    cache.sync()?;
+    Ok(())
+}

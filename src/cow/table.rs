@@ -1,0 +1,326 @@
+//! The lock-free page tree of a remap table: [`Table`] (what the engine's state changes) and
+//! [`ReadSide`] (what readers load without any engine-wide lock).
+
+use super::format::ENTRY_UNMAPPED;
+use arc_swap::ArcSwap;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+
+/// Snapshot time of the origin (it reads its image, never the history).
+pub const NO_OTIME: u64 = u64::MAX;
+/// Bytes of one page of resolved entries.
+pub const PAGE_BYTES: usize = PAGE * 8;
+
+const PAGE_SHIFT: u32 = 9;
+const PAGE: usize = 1 << PAGE_SHIFT;
+
+/// Pages per group (the middle level of a table's page tree).
+const GROUP_SHIFT: u32 = 8;
+const GROUP: usize = 1 << GROUP_SHIFT;
+
+/// Resolved entries of one page of chunks. Atomic because a reader holding only its chunk's
+/// stripe lock loads its entry while the owning table stores other entries of the page.
+struct Page([AtomicU64; PAGE]);
+
+impl Page {
+    fn filled(v: u64) -> Self {
+        Self(std::array::from_fn(|_| AtomicU64::new(v)))
+    }
+
+    #[inline]
+    fn get(&self, i: usize) -> u64 {
+        // Relaxed: the stripe lock of the chunk orders this load after the store that set it.
+        self.0[i].load(Ordering::Relaxed)
+    }
+
+    /// A copy. Called with the state lock held, which every store into a page also holds.
+    fn copy(&self) -> Self {
+        Self(std::array::from_fn(|i| AtomicU64::new(self.get(i))))
+    }
+}
+
+/// Up to [`GROUP`] pages. Never changed once published: a new page means a new group.
+struct Group(Box<[Option<Arc<Page>>]>);
+
+/// The page tree of a table: groups of pages. Never changed once published, except the
+/// entries of pages the owning table may write in place. Two levels keep installing a page
+/// O(pages per group + groups) instead of O(pages) (a 1 TiB origin has 32 Ki pages of 64 KiB
+/// chunks), and cost 8 bytes per page per table.
+#[derive(Default)]
+struct Tree(Box<[Option<Arc<Group>>]>);
+
+impl Tree {
+    #[inline]
+    fn page(&self, pi: usize) -> Option<&Arc<Page>> {
+        self.0
+            .get(pi >> GROUP_SHIFT)?
+            .as_ref()?
+            .0
+            .get(pi & (GROUP - 1))?
+            .as_ref()
+    }
+
+    #[inline]
+    fn entry(&self, chunk: u64) -> u64 {
+        match self.page((chunk >> PAGE_SHIFT) as usize) {
+            Some(p) => p.get((chunk as usize) & (PAGE - 1)),
+            None => ENTRY_UNMAPPED,
+        }
+    }
+
+    /// A tree equal to this one but with `page` at page index `pi`.
+    fn with_page(&self, pi: usize, page: Arc<Page>) -> Self {
+        let (gi, si) = (pi >> GROUP_SHIFT, pi & (GROUP - 1));
+        let mut group: Vec<Option<Arc<Page>>> = match self.0.get(gi) {
+            Some(Some(g)) => g.0.to_vec(),
+            _ => Vec::new(),
+        };
+        if group.len() <= si {
+            group.resize(si + 1, None);
+        }
+        group[si] = Some(page);
+        let mut top = self.0.to_vec();
+        if top.len() <= gi {
+            top.resize(gi + 1, None);
+        }
+        top[gi] = Some(Arc::new(Group(group.into())));
+        Self(top.into())
+    }
+}
+
+/// Whether a device can be read, as readers without the state lock see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadStatus {
+    Active,
+    Inoperative,
+    Deleted,
+}
+
+/// What a read needs of a device, published for readers that take no engine-wide lock: its
+/// current page tree and whether it may be read. Shared between the device's [`Table`] (which
+/// publishes every change here) and the engine's device registry.
+pub struct ReadSide {
+    tree: ArcSwap<Tree>,
+    status: AtomicU8,
+    /// The device's snapshot time: which of the origin's preserved copies it reads where it
+    /// reads through to the origin (see [`super::history`]).
+    otime: u64,
+}
+
+impl ReadSide {
+    fn new(tree: Arc<Tree>, otime: u64) -> Self {
+        Self {
+            tree: ArcSwap::new(tree),
+            status: AtomicU8::new(ReadStatus::Active as u8),
+            otime,
+        }
+    }
+
+    /// The device's snapshot time.
+    #[inline]
+    pub fn otime(&self) -> u64 {
+        self.otime
+    }
+
+    /// The device's resolved entry at `chunk` (ENTRY_UNMAPPED = the origin image). Lock-free;
+    /// sound only while the caller holds `chunk`'s stripe lock (see [`Table`]).
+    #[inline]
+    pub fn resolved(&self, chunk: u64) -> u64 {
+        self.tree.load().entry(chunk)
+    }
+
+    /// Whether the device may be read. Once not active, a read side never changes again.
+    #[inline]
+    pub fn status(&self) -> ReadStatus {
+        match self.status.load(Ordering::Acquire) {
+            0 => ReadStatus::Active,
+            1 => ReadStatus::Inoperative,
+            _ => ReadStatus::Deleted,
+        }
+    }
+
+    fn retire(&self, status: ReadStatus) {
+        self.status.store(status as u8, Ordering::Release);
+    }
+}
+
+/// A remap table, flattened: for every chunk the *resolved* view (what a read returns, after
+/// the walk up the tree) plus one bit saying whether the device maps the chunk itself.
+///
+/// Pages of resolved entries are shared with the parent and copied on first change, so a
+/// snapshot create is O(1) (one `Arc` clone of the page tree) and a read costs one lookup at
+/// any depth. This is sound because of the write rule: before a device's view of a chunk
+/// changes, every child unmapped there is given its own mapping, so an unmapped chunk's
+/// resolved entry never goes stale. Memory: 8 bytes per chunk per page a device has changed,
+/// plus 1 bit per chunk.
+///
+/// Concurrency: all changes are made under the engine's state lock (`&mut self`), and readers
+/// load entries through the [`ReadSide`] with no engine-wide lock. That is sound because every
+/// change of any device's resolved entry at chunk c is made with c's stripe lock held
+/// exclusively (see the engine's locking comment), and a reader holds it shared: the entry it
+/// loads cannot change under it. Only other entries of the same page, and the page tree, can
+/// change meanwhile, so a page is stored into in place only by the table that allocated it and
+/// only until the table is shared (`writable`); any other change copies the page and publishes a
+/// new tree (readers may hold the old one: `Arc` counts cannot tell).
+pub struct Table {
+    side: Arc<ReadSide>,
+    /// The tree published in `side`, for the owner to read without arc-swap's protocol.
+    tree: Arc<Tree>,
+    own: Vec<u64>,
+    /// Per page: allocated by this table since it was last shared, so stores go in place.
+    writable: Vec<u64>,
+}
+
+impl Default for Table {
+    fn default() -> Self {
+        Self::with_tree(Arc::default(), NO_OTIME)
+    }
+}
+
+impl std::fmt::Debug for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Table")
+            .field("groups", &self.tree.0.len())
+            .field(
+                "own_chunks",
+                &self.own.iter().map(|w| w.count_ones()).sum::<u32>(),
+            )
+            .finish()
+    }
+}
+
+#[inline]
+fn bit(bits: &[u64], i: u64) -> bool {
+    bits.get((i / 64) as usize)
+        .is_some_and(|w| w & (1 << (i % 64)) != 0)
+}
+
+fn set_bit(bits: &mut Vec<u64>, i: u64) {
+    let w = (i / 64) as usize;
+    if bits.len() <= w {
+        bits.resize(w + 1, 0);
+    }
+    bits[w] |= 1 << (i % 64);
+}
+
+impl Table {
+    fn with_tree(tree: Arc<Tree>, otime: u64) -> Self {
+        Self {
+            side: Arc::new(ReadSide::new(tree.clone(), otime)),
+            tree,
+            own: Vec::new(),
+            writable: Vec::new(),
+        }
+    }
+
+    /// A table whose unmapped chunks read what `self` reads now. From now on both copy a
+    /// page before changing it: the other one reads it too.
+    pub fn share(&mut self) -> Self {
+        self.writable.clear();
+        Self::with_tree(self.tree.clone(), self.side.otime)
+    }
+
+    /// An empty table of a snapshot of the origin taken at snapshot time `otime`.
+    pub fn for_origin_snapshot(otime: u64) -> Self {
+        Self::with_tree(Arc::default(), otime)
+    }
+
+    /// The snapshot time of the device.
+    #[inline]
+    pub fn otime(&self) -> u64 {
+        self.side.otime
+    }
+
+    /// What readers of this device use.
+    pub fn read_side(&self) -> &Arc<ReadSide> {
+        &self.side
+    }
+
+    /// Marks the device unreadable for lock-free readers (it is being deleted, or replaced by
+    /// an empty inoperative table). The table must not change afterwards.
+    pub fn retire(&self, status: ReadStatus) {
+        self.side.retire(status);
+    }
+
+    /// What a read of this device at `chunk` returns (ENTRY_UNMAPPED = the origin image).
+    #[inline]
+    pub fn resolved(&self, chunk: u64) -> u64 {
+        self.tree.entry(chunk)
+    }
+
+    /// The device's own entry at `chunk` (ENTRY_UNMAPPED if it reads through).
+    #[inline]
+    pub fn get(&self, chunk: u64) -> u64 {
+        if bit(&self.own, chunk) {
+            self.resolved(chunk)
+        } else {
+            ENTRY_UNMAPPED
+        }
+    }
+
+    /// Sets the device's own entry; `ENTRY_UNMAPPED` makes it read `inherited`.
+    pub fn set(&mut self, chunk: u64, entry: u64, inherited: u64) {
+        if entry == ENTRY_UNMAPPED {
+            if let Some(word) = self.own.get_mut((chunk / 64) as usize) {
+                *word &= !(1 << (chunk % 64));
+            }
+        } else {
+            set_bit(&mut self.own, chunk);
+        }
+        let value = if entry == ENTRY_UNMAPPED {
+            inherited
+        } else {
+            entry
+        };
+        if self.resolved(chunk) == value {
+            return;
+        }
+        let pi = chunk >> PAGE_SHIFT;
+        let i = (chunk as usize) & (PAGE - 1);
+        if bit(&self.writable, pi) {
+            if let Some(p) = self.tree.page(pi as usize) {
+                // Relaxed: readers of this entry are ordered by the chunk's stripe lock.
+                p.0[i].store(value, Ordering::Relaxed);
+                return;
+            }
+        }
+        // Readers may be using the current page and tree: publish new ones.
+        let page = match self.tree.page(pi as usize) {
+            Some(p) => p.copy(),
+            None => Page::filled(ENTRY_UNMAPPED),
+        };
+        page.0[i].store(value, Ordering::Relaxed);
+        self.tree = Arc::new(self.tree.with_page(pi as usize, Arc::new(page)));
+        self.side.tree.store(self.tree.clone());
+        set_bit(&mut self.writable, pi);
+    }
+
+    /// Every (chunk, own entry).
+    pub fn mapped(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.own.iter().enumerate().flat_map(move |(wi, &w)| {
+            let mut bits = w;
+            std::iter::from_fn(move || {
+                if bits == 0 {
+                    return None;
+                }
+                let b = bits.trailing_zeros() as u64;
+                bits &= bits - 1;
+                let c = wi as u64 * 64 + b;
+                Some((c, self.resolved(c)))
+            })
+        })
+    }
+
+    /// Addresses of the pages of resolved entries this table references (shared ones
+    /// included, for the caller to count once) and the bytes of the rest: its page tree (a
+    /// shared group counted in full by each table) and bitmaps.
+    pub fn memory(&self) -> (Vec<usize>, usize) {
+        let mut pages = Vec::new();
+        let mut bytes = self.tree.0.len() * 8 + (self.own.len() + self.writable.len()) * 8;
+        for g in self.tree.0.iter().flatten() {
+            bytes += g.0.len() * 8;
+            pages.extend(g.0.iter().flatten().map(|p| Arc::as_ptr(p) as usize));
+        }
+        (pages, bytes)
+    }
+}
