@@ -35,8 +35,6 @@ mod recovery;
 mod snapshots;
 mod space;
 mod table;
-#[cfg(test)]
-mod testkit;
 mod verify;
 mod write;
 

@@ -107,7 +107,7 @@ impl CacheObject {
 mod tests {
     use super::*;
     use crate::cow::engine::{lock, Journal, State};
-    use crate::cow::testkit::{mem_engine, CHUNK};
+    use crate::testkit::engine::{mem_engine, CHUNK};
     use std::sync::{mpsc, MutexGuard, RwLockWriteGuard};
     use std::time::Duration;
 
@@ -124,7 +124,7 @@ mod tests {
     /// only: it completes while another thread holds the state and journal locks.
     #[test]
     fn snapshot_read_takes_no_engine_wide_lock() {
-        let eng = mem_engine(64);
+        let eng = mem_engine(64).build().engine;
         eng.write(DeviceId::ORIGIN, 0, &[1u8; 3 * CHUNK as usize])
             .unwrap();
         let s1 = eng.create_snapshot(DeviceId::ORIGIN, "s1", true).unwrap();

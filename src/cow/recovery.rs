@@ -237,7 +237,7 @@ mod tests {
     use super::*;
     use crate::cow::format::{encode_txn, Enc, ENTRY_ZERO, FORMAT_VERSION};
     use crate::cow::meta::MetaError;
-    use crate::storage::mem::MemStorage;
+    use crate::testkit::storage::MemStorage;
     use std::error::Error;
 
     /// A record that does not apply fails recovery with the metadata's own error as the

@@ -562,14 +562,14 @@ impl CacheObject {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cow::testkit::{mem_engine, CHUNK};
+    use crate::testkit::engine::{mem_engine, CHUNK};
 
     /// A delete takes effect in memory before it is durable. An origin write in between, which
     /// needs no copy only because the snapshot is gone, must not change the origin until the
     /// delete is durable: after a crash the snapshot would be back, reading the new data.
     #[test]
     fn an_origin_write_after_an_uncommitted_delete_waits_for_it() {
-        let eng = mem_engine(16);
+        let eng = mem_engine(16).build().engine;
         let s = eng.create_snapshot(DeviceId::ORIGIN, "s", false).unwrap();
         eng.flush().unwrap();
         // What delete_snapshot does before its commit.
