@@ -10,6 +10,7 @@
 //! - [`control`]: the control socket: versioned JSON-lines protocol, server, client.
 //! - [`daemon`]: joins the engine, the vhost servers and the control plane.
 //! - [`sock`]: unix socket binding shared by the vhost and control servers.
+//! - [`sys`]: thin wrappers over system calls and fd tricks the crates do not wrap.
 //! - [`cli`]: command-line parsing, `serve`, and the administration commands.
 
 pub mod cli;
@@ -19,5 +20,6 @@ pub mod daemon;
 pub mod device;
 pub mod sock;
 pub mod storage;
+pub mod sys;
 pub mod vhost;
 pub mod virtio_blk;

@@ -7,10 +7,11 @@
 
 use super::worker::QueueWorker;
 use crate::device::BlockDevice;
+use crate::sys;
 use crate::virtio_blk::{self, config_offsets, features, Limits};
 use log::{debug, warn};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -250,10 +251,8 @@ impl VhostUserBackend for BlkBackend {
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         let (consumer, notifier) = self.exit_events.get(thread_index)?;
         let notifier = notifier.try_clone().ok()?;
-        // SAFETY: the library only registers this consumer's fd with epoll through
-        // `into_raw_fd` and never closes it; `self.exit_events` keeps the owning copy, which
-        // outlives the worker threads (they hold an Arc of this backend) and closes it once.
-        let consumer = unsafe { EventConsumer::from_raw_fd(consumer.as_raw_fd()) };
+        // The library never closes the consumer it is given: hand it an alias of ours.
+        let consumer = ManuallyDrop::into_inner(sys::shared_event_consumer(consumer));
         Some((consumer, notifier))
     }
 

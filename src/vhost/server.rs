@@ -7,6 +7,7 @@
 use super::backend::{BlkBackend, GuestMem, ServeOptions};
 use crate::device::BlockDevice;
 use crate::sock::{bind_socket, wait_readable, SocketError};
+use crate::sys;
 use log::{info, warn};
 use std::fs;
 use std::io;
@@ -43,10 +44,8 @@ fn wait_for_event(event: &EventFd, timeout: Duration) -> bool {
         events: libc::POLLIN,
         revents: 0,
     }];
-    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `fds` is a valid array of one pollfd for the duration of the call.
-    let rc = unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) };
-    rc > 0 && fds[0].revents & libc::POLLIN != 0
+    matches!(sys::poll(&mut fds, Some(timeout)), Ok(n) if n > 0)
+        && fds[0].revents & libc::POLLIN != 0
 }
 
 /// Tells a serving thread to stop, whether it is waiting for a frontend or serving one.
