@@ -8,7 +8,7 @@
 use super::worker::QueueWorker;
 use crate::device::BlockDevice;
 use crate::sys;
-use crate::virtio_blk::{self, config_offsets, features, Limits};
+use crate::virtio_blk::{self, ConfigSpace, Limits};
 use log::{debug, warn};
 use std::io;
 use std::mem::ManuallyDrop;
@@ -17,6 +17,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use vm_memory::ByteValued;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -120,7 +130,7 @@ impl BlkBackend {
         self.quiescing.load(Ordering::SeqCst)
     }
 
-    fn config(&self) -> [u8; config_offsets::SIZE] {
+    fn config(&self) -> ConfigSpace {
         virtio_blk::config_space(
             &self.limits,
             self.opts.num_queues,
@@ -163,28 +173,28 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn features(&self) -> u64 {
-        let mut f = bit(features::VERSION_1)
-            | bit(features::RING_EVENT_IDX)
-            | bit(features::RING_INDIRECT_DESC)
-            | bit(features::SIZE_MAX)
-            | bit(features::SEG_MAX)
-            | bit(features::BLK_SIZE)
-            | bit(features::TOPOLOGY)
-            | bit(features::FLUSH)
-            | bit(features::CONFIG_WCE)
-            | bit(features::MQ)
+        let mut f = bit(VIRTIO_F_VERSION_1)
+            | bit(VIRTIO_RING_F_EVENT_IDX)
+            | bit(VIRTIO_RING_F_INDIRECT_DESC)
+            | bit(VIRTIO_BLK_F_SIZE_MAX)
+            | bit(VIRTIO_BLK_F_SEG_MAX)
+            | bit(VIRTIO_BLK_F_BLK_SIZE)
+            | bit(VIRTIO_BLK_F_TOPOLOGY)
+            | bit(VIRTIO_BLK_F_FLUSH)
+            | bit(VIRTIO_BLK_F_CONFIG_WCE)
+            | bit(VIRTIO_BLK_F_MQ)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         if self.opts.read_only {
-            f |= bit(features::RO);
+            f |= bit(VIRTIO_BLK_F_RO);
         } else {
-            f |= bit(features::DISCARD) | bit(features::WRITE_ZEROES);
+            f |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
         }
         f
     }
 
     fn acked_features(&self, acked: u64) {
         // A driver that cannot flush must get a write-through device (virtio spec 5.2.5.1).
-        if acked & bit(features::FLUSH) == 0 {
+        if acked & bit(VIRTIO_BLK_F_FLUSH) == 0 {
             self.writeback.store(false, Ordering::Relaxed);
         }
     }
@@ -210,6 +220,7 @@ impl VhostUserBackend for BlkBackend {
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         // The frontend asks for exactly `size` bytes; bytes past our struct read as zero.
         let config = self.config();
+        let config = config.as_slice();
         let mut out = vec![0u8; size as usize];
         let start = (offset as usize).min(config.len());
         let end = (offset as usize)
@@ -221,7 +232,7 @@ impl VhostUserBackend for BlkBackend {
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
         // Only the writeback byte is driver-writable (CONFIG_WCE).
-        if offset as usize == config_offsets::WRITEBACK && buf.len() == 1 {
+        if offset as usize == ConfigSpace::WRITEBACK && buf.len() == 1 {
             let wb = buf[0] != 0;
             debug!("driver set writeback={wb}");
             self.writeback.store(wb, Ordering::Relaxed);

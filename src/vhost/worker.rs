@@ -18,7 +18,7 @@
 use super::backend::{BlkBackend, GuestMem};
 use crate::device::{BlockDevice, IoCounters};
 use crate::virtio_blk::{
-    ParseError, Request, RequestKind, StatusSlot, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    ParseError, Request, RequestKind, StatusAddr, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
 };
 use log::{debug, warn};
 use rayon::prelude::*;
@@ -839,11 +839,11 @@ unsafe fn io_slices(iov: &[libc::iovec]) -> &[IoSlice<'_>] {
 }
 
 /// Writes the status byte; returns 1 if it was written, 0 if the address was bad.
-fn write_status<M: GuestMemory>(mem: &M, slot: StatusSlot, status: u8) -> u32 {
-    match mem.write_obj(status, slot.addr) {
+fn write_status<M: GuestMemory>(mem: &M, at: StatusAddr, status: u8) -> u32 {
+    match mem.write_obj(status, at.addr) {
         Ok(()) => 1,
         Err(e) => {
-            warn!("cannot write status at {:#x}: {e}", slot.addr.0);
+            warn!("cannot write status at {:#x}: {e}", at.addr.0);
             0
         }
     }
@@ -907,12 +907,9 @@ mod tests {
 
     impl Rig {
         fn header(&self, t: u32, sector: u64) -> RawDescriptor {
-            let h = RequestHeader {
-                request_type: t.into(),
-                reserved: 0.into(),
-                sector: sector.into(),
-            };
-            self.mem.write_obj(h, GuestAddress(HDR)).unwrap();
+            self.mem
+                .write_obj(RequestHeader::new(t, sector), GuestAddress(HDR))
+                .unwrap();
             desc(HDR, 16, false)
         }
 
@@ -965,7 +962,7 @@ mod tests {
     fn writethrough_flushes_every_write() {
         let mut r = rig(false);
         r.backend
-            .set_config(config_offsets::WRITEBACK as u32, &[0])
+            .set_config(ConfigSpace::WRITEBACK as u32, &[0])
             .unwrap();
         let h = r.header(VIRTIO_BLK_T_OUT, 0);
         assert_eq!(
@@ -1303,13 +1300,9 @@ mod tests {
             } else {
                 VIRTIO_BLK_T_FLUSH
             };
-            let h = RequestHeader {
-                request_type: t.into(),
-                reserved: 0.into(),
-                sector: (i as u64).into(),
-            };
             let hdr = HDR + 16 * i as u64;
-            mem.write_obj(h, GuestAddress(hdr)).unwrap();
+            mem.write_obj(RequestHeader::new(t, i as u64), GuestAddress(hdr))
+                .unwrap();
             mem.write_slice(&[0xc0 + i as u8; 512], GuestAddress(DATA + 512 * i as u64))
                 .unwrap();
             mem.write_obj(0xffu8, GuestAddress(STATUS + i as u64))
@@ -1686,5 +1679,40 @@ mod tests {
         assert!(w
             .process_queue(&r.backend, &vring, Duration::ZERO, &gm)
             .is_ok());
+    }
+
+    #[test]
+    fn features_are_the_spec_bits_for_the_device() {
+        let mask = |bits: &[u32]| bits.iter().fold(0u64, |m, b| m | 1 << b);
+        // VERSION_1, EVENT_IDX, INDIRECT_DESC, SIZE_MAX, SEG_MAX, BLK_SIZE, TOPOLOGY, FLUSH,
+        // CONFIG_WCE, MQ and vhost-user's PROTOCOL_FEATURES (bit 30); then DISCARD and
+        // WRITE_ZEROES, or RO.
+        let common = [32, 29, 28, 1, 2, 6, 10, 9, 11, 12, 30];
+        assert_eq!(
+            rig(false).backend.features(),
+            mask(&common) | mask(&[13, 14])
+        );
+        assert_eq!(rig(true).backend.features(), mask(&common) | mask(&[5]));
+    }
+
+    #[test]
+    fn config_reads_are_the_size_asked_and_only_writeback_is_writable() {
+        let r = rig(false);
+        let full = r.backend.get_config(0, 96);
+        assert_eq!(full.len(), 96);
+        assert_eq!(u64::from_le_bytes(full[..8].try_into().unwrap()), 128);
+        assert_eq!(full[ConfigSpace::WRITEBACK], 1);
+        // Bytes past the struct read as zero, and the answer is exactly the size asked.
+        let tail = r.backend.get_config(90, 16);
+        assert_eq!(tail.len(), 16);
+        assert_eq!(tail[..6], full[90..]);
+        assert!(tail[6..].iter().all(|&b| b == 0));
+        assert_eq!(r.backend.get_config(200, 4), vec![0; 4]);
+        let wce = ConfigSpace::WRITEBACK as u32;
+        r.backend.set_config(wce, &[0]).unwrap();
+        assert_eq!(r.backend.get_config(wce, 1), vec![0]);
+        assert!(r.backend.set_config(0, &[1]).is_err());
+        assert!(r.backend.set_config(wce, &[1, 1]).is_err());
+        assert_eq!(r.backend.get_config(wce, 1), vec![0]);
     }
 }
