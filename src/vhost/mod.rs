@@ -6,4 +6,4 @@ mod server;
 mod worker;
 
 pub use backend::{BlkBackend, GuestMem, ServeOptions};
-pub use server::{ConnectionStats, DeviceServer, ServeError};
+pub use server::{ConnectionStats, DaemonError, DeviceServer, ServeError};

@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use thiserror::Error;
 use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon, VhostUserHandlerError};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -29,9 +29,55 @@ pub enum ServeError {
     #[error(transparent)]
     Socket(#[from] SocketError),
     #[error("cannot set up the connection: {0}")]
-    Setup(io::Error),
+    Setup(#[source] io::Error),
     #[error("vhost-user: {0}")]
-    Vhost(String),
+    Daemon(#[source] DaemonError),
+    #[error("vhost-user: the thread watching the connection panicked")]
+    WatcherPanicked,
+    #[error("vhost-user: the connection lost its daemon")]
+    DaemonLost,
+}
+
+/// What `vhost_user_backend` reported, with its cause as the source (the library's own error
+/// type does not implement `std::error::Error`). Messages are the library's.
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error("cannot create vhost user handler: {0}")]
+    NewHandler(#[source] VhostUserHandlerError),
+    #[error("cannot create backend listener: {0}")]
+    BackendListener(#[source] VhostUserError),
+    #[error("cannot create backend req handler: {0}")]
+    BackendReqHandler(#[source] VhostUserError),
+    #[error("cannot create vhost-user listener: {0}")]
+    Listener(#[source] VhostUserError),
+    #[error("failed to start daemon: {0}")]
+    Start(#[source] io::Error),
+    /// The library's thread panicked (its payload is dropped: it is not an error value).
+    #[error("failed to wait for daemon exit")]
+    Wait,
+    #[error("failed to handle request: {0}")]
+    Request(#[source] VhostUserError),
+}
+
+impl From<vhost_user_backend::Error> for DaemonError {
+    fn from(e: vhost_user_backend::Error) -> Self {
+        use vhost_user_backend::Error as E;
+        match e {
+            E::NewVhostUserHandler(e) => DaemonError::NewHandler(e),
+            E::CreateBackendListener(e) => DaemonError::BackendListener(e),
+            E::CreateBackendReqHandler(e) => DaemonError::BackendReqHandler(e),
+            E::CreateVhostUserListener(e) => DaemonError::Listener(e),
+            E::StartDaemon(e) => DaemonError::Start(e),
+            E::WaitDaemon(_) => DaemonError::Wait,
+            E::HandleRequest(e) => DaemonError::Request(e),
+        }
+    }
+}
+
+impl From<vhost_user_backend::Error> for ServeError {
+    fn from(e: vhost_user_backend::Error) -> Self {
+        ServeError::Daemon(e.into())
+    }
 }
 
 /// How long a new connection waits for the current one to end before it is refused.
@@ -223,12 +269,9 @@ fn serve_one(
 ) -> Result<(), ServeError> {
     let mem: GuestMem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let backend = Arc::new(BlkBackend::new(device, opts, mem.clone()).map_err(ServeError::Setup)?);
-    let mut daemon = VhostUserDaemon::new(name.to_string(), backend.clone(), mem)
-        .map_err(|e| ServeError::Vhost(e.to_string()))?;
+    let mut daemon = VhostUserDaemon::new(name.to_string(), backend.clone(), mem)?;
     let done = Arc::new(EventFd::new(libc::EFD_CLOEXEC).map_err(ServeError::Setup)?);
-    daemon
-        .start(listener)
-        .map_err(|e| ServeError::Vhost(e.to_string()))?;
+    daemon.start(listener)?;
     {
         // Under the connection lock, so `stop_unless_connected` sees either this frontend
         // connected or its own stop request honoured here, never neither.
@@ -277,9 +320,7 @@ fn serve_one(
                     drop(extra);
                 }
             }
-            waiter
-                .join()
-                .map_err(|_| ServeError::Vhost("connection thread panicked".into()))?
+            waiter.join().map_err(|_| ServeError::WatcherPanicked)?
         }
         Err(e) => {
             warn!(
@@ -292,7 +333,7 @@ fn serve_one(
         }
     };
     let Some((daemon, result)) = waited else {
-        return Err(ServeError::Vhost("connection lost its daemon".into()));
+        return Err(ServeError::DaemonLost);
     };
     *stop.lock() = None;
     // Dropping the daemon joins the queue workers, so no request is in flight after this.
@@ -304,7 +345,7 @@ fn serve_one(
         | Err(vhost_user_backend::Error::HandleRequest(
             VhostUserError::Disconnected | VhostUserError::PartialMessage,
         )) => Ok(()),
-        Err(e) => Err(ServeError::Vhost(e.to_string())),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -408,6 +449,27 @@ mod tests {
         fn drop(&mut self) {
             FAIL_WAITER_SPAWN.store(false, Ordering::SeqCst);
         }
+    }
+
+    #[test]
+    fn library_errors_keep_their_cause_as_source() {
+        use std::error::Error as _;
+        fn shareable<T: Send + Sync + 'static>(_: &T) {}
+        let broken = io::Error::from_raw_os_error(libc::EPIPE);
+        let e = ServeError::from(vhost_user_backend::Error::HandleRequest(
+            VhostUserError::SocketBroken(broken),
+        ));
+        shareable(&e);
+        assert!(e
+            .to_string()
+            .starts_with("vhost-user: failed to handle request: "));
+        let daemon = e.source().expect("the library's error");
+        assert!(matches!(
+            daemon.downcast_ref::<DaemonError>(),
+            Some(DaemonError::Request(_))
+        ));
+        let cause = daemon.source().expect("the protocol error");
+        assert!(cause.downcast_ref::<VhostUserError>().is_some());
     }
 
     #[test]

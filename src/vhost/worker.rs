@@ -26,6 +26,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+use thiserror::Error;
 use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemory, Permissions};
@@ -83,11 +84,24 @@ struct Slot {
 unsafe impl Send for Slot {}
 
 /// Why a queue could not be served.
+#[derive(Debug, Error)]
 enum QueueFault {
     /// The ring in guest memory is corrupt (bad index or address): the driver's fault.
-    Ring(String),
+    #[error("bad ring: {0}")]
+    Ring(#[source] virtio_queue::Error),
+    /// The driver's avail index claims more requests than the ring holds.
+    #[error(
+        "avail index {avail} is {pending} entries past next_avail {next_avail} on a ring of {size}"
+    )]
+    AvailIndex {
+        avail: u16,
+        pending: u16,
+        next_avail: u16,
+        size: u16,
+    },
     /// Signalling the driver failed (the call eventfd): a host-side problem.
-    Notify(io::Error),
+    #[error("cannot signal the driver: {0}")]
+    Notify(#[source] io::Error),
 }
 
 /// Queue workers polling right now, across the daemon.
@@ -223,14 +237,14 @@ impl QueueWorker {
         let mut state = vring.get_mut();
         match self.drain(backend, &mut state, poll, guest_mem) {
             Ok(()) => Ok(()),
-            Err(QueueFault::Ring(e)) => {
+            Err(QueueFault::Notify(e)) => Err(e),
+            Err(fault) => {
                 // Never let a guest's ring corruption end the worker thread (the queue would
                 // die silently) or loop forever: stop serving this queue, say why, once.
-                warn!("virtqueue broken by the driver, no longer served until reset: {e}");
+                warn!("virtqueue broken by the driver, no longer served until reset: {fault}");
                 self.broken = true;
                 Ok(())
             }
-            Err(QueueFault::Notify(e)) => Err(e),
         }
     }
 
@@ -241,7 +255,7 @@ impl QueueWorker {
         poll: Duration,
         guest_mem: &GuestMem,
     ) -> Result<(), QueueFault> {
-        let ring = |e: virtio_queue::Error| QueueFault::Ring(e.to_string());
+        let ring = QueueFault::Ring;
         if self.slots.is_empty() {
             self.slots.push(Slot::default());
         }
@@ -308,9 +322,7 @@ impl QueueWorker {
             }
             if !poll.is_zero() && used_any {
                 if let Some(_slot) = PollSlot::take() {
-                    if Self::poll_ring(state, mem, poll)
-                        .map_err(|e| QueueFault::Ring(e.to_string()))?
-                    {
+                    if Self::poll_ring(state, mem, poll).map_err(ring)? {
                         continue;
                     }
                 }
@@ -334,12 +346,12 @@ impl QueueWorker {
                 let avail = queue.avail_idx(mem, Ordering::Acquire).map_err(ring)?;
                 let pending = avail.0.wrapping_sub(queue.next_avail());
                 if pending > queue.size() {
-                    return Err(QueueFault::Ring(format!(
-                        "avail index {} is {pending} entries past next_avail {} on a ring of {}",
-                        avail.0,
-                        queue.next_avail(),
-                        queue.size()
-                    )));
+                    return Err(QueueFault::AvailIndex {
+                        avail: avail.0,
+                        pending,
+                        next_avail: queue.next_avail(),
+                        size: queue.size(),
+                    });
                 }
             }
         }
@@ -549,13 +561,11 @@ impl QueueWorker {
         state: &mut VringStateGuard<'_>,
         mem: &M,
         budget: Duration,
-    ) -> io::Result<bool> {
+    ) -> Result<bool, virtio_queue::Error> {
         let start = Instant::now();
         let queue = state.get_queue_mut();
         loop {
-            let avail = queue
-                .avail_idx(mem, Ordering::Acquire)
-                .map_err(io::Error::other)?;
+            let avail = queue.avail_idx(mem, Ordering::Acquire)?;
             if avail.0 != queue.next_avail() {
                 return Ok(true);
             }
