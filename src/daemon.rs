@@ -12,7 +12,7 @@ use crate::control::protocol::{
 use crate::control::ControlHandler;
 use crate::cow::{CacheObject, CowError, DeviceId, DeviceInfo, DeviceState};
 use crate::device::{BlockDevice, IoCounters};
-use crate::vhost::{DeviceServer, ServeOptions};
+use crate::vhost::{DeviceServer, Scheduler, SchedulerConfig, ServeOptions};
 use log::{info, warn};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, IoSlice, IoSliceMut};
@@ -211,6 +211,8 @@ struct Served {
 pub struct Daemon {
     engine: Arc<CacheObject>,
     defaults: ServeDefaults,
+    /// Schedules the requests of every served device (shared thread pools and CPU budget).
+    scheduler: Arc<Scheduler>,
     /// Devices by id: their block-device adapter (kept so counters survive unserve/serve)
     /// and their server, if served.
     registry: Mutex<HashMap<u64, Served>>,
@@ -244,6 +246,7 @@ impl Daemon {
         Arc::new(Daemon {
             engine,
             defaults,
+            scheduler: Arc::new(Scheduler::new(SchedulerConfig::default())),
             registry: Mutex::new(HashMap::new()),
         })
     }
@@ -324,7 +327,15 @@ impl Daemon {
             poll: self.defaults.poll,
         };
         let device = self.adapter(reg, id);
-        let server = DeviceServer::start(&name, socket, self.defaults.socket_mode, device, opts)?;
+        let sched = self.scheduler.clone();
+        let server = DeviceServer::start(
+            &name,
+            socket,
+            self.defaults.socket_mode,
+            device,
+            opts,
+            sched,
+        )?;
         info!("serving {name} on {}", socket.display());
         if let Some(s) = reg.get_mut(&id.0) {
             s.server = Some(server);

@@ -4,7 +4,9 @@
 //! listening socket and builds a fresh daemon (and backend) for each connection: a VM that
 //! reboots, or a QEMU that is killed and restarted, is served again on the same path.
 
-use super::backend::{BlkBackend, GuestMem, ServeOptions};
+use super::backend::{BlkBackend, ServeOptions};
+use super::guest::GuestMem;
+use super::sched::Scheduler;
 use crate::device::BlockDevice;
 use crate::sock::{bind_socket, wait_readable, SocketError};
 use crate::sys;
@@ -143,13 +145,14 @@ pub struct DeviceServer {
 }
 
 impl DeviceServer {
-    /// Binds `path` and starts serving `device` on it.
+    /// Binds `path` and starts serving `device` on it, its requests scheduled by `sched`.
     pub fn start(
         name: &str,
         path: &Path,
         socket_mode: u32,
         device: Arc<dyn BlockDevice>,
         opts: ServeOptions,
+        sched: Arc<Scheduler>,
     ) -> Result<Self, ServeError> {
         let listener = bind_socket(path, socket_mode)?;
         let stop = Arc::new(StopSignal {
@@ -163,7 +166,12 @@ impl DeviceServer {
             std::thread::Builder::new()
                 .name(format!("serve-{name}"))
                 .spawn(move || {
-                    serve_loop(&name, Listener::from(listener), device, opts, &stop, &stats)
+                    let service = Service {
+                        device,
+                        opts,
+                        sched,
+                    };
+                    serve_loop(&name, Listener::from(listener), &service, &stop, &stats)
                 })
                 .map_err(ServeError::Setup)?
         };
@@ -223,23 +231,22 @@ fn wait_for_connection(listener: &Listener, stop: &StopSignal) -> bool {
     !stop.requested() && wait_readable(listener.as_raw_fd(), &stop.wake) && !stop.requested()
 }
 
+/// What a server serves, connection after connection.
+struct Service {
+    device: Arc<dyn BlockDevice>,
+    opts: ServeOptions,
+    sched: Arc<Scheduler>,
+}
+
 fn serve_loop(
     name: &str,
     mut listener: Listener,
-    device: Arc<dyn BlockDevice>,
-    opts: ServeOptions,
+    service: &Service,
     stop: &StopSignal,
     stats: &ConnectionStats,
 ) {
     while wait_for_connection(&listener, stop) {
-        match serve_one(
-            name,
-            &mut listener,
-            device.clone(),
-            opts.clone(),
-            stop,
-            stats,
-        ) {
+        match serve_one(name, &mut listener, service, stop, stats) {
             Ok(()) => info!("{name}: frontend disconnected"),
             Err(e) => warn!("{name}: connection ended with an error: {e}"),
         }
@@ -262,13 +269,18 @@ impl Drop for ConnectionOver<'_> {
 fn serve_one(
     name: &str,
     listener: &mut Listener,
-    device: Arc<dyn BlockDevice>,
-    opts: ServeOptions,
+    service: &Service,
     stop: &StopSignal,
     stats: &ConnectionStats,
 ) -> Result<(), ServeError> {
     let mem: GuestMem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let backend = Arc::new(BlkBackend::new(device, opts, mem.clone()).map_err(ServeError::Setup)?);
+    let backend = BlkBackend::new(
+        service.device.clone(),
+        service.opts.clone(),
+        mem.clone(),
+        service.sched.clone(),
+    );
+    let backend = Arc::new(backend.map_err(ServeError::Setup)?);
     let mut daemon = VhostUserDaemon::new(name.to_string(), backend.clone(), mem)?;
     let done = Arc::new(EventFd::new(libc::EFD_CLOEXEC).map_err(ServeError::Setup)?);
     daemon.start(listener)?;
@@ -486,7 +498,8 @@ mod tests {
             read_only: false,
             poll: Duration::ZERO,
         };
-        let server = DeviceServer::start("t", &socket, 0o600, device.clone(), opts).unwrap();
+        let sched = Arc::new(Scheduler::default());
+        let server = DeviceServer::start("t", &socket, 0o600, device.clone(), opts, sched).unwrap();
         // Served, disconnected, served again.
         for byte in [0x11u8, 0x22] {
             let mut client = Client::connect(&socket);
