@@ -9,7 +9,7 @@
 
 use crate::cow::{CacheObject, CowError, DeviceId, DeviceInfo};
 use crate::device::CowDevice;
-use crate::vhost::{DeviceServer, ServeError, ServeOptions};
+use crate::vhost::{DeviceServer, Scheduler, SchedulerConfig, ServeError, ServeOptions};
 use log::{info, warn};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -99,6 +99,8 @@ struct Served {
 pub struct Daemon {
     engine: Arc<CacheObject>,
     defaults: ServeDefaults,
+    /// Schedules the requests of every served device (shared thread pools and CPU budget).
+    scheduler: Arc<Scheduler>,
     /// Devices by id: their block-device adapter (kept so counters survive unserve/serve)
     /// and their server, if served.
     registry: Mutex<HashMap<u64, Served>>,
@@ -119,6 +121,7 @@ impl Daemon {
         Arc::new(Daemon {
             engine,
             defaults,
+            scheduler: Arc::new(Scheduler::new(SchedulerConfig::default())),
             registry: Mutex::new(HashMap::new()),
         })
     }
@@ -194,8 +197,14 @@ impl Daemon {
             .ok_or_else(|| ServeError::Setup(std::io::Error::other(format!("no device {id}"))))?;
         let opts = self.serve_options(&info);
         let device = self.adapter(reg, id);
-        let server =
-            DeviceServer::start(&info.name, socket, self.defaults.socket_mode, device, opts)?;
+        let server = DeviceServer::start(
+            &info.name,
+            socket,
+            self.defaults.socket_mode,
+            device,
+            opts,
+            self.scheduler.clone(),
+        )?;
         info!("serving {} on {}", info.name, socket.display());
         if let Some(s) = reg.get_mut(&id.0) {
             s.server = Some(server);

@@ -12,6 +12,7 @@
 //!   answers, client.
 //! - [`daemon`]: the registry of devices and their lifecycle (serve, create, delete, restore).
 //! - [`sock`]: unix socket binding shared by the vhost and control servers.
+//! - [`sys`]: thin wrappers over system calls and fd tricks the crates do not wrap.
 //! - [`cli`]: command-line parsing, `serve`, and the administration commands.
 //! - `testkit` (tests and the `test-utils` feature only): shared test fixtures.
 
@@ -22,6 +23,7 @@ pub mod daemon;
 pub mod device;
 pub mod sock;
 pub mod storage;
+pub mod sys;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testkit;
 pub mod vhost;

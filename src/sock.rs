@@ -66,10 +66,7 @@ pub fn wait_readable(fd: RawFd, wake: &EventFd) -> bool {
                 revents: 0,
             },
         ];
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if rc < 0 {
-            let err = io::Error::last_os_error();
+        if let Err(err) = crate::sys::poll(&mut fds, None) {
             if err.kind() == io::ErrorKind::Interrupted {
                 continue;
             }

@@ -6,32 +6,30 @@
 //! a [`ParseError`] that says which virtio status to answer with. Guest input is hostile: every
 //! length, direction, sector and address is validated here, before any I/O happens.
 
+use std::mem::{offset_of, size_of};
 use thiserror::Error;
+use virtio_bindings::bindings::virtio_blk::{
+    self as spec, virtio_blk_config, virtio_blk_discard_write_zeroes, virtio_blk_outhdr,
+};
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemory, Le32, Le64};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemory};
+
+pub use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
 
 /// Sectors are always 512 bytes in virtio-blk, whatever the logical block size.
 pub const SECTOR_SHIFT: u32 = 9;
 /// Size of a virtio-blk sector in bytes.
 pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
 /// Length of the GET_ID answer (no terminating NUL if the serial fills it).
-pub const ID_BYTES: usize = 20;
+pub const ID_BYTES: usize = spec::VIRTIO_BLK_ID_BYTES as usize;
 
-/// Request types (virtio spec 5.2.6).
-pub const VIRTIO_BLK_T_IN: u32 = 0;
-pub const VIRTIO_BLK_T_OUT: u32 = 1;
-pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
-pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
-pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
-pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
-
-/// Status values written in the last byte of a request.
-pub const VIRTIO_BLK_S_OK: u8 = 0;
-pub const VIRTIO_BLK_S_IOERR: u8 = 1;
-pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
-
-/// The UNMAP flag of a write-zeroes range: the device may deallocate.
-pub const VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
+/// Status values written in the last byte of a request, as the byte they are written as.
+pub const VIRTIO_BLK_S_OK: u8 = spec::VIRTIO_BLK_S_OK as u8;
+pub const VIRTIO_BLK_S_IOERR: u8 = spec::VIRTIO_BLK_S_IOERR as u8;
+pub const VIRTIO_BLK_S_UNSUPP: u8 = spec::VIRTIO_BLK_S_UNSUPP as u8;
 
 /// Limits the device advertises and enforces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,31 +83,69 @@ impl Limits {
     }
 }
 
-/// The 16-byte request header (struct virtio_blk_outhdr).
+/// The 16-byte request header, `struct virtio_blk_outhdr`, as the driver wrote it.
 #[derive(Clone, Copy, Debug, Default)]
-#[repr(C)]
-pub struct RequestHeader {
-    pub request_type: Le32,
-    pub reserved: Le32,
-    pub sector: Le64,
-}
+#[repr(transparent)]
+pub struct RequestHeader(virtio_blk_outhdr);
 
-// SAFETY: plain-old-data made of little-endian integers, no padding, any bit pattern valid.
+// SAFETY: `virtio_blk_outhdr` is repr(C) with two u32 and a u64 (16 bytes, no padding: the
+// bindings assert its layout), so any bit pattern is a valid value; repr(transparent) gives
+// the newtype that same layout.
 unsafe impl ByteValued for RequestHeader {}
 
-/// One range of a discard or write-zeroes request (struct virtio_blk_discard_write_zeroes).
-#[derive(Clone, Copy, Debug, Default)]
-#[repr(C)]
-pub struct DiscardRange {
-    pub sector: Le64,
-    pub num_sectors: Le32,
-    pub flags: Le32,
+impl RequestHeader {
+    /// A header as a driver lays it out (little-endian).
+    pub fn new(request_type: u32, sector: u64) -> Self {
+        RequestHeader(virtio_blk_outhdr {
+            type_: request_type.to_le(),
+            ioprio: 0,
+            sector: sector.to_le(),
+        })
+    }
+
+    pub fn request_type(&self) -> u32 {
+        u32::from_le(self.0.type_)
+    }
+
+    pub fn sector(&self) -> u64 {
+        u64::from_le(self.0.sector)
+    }
 }
 
-// SAFETY: plain-old-data made of little-endian integers, no padding, any bit pattern valid.
+/// One range of a discard or write-zeroes request, `struct virtio_blk_discard_write_zeroes`.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(transparent)]
+pub struct DiscardRange(virtio_blk_discard_write_zeroes);
+
+// SAFETY: `virtio_blk_discard_write_zeroes` is repr(C) with a u64 and two u32 (16 bytes, no
+// padding: the bindings assert its layout), so any bit pattern is a valid value;
+// repr(transparent) gives the newtype that same layout.
 unsafe impl ByteValued for DiscardRange {}
 
-const RANGE_BYTES: u32 = std::mem::size_of::<DiscardRange>() as u32;
+impl DiscardRange {
+    /// A range as a driver lays it out (little-endian).
+    pub fn new(sector: u64, num_sectors: u32, flags: u32) -> Self {
+        DiscardRange(virtio_blk_discard_write_zeroes {
+            sector: sector.to_le(),
+            num_sectors: num_sectors.to_le(),
+            flags: flags.to_le(),
+        })
+    }
+
+    pub fn sector(&self) -> u64 {
+        u64::from_le(self.0.sector)
+    }
+
+    pub fn num_sectors(&self) -> u32 {
+        u32::from_le(self.0.num_sectors)
+    }
+
+    pub fn flags(&self) -> u32 {
+        u32::from_le(self.0.flags)
+    }
+}
+
+const RANGE_BYTES: u32 = size_of::<DiscardRange>() as u32;
 
 /// A validated range of a discard or write-zeroes request, in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,7 +228,7 @@ impl ParseError {
 
 /// Where to write the status byte: the last byte of the chain's last descriptor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StatusSlot {
+pub struct StatusAddr {
     pub addr: GuestAddress,
 }
 
@@ -208,7 +244,7 @@ pub struct Request {
     /// Discard/write-zeroes ranges.
     pub ranges: Vec<ByteRange>,
     /// Where the status byte goes.
-    pub status: StatusSlot,
+    pub status: StatusAddr,
 }
 
 impl Default for Request {
@@ -218,16 +254,16 @@ impl Default for Request {
             segments: Vec::new(),
             data_len: 0,
             ranges: Vec::new(),
-            status: StatusSlot {
+            status: StatusAddr {
                 addr: GuestAddress(0),
             },
         }
     }
 }
 
-/// Finds the status slot of a chain: the last descriptor, device-writable and non-empty.
+/// Finds the status byte of a chain: the last descriptor, device-writable and non-empty.
 /// The status goes in its last byte. An error means there is nowhere to report a status.
-pub fn find_status<I>(descriptors: I) -> Result<StatusSlot, ParseError>
+pub fn find_status<I>(descriptors: I) -> Result<StatusAddr, ParseError>
 where
     I: Iterator<Item = Descriptor>,
 {
@@ -240,7 +276,7 @@ where
         .0
         .checked_add(u64::from(last.len()) - 1)
         .ok_or(ParseError::BadStatusDescriptor)?;
-    Ok(StatusSlot {
+    Ok(StatusAddr {
         addr: GuestAddress(addr),
     })
 }
@@ -250,7 +286,7 @@ impl Request {
     ///
     /// `descriptors` must yield the whole chain in order (the caller's `DescriptorChain`
     /// iterator, which follows indirect tables and bounds the chain length). On error, the
-    /// status slot is still filled in when the chain has one, so the caller can answer.
+    /// status address is still filled in when the chain has one, so the caller can answer.
     pub fn parse<I, M>(
         &mut self,
         descriptors: I,
@@ -268,44 +304,21 @@ impl Request {
 
         let mut descs = descriptors;
         let header_desc = descs.next().ok_or(ParseError::BadHeader)?;
-        if header_desc.is_write_only()
-            || (header_desc.len() as usize) < std::mem::size_of::<RequestHeader>()
+        if header_desc.is_write_only() || (header_desc.len() as usize) < size_of::<RequestHeader>()
         {
             return Err(ParseError::BadHeader);
         }
         let header: RequestHeader = mem
             .read_obj(header_desc.addr())
             .map_err(|_| ParseError::Memory(header_desc.addr().0))?;
-        let request_type = header.request_type.to_native();
-        let sector = header.sector.to_native();
+        let request_type = header.request_type();
+        let want_write_only = data_direction(request_type, limits)?;
 
         // Everything between the header and the status descriptor is data. The status
         // descriptor is the last one; we know the chain has at least two descriptors unless
         // the header is also the status (impossible: the header is device-readable).
         let mut count = 0usize;
         let mut pending_last: Option<Descriptor> = None;
-        let mut want_write_only = None;
-        let mut is_range_request = false;
-        match request_type {
-            VIRTIO_BLK_T_IN => want_write_only = Some(true),
-            VIRTIO_BLK_T_OUT => want_write_only = Some(false),
-            VIRTIO_BLK_T_GET_ID => want_write_only = Some(true),
-            VIRTIO_BLK_T_FLUSH => {}
-            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
-                want_write_only = Some(false);
-                is_range_request = true;
-            }
-            other => return Err(ParseError::Unsupported(other)),
-        }
-        if limits.read_only
-            && matches!(
-                request_type,
-                VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES
-            )
-        {
-            return Err(ParseError::ReadOnly);
-        }
-
         // Walk the data descriptors: all but the last (status) descriptor after the header.
         for desc in descs {
             if let Some(prev) = pending_last.replace(desc) {
@@ -318,7 +331,19 @@ impl Request {
             // device-readable header, so this is unreachable, but stay defensive.
             return Err(ParseError::NoStatus);
         }
+        self.kind = self.validate(request_type, header.sector(), mem, limits)?;
+        Ok(())
+    }
 
+    /// Checks the data gathered for a request of `request_type` at `sector`, reading the
+    /// ranges of a discard or write-zeroes; returns what it asks for.
+    fn validate<M: GuestMemory>(
+        &mut self,
+        request_type: u32,
+        sector: u64,
+        mem: &M,
+        limits: &Limits,
+    ) -> Result<RequestKind, ParseError> {
         match request_type {
             VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
                 let block = u64::from(limits.logical_block_size);
@@ -330,31 +355,27 @@ impl Request {
                 let sectors = self.data_len >> SECTOR_SHIFT;
                 check_range(sector, sectors, limits)?;
                 let offset = sector << SECTOR_SHIFT;
-                self.kind = if request_type == VIRTIO_BLK_T_IN {
+                Ok(if request_type == VIRTIO_BLK_T_IN {
                     RequestKind::Read { offset }
                 } else {
                     RequestKind::Write { offset }
-                };
+                })
             }
-            VIRTIO_BLK_T_FLUSH => self.kind = RequestKind::Flush,
-            VIRTIO_BLK_T_GET_ID => {
-                if self.data_len == 0 {
-                    return Err(ParseError::NoData);
-                }
-                self.kind = RequestKind::GetId;
-            }
-            _ => {
-                debug_assert!(is_range_request);
+            VIRTIO_BLK_T_FLUSH => Ok(RequestKind::Flush),
+            VIRTIO_BLK_T_GET_ID if self.data_len == 0 => Err(ParseError::NoData),
+            VIRTIO_BLK_T_GET_ID => Ok(RequestKind::GetId),
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
                 let discard = request_type == VIRTIO_BLK_T_DISCARD;
                 self.parse_ranges(mem, limits, discard)?;
-                self.kind = if discard {
+                Ok(if discard {
                     RequestKind::Discard
                 } else {
                     RequestKind::WriteZeroes
-                };
+                })
             }
+            // `data_direction` refused every other type before the data was gathered.
+            other => Err(ParseError::Unsupported(other)),
         }
-        Ok(())
     }
 
     fn add_data(
@@ -412,9 +433,7 @@ impl Request {
             for k in 0..(seg.len / RANGE_BYTES) {
                 let addr = GuestAddress(seg.addr.0 + u64::from(k * RANGE_BYTES));
                 let r: DiscardRange = mem.read_obj(addr).map_err(|_| ParseError::Memory(addr.0))?;
-                let sector = r.sector.to_native();
-                let num = r.num_sectors.to_native();
-                let flags = r.flags.to_native();
+                let (sector, num, flags) = (r.sector(), r.num_sectors(), r.flags());
                 let allowed = if discard {
                     0
                 } else {
@@ -449,6 +468,22 @@ fn check_range(sector: u64, sectors: u64, limits: &Limits) -> Result<(), ParseEr
     }
 }
 
+/// Which way the data buffers of a request of `request_type` must go: device-writable
+/// (`Some(true)`), device-readable (`Some(false)`), or either (`None`: flush carries no data).
+/// Refuses unknown types, and writes of any kind to a read-only device.
+fn data_direction(request_type: u32, limits: &Limits) -> Result<Option<bool>, ParseError> {
+    let want_write_only = match request_type {
+        VIRTIO_BLK_T_IN | VIRTIO_BLK_T_GET_ID => Some(true),
+        VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => Some(false),
+        VIRTIO_BLK_T_FLUSH => None,
+        other => return Err(ParseError::Unsupported(other)),
+    };
+    if limits.read_only && want_write_only == Some(false) {
+        return Err(ParseError::ReadOnly);
+    }
+    Ok(want_write_only)
+}
+
 /// Builds the GET_ID answer: the serial, truncated or NUL-padded to 20 bytes.
 pub fn id_bytes(serial: &str) -> [u8; ID_BYTES] {
     let mut id = [0u8; ID_BYTES];
@@ -457,43 +492,23 @@ pub fn id_bytes(serial: &str) -> [u8; ID_BYTES] {
     id
 }
 
-/// virtio-blk feature bits (virtio spec 5.2.3).
-pub mod features {
-    pub const SIZE_MAX: u32 = 1;
-    pub const SEG_MAX: u32 = 2;
-    pub const RO: u32 = 5;
-    pub const BLK_SIZE: u32 = 6;
-    pub const FLUSH: u32 = 9;
-    pub const TOPOLOGY: u32 = 10;
-    pub const CONFIG_WCE: u32 = 11;
-    pub const MQ: u32 = 12;
-    pub const DISCARD: u32 = 13;
-    pub const WRITE_ZEROES: u32 = 14;
-    pub const RING_INDIRECT_DESC: u32 = 28;
-    pub const RING_EVENT_IDX: u32 = 29;
-    pub const VERSION_1: u32 = 32;
-}
+/// The device's configuration space, `struct virtio_blk_config` with little-endian values,
+/// viewed as the bytes a frontend reads.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(transparent)]
+pub struct ConfigSpace(virtio_blk_config);
 
-/// Byte offsets of struct virtio_blk_config fields (virtio spec 5.2.4).
-pub mod config_offsets {
-    pub const CAPACITY: usize = 0;
-    pub const SIZE_MAX: usize = 8;
-    pub const SEG_MAX: usize = 12;
-    pub const BLK_SIZE: usize = 20;
-    pub const PHYSICAL_BLOCK_EXP: usize = 24;
-    pub const ALIGNMENT_OFFSET: usize = 25;
-    pub const MIN_IO_SIZE: usize = 26;
-    pub const OPT_IO_SIZE: usize = 28;
-    pub const WRITEBACK: usize = 32;
-    pub const NUM_QUEUES: usize = 34;
-    pub const MAX_DISCARD_SECTORS: usize = 36;
-    pub const MAX_DISCARD_SEG: usize = 40;
-    pub const DISCARD_SECTOR_ALIGNMENT: usize = 44;
-    pub const MAX_WRITE_ZEROES_SECTORS: usize = 48;
-    pub const MAX_WRITE_ZEROES_SEG: usize = 52;
-    pub const WRITE_ZEROES_MAY_UNMAP: usize = 56;
-    /// Size of the whole struct including the secure-erase and zoned parts we leave zero.
-    pub const SIZE: usize = 96;
+// The whole struct, secure-erase and zoned parts included (we leave them zero).
+const _: () = assert!(size_of::<virtio_blk_config>() == 96);
+
+// SAFETY: `virtio_blk_config` is repr(C, packed) and made of integers and byte arrays only,
+// so it has no padding and any bit pattern is a valid value; repr(transparent) gives the
+// newtype that same layout.
+unsafe impl ByteValued for ConfigSpace {}
+
+impl ConfigSpace {
+    /// Offset of the writeback byte, the only field a driver may write (CONFIG_WCE).
+    pub const WRITEBACK: usize = offset_of!(virtio_blk_config, wce);
 }
 
 /// Lays out the config space for a device with these limits.
@@ -502,40 +517,30 @@ pub fn config_space(
     num_queues: u16,
     writeback: bool,
     physical_block_size: u32,
-) -> [u8; config_offsets::SIZE] {
-    use config_offsets::*;
-    let mut c = [0u8; SIZE];
-    let put32 =
-        |c: &mut [u8; SIZE], off: usize, v: u32| c[off..off + 4].copy_from_slice(&v.to_le_bytes());
-    c[CAPACITY..CAPACITY + 8].copy_from_slice(&limits.capacity_sectors.to_le_bytes());
-    put32(&mut c, SIZE_MAX, limits.size_max);
-    put32(&mut c, SEG_MAX, limits.seg_max);
-    put32(&mut c, BLK_SIZE, limits.logical_block_size);
+) -> ConfigSpace {
     let exp = (physical_block_size / limits.logical_block_size)
         .max(1)
         .trailing_zeros();
-    c[PHYSICAL_BLOCK_EXP] = exp as u8;
-    c[ALIGNMENT_OFFSET] = 0;
     let min_io = (limits.logical_block_size >> SECTOR_SHIFT).max(1) as u16;
-    c[MIN_IO_SIZE..MIN_IO_SIZE + 2].copy_from_slice(&min_io.to_le_bytes());
-    put32(&mut c, OPT_IO_SIZE, 0);
-    c[WRITEBACK] = u8::from(writeback);
-    c[NUM_QUEUES..NUM_QUEUES + 2].copy_from_slice(&num_queues.to_le_bytes());
-    put32(&mut c, MAX_DISCARD_SECTORS, limits.max_discard_sectors);
-    put32(&mut c, MAX_DISCARD_SEG, limits.max_discard_seg);
-    put32(
-        &mut c,
-        DISCARD_SECTOR_ALIGNMENT,
-        limits.logical_block_size >> SECTOR_SHIFT,
-    );
-    put32(
-        &mut c,
-        MAX_WRITE_ZEROES_SECTORS,
-        limits.max_write_zeroes_sectors,
-    );
-    put32(&mut c, MAX_WRITE_ZEROES_SEG, limits.max_write_zeroes_seg);
-    c[WRITE_ZEROES_MAY_UNMAP] = 1;
-    c
+    ConfigSpace(virtio_blk_config {
+        capacity: limits.capacity_sectors.to_le(),
+        size_max: limits.size_max.to_le(),
+        seg_max: limits.seg_max.to_le(),
+        blk_size: limits.logical_block_size.to_le(),
+        physical_block_exp: exp as u8,
+        alignment_offset: 0,
+        min_io_size: min_io.to_le(),
+        opt_io_size: 0,
+        wce: u8::from(writeback),
+        num_queues: num_queues.to_le(),
+        max_discard_sectors: limits.max_discard_sectors.to_le(),
+        max_discard_seg: limits.max_discard_seg.to_le(),
+        discard_sector_alignment: (limits.logical_block_size >> SECTOR_SHIFT).to_le(),
+        max_write_zeroes_sectors: limits.max_write_zeroes_sectors.to_le(),
+        max_write_zeroes_seg: limits.max_write_zeroes_seg.to_le(),
+        write_zeroes_may_unmap: 1,
+        ..virtio_blk_config::default()
+    })
 }
 
 #[cfg(test)]
@@ -564,12 +569,8 @@ mod tests {
     }
 
     fn header(m: &GuestMemoryMmap, at: u64, t: u32, sector: u64) -> Descriptor {
-        let h = RequestHeader {
-            request_type: t.into(),
-            reserved: 0.into(),
-            sector: sector.into(),
-        };
-        m.write_obj(h, GuestAddress(at)).unwrap();
+        m.write_obj(RequestHeader::new(t, sector), GuestAddress(at))
+            .unwrap();
         d(at, 16, false)
     }
 
@@ -705,11 +706,7 @@ mod tests {
     }
 
     fn range(m: &GuestMemoryMmap, at: u64, sector: u64, num: u32, flags: u32) {
-        let r = DiscardRange {
-            sector: sector.into(),
-            num_sectors: num.into(),
-            flags: flags.into(),
-        };
+        let r = DiscardRange::new(sector, num, flags);
         m.write_obj(r, GuestAddress(at)).unwrap();
     }
 
@@ -796,7 +793,8 @@ mod tests {
     #[test]
     fn config_space_layout() {
         let l = Limits::new(1 << 30, 4096, false, 126);
-        let c = config_space(&l, 2, true, 4096);
+        let config = config_space(&l, 2, true, 4096);
+        let c = config.as_slice();
         assert_eq!(
             u64::from_le_bytes(c[0..8].try_into().unwrap()),
             (1 << 30) / 512

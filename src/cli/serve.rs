@@ -8,7 +8,7 @@ use crate::cow::{self, CacheObject, CreateOptions};
 use crate::daemon::{self, Daemon, ServeDefaults};
 use crate::device::{BlockDevice, RawDevice};
 use crate::storage::{FileStorage, Storage};
-use crate::vhost::{DeviceServer, ServeOptions};
+use crate::vhost::{DeviceServer, Scheduler, SchedulerConfig, ServeOptions};
 use clap::Args;
 use log::info;
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -319,7 +319,8 @@ fn serve_raw(args: &ServeArgs, signals: &mut Signals) -> Result<(), CliError> {
         poll: Duration::from_micros(args.poll_us.into()),
     };
     let dev: Arc<dyn BlockDevice> = device.clone();
-    let server = DeviceServer::start("origin", &args.socket, args.socket_mode, dev, opts)?;
+    let sched = Arc::new(Scheduler::new(SchedulerConfig::default()));
+    let server = DeviceServer::start("origin", &args.socket, args.socket_mode, dev, opts, sched)?;
     print_attach_help(args, device.capacity());
     let signal = signals.forever().next();
     info!("received signal {signal:?}: finishing in-flight requests and shutting down");

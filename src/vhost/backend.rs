@@ -3,27 +3,38 @@
 //! One [`BlkBackend`] is built per frontend connection (guest memory, negotiated features and
 //! the writeback setting belong to the connection); the [`BlockDevice`] it serves outlives it.
 //! Each queue gets its own worker thread (see `queues_per_thread`), and the only state a worker
-//! touches besides its own vring is the device, so queues run in parallel without a shared lock.
+//! touches besides its own vring is the device and the daemon's [`Scheduler`], so queues run in
+//! parallel without a shared lock.
 
-use super::worker::QueueWorker;
+use super::guest::GuestMem;
+use super::queue::{QueueContext, QueueWorker};
+use super::request::RequestContext;
+use super::sched::Scheduler;
 use crate::device::BlockDevice;
-use crate::virtio_blk::{self, config_offsets, features, Limits};
+use crate::sys;
+use crate::virtio_blk::{self, ConfigSpace, Limits};
 use log::{debug, warn};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use vm_memory::ByteValued;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
-
-/// Guest memory as the library hands it to us (no dirty-page bitmap: we do not offer LOG_ALL).
-pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 
 /// What a device is served with; fixed for the life of the socket.
 #[derive(Clone, Debug)]
@@ -47,6 +58,8 @@ pub struct BlkBackend {
     mem: GuestMem,
     /// Write-back cache enabled (the driver may turn it off through config space).
     writeback: AtomicBool,
+    /// The daemon's scheduling policy, shared with every other connection.
+    sched: Arc<Scheduler>,
     workers: Vec<Mutex<QueueWorker>>,
     /// Exit events, one per worker thread. We keep the consumer fds: the library takes them
     /// with `into_raw_fd` and never closes them, so we close them when the backend drops.
@@ -67,10 +80,13 @@ impl Drop for Busy<'_> {
 }
 
 impl BlkBackend {
+    /// The backend of one connection: `device` served with `opts` in the frontend's guest
+    /// memory `mem`, its requests scheduled by the daemon's `sched`.
     pub fn new(
         device: Arc<dyn BlockDevice>,
         opts: ServeOptions,
         mem: GuestMem,
+        sched: Arc<Scheduler>,
     ) -> io::Result<Self> {
         let seg_max = u32::from(opts.queue_size).saturating_sub(2).max(1);
         let limits = Limits::new(
@@ -92,6 +108,7 @@ impl BlkBackend {
             opts,
             mem,
             writeback: AtomicBool::new(true),
+            sched,
             workers,
             exit_events,
             quiescing: AtomicBool::new(false),
@@ -115,11 +132,11 @@ impl BlkBackend {
         true
     }
 
-    pub(super) fn quiescing(&self) -> bool {
+    fn quiescing(&self) -> bool {
         self.quiescing.load(Ordering::SeqCst)
     }
 
-    fn config(&self) -> [u8; config_offsets::SIZE] {
+    fn config(&self) -> ConfigSpace {
         virtio_blk::config_space(
             &self.limits,
             self.opts.num_queues,
@@ -128,20 +145,20 @@ impl BlkBackend {
         )
     }
 
-    pub(super) fn limits(&self) -> &Limits {
-        &self.limits
-    }
-
-    pub(super) fn device(&self) -> &dyn BlockDevice {
-        &*self.device
-    }
-
-    pub(super) fn id(&self) -> &[u8; virtio_blk::ID_BYTES] {
-        &self.id
-    }
-
-    pub(super) fn writeback(&self) -> bool {
-        self.writeback.load(Ordering::Relaxed)
+    /// What this connection's queue workers work with, borrowed for one event.
+    pub(super) fn queue_context(&self) -> QueueContext<'_> {
+        QueueContext {
+            request: RequestContext {
+                device: &*self.device,
+                limits: &self.limits,
+                id: &self.id,
+                writeback: &self.writeback,
+            },
+            sched: &self.sched,
+            mem: &self.mem,
+            quiescing: &self.quiescing,
+            max_poll: self.opts.poll,
+        }
     }
 }
 
@@ -162,28 +179,28 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn features(&self) -> u64 {
-        let mut f = bit(features::VERSION_1)
-            | bit(features::RING_EVENT_IDX)
-            | bit(features::RING_INDIRECT_DESC)
-            | bit(features::SIZE_MAX)
-            | bit(features::SEG_MAX)
-            | bit(features::BLK_SIZE)
-            | bit(features::TOPOLOGY)
-            | bit(features::FLUSH)
-            | bit(features::CONFIG_WCE)
-            | bit(features::MQ)
+        let mut f = bit(VIRTIO_F_VERSION_1)
+            | bit(VIRTIO_RING_F_EVENT_IDX)
+            | bit(VIRTIO_RING_F_INDIRECT_DESC)
+            | bit(VIRTIO_BLK_F_SIZE_MAX)
+            | bit(VIRTIO_BLK_F_SEG_MAX)
+            | bit(VIRTIO_BLK_F_BLK_SIZE)
+            | bit(VIRTIO_BLK_F_TOPOLOGY)
+            | bit(VIRTIO_BLK_F_FLUSH)
+            | bit(VIRTIO_BLK_F_CONFIG_WCE)
+            | bit(VIRTIO_BLK_F_MQ)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         if self.opts.read_only {
-            f |= bit(features::RO);
+            f |= bit(VIRTIO_BLK_F_RO);
         } else {
-            f |= bit(features::DISCARD) | bit(features::WRITE_ZEROES);
+            f |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
         }
         f
     }
 
     fn acked_features(&self, acked: u64) {
         // A driver that cannot flush must get a write-through device (virtio spec 5.2.5.1).
-        if acked & bit(features::FLUSH) == 0 {
+        if acked & bit(VIRTIO_BLK_F_FLUSH) == 0 {
             self.writeback.store(false, Ordering::Relaxed);
         }
     }
@@ -209,6 +226,7 @@ impl VhostUserBackend for BlkBackend {
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         // The frontend asks for exactly `size` bytes; bytes past our struct read as zero.
         let config = self.config();
+        let config = config.as_slice();
         let mut out = vec![0u8; size as usize];
         let start = (offset as usize).min(config.len());
         let end = (offset as usize)
@@ -220,7 +238,7 @@ impl VhostUserBackend for BlkBackend {
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
         // Only the writeback byte is driver-writable (CONFIG_WCE).
-        if offset as usize == config_offsets::WRITEBACK && buf.len() == 1 {
+        if offset as usize == ConfigSpace::WRITEBACK && buf.len() == 1 {
             let wb = buf[0] != 0;
             debug!("driver set writeback={wb}");
             self.writeback.store(wb, Ordering::Relaxed);
@@ -234,12 +252,20 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
-        // `self.mem` is the same atomic the library just updated; workers load it per pass.
+        // `self.mem` is the same atomic the library just updated; workers load it per batch.
         use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
+        let current = mem.memory();
         debug!(
             "guest memory table now has {} regions",
-            mem.memory().num_regions()
+            current.num_regions()
         );
+        // Idle queues let go of the old table now, so a removed region is unmapped at once; a
+        // queue busy right now does so when it goes idle.
+        for worker in &self.workers {
+            if let Ok(mut worker) = worker.try_lock() {
+                worker.release_stale_memory(&current);
+            }
+        }
         Ok(())
     }
 
@@ -250,10 +276,8 @@ impl VhostUserBackend for BlkBackend {
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         let (consumer, notifier) = self.exit_events.get(thread_index)?;
         let notifier = notifier.try_clone().ok()?;
-        // SAFETY: the library only registers this consumer's fd with epoll through
-        // `into_raw_fd` and never closes it; `self.exit_events` keeps the owning copy, which
-        // outlives the worker threads (they hold an Arc of this backend) and closes it once.
-        let consumer = unsafe { EventConsumer::from_raw_fd(consumer.as_raw_fd()) };
+        // The library never closes the consumer it is given: hand it an alias of ours.
+        let consumer = ManuallyDrop::into_inner(sys::shared_event_consumer(consumer));
         Some((consumer, notifier))
     }
 
@@ -286,6 +310,86 @@ impl VhostUserBackend for BlkBackend {
         let mut worker = worker
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        worker.process_queue(self, vring, self.opts.poll, &self.mem)
+        worker.process_queue(&self.queue_context(), vring)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_rig::*;
+    use super::*;
+    use crate::virtio_blk::*;
+
+    #[test]
+    fn features_are_the_spec_bits_for_the_device() {
+        let mask = |bits: &[u32]| bits.iter().fold(0u64, |m, b| m | 1 << b);
+        // VERSION_1, EVENT_IDX, INDIRECT_DESC, SIZE_MAX, SEG_MAX, BLK_SIZE, TOPOLOGY, FLUSH,
+        // CONFIG_WCE, MQ and vhost-user's PROTOCOL_FEATURES (bit 30); then DISCARD and
+        // WRITE_ZEROES, or RO.
+        let common = [32, 29, 28, 1, 2, 6, 10, 9, 11, 12, 30];
+        assert_eq!(
+            rig(false).backend.features(),
+            mask(&common) | mask(&[13, 14])
+        );
+        assert_eq!(rig(true).backend.features(), mask(&common) | mask(&[5]));
+    }
+
+    #[test]
+    fn config_reads_are_the_size_asked_and_only_writeback_is_writable() {
+        let r = rig(false);
+        let full = r.backend.get_config(0, 96);
+        assert_eq!(full.len(), 96);
+        assert_eq!(u64::from_le_bytes(full[..8].try_into().unwrap()), 128);
+        assert_eq!(full[ConfigSpace::WRITEBACK], 1);
+        // Bytes past the struct read as zero, and the answer is exactly the size asked.
+        let tail = r.backend.get_config(90, 16);
+        assert_eq!(tail.len(), 16);
+        assert_eq!(tail[..6], full[90..]);
+        assert!(tail[6..].iter().all(|&b| b == 0));
+        assert_eq!(r.backend.get_config(200, 4), vec![0; 4]);
+        let wce = ConfigSpace::WRITEBACK as u32;
+        r.backend.set_config(wce, &[0]).unwrap();
+        assert_eq!(r.backend.get_config(wce, 1), vec![0]);
+        assert!(r.backend.set_config(0, &[1]).is_err());
+        assert!(r.backend.set_config(wce, &[1, 1]).is_err());
+        assert_eq!(r.backend.get_config(wce, 1), vec![0]);
+    }
+
+    #[test]
+    fn quiesce_waits_for_popped_requests_and_then_nothing_more_is_popped() {
+        // Two writes that never meet a third: each is held for 1 s.
+        let g = gated(2, 3, Duration::from_secs(1), true);
+        let (backend, vring) = (g.backend.clone(), g.vring.clone());
+        let worker = std::thread::spawn(move || {
+            // Through the library's entry point, which counts the worker busy.
+            backend.handle_event(0, EventSet::IN, &[vring], 0)
+        });
+        while g.device.in_flight.lock().unwrap().0 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            !g.backend.quiesce(Duration::from_millis(100)),
+            "a write is still running"
+        );
+        assert!(g.backend.quiesce(Duration::from_secs(5)));
+        worker.join().unwrap().unwrap();
+        // What was popped is answered; the flush behind the first write was never popped, so
+        // the next backend finds it in the ring past the used index.
+        assert_eq!(
+            g.used_idx(),
+            1,
+            "only the first request was popped (inline mode)"
+        );
+        assert_eq!(g.status(0), VIRTIO_BLK_S_OK);
+        assert_eq!(
+            g.status(1),
+            0xff,
+            "the second write was left for the next backend"
+        );
+        // A kick after quiescing pops nothing.
+        g.backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&g.vring), 0)
+            .unwrap();
+        assert_eq!(g.used_idx(), 1);
     }
 }

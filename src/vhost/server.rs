@@ -4,9 +4,12 @@
 //! listening socket and builds a fresh daemon (and backend) for each connection: a VM that
 //! reboots, or a QEMU that is killed and restarted, is served again on the same path.
 
-use super::backend::{BlkBackend, GuestMem, ServeOptions};
+use super::backend::{BlkBackend, ServeOptions};
+use super::guest::GuestMem;
+use super::sched::Scheduler;
 use crate::device::BlockDevice;
 use crate::sock::{bind_socket, wait_readable, SocketError};
+use crate::sys;
 use log::{info, warn};
 use std::fs;
 use std::io;
@@ -18,7 +21,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use thiserror::Error;
 use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon, VhostUserHandlerError};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -28,9 +31,55 @@ pub enum ServeError {
     #[error(transparent)]
     Socket(#[from] SocketError),
     #[error("cannot set up the connection: {0}")]
-    Setup(io::Error),
+    Setup(#[source] io::Error),
     #[error("vhost-user: {0}")]
-    Vhost(String),
+    Daemon(#[source] DaemonError),
+    #[error("vhost-user: the thread watching the connection panicked")]
+    WatcherPanicked,
+    #[error("vhost-user: the connection lost its daemon")]
+    DaemonLost,
+}
+
+/// What `vhost_user_backend` reported, with its cause as the source (the library's own error
+/// type does not implement `std::error::Error`). Messages are the library's.
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error("cannot create vhost user handler: {0}")]
+    NewHandler(#[source] VhostUserHandlerError),
+    #[error("cannot create backend listener: {0}")]
+    BackendListener(#[source] VhostUserError),
+    #[error("cannot create backend req handler: {0}")]
+    BackendReqHandler(#[source] VhostUserError),
+    #[error("cannot create vhost-user listener: {0}")]
+    Listener(#[source] VhostUserError),
+    #[error("failed to start daemon: {0}")]
+    Start(#[source] io::Error),
+    /// The library's thread panicked (its payload is dropped: it is not an error value).
+    #[error("failed to wait for daemon exit")]
+    Wait,
+    #[error("failed to handle request: {0}")]
+    Request(#[source] VhostUserError),
+}
+
+impl From<vhost_user_backend::Error> for DaemonError {
+    fn from(e: vhost_user_backend::Error) -> Self {
+        use vhost_user_backend::Error as E;
+        match e {
+            E::NewVhostUserHandler(e) => DaemonError::NewHandler(e),
+            E::CreateBackendListener(e) => DaemonError::BackendListener(e),
+            E::CreateBackendReqHandler(e) => DaemonError::BackendReqHandler(e),
+            E::CreateVhostUserListener(e) => DaemonError::Listener(e),
+            E::StartDaemon(e) => DaemonError::Start(e),
+            E::WaitDaemon(_) => DaemonError::Wait,
+            E::HandleRequest(e) => DaemonError::Request(e),
+        }
+    }
+}
+
+impl From<vhost_user_backend::Error> for ServeError {
+    fn from(e: vhost_user_backend::Error) -> Self {
+        ServeError::Daemon(e.into())
+    }
 }
 
 /// How long a new connection waits for the current one to end before it is refused.
@@ -43,10 +92,8 @@ fn wait_for_event(event: &EventFd, timeout: Duration) -> bool {
         events: libc::POLLIN,
         revents: 0,
     }];
-    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `fds` is a valid array of one pollfd for the duration of the call.
-    let rc = unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) };
-    rc > 0 && fds[0].revents & libc::POLLIN != 0
+    matches!(sys::poll(&mut fds, Some(timeout)), Ok(n) if n > 0)
+        && fds[0].revents & libc::POLLIN != 0
 }
 
 /// Tells a serving thread to stop, whether it is waiting for a frontend or serving one.
@@ -98,13 +145,14 @@ pub struct DeviceServer {
 }
 
 impl DeviceServer {
-    /// Binds `path` and starts serving `device` on it.
+    /// Binds `path` and starts serving `device` on it, its requests scheduled by `sched`.
     pub fn start(
         name: &str,
         path: &Path,
         socket_mode: u32,
         device: Arc<dyn BlockDevice>,
         opts: ServeOptions,
+        sched: Arc<Scheduler>,
     ) -> Result<Self, ServeError> {
         let listener = bind_socket(path, socket_mode)?;
         let stop = Arc::new(StopSignal {
@@ -118,7 +166,12 @@ impl DeviceServer {
             std::thread::Builder::new()
                 .name(format!("serve-{name}"))
                 .spawn(move || {
-                    serve_loop(&name, Listener::from(listener), device, opts, &stop, &stats)
+                    let service = Service {
+                        device,
+                        opts,
+                        sched,
+                    };
+                    serve_loop(&name, Listener::from(listener), &service, &stop, &stats)
                 })
                 .map_err(ServeError::Setup)?
         };
@@ -178,23 +231,22 @@ fn wait_for_connection(listener: &Listener, stop: &StopSignal) -> bool {
     !stop.requested() && wait_readable(listener.as_raw_fd(), &stop.wake) && !stop.requested()
 }
 
+/// What a server serves, connection after connection.
+struct Service {
+    device: Arc<dyn BlockDevice>,
+    opts: ServeOptions,
+    sched: Arc<Scheduler>,
+}
+
 fn serve_loop(
     name: &str,
     mut listener: Listener,
-    device: Arc<dyn BlockDevice>,
-    opts: ServeOptions,
+    service: &Service,
     stop: &StopSignal,
     stats: &ConnectionStats,
 ) {
     while wait_for_connection(&listener, stop) {
-        match serve_one(
-            name,
-            &mut listener,
-            device.clone(),
-            opts.clone(),
-            stop,
-            stats,
-        ) {
+        match serve_one(name, &mut listener, service, stop, stats) {
             Ok(()) => info!("{name}: frontend disconnected"),
             Err(e) => warn!("{name}: connection ended with an error: {e}"),
         }
@@ -217,19 +269,21 @@ impl Drop for ConnectionOver<'_> {
 fn serve_one(
     name: &str,
     listener: &mut Listener,
-    device: Arc<dyn BlockDevice>,
-    opts: ServeOptions,
+    service: &Service,
     stop: &StopSignal,
     stats: &ConnectionStats,
 ) -> Result<(), ServeError> {
     let mem: GuestMem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let backend = Arc::new(BlkBackend::new(device, opts, mem.clone()).map_err(ServeError::Setup)?);
-    let mut daemon = VhostUserDaemon::new(name.to_string(), backend.clone(), mem)
-        .map_err(|e| ServeError::Vhost(e.to_string()))?;
+    let backend = BlkBackend::new(
+        service.device.clone(),
+        service.opts.clone(),
+        mem.clone(),
+        service.sched.clone(),
+    );
+    let backend = Arc::new(backend.map_err(ServeError::Setup)?);
+    let mut daemon = VhostUserDaemon::new(name.to_string(), backend.clone(), mem)?;
     let done = Arc::new(EventFd::new(libc::EFD_CLOEXEC).map_err(ServeError::Setup)?);
-    daemon
-        .start(listener)
-        .map_err(|e| ServeError::Vhost(e.to_string()))?;
+    daemon.start(listener)?;
     {
         // Under the connection lock, so `stop_unless_connected` sees either this frontend
         // connected or its own stop request honoured here, never neither.
@@ -278,9 +332,7 @@ fn serve_one(
                     drop(extra);
                 }
             }
-            waiter
-                .join()
-                .map_err(|_| ServeError::Vhost("connection thread panicked".into()))?
+            waiter.join().map_err(|_| ServeError::WatcherPanicked)?
         }
         Err(e) => {
             warn!(
@@ -293,7 +345,7 @@ fn serve_one(
         }
     };
     let Some((daemon, result)) = waited else {
-        return Err(ServeError::Vhost("connection lost its daemon".into()));
+        return Err(ServeError::DaemonLost);
     };
     *stop.lock() = None;
     // Dropping the daemon joins the queue workers, so no request is in flight after this.
@@ -305,7 +357,7 @@ fn serve_one(
         | Err(vhost_user_backend::Error::HandleRequest(
             VhostUserError::Disconnected | VhostUserError::PartialMessage,
         )) => Ok(()),
-        Err(e) => Err(ServeError::Vhost(e.to_string())),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -341,57 +393,12 @@ fn waiter_spawn_fails() -> bool {
 mod tests {
     use super::*;
     use crate::device::mock::MemDevice;
-    use blkio::{Blkio, Completion, ReqFlags};
-    use std::mem::MaybeUninit;
+    use crate::testkit::blkio_client::Client;
 
-    /// A blkio client connected to `socket`, with an 8 KiB buffer region.
-    struct Client {
-        _blkio: Blkio,
-        queue: blkio::Blkioq,
-        buf: *mut u8,
-    }
-
-    impl Client {
-        fn connect(socket: &Path) -> Client {
-            let mut b = Blkio::new("virtio-blk-vhost-user").unwrap();
-            b.set_str("path", socket.to_str().unwrap()).unwrap();
-            b.connect().unwrap();
-            b.set_i32("num-queues", 1).unwrap();
-            let mut started = b.start().unwrap();
-            let region = b.alloc_mem_region(8192).unwrap();
-            b.map_mem_region(&region).unwrap();
-            Client {
-                queue: started.queues.remove(0),
-                buf: region.addr as *mut u8,
-                _blkio: b,
-            }
-        }
-
-        fn complete(&mut self) -> i32 {
-            let mut c = [MaybeUninit::<Completion>::uninit()];
-            let mut timeout = Duration::from_secs(10);
-            let n = self
-                .queue
-                .do_io(&mut c, 1, Some(&mut timeout), None)
-                .unwrap();
-            assert_eq!(n, 1, "request did not complete within 10 s");
-            // SAFETY: do_io initialized the first `n` completions.
-            unsafe { c[0].assume_init_ref() }.ret
-        }
-
-        /// Writes 4 KiB of `byte` at offset 0 and reads them back.
-        fn write_and_read(&mut self, byte: u8) -> Vec<u8> {
-            // SAFETY: the region is mapped for the client's life and 8 KiB long; no request
-            // is in flight while it is touched here.
-            unsafe { std::ptr::write_bytes(self.buf, byte, 4096) };
-            self.queue.write(0, self.buf, 4096, 0, ReqFlags::empty());
-            assert_eq!(self.complete(), 0);
-            let back = self.buf.wrapping_add(4096);
-            self.queue.read(0, back, 4096, 0, ReqFlags::empty());
-            assert_eq!(self.complete(), 0);
-            // SAFETY: as above; the read has completed.
-            unsafe { std::slice::from_raw_parts(back, 4096) }.to_vec()
-        }
+    /// Writes 4 KiB of `byte` at offset 0 and reads them back.
+    fn write_and_read(client: &mut Client, byte: u8) -> Vec<u8> {
+        assert_eq!(client.write(0, 0, &[byte; 4096]), 0);
+        client.read(0, 0, 4096).expect("read back")
     }
 
     /// Fails watcher spawns until dropped (also when the test panics), so that no other test
@@ -412,6 +419,27 @@ mod tests {
     }
 
     #[test]
+    fn library_errors_keep_their_cause_as_source() {
+        use std::error::Error as _;
+        fn shareable<T: Send + Sync + 'static>(_: &T) {}
+        let broken = io::Error::from_raw_os_error(libc::EPIPE);
+        let e = ServeError::from(vhost_user_backend::Error::HandleRequest(
+            VhostUserError::SocketBroken(broken),
+        ));
+        shareable(&e);
+        assert!(e
+            .to_string()
+            .starts_with("vhost-user: failed to handle request: "));
+        let daemon = e.source().expect("the library's error");
+        assert!(matches!(
+            daemon.downcast_ref::<DaemonError>(),
+            Some(DaemonError::Request(_))
+        ));
+        let cause = daemon.source().expect("the protocol error");
+        assert!(cause.downcast_ref::<VhostUserError>().is_some());
+    }
+
+    #[test]
     fn a_connection_is_served_and_stopped_when_its_watcher_thread_cannot_start() {
         let _failing = FailWaiterSpawn::new();
         let dir = tempfile::tempdir().unwrap();
@@ -425,18 +453,19 @@ mod tests {
             read_only: false,
             poll: Duration::ZERO,
         };
-        let server = DeviceServer::start("t", &socket, 0o600, device.clone(), opts).unwrap();
+        let sched = Arc::new(Scheduler::default());
+        let server = DeviceServer::start("t", &socket, 0o600, device.clone(), opts, sched).unwrap();
         // Served, disconnected, served again.
         for byte in [0x11u8, 0x22] {
-            let mut client = Client::connect(&socket);
-            assert_eq!(client.write_and_read(byte), vec![byte; 4096]);
+            let mut client = Client::connect(&socket, 1);
+            assert_eq!(write_and_read(&mut client, byte), vec![byte; 4096]);
         }
         assert!(device.data.lock().unwrap()[..4096]
             .iter()
             .all(|&b| b == 0x22));
         // A stop with a frontend connected ends its connection instead of hanging.
-        let mut client = Client::connect(&socket);
-        assert_eq!(client.write_and_read(0x33), vec![0x33; 4096]);
+        let mut client = Client::connect(&socket, 1);
+        assert_eq!(write_and_read(&mut client, 0x33), vec![0x33; 4096]);
         let stopped = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             drop(server);
