@@ -20,9 +20,9 @@ pub use virtio_bindings::bindings::virtio_blk::{
 };
 
 /// Sectors are always 512 bytes in virtio-blk, whatever the logical block size.
-pub const SECTOR_SHIFT: u32 = 9;
-/// Size of a virtio-blk sector in bytes.
-pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
+pub use crate::storage::SECTOR_SIZE;
+/// log2 of [`SECTOR_SIZE`].
+pub const SECTOR_SHIFT: u32 = SECTOR_SIZE.trailing_zeros();
 /// Length of the GET_ID answer (no terminating NUL if the serial fills it).
 pub const ID_BYTES: usize = spec::VIRTIO_BLK_ID_BYTES as usize;
 

@@ -16,8 +16,16 @@ pub enum ClientError {
     Connect { path: String, source: io::Error },
     #[error("control connection: {0}")]
     Io(#[from] io::Error),
-    #[error("the daemon sent a reply we cannot read: {0}")]
-    BadReply(String),
+    #[error("cannot encode the request: {0}")]
+    Encode(#[source] serde_json::Error),
+    #[error("the daemon closed the connection before replying")]
+    Closed,
+    #[error("the daemon sent a reply we cannot read: {source}: {line}")]
+    BadReply {
+        line: String,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 /// A connection to a daemon's control socket.
@@ -42,16 +50,15 @@ impl ControlClient {
 
     /// Sends one request and waits for its reply.
     pub fn call(&mut self, request: &Request) -> Result<Reply, ClientError> {
-        let line =
-            serde_json::to_string(request).map_err(|e| ClientError::BadReply(e.to_string()))?;
+        let line = serde_json::to_string(request).map_err(ClientError::Encode)?;
         writeln!(self.writer, "{line}")?;
         let mut reply = String::new();
         if self.reader.read_line(&mut reply)? == 0 {
-            return Err(ClientError::BadReply(
-                "connection closed before a reply".into(),
-            ));
+            return Err(ClientError::Closed);
         }
-        serde_json::from_str(&reply)
-            .map_err(|e| ClientError::BadReply(format!("{e}: {}", reply.trim())))
+        serde_json::from_str(&reply).map_err(|source| ClientError::BadReply {
+            line: reply.trim().to_string(),
+            source,
+        })
     }
 }

@@ -34,7 +34,7 @@ use super::error::{CowError, DeviceId, Result};
 use super::format::{entry_to_block, Enc, Header, Record, ENTRY_UNMAPPED};
 use super::history::OriginHistory;
 use super::meta::{Meta, ReadSide};
-use crate::storage::Storage;
+use crate::storage::{Storage, SECTOR_SIZE};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -44,7 +44,6 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 pub(super) const STRIPES: usize = 1024;
 /// Slots of [`State::chunk_epochs`].
 pub(super) const CHUNK_EPOCH_SLOTS: usize = 1 << 16;
-pub(super) const SECTOR: u64 = 512;
 
 /// Each device's [`ReadSide`] by id: how a read finds a device's mapping without the state
 /// lock. Replaced (under the state lock) when a device is created, deleted or made inoperative.
@@ -227,8 +226,8 @@ impl CacheObject {
 
     #[inline]
     pub(super) fn check_range(&self, offset: u64, len: u64) -> Result<()> {
-        let ok = offset.is_multiple_of(SECTOR)
-            && len.is_multiple_of(SECTOR)
+        let ok = offset.is_multiple_of(SECTOR_SIZE)
+            && len.is_multiple_of(SECTOR_SIZE)
             && offset
                 .checked_add(len)
                 .is_some_and(|end| end <= self.origin_size);

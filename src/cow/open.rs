@@ -1,13 +1,13 @@
 //! Creating and opening a cache object: option validation, the first header, the origin's
 //! identity check, raising the growth limit, and the engine built from what recovery found.
 
-use super::engine::{CacheObject, Counters, Journal, State, CHUNK_EPOCH_SLOTS, SECTOR, STRIPES};
+use super::engine::{CacheObject, Counters, Journal, State, CHUNK_EPOCH_SLOTS, STRIPES};
 use super::error::{CowError, Result};
 use super::format::{
     Header, FORMAT_VERSION, HEADER_SLOT_SIZE, JOURNAL_OFFSET, NO_BLOCK, TXN_ALIGN,
 };
 use super::recovery::{read_header, recover};
-use crate::storage::Storage;
+use crate::storage::{Storage, SECTOR_SIZE};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -150,7 +150,7 @@ fn new_header(origin_size: u64, opts: &CreateOptions) -> Result<Header> {
             "chunk size {cs} must be a power of two from 4 KiB to 1 MiB"
         )));
     }
-    if origin_size == 0 || !origin_size.is_multiple_of(SECTOR) || origin_size > 1 << 56 {
+    if origin_size == 0 || !origin_size.is_multiple_of(SECTOR_SIZE) || origin_size > 1 << 56 {
         return Err(CowError::InvalidOption(format!(
             "origin size {origin_size} must be a non-zero multiple of 512, at most 2^56"
         )));

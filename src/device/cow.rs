@@ -6,7 +6,7 @@
 
 use super::{BlockDevice, IoCounters};
 use crate::cow::{CacheObject, CowError, DeviceId};
-use crate::virtio_blk::SECTOR_SIZE;
+use crate::storage::SECTOR_SIZE;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::Arc;
 

@@ -9,6 +9,10 @@ pub use file::FileStorage;
 
 use std::io::{self, IoSlice, IoSliceMut};
 
+/// The sector: the unit every device's offsets and lengths are multiples of, here and in
+/// virtio-blk (whose sectors are 512 bytes whatever the logical block size).
+pub const SECTOR_SIZE: u64 = 512;
+
 /// A byte-addressed store with positional, thread-safe I/O.
 ///
 /// All methods take `&self`: implementations must allow concurrent calls from many threads

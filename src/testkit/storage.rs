@@ -7,7 +7,7 @@
 //! 512-byte granularity.
 
 use crate::storage::Storage;
-use crate::virtio_blk::SECTOR_SIZE;
+use crate::storage::SECTOR_SIZE;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

@@ -2,7 +2,7 @@
 //! tell which write a sector holds, and that it holds all of one (a torn or mixed sector has no
 //! token).
 
-use crate::virtio_blk::SECTOR_SIZE;
+use crate::storage::SECTOR_SIZE;
 
 /// One virtio-blk sector.
 pub type Sector = [u8; SECTOR_SIZE as usize];
