@@ -490,6 +490,20 @@ mod tests {
         }
     }
 
+    /// `reads` one-sector reads and a flush on a 64-entry ring, split whenever they can be;
+    /// each read waits (up to 5 s) until two are in flight at once.
+    fn split_reads(reads: usize) -> Gated {
+        gated_with(
+            always_split(),
+            reads,
+            2,
+            Duration::from_secs(5),
+            false,
+            64,
+            true,
+        )
+    }
+
     #[test]
     fn at_most_half_the_cpus_poll_and_splits_wait_for_a_spare_cpu() {
         let sched = Arc::new(Scheduler::new(SchedulerConfig {
@@ -548,16 +562,7 @@ mod tests {
     #[test]
     fn a_batch_of_cheap_reads_runs_on_two_threads_and_completes_in_order() {
         const READS: usize = 12;
-        // Each read waits (up to 5 s) until two are in flight at once.
-        let g = gated_with(
-            always_split(),
-            READS,
-            2,
-            Duration::from_secs(5),
-            false,
-            64,
-            true,
-        );
+        let g = split_reads(READS);
         {
             let mut data = g.device.inner.data.lock().unwrap();
             for i in 0..READS {
@@ -597,15 +602,7 @@ mod tests {
     #[test]
     fn a_split_batch_does_not_wait_behind_slow_requests_on_the_io_pool() {
         const READS: usize = 12;
-        let g = gated_with(
-            always_split(),
-            READS,
-            2,
-            Duration::from_secs(5),
-            false,
-            64,
-            true,
-        );
+        let g = split_reads(READS);
         // Every I/O pool thread is stuck (as under other queues' slow syncs) until released.
         let gate = Arc::new((
             std::sync::Mutex::new((0usize, false)),
