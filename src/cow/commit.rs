@@ -141,6 +141,10 @@ impl CacheObject {
             self.append_payload(j, &payload, upto)?;
         }
         self.counters.commits.fetch_add(1, Ordering::Relaxed);
+        self.journal_pressed.store(
+            j.ckpt_deferred && j.used > self.journal_size / 4 * 3,
+            Ordering::Relaxed,
+        );
         // Unmappings up to `upto` are durable: their blocks may be reused or changed in place.
         let mut st = self.write_state();
         let mut released = Vec::new();
@@ -249,6 +253,9 @@ impl CacheObject {
     /// off and the journal is three quarters full: the last quarter is kept for the records
     /// that free space (deletes, inoperative markings) and the data path's.
     pub(super) fn check_journal_room(&self) -> Result<()> {
+        if !self.journal_pressed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         let full = |j: &Journal| j.ckpt_deferred && j.used > self.journal_size / 4 * 3;
         let mut j = lock(&self.journal);
         if !full(&j) {

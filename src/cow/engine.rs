@@ -160,6 +160,9 @@ pub struct CacheObject {
     pub(super) host_failing: AtomicBool,
     /// Writes waiting for space, the on-full policy, waiters for low space.
     pub(super) waits: SpaceWaits,
+    /// Checkpoints are put off and the journal is three quarters full (`commit.rs`,
+    /// `check_journal_room`): read without the journal lock.
+    pub(super) journal_pressed: AtomicBool,
     /// Serializes changes of the limit (`limit.rs`).
     pub(super) resizing: Mutex<()>,
 }

@@ -153,6 +153,7 @@ impl CacheObject {
             counters: Counters::default(),
             host_full: AtomicBool::new(false),
             host_failing: AtomicBool::new(false),
+            journal_pressed: AtomicBool::new(false),
             waits: SpaceWaits::default(),
             resizing: Mutex::new(()),
         })
