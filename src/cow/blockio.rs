@@ -197,6 +197,28 @@ mod tests {
         assert!(report.is_clean(), "{report}");
     }
 
+    /// The file system is full only until blocks freed by a record not yet durable are
+    /// punched out: the copy-out the host refused runs again after a commit, and no snapshot
+    /// goes inoperative.
+    #[test]
+    fn a_refused_copy_waits_for_freed_blocks_first() {
+        let f = mem_engine(16).origin(vec![9u8; 16 * C]).build_faulty(4);
+        let eng = &f.engine;
+        let keep = eng
+            .create_snapshot(DeviceId::ORIGIN, "keep", false)
+            .unwrap();
+        let w = eng.create_snapshot(keep, "w", true).unwrap();
+        for c in 0..4u64 {
+            eng.write(w, c * CHUNK, &[1u8; C]).unwrap();
+        }
+        assert_eq!(f.cache.budget(), 0);
+        eng.discard(w, 0, CHUNK).unwrap(); // its block is freed once the discard commits
+        eng.write(DeviceId::ORIGIN, 8 * CHUNK, &[2u8; C]).unwrap();
+        assert_eq!(eng.stats().inoperative_devices, 0);
+        assert_eq!(read(eng, keep, 8).unwrap(), vec![9u8; C]);
+        assert_eq!(eng.stats().cache_write_errors, 1);
+    }
+
     /// A write to a writable snapshot the host refuses for lack of space fails alone (with the
     /// engine's default policy, at once), and succeeds once the file system has room again.
     #[test]

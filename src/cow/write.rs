@@ -285,7 +285,7 @@ impl CacheObject {
             return Ok(Readers::Served(st, None));
         }
         match self.alloc_data(&mut st) {
-            Some(nb) => self.copy_for_readers(st, dev, c, nb),
+            Some(nb) => self.copy_for_readers(st, dev, c, nb, space_retried),
             None if !*space_retried && !st.pending_free.is_empty() => {
                 // Blocks freed by records not yet durable come back with a commit.
                 *space_retried = true;
@@ -301,19 +301,27 @@ impl CacheObject {
     }
 
     /// Step 1's copy: the origin's chunk `c` into the new block `nb`, with the state lock
-    /// dropped, then given to the readers still there.
+    /// dropped, then given to the readers still there. If the host refuses the copy, the
+    /// readers are failed as when there is no block (after one commit, if that frees some).
     fn copy_for_readers<'a>(
         &'a self,
         st: StateGuard<'a>,
         dev: u64,
         c: u64,
         nb: u64,
+        space_retried: &mut bool,
     ) -> Result<Readers<'a>> {
         drop(st);
         let copied = self.copy_origin_chunk(c, nb);
         let mut st = self.write_state();
         if let Err(e) = copied.and_then(|()| Self::check_dev(&st.meta, dev)) {
             Self::give_back(&mut st, nb, &e);
+            if matches!(e, CowError::NoSpace) && !*space_retried && !st.pending_free.is_empty() {
+                // The file system gets the blocks freed by records not yet durable back when
+                // a commit makes them durable and punches them out.
+                *space_retried = true;
+                return Ok(Readers::CommitFirst(st.epoch));
+            }
             if dev == ORIGIN_ID && e.is_space_failure() {
                 // The host refused the copy: as with no block, the readers it was for fail.
                 let e = self.fail_unpreservable(&mut st, c)?;
