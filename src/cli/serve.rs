@@ -3,8 +3,7 @@
 
 use super::error::CliError;
 use super::output::sayln;
-use super::space::{parse_cache_size, parse_on_full};
-use super::units::{human, parse_size};
+use super::units::{human, parse_cache_size, parse_on_full, parse_size};
 use crate::control::ControlServer;
 use crate::cow::{self, CacheObject, CreateOptions, OnFull, SizeLimit, AUTO_MAX_SIZE};
 use crate::daemon::{self, Daemon, ServeDefaults};

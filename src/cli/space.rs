@@ -4,9 +4,9 @@
 use super::admin::call;
 use super::error::CliError;
 use super::output::outln;
-use super::units::{human, parse_size};
+use super::units::{human, parse_cache_size};
 use crate::control::protocol::{Command, LowSpace, MAX_WAIT_MS};
-use crate::cow::{OnFull, SizeLimit};
+use crate::cow::SizeLimit;
 use clap::Subcommand;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -35,32 +35,6 @@ pub enum WaitCommand {
         #[arg(long, value_name = "SECS")]
         timeout: Option<f64>,
     },
-}
-
-/// `--cache-size` and `cache resize`: a size, or `auto`.
-pub fn parse_cache_size(s: &str) -> Result<SizeLimit, String> {
-    if s.eq_ignore_ascii_case("auto") {
-        return Ok(SizeLimit::Auto);
-    }
-    parse_size(s).map(SizeLimit::Fixed)
-}
-
-/// `--on-full`: `error`, `wait` (60 s) or `wait=SECS`.
-pub fn parse_on_full(s: &str) -> Result<OnFull, String> {
-    let bad = || format!("'{s}': the policy is `error`, `wait` or `wait=SECS`");
-    match s.split_once('=') {
-        None if s == "error" => Ok(OnFull::Error),
-        None if s == "wait" => Ok(OnFull::DAEMON_DEFAULT),
-        Some(("wait", secs)) => {
-            let secs: f64 = secs.parse().map_err(|_| bad())?;
-            Duration::try_from_secs_f64(secs)
-                .ok()
-                .filter(|d| !d.is_zero())
-                .map(OnFull::Wait)
-                .ok_or_else(bad)
-        }
-        _ => Err(bad()),
-    }
 }
 
 /// `snapblk cache ...`.
@@ -128,30 +102,5 @@ pub fn wait(control: &Path, cmd: WaitCommand) -> Result<bool, CliError> {
             );
             return Ok(false);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_and_policies_as_users_write_them() {
-        assert_eq!(parse_cache_size("auto"), Ok(SizeLimit::Auto));
-        assert_eq!(parse_cache_size("2G"), Ok(SizeLimit::Fixed(2 << 30)));
-        assert!(parse_cache_size("lots").is_err());
-        assert_eq!(parse_on_full("error"), Ok(OnFull::Error));
-        assert_eq!(
-            parse_on_full("wait"),
-            Ok(OnFull::Wait(Duration::from_secs(60)))
-        );
-        assert_eq!(
-            parse_on_full("wait=2.5"),
-            Ok(OnFull::Wait(Duration::from_millis(2500)))
-        );
-        for bad in ["wait=", "wait=-1", "wait=0", "sleep", "error=3"] {
-            assert!(parse_on_full(bad).is_err(), "{bad}");
-        }
-        assert_eq!(OnFull::Wait(Duration::from_secs(60)).to_string(), "wait=60");
     }
 }
