@@ -215,6 +215,8 @@ impl Daemon {
     /// Stops every server (frontends are disconnected after their in-flight requests), then
     /// makes everything durable.
     pub fn shutdown(&self) -> Result<(), CowError> {
+        // Requests waiting for space would hold their queues (and the stop) up.
+        self.engine.close_waits();
         let servers: Vec<DeviceServer> = self
             .registry()
             .values_mut()
@@ -236,11 +238,20 @@ impl Daemon {
     }
 
     /// Stops serving device `id` (if it is served): with `force` whatever is connected, else
-    /// only if no frontend is connected (`Err` then, and it stays served).
-    fn stop_serving(reg: &mut HashMap<u64, Served>, id: u64, force: bool) -> Result<(), ()> {
+    /// only if no frontend is connected (`Err` then, and it stays served). Its requests
+    /// waiting for space fail first (a stop waits for the requests in flight), unless a
+    /// frontend that stays connected is theirs.
+    fn stop_serving(&self, reg: &mut HashMap<u64, Served>, id: u64, force: bool) -> Result<(), ()> {
         let Some(served) = reg.get_mut(&id) else {
             return Ok(());
         };
+        let connected = served
+            .server
+            .as_ref()
+            .is_some_and(|srv| srv.stats.connected.load(Ordering::SeqCst));
+        if force || !connected {
+            self.engine.cancel_waits(DeviceId(id));
+        }
         match served.server.take() {
             None => Ok(()),
             Some(server) if force => {
@@ -304,21 +315,23 @@ impl Daemon {
         }
         let parent = self.find(parent)?;
         let mut reg = self.registry();
+        // The snapshot and how it is served are durable in one commit: after a crash it is
+        // there with its socket and serial, or not at all.
+        let attrs: Vec<(&str, &str)> = [(ATTR_SERIAL, serial), (ATTR_SOCKET, socket)]
+            .into_iter()
+            .filter_map(|(key, value)| Some((key, value?)))
+            .collect();
         let id = self
             .engine
-            .create_snapshot(DeviceId(parent.id), name, writable)?;
-        let mut setup = || -> Outcome<()> {
-            if let Some(serial) = serial {
-                self.engine.set_device_attr(id, ATTR_SERIAL, Some(serial))?;
-            }
+            .create_snapshot_with(DeviceId(parent.id), name, writable, &attrs)?;
+        let mut serve = || -> Outcome<()> {
             if let Some(sock) = socket {
-                self.engine.set_device_attr(id, ATTR_SOCKET, Some(sock))?;
                 self.start_server(&mut reg, id, Path::new(sock))
                     .map_err(|source| DaemonError::Serve { source })?;
             }
             Ok(())
         };
-        if let Err(f) = setup() {
+        if let Err(f) = serve() {
             // Leave nothing half-made behind.
             reg.remove(&id.0);
             let _ = self.engine.delete_snapshot(id);
@@ -343,7 +356,7 @@ impl Daemon {
             return Err(DaemonError::Invalid("the origin cannot be deleted".into()));
         }
         let mut reg = self.registry();
-        Self::stop_serving(&mut reg, dev.id, force).map_err(|()| {
+        self.stop_serving(&mut reg, dev.id, force).map_err(|()| {
             DaemonError::Busy(format!(
                 "a VM is connected to {name}; use --force to delete anyway"
             ))
@@ -365,13 +378,14 @@ impl Daemon {
             .and_then(|s| s.server.as_ref())
             .map(|server| server.path().to_path_buf());
         if !force {
-            Self::stop_serving(&mut reg, DeviceId::ORIGIN.0, false).map_err(|()| {
-                DaemonError::Busy(
-                    "a VM is connected to the origin and would see its disk change underneath \
+            self.stop_serving(&mut reg, DeviceId::ORIGIN.0, false)
+                .map_err(|()| {
+                    DaemonError::Busy(
+                        "a VM is connected to the origin and would see its disk change underneath \
                      it; shut it down first or use --force"
-                        .into(),
-                )
-            })?;
+                            .into(),
+                    )
+                })?;
         }
         let restored = self.engine.restore(DeviceId(dev.id));
         if let (false, Some(socket)) = (force, origin_socket) {
@@ -407,7 +421,7 @@ impl Daemon {
         if reg.get(&dev.id).is_none_or(|s| s.server.is_none()) {
             return Err(DaemonError::NotServed(name.to_string()));
         }
-        Self::stop_serving(&mut reg, dev.id, force)
+        self.stop_serving(&mut reg, dev.id, force)
             .map_err(|()| DaemonError::Busy(format!("a VM is connected to {name}; use --force")))?;
         if dev.id != DeviceId::ORIGIN.0 {
             self.engine

@@ -5,9 +5,11 @@ mod support;
 
 use serde_json::Value;
 use snapblk::testkit::blkio_client::Client;
+use snapblk::testkit::tmpfs::Tmpfs;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 use support::{make_image, pattern, Daemon, BIN};
 
 const MIB: usize = 1 << 20;
@@ -58,6 +60,18 @@ impl Setup {
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
+    }
+
+    /// Runs the CLI against this daemon with standard output going to `stdout`.
+    fn run(&self, args: &[&str], stdout: std::process::Stdio) -> std::process::Output {
+        Command::new(BIN)
+            .args(args)
+            .arg("--control")
+            .arg(self.p("ctl.sock"))
+            .stdout(stdout)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap()
     }
 
     fn ok(&self, args: &[&str]) -> String {
@@ -449,5 +463,309 @@ fn first_writes_under_a_snapshot_share_their_syncs() {
             origin.read(0, at as u64, 4096).unwrap(),
             new[i * 4096..(i + 1) * 4096]
         );
+    }
+}
+
+/// The cache object's file system fills up (a 24 MiB tmpfs, the limit 1 GiB): every origin
+/// write succeeds; the read-only and the writable snapshot it cannot preserve go inoperative,
+/// which `list` and `stats` show; the event is logged once; their space goes back to the file
+/// system and a snapshot taken afterwards is preserved again; the object checks clean.
+#[test]
+fn a_full_file_system_fails_the_snapshots_never_the_origin() {
+    let Some(fs) = Tmpfs::mount("24m") else {
+        return;
+    };
+    let (s, golden) = Setup::new(64);
+    let cache = fs.path().join("cache.obj");
+    let mut d = s.serve(&["--cache", cache.to_str().unwrap(), "--cache-size", "1G"]);
+    s.ok(&["snapshot", "create", "ro", "--socket", &sock(&s, "ro.sock")]);
+    s.ok(&[
+        "snapshot",
+        "create",
+        "rw",
+        "--writable",
+        "--socket",
+        &sock(&s, "rw.sock"),
+    ]);
+    let mut origin = Client::connect(&d.socket, 1);
+    let new = pattern(64 * MIB, 21);
+    for i in 0..64 {
+        let part = &new[i * MIB..(i + 1) * MIB];
+        assert_eq!(
+            origin.write(0, (i * MIB) as u64, part),
+            0,
+            "origin at {i} MiB"
+        );
+    }
+    assert_eq!(origin.flush(0), 0);
+    assert_eq!(origin.read(0, 0, 64 * MIB).unwrap(), new);
+    for name in ["ro", "rw"] {
+        assert_eq!(s.device(name)["state"], "inoperative", "{name}");
+    }
+    let stats = s.stats();
+    assert!(stats["cache"]["cache_write_errors"].as_u64().unwrap() >= 1);
+    assert_eq!(stats["cache"]["inoperative_devices"], 2);
+    let mut ro = Client::try_connect(&s.p("ro.sock"), 1, true).unwrap();
+    assert!(ro.read(0, 0, 4096).is_err());
+
+    // The space came back: a new snapshot is preserved.
+    s.ok(&[
+        "snapshot",
+        "create",
+        "later",
+        "--socket",
+        &sock(&s, "later.sock"),
+    ]);
+    assert_eq!(origin.write(0, 0, &pattern(MIB, 22)), 0);
+    let mut later = Client::try_connect(&s.p("later.sock"), 1, true).unwrap();
+    assert_eq!(later.read(0, 0, MIB).unwrap(), new[..MIB]);
+    assert_ne!(new[..MIB], golden[..MIB]);
+    let log = d.log_text();
+    assert_eq!(log.matches("file system is full").count(), 1, "{log}");
+    drop((ro, later, origin));
+    let (status, err) = d.signal_and_wait(libc::SIGTERM);
+    assert!(status.success(), "{err}");
+    let out = Command::new(BIN).arg("check").arg(&cache).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Snapshot-per-VM with the defaults: 20 writable snapshots of a 32 MiB origin, 4 of them
+/// written at every chunk with 4 KiB writes (twice the origin in all: the old default limit
+/// would have failed half of them): every write succeeds, with the cache object limited by its
+/// file system's free space.
+#[test]
+fn snapshot_per_vm_fits_the_default_limit() {
+    let (s, _golden) = Setup::new(32);
+    let _d = s.serve(&[]);
+    for i in 0..20 {
+        let name = format!("vm{i}");
+        let socket = sock(&s, &format!("{name}.sock"));
+        s.ok(&[
+            "snapshot",
+            "create",
+            &name,
+            "--writable",
+            "--socket",
+            &socket,
+        ]);
+    }
+    let mut rng = fastrand::Rng::with_seed(7);
+    for i in 0..4 {
+        let mut c = Client::connect(&s.p(&format!("vm{i}.sock")), 1);
+        let mut chunks: Vec<u64> = (0..512).collect();
+        rng.shuffle(&mut chunks);
+        for chunk in chunks {
+            let at = chunk * (64 << 10) + rng.u64(0..16) * 4096;
+            assert_eq!(c.write(0, at, &pattern(4096, i as u8)), 0, "vm{i} at {at}");
+        }
+        assert_eq!(c.flush(0), 0);
+    }
+    let cache = &s.stats()["cache"];
+    assert_eq!(cache["no_space_errors"], 0);
+    assert_eq!(cache["limit_auto"], true);
+    assert!(cache["used_bytes"].as_u64().unwrap() > 2 * 32 * MIB as u64);
+    assert!(cache["limit_bytes"].as_u64().unwrap() > cache["used_bytes"].as_u64().unwrap());
+}
+
+/// Submits a 64 KiB write of `byte` at chunk `chunk` and waits up to `wait` for it.
+fn write_chunk(c: &mut Client, chunk: u64, byte: u8, wait: Duration) -> Option<i32> {
+    c.buf_slice(0, 64 << 10).fill(byte);
+    let p = c.buf(0);
+    c.queues[0].write(chunk << 16, p, 64 << 10, 0, blkio::ReqFlags::empty());
+    c.complete_within(0, wait)
+}
+
+/// With the cache full a write to a writable snapshot waits (the default policy) instead of
+/// failing: `stats` shows it, `snapblk wait low-space` returns, reads and the control socket
+/// go on; deleting another snapshot lets it complete; so does `snapblk cache resize`, which
+/// refuses a limit below what is in use and survives a restart.
+#[test]
+fn a_write_to_a_full_cache_waits_until_space_is_freed() {
+    let (s, _golden) = Setup::new(16);
+    let mut d = s.serve(&["--cache-size", "6M"]);
+    for name in ["hog", "vm"] {
+        let socket = sock(&s, &format!("{name}.sock"));
+        s.ok(&[
+            "snapshot",
+            "create",
+            name,
+            "--writable",
+            "--socket",
+            &socket,
+        ]);
+    }
+    let mut hog = Client::connect(&s.p("hog.sock"), 1);
+    assert_eq!(hog.write(0, 0, &pattern(MIB, 1)), 0);
+    drop(hog);
+    let mut vm = Client::connect(&s.p("vm.sock"), 1);
+    let mut chunk = 0;
+    let blocked = loop {
+        match write_chunk(&mut vm, chunk, 7, Duration::from_secs(2)) {
+            Some(0) => chunk += 1,
+            Some(e) => panic!("write {chunk} failed at once: {e}"),
+            None => break chunk,
+        }
+        assert!(chunk < 64, "the cache never filled");
+    };
+    let st = s.stats();
+    assert_eq!(st["cache"]["waiting_requests"], 1);
+    assert_eq!(st["cache"]["on_full"], "wait=60");
+    let out = s.run(
+        &["wait", "low-space", "--timeout", "5"],
+        std::process::Stdio::piped(),
+    );
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("low on space"));
+    assert_eq!(s.list().len(), 3, "the control socket answers");
+    let mut origin = Client::connect(&d.socket, 1);
+    assert!(origin.read(0, 0, MIB).is_ok());
+
+    s.ok(&["snapshot", "delete", "hog", "--force"]);
+    assert_eq!(vm.complete_within(0, Duration::from_secs(8)), Some(0));
+    // Full again, then a larger limit lets the write in.
+    let mut chunk = blocked + 1;
+    loop {
+        match write_chunk(&mut vm, chunk, 8, Duration::from_secs(2)) {
+            Some(0) => chunk += 1,
+            Some(e) => panic!("write {chunk} failed at once: {e}"),
+            None => break,
+        }
+        assert!(chunk < 64, "the cache never filled");
+    }
+    let (ok, _, err) = s.cli(&["cache", "resize", "5M"]);
+    assert!(!ok && err.contains("in use"), "{err}");
+    s.ok(&["cache", "resize", "8M"]);
+    assert_eq!(vm.complete_within(0, Duration::from_secs(8)), Some(0));
+    assert_eq!(vm.read(0, chunk << 16, 4096).unwrap(), vec![8u8; 4096]);
+    assert_eq!(s.stats()["cache"]["no_space_errors"], 0);
+    drop((vm, origin));
+    let (status, err) = d.signal_and_wait(libc::SIGTERM);
+    assert!(status.success(), "{err}");
+    let _d = s.serve(&[]);
+    assert_eq!(s.stats()["cache"]["limit_bytes"], 8 * MIB as u64);
+}
+
+/// Runs `snapblk serve` on `origin` and `cache` with sockets named after `name`, expecting it
+/// to be refused: waits for its end (at most 20 s) and returns its status and standard error.
+fn refused_daemon(s: &Setup, origin: &Path, cache: &Path, name: &str) -> (bool, String) {
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .arg("--origin")
+        .arg(origin)
+        .arg("--cache")
+        .arg(cache)
+        .arg("--socket")
+        .arg(s.p(&format!("{name}.sock")))
+        .arg("--control")
+        .arg(s.p(&format!("{name}.ctl")))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("a second daemon on {} was not refused", origin.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// One daemon owns a cache object and a writable origin: a second one, on the same cache
+/// object or the same origin, is refused at start with an error naming the file; `check`
+/// says the cache object is in use instead of reporting damage, and checks it once the
+/// daemon is gone; read-only daemons share an origin, a writable one is refused then.
+#[test]
+fn a_second_daemon_is_refused_and_check_says_the_cache_is_in_use() {
+    let (s, golden) = Setup::new(4);
+    let mut d = s.serve(&[]);
+    let (img, cache, other) = (s.p("golden.img"), s.p("golden.img.cache"), s.p("other.img"));
+    fs::write(&other, &golden).unwrap();
+    // Same cache object with another origin; same origin with another cache object.
+    for (origin, cache_path, named) in [(&other, &cache, &cache), (&img, &s.p("c2"), &img)] {
+        let (ok, err) = refused_daemon(&s, origin, cache_path, "second");
+        assert!(!ok, "a second daemon started: {err}");
+        let named = named.display().to_string();
+        assert!(
+            err.contains(&named) && err.contains("another snapblk"),
+            "{err}"
+        );
+    }
+
+    let out = Command::new(BIN).arg("check").arg(&cache).output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr.contains("in use by a running daemon; stop it or use `snapblk stats`"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("NOT CLEAN"), "{stdout}");
+    let (status, err) = d.signal_and_wait(libc::SIGTERM);
+    assert!(status.success(), "{err}");
+    let out = Command::new(BIN).arg("check").arg(&cache).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // Readers share the origin; a writer is refused while they serve it.
+    let r1 = s.serve(&["--read-only", "--cache", s.p("r1").to_str().unwrap()]);
+    let r2 = Daemon::start(
+        &[
+            "--origin",
+            img.to_str().unwrap(),
+            "--read-only",
+            "--cache",
+            s.p("r2").to_str().unwrap(),
+            "--socket",
+            s.p("r2.sock").to_str().unwrap(),
+            "--control",
+            s.p("r2.ctl").to_str().unwrap(),
+        ],
+        &s.p("r2.sock"),
+    );
+    let (ok, err) = refused_daemon(&s, &img, &s.p("w"), "w");
+    assert!(!ok && err.contains("golden.img"), "{err}");
+    drop((r1, r2));
+}
+
+/// `snapblk snapshot list | head`: a reader that closes the pipe early ends every command
+/// quietly with status 141 (128 + SIGPIPE), never a panic.
+#[test]
+fn a_closed_pipe_ends_the_cli_quietly() {
+    let (s, _golden) = Setup::new(4);
+    let _d = s.serve(&[]);
+    for i in 0..40 {
+        s.ok(&["snapshot", "create", &format!("snapshot-{i}")]);
+    }
+    for args in [
+        &["snapshot", "list"][..],
+        &["snapshot", "list", "--json"],
+        &["stats"],
+        &["stats", "--json"],
+        &["snapshot", "create", "one-more"],
+        &["--help"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = s.run(args, writer.into());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "snapblk {args:?}: {err}");
+        assert_eq!(out.status.code(), Some(141), "snapblk {args:?}: {err}");
+        assert!(err.is_empty(), "snapblk {args:?} said: {err}");
     }
 }

@@ -1,6 +1,7 @@
 //! The administration commands: clients of a running daemon's control socket.
 
 use super::error::CliError;
+use super::output::outln;
 use super::units::human;
 use crate::control::client::ControlClient;
 use crate::control::protocol::{Command, DeviceList, DeviceView, Reply, Request, StatsView};
@@ -114,14 +115,14 @@ pub fn snapshot(control: &Path, cmd: SnapshotCommand) -> Result<(), CliError> {
                 "read-only"
             };
             match socket {
-                Some(s) => println!("created {mode} snapshot {name} of {parent}, serving on {s}"),
-                None => println!("created {mode} snapshot {name} of {parent}"),
+                Some(s) => outln!("created {mode} snapshot {name} of {parent}, serving on {s}"),
+                None => outln!("created {mode} snapshot {name} of {parent}"),
             }
         }
         SnapshotCommand::List { json } => {
             let result = call(control, Command::List)?;
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&result).unwrap_or_default()
                 );
@@ -138,7 +139,7 @@ pub fn snapshot(control: &Path, cmd: SnapshotCommand) -> Result<(), CliError> {
                     force,
                 },
             )?;
-            println!("deleted {name}");
+            outln!("deleted {name}");
         }
         SnapshotCommand::Restore { name, force } => {
             call(
@@ -148,7 +149,7 @@ pub fn snapshot(control: &Path, cmd: SnapshotCommand) -> Result<(), CliError> {
                     force,
                 },
             )?;
-            println!("origin restored to {name}");
+            outln!("origin restored to {name}");
         }
         SnapshotCommand::Serve { name, socket } => {
             let socket = absolute(&socket);
@@ -159,7 +160,7 @@ pub fn snapshot(control: &Path, cmd: SnapshotCommand) -> Result<(), CliError> {
                     socket: socket.clone(),
                 },
             )?;
-            println!("serving {name} on {socket}");
+            outln!("serving {name} on {socket}");
         }
         SnapshotCommand::Unserve { name, force } => {
             call(
@@ -169,7 +170,7 @@ pub fn snapshot(control: &Path, cmd: SnapshotCommand) -> Result<(), CliError> {
                     force,
                 },
             )?;
-            println!("stopped serving {name}");
+            outln!("stopped serving {name}");
         }
     }
     Ok(())
@@ -177,16 +178,22 @@ pub fn snapshot(control: &Path, cmd: SnapshotCommand) -> Result<(), CliError> {
 
 /// Prints devices as an indented tree, children under their parent.
 fn print_tree(devices: &[DeviceView]) {
-    println!(
+    outln!(
         "{:<24} {:<4} {:<11} {:>10} {:>10} {:>10} {:<10} SOCKET",
-        "NAME", "MODE", "STATE", "OWNED", "SHARED", "PRESERVED", "VM"
+        "NAME",
+        "MODE",
+        "STATE",
+        "OWNED",
+        "SHARED",
+        "PRESERVED",
+        "VM"
     );
     fn walk(devices: &[DeviceView], parent: Option<&str>, depth: usize) {
         for d in devices.iter().filter(|d| d.parent.as_deref() == parent) {
             let name = format!("{}{}", "  ".repeat(depth), d.name);
             let mode = if d.writable { "rw" } else { "ro" };
             let vm = if d.connected { "connected" } else { "-" };
-            println!(
+            outln!(
                 "{:<24} {:<4} {:<11} {:>10} {:>10} {:>10} {:<10} {}",
                 name,
                 mode,
@@ -206,23 +213,30 @@ fn print_tree(devices: &[DeviceView]) {
 pub fn stats(control: &Path, json: bool) -> Result<(), CliError> {
     let result = call(control, Command::Stats)?;
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&result).unwrap_or_default()
         );
         return Ok(());
     }
     let stats: StatsView = serde_json::from_value(result).map_err(CliError::Reply)?;
-    println!("cache object:");
+    outln!("cache object:");
     for (k, v) in &stats.cache {
-        println!("  {k:<22} {v}");
+        outln!("  {k:<22} {v}");
     }
-    println!(
+    outln!(
         "{:<20} {:>10} {:>12} {:>10} {:>12} {:>8} {:>8} {:>7}",
-        "DEVICE", "READS", "READ", "WRITES", "WRITTEN", "FLUSHES", "DISCARDS", "ERRORS"
+        "DEVICE",
+        "READS",
+        "READ",
+        "WRITES",
+        "WRITTEN",
+        "FLUSHES",
+        "DISCARDS",
+        "ERRORS"
     );
     for (name, io) in &stats.devices {
-        println!(
+        outln!(
             "{:<20} {:>10} {:>12} {:>10} {:>12} {:>8} {:>8} {:>7}",
             name,
             io.reads,

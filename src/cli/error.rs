@@ -19,6 +19,9 @@ pub enum CliError {
     Serve(#[from] crate::vhost::ServeError),
     #[error(transparent)]
     Socket(#[from] crate::sock::SocketError),
+    /// Another daemon holds the origin or the cache object.
+    #[error(transparent)]
+    Lock(#[from] crate::storage::LockError),
     #[error("{0}")]
     Usage(String),
     #[error(transparent)]

@@ -4,13 +4,16 @@
 
 pub mod admin;
 pub mod error;
+pub mod output;
 pub mod serve;
+pub mod space;
 pub mod units;
 
 pub use error::CliError;
 pub use units::parse_size;
 
 use clap::{Parser, Subcommand};
+use output::{errln, outln};
 use serve::ServeArgs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -42,8 +45,9 @@ pub enum Command {
         #[command(subcommand)]
         command: admin::SnapshotCommand,
     },
-    /// Verify a cache object offline (the daemon must not be running on it). Exit status 0
-    /// when clean, 1 when damage was found, 2 when it cannot be read at all.
+    /// Verify a cache object offline (refused while a daemon runs on it). Exit status 0
+    /// when clean, 1 when damage was found, 2 when it cannot be checked (unreadable, or in
+    /// use).
     Check {
         /// The cache object file.
         cache: PathBuf,
@@ -56,11 +60,36 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The cache object's space: its growth limit, changed at run time.
+    Cache {
+        #[command(flatten)]
+        control: admin::ControlArg,
+        #[command(subcommand)]
+        command: space::CacheCommand,
+    },
+    /// Wait for a running daemon's cache object to reach a state (for scripts).
+    Wait {
+        #[command(flatten)]
+        control: admin::ControlArg,
+        #[command(subcommand)]
+        command: space::WaitCommand,
+    },
 }
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Help and version go to standard output, like every other output (`output.rs`).
+        Err(e) if !e.use_stderr() => {
+            outln!("{}", e.render().to_string().trim_end());
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
         .init();
@@ -68,12 +97,18 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve::serve(args),
         Command::Snapshot { control, command } => admin::snapshot(&control.control, command),
         Command::Stats { control, json } => admin::stats(&control.control, json),
+        Command::Cache { control, command } => space::cache(&control.control, command),
+        Command::Wait { control, command } => match space::wait(&control.control, command) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(space::EXIT_TIMED_OUT),
+            Err(e) => Err(e),
+        },
         Command::Check { cache } => return check(&cache),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("snapblk: error: {e}");
+            errln!("snapblk: error: {e}");
             ExitCode::FAILURE
         }
     }
@@ -82,15 +117,19 @@ pub fn main() -> ExitCode {
 fn check(path: &Path) -> ExitCode {
     match crate::cow::check::check_cache_path(path) {
         Ok(report) => {
-            println!("{report}");
+            outln!("{report}");
             if report.is_clean() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
             }
         }
+        Err(e @ crate::cow::check::CheckError::InUse { .. }) => {
+            errln!("snapblk: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
-            eprintln!("snapblk: error: cannot check {}: {e}", path.display());
+            errln!("snapblk: error: cannot check {}: {e}", path.display());
             ExitCode::from(2)
         }
     }

@@ -2,15 +2,16 @@
 //! serving every device until SIGINT/SIGTERM, and the attach help it prints.
 
 use super::error::CliError;
-use super::units::{human, parse_size};
+use super::output::sayln;
+use super::units::{human, parse_cache_size, parse_on_full, parse_size};
 use crate::control::ControlServer;
-use crate::cow::{self, CacheObject, CreateOptions};
+use crate::cow::{self, CacheObject, CreateOptions, OnFull, SizeLimit, AUTO_MAX_SIZE};
 use crate::daemon::{self, Daemon, ServeDefaults};
 use crate::device::{BlockDevice, RawDevice};
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{FileStorage, LockKind};
 use crate::vhost::{DeviceServer, Scheduler, SchedulerConfig, ServeOptions};
 use clap::Args;
-use log::info;
+use log::{info, warn};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use std::fs;
@@ -80,10 +81,19 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", default_value = "64K", value_parser = parse_size)]
     pub chunk_size: u64,
 
-    /// Growth limit of the cache object file (default: twice the origin's size). A larger
-    /// value given for an existing cache object raises its limit.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub cache_size: Option<u64>,
+    /// Growth limit of the cache object file: a size (20G) or `auto`, the default for a new
+    /// cache object: it grows while its file system keeps 5% of its size (at most 1 GiB)
+    /// free. Given for an existing cache object it sets its limit (a limit below what is in
+    /// use is refused with a warning). `snapblk cache resize` changes it at run time.
+    #[arg(long, value_name = "SIZE|auto", value_parser = parse_cache_size)]
+    pub cache_size: Option<SizeLimit>,
+
+    /// What a write to a writable snapshot does when the cache object has no space: `error`
+    /// (fail at once with an I/O error) or `wait[=SECS]` (wait until space is freed or the
+    /// limit raised, then go on; fail with an I/O error after SECS). The origin never fails
+    /// for lack of space: the snapshots it cannot preserve go inoperative.
+    #[arg(long, value_name = "POLICY", default_value = "wait=60", value_parser = parse_on_full)]
+    pub on_full: OnFull,
 
     /// Warn (log, stats) when free cache space falls below this (default: 10% of the limit).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -191,6 +201,13 @@ pub fn serve(args: ServeArgs) -> Result<(), CliError> {
             }
         })?,
     );
+    // One daemon writes an origin at a time; readers may share it.
+    let origin_lock = if args.read_only {
+        LockKind::Shared
+    } else {
+        LockKind::Exclusive
+    };
+    origin.lock(origin_lock, &args.origin)?;
     let cache_path = args.cache.clone().unwrap_or_else(|| {
         if args.origin == Path::new(DEFAULT_ORIGIN) {
             PathBuf::from(DEFAULT_CACHE)
@@ -211,6 +228,7 @@ pub fn serve(args: ServeArgs) -> Result<(), CliError> {
         }
     });
     let engine = Arc::new(open_cache(&args, origin, &cache_path)?);
+    engine.set_on_full(args.on_full);
     let defaults = ServeDefaults {
         num_queues: args.num_queues,
         queue_size: args.queue_size,
@@ -224,7 +242,7 @@ pub fn serve(args: ServeArgs) -> Result<(), CliError> {
     daemon.serve_all(&args.socket)?;
     let control = ControlServer::start(&control_path, args.socket_mode, daemon.clone())?;
     print_attach_help(&args, engine.origin_size());
-    println!(
+    sayln!(
         "Cache object {} (chunk {}); control socket {}",
         cache_path.display(),
         human(engine.chunk_size()),
@@ -233,6 +251,8 @@ pub fn serve(args: ServeArgs) -> Result<(), CliError> {
 
     let signal = signals.forever().next();
     info!("received signal {signal:?}: finishing in-flight requests and shutting down");
+    // Waits for space and for low space would hold up the control socket and the queues.
+    engine.close_waits();
     drop(control);
     daemon.shutdown().map_err(|source| CliError::FlushCache {
         path: cache_path.clone(),
@@ -261,12 +281,20 @@ fn open_cache(
             path: path.into(),
             source,
         })?;
+        // Before anything is read: two daemons on one cache object would corrupt it.
+        cache.lock(LockKind::Exclusive, path)?;
         let opts = cow::OpenOptions {
-            max_size: args.cache_size,
+            max_size: None,
             low_space_threshold: args.low_space,
             origin_tag: Some(tag),
         };
-        return CacheObject::open(origin, Arc::new(cache), opts).map_err(cow_err);
+        let engine = CacheObject::open(origin, Arc::new(cache), opts).map_err(cow_err)?;
+        if let Some(limit) = args.cache_size {
+            if let Err(e) = engine.resize(limit) {
+                warn!("--cache-size not applied, the limit stays as it was: {e}");
+            }
+        }
+        return Ok(engine);
     }
     let file = fs::OpenOptions::new()
         .read(true)
@@ -281,11 +309,15 @@ fn open_cache(
         path: path.into(),
         source,
     })?;
+    cache.lock(LockKind::Exclusive, path)?;
+    let (max_size, host_limit) = match args.cache_size {
+        Some(SizeLimit::Fixed(bytes)) => (bytes, false),
+        Some(SizeLimit::Auto) | None => (AUTO_MAX_SIZE, true),
+    };
     let opts = CreateOptions {
         chunk_size: args.chunk_size,
-        max_size: args
-            .cache_size
-            .unwrap_or_else(|| (2 * origin.size()).max(64 << 20)),
+        max_size,
+        host_limit,
         low_space_threshold: args.low_space.unwrap_or(0),
         origin_tag: tag,
         ..CreateOptions::default()
@@ -340,23 +372,23 @@ fn print_attach_help(args: &ServeArgs, capacity: u64) {
     } else {
         "read-write"
     };
-    println!(
+    sayln!(
         "snapblk: serving {} ({}, {mode}, {} queue(s)) on {}",
         args.origin.display(),
         human(capacity),
         args.num_queues,
         sock.display()
     );
-    println!("Attach with QEMU (guest RAM must be shared memory):");
-    println!(
+    sayln!("Attach with QEMU (guest RAM must be shared memory):");
+    sayln!(
         "  -object memory-backend-memfd,id=mem,size=<RAM>,share=on -numa node,memdev=mem \\\n  \
          -chardev socket,id=snapblk0,path={} \\\n  \
          -device vhost-user-blk-pci,chardev=snapblk0,num-queues={}",
         sock.display(),
         args.num_queues
     );
-    println!("Attach with cloud-hypervisor:");
-    println!(
+    sayln!("Attach with cloud-hypervisor:");
+    sayln!(
         "  --memory size=<RAM>,shared=on --disk vhost_user=true,socket={},num_queues={}",
         sock.display(),
         args.num_queues

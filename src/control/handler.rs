@@ -2,14 +2,16 @@
 //! its result or error becomes a [`Reply`] (with the error code clients act on).
 
 use super::protocol::{
-    Command, DeviceList, DeviceView, ErrorCode, IoStats, Reply, Request, StatsView,
+    Command, DeviceList, DeviceView, ErrorCode, IoStats, LowSpace, Reply, Request, StatsView,
+    MAX_WAIT_MS,
 };
 use super::server::ControlHandler;
-use crate::cow::{CowError, DeviceState};
+use crate::cow::{CowError, DeviceState, SizeLimit};
 use crate::daemon::{Daemon, DaemonError, DeviceStatus};
 use crate::device::{BlockDevice, IoCounters};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 /// The code a client sees for an engine error.
 fn engine_code(e: &CowError) -> ErrorCode {
@@ -20,6 +22,7 @@ fn engine_code(e: &CowError) -> ErrorCode {
         CowError::Origin(_)
         | CowError::ReadOnly(_)
         | CowError::InvalidOption(_)
+        | CowError::LimitInUse { .. }
         | CowError::Inoperative(_) => ErrorCode::Invalid,
         _ => ErrorCode::Internal,
     }
@@ -113,6 +116,34 @@ fn stats(daemon: &Daemon) -> StatsView {
     StatsView { cache, devices }
 }
 
+fn resize(daemon: &Daemon, size: Option<u64>, auto: bool) -> Reply {
+    let limit = match (size, auto) {
+        (Some(bytes), false) => SizeLimit::Fixed(bytes),
+        (None, true) => SizeLimit::Auto,
+        _ => return Reply::err(ErrorCode::BadRequest, "give either \"size\" or \"auto\""),
+    };
+    let engine = daemon.engine();
+    match engine.resize(limit) {
+        Ok(()) => Reply::ok(engine.stats()),
+        Err(e) => Reply::err(engine_code(&e), e.to_string()),
+    }
+}
+
+/// Blocks this control connection's thread only (each client has its own); the engine's
+/// shutdown ends the wait.
+fn wait_low_space(daemon: &Daemon, timeout_ms: Option<u64>) -> Reply {
+    let ms = timeout_ms.unwrap_or(MAX_WAIT_MS).min(MAX_WAIT_MS);
+    let engine = daemon.engine();
+    let low_space = engine.wait_low_space(Duration::from_millis(ms));
+    let st = engine.stats();
+    Reply::ok(LowSpace {
+        low_space,
+        free_bytes: st.free_bytes,
+        low_space_threshold: st.low_space_threshold,
+        limit_bytes: st.limit_bytes,
+    })
+}
+
 impl ControlHandler for Daemon {
     fn handle(&self, request: Request) -> Reply {
         match request.cmd {
@@ -140,6 +171,8 @@ impl ControlHandler for Daemon {
             Command::Restore { name, force } => done(self.restore(&name, force)),
             Command::Stats => Reply::ok(stats(self)),
             Command::CacheInfo => Reply::ok(self.engine().cache_info()),
+            Command::CacheResize { size, auto } => resize(self, size, auto),
+            Command::WaitLowSpace { timeout_ms } => wait_low_space(self, timeout_ms),
         }
     }
 }

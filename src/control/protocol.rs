@@ -69,6 +69,34 @@ pub enum Command {
     Stats,
     /// Geometry and limits of the cache object.
     CacheInfo,
+    /// Set the cache object's growth limit: `size` bytes, or with `auto` the free space of its
+    /// file system less a reserve. Raising is always allowed; lowering below what is in use
+    /// is refused. Reply: the engine counters, as `stats` has them under `cache`.
+    CacheResize {
+        #[serde(default)]
+        size: Option<u64>,
+        #[serde(default)]
+        auto: bool,
+    },
+    /// Return when the cache object is low on space (at once if it is), or after
+    /// `timeout_ms` (at most [`MAX_WAIT_MS`], also the default). Reply: [`LowSpace`].
+    WaitLowSpace {
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+}
+
+/// Longest wait of one `wait-low-space` request; a client wanting longer asks again.
+pub const MAX_WAIT_MS: u64 = 60_000;
+
+/// The reply to `wait-low-space`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LowSpace {
+    /// The cache object is low on space (free below the threshold).
+    pub low_space: bool,
+    pub free_bytes: u64,
+    pub low_space_threshold: u64,
+    pub limit_bytes: u64,
 }
 
 fn origin_name() -> String {
@@ -222,6 +250,17 @@ mod tests {
             r#"{"v":1,"cmd":"snapshot-delete","name":"x","force":true}"#
         );
         assert!(serde_json::from_str::<Request>(r#"{"v":1,"cmd":"format-disk"}"#).is_err());
+        let req: Request =
+            serde_json::from_str(r#"{"v":1,"cmd":"cache-resize","size":1048576}"#).unwrap();
+        assert_eq!(
+            req.cmd,
+            Command::CacheResize {
+                size: Some(1 << 20),
+                auto: false
+            }
+        );
+        let req: Request = serde_json::from_str(r#"{"v":1,"cmd":"wait-low-space"}"#).unwrap();
+        assert_eq!(req.cmd, Command::WaitLowSpace { timeout_ms: None });
     }
 
     #[test]

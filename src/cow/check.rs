@@ -9,7 +9,7 @@
 use super::format::{entry_to_block, Header};
 use super::meta::{Dev, Meta, META_REF, NO_PARENT, ORIGIN_ID};
 use super::recovery::{read_checkpoint, read_header_slots, replay};
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{FileStorage, LockError, LockKind, Storage};
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
@@ -21,8 +21,15 @@ pub enum CheckError {
     #[error("cannot open {path}: {source}")]
     Open {
         path: String,
+        #[source]
         source: std::io::Error,
     },
+    /// A daemon holds the cache object: what the checker reads may change under it, and
+    /// would look like damage.
+    #[error("cache object {path} is in use by a running daemon; stop it or use `snapblk stats`")]
+    InUse { path: String },
+    #[error(transparent)]
+    Lock(LockError),
 }
 
 /// What the checker found. `Display` prints a human-readable report ending in a verdict.
@@ -88,11 +95,16 @@ impl fmt::Display for CheckReport {
     }
 }
 
-/// Checks the cache object file at `path` (opened read-only).
+/// Checks the cache object file at `path` (opened read-only), under a shared lock: refused
+/// while a daemon holds it.
 pub fn check_cache_path(path: &Path) -> Result<CheckReport, CheckError> {
     let s = FileStorage::open(path, true).map_err(|source| CheckError::Open {
         path: path.display().to_string(),
         source,
+    })?;
+    s.lock(LockKind::Shared, path).map_err(|e| match e {
+        LockError::InUse { path } => CheckError::InUse { path },
+        other => CheckError::Lock(other),
     })?;
     Ok(check_cache(&s))
 }

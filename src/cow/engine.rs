@@ -3,7 +3,10 @@
 //! path), `write.rs` (the write rule), `space.rs` (block allocation, the cache-full rule),
 //! `commit.rs` (group commit, checkpoints, flush), `snapshots.rs` (create, delete, restore,
 //! attributes), `info.rs` (listings and counters) and `verify.rs` (the in-memory verifier);
-//! `recovery.rs` rebuilds the state on open.
+//! `recovery.rs` rebuilds the state on open; `blockio.rs` does the data-block I/O of the write
+//! path (a failed cache write there is a space failure, not an engine failure), `limit.rs`
+//! keeps the growth limit (fixed or following the host file system) and `waits.rs` the waits
+//! for space.
 //!
 //! Locking (see docs/engine.md, "Concurrency"):
 //! - a stripe lock per chunk (`chunk % STRIPES`): reads take it shared, every change of a view
@@ -33,7 +36,9 @@
 use super::error::{CowError, DeviceId, Result};
 use super::format::{entry_to_block, Enc, Header, Record, ENTRY_UNMAPPED};
 use super::history::OriginHistory;
+use super::hostroom::HostRoom;
 use super::meta::{Meta, ReadSide};
+use super::waitlist::SpaceWaits;
 use crate::storage::{Storage, SECTOR_SIZE};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
@@ -75,6 +80,15 @@ pub(super) struct State {
     /// in-place writes into them are always safe.
     pub(super) fresh_blocks: HashMap<u64, u64>,
     pub(super) low_space_warned: bool,
+    /// The cache has been found full (no block for a write) since it last had room: logged
+    /// once per episode.
+    pub(super) full_logged: bool,
+    /// Under the host policy (the limit follows the host file system's free space), what the
+    /// file system was last seen to have room for.
+    pub(super) host: Option<HostRoom>,
+    /// Blocks withheld from reuse after the host failed a write into them (EIO), until the
+    /// next open.
+    pub(super) quarantined: u64,
     /// Epoch of the last record that took a device out of the origin's readers (a delete, or
     /// a device made inoperative). Until it is durable a crash can bring that device back, so
     /// an origin write that made no copy because of it must wait for it.
@@ -89,6 +103,9 @@ pub(super) struct Journal {
     pub(super) next_seq: u64,
     pub(super) header: Header,
     pub(super) ckpt_blocks: Vec<u64>,
+    /// The journal passed half full but no checkpoint could be written (no blocks, or the
+    /// host refused them): logged once, until a checkpoint succeeds.
+    pub(super) ckpt_deferred: bool,
 }
 
 #[derive(Default)]
@@ -99,6 +116,15 @@ pub(super) struct Counters {
     pub(super) data_syncs_skipped: AtomicU64,
     pub(super) commits: AtomicU64,
     pub(super) checkpoints: AtomicU64,
+    /// Checkpoints put off for lack of space (the journal holds the records meanwhile).
+    pub(super) checkpoints_deferred: AtomicU64,
+    /// Writes to snapshots that failed for lack of space.
+    pub(super) no_space: AtomicU64,
+    /// Data-block writes to the cache object the host refused (ENOSPC, EIO, ...).
+    pub(super) cache_write_errors: AtomicU64,
+    /// Writes that waited for space, and those that gave up waiting.
+    pub(super) space_waits: AtomicU64,
+    pub(super) space_wait_timeouts: AtomicU64,
 }
 
 /// An origin and its snapshots, backed by one cache object.
@@ -111,7 +137,8 @@ pub struct CacheObject {
     pub(super) nchunks: u64,
     pub(super) data_offset: u64,
     pub(super) journal_size: u64,
-    pub(super) low_space_threshold: u64,
+    /// Warn below this many free bytes; `None`: 10% of the limit.
+    pub(super) low_space_setting: Option<u64>,
     pub(super) state: RwLock<State>,
     /// Read without any lock by snapshot reads.
     pub(super) registry: Arc<Registry>,
@@ -125,6 +152,18 @@ pub struct CacheObject {
     pub(super) data_durable_epoch: AtomicU64,
     pub(super) failed: AtomicBool,
     pub(super) counters: Counters,
+    /// The host refused the last data-block write for lack of space (ENOSPC), and the one
+    /// before that was logged: cleared by the next data-block write that succeeds.
+    pub(super) host_full: AtomicBool,
+    /// Likewise for other write errors (EIO): logged once per episode.
+    pub(super) host_failing: AtomicBool,
+    /// Writes waiting for space, the on-full policy, waiters for low space.
+    pub(super) waits: SpaceWaits,
+    /// Checkpoints are put off and the journal is three quarters full (`commit.rs`,
+    /// `check_journal_room`): read without the journal lock.
+    pub(super) journal_pressed: AtomicBool,
+    /// Serializes changes of the limit (`limit.rs`).
+    pub(super) resizing: Mutex<()>,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -34,6 +34,16 @@ pub enum CowError {
     Inoperative(DeviceId),
     #[error("no space left in the cache object")]
     NoSpace,
+    /// The host refused a data-block write to the cache object (an I/O error other than lack
+    /// of space). Nothing was logged for it: the request fails, the engine goes on.
+    #[error("writing a data block to the cache object failed: {0}")]
+    CacheWrite(#[source] std::io::Error),
+    /// A lower growth limit would cut off blocks in use.
+    #[error(
+        "cannot lower the cache object's limit to {asked} bytes: {in_use} bytes are in use \
+         (delete snapshots to free them)"
+    )]
+    LimitInUse { asked: u64, in_use: u64 },
     #[error("the origin cannot be {0}")]
     Origin(&'static str),
     #[error("a device named {0:?} already exists")]
@@ -65,6 +75,15 @@ pub enum CowError {
 
 /// Result of engine operations.
 pub type Result<T, E = CowError> = std::result::Result<T, E>;
+
+impl CowError {
+    /// Whether the error says the cache object had no room for a data block (its limit, or
+    /// the host's ENOSPC or EIO): the cache-full rule handles it (docs/engine.md, "Cache
+    /// full").
+    pub fn is_space_failure(&self) -> bool {
+        matches!(self, CowError::NoSpace | CowError::CacheWrite(_))
+    }
+}
 
 /// A [`CowError::Corrupt`] saying what is wrong.
 pub(super) fn corrupt(what: impl Into<String>) -> CowError {

@@ -24,6 +24,10 @@ pub const HEADER_SLOT_SIZE: u64 = 4096;
 pub const JOURNAL_OFFSET: u64 = 2 * HEADER_SLOT_SIZE;
 /// Incompatible features this build understands (none yet).
 pub const KNOWN_INCOMPAT: u64 = 0;
+/// Compatible feature: the growth limit also follows the host file system's free space (less
+/// a reserve); `max_size` only caps it. A build that does not know the flag uses `max_size`
+/// alone, which is safe: it only bounds block numbers.
+pub const COMPAT_HOST_LIMIT: u64 = 1;
 /// Journal transactions are aligned to this.
 pub const TXN_ALIGN: u64 = 512;
 /// Size of a transaction header.
@@ -146,7 +150,7 @@ pub struct Header {
     pub origin_tag: String,
     pub journal_size: u64,
     pub data_offset: u64,
-    /// Growth limit of the whole file, bytes.
+    /// Growth limit of the whole file, bytes (with [`COMPAT_HOST_LIMIT`], its upper bound).
     pub max_size: u64,
     /// First block of the latest checkpoint chain, or [`NO_BLOCK`] (empty state).
     pub ckpt_block: u64,

@@ -2,8 +2,8 @@
 
 use super::engine::{lock, CacheObject};
 use super::error::DeviceId;
-use super::format::entry_to_block;
-use super::meta::{META_REF, NO_PARENT, ORIGIN_ID, PAGE_BYTES};
+use super::format::{entry_to_block, COMPAT_HOST_LIMIT};
+use super::meta::{Meta, META_REF, NO_PARENT, ORIGIN_ID, PAGE_BYTES};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
@@ -48,6 +48,8 @@ pub struct Stats {
     pub blocks_pending_free: u64,
     pub blocks_max: u64,
     pub checkpoint_blocks: u64,
+    /// Bytes data can still take: free blocks under the limit less those kept back for the
+    /// next checkpoint.
     pub free_bytes: u64,
     pub low_space: bool,
     /// Chunks copied from the origin to preserve snapshot views.
@@ -69,6 +71,53 @@ pub struct Stats {
     /// between the chunk's previous copy and this one).
     #[serde(default)]
     pub preserved_copies: u64,
+    /// Growth limit of the file now, bytes: the fixed limit, or under the host policy what
+    /// the file holds plus what its file system can still give it above the reserve.
+    #[serde(default)]
+    pub limit_bytes: u64,
+    /// The limit follows the host file system's free space (`--cache-size auto`).
+    #[serde(default)]
+    pub limit_auto: bool,
+    /// What the host policy leaves free on the file system, bytes (0 without it).
+    #[serde(default)]
+    pub host_reserve_bytes: u64,
+    /// Bytes of the file in use: header, journal, data and checkpoint blocks (with blocks
+    /// freed by records not yet durable).
+    #[serde(default)]
+    pub used_bytes: u64,
+    /// `low_space` is set below this many free bytes.
+    #[serde(default)]
+    pub low_space_threshold: u64,
+    /// What a write to a writable snapshot does when it finds no space: `error` or
+    /// `wait=SECS`.
+    #[serde(default)]
+    pub on_full: String,
+    /// Writes waiting for space now.
+    #[serde(default)]
+    pub waiting_requests: u64,
+    /// Writes that waited for space.
+    #[serde(default)]
+    pub space_waits: u64,
+    /// Writes that waited until their timeout and failed.
+    #[serde(default)]
+    pub space_wait_timeouts: u64,
+    /// Writes to snapshots that failed for lack of space (at once or after waiting).
+    #[serde(default)]
+    pub no_space_errors: u64,
+    /// Data-block writes to the cache object the host refused (ENOSPC, EIO): each made the
+    /// snapshots that needed the block inoperative, or failed its request.
+    #[serde(default)]
+    pub cache_write_errors: u64,
+    /// The host file system refused the last data-block write for lack of space (until one
+    /// succeeds again).
+    #[serde(default)]
+    pub host_full: bool,
+    /// Blocks withheld from reuse after the host failed a write into them (until restart).
+    #[serde(default)]
+    pub blocks_quarantined: u64,
+    /// Checkpoints put off for lack of space (the journal keeps the records meanwhile).
+    #[serde(default)]
+    pub checkpoints_deferred: u64,
 }
 
 /// Geometry of the cache object.
@@ -81,6 +130,9 @@ pub struct CacheInfo {
     pub journal_size: u64,
     pub data_offset: u64,
     pub low_space_threshold: u64,
+    /// The limit follows the host file system's free space; `max_size` only caps it.
+    #[serde(default)]
+    pub limit_auto: bool,
 }
 
 impl CacheObject {
@@ -147,42 +199,63 @@ impl CacheObject {
             .iter()
             .filter(|&&r| r != 0 && r != META_REF)
             .count() as u64;
-        let free = m.free_blocks();
+        let space = self.space_now(&st);
+        let pending = st.pending_free.len() as u64;
         let c = &self.counters;
+        let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         Stats {
             chunk_size: self.chunk_size,
             blocks_used,
-            blocks_free: free,
-            blocks_pending_free: st.pending_free.len() as u64,
-            blocks_max: m.max_blocks,
+            blocks_free: space.allocatable,
+            blocks_pending_free: pending,
+            blocks_max: m.alloc_limit,
             checkpoint_blocks: ckpt_blocks,
-            free_bytes: free * self.chunk_size,
-            low_space: free * self.chunk_size < self.low_space_threshold,
-            copies: c.copies.load(Ordering::Relaxed),
-            bytes_copied: c.bytes_copied.load(Ordering::Relaxed),
-            cow_fills: c.cow_fills.load(Ordering::Relaxed),
-            data_syncs_skipped: c.data_syncs_skipped.load(Ordering::Relaxed),
-            commits: c.commits.load(Ordering::Relaxed),
-            checkpoints: c.checkpoints.load(Ordering::Relaxed),
+            free_bytes: space.free_bytes,
+            low_space: space.low(),
+            copies: l(&c.copies),
+            bytes_copied: l(&c.bytes_copied),
+            cow_fills: l(&c.cow_fills),
+            data_syncs_skipped: l(&c.data_syncs_skipped),
+            commits: l(&c.commits),
+            checkpoints: l(&c.checkpoints),
             devices: m.devices.iter().flatten().count() as u64,
             inoperative_devices: m.devices.iter().flatten().filter(|d| d.inoperative).count()
                 as u64,
-            table_memory_bytes: {
-                let mut pages = std::collections::HashSet::new();
-                let mut bytes = 0u64;
-                for d in m.devices.iter().flatten() {
-                    let (p, b) = d.table.memory();
-                    pages.extend(p);
-                    bytes += b as u64;
-                }
-                bytes + pages.len() as u64 * PAGE_BYTES as u64 + m.history.memory() as u64
-            },
+            table_memory_bytes: Self::table_memory(m),
             preserved_copies: m.history_copies,
+            limit_bytes: space.limit_bytes,
+            limit_auto: st.host.is_some(),
+            host_reserve_bytes: space.host_reserve,
+            used_bytes: self.data_offset
+                + ((blocks_used + ckpt_blocks + pending) << self.chunk_shift),
+            low_space_threshold: space.threshold,
+            on_full: self.on_full().to_string(),
+            waiting_requests: self.waiting_requests(),
+            space_waits: l(&c.space_waits),
+            space_wait_timeouts: l(&c.space_wait_timeouts),
+            no_space_errors: l(&c.no_space),
+            cache_write_errors: l(&c.cache_write_errors),
+            host_full: self.host_full.load(Ordering::Relaxed),
+            blocks_quarantined: st.quarantined,
+            checkpoints_deferred: l(&c.checkpoints_deferred),
         }
+    }
+
+    /// Bytes of memory held by the remap tables and the origin's history.
+    fn table_memory(m: &Meta) -> u64 {
+        let mut pages = std::collections::HashSet::new();
+        let mut bytes = 0u64;
+        for d in m.devices.iter().flatten() {
+            let (p, b) = d.table.memory();
+            pages.extend(p);
+            bytes += b as u64;
+        }
+        bytes + pages.len() as u64 * PAGE_BYTES as u64 + m.history.memory() as u64
     }
 
     /// Geometry and limits.
     pub fn cache_info(&self) -> CacheInfo {
+        let low_space_threshold = self.stats().low_space_threshold;
         let j = lock(&self.journal);
         CacheInfo {
             chunk_size: self.chunk_size,
@@ -191,7 +264,8 @@ impl CacheObject {
             max_size: j.header.max_size,
             journal_size: self.journal_size,
             data_offset: self.data_offset,
-            low_space_threshold: self.low_space_threshold,
+            low_space_threshold,
+            limit_auto: j.header.compat & COMPAT_HOST_LIMIT != 0,
         }
     }
 }

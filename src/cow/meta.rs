@@ -116,7 +116,11 @@ pub enum MetaError {
 #[derive(Debug)]
 pub struct Meta {
     pub nchunks: u64,
+    /// Blocks below the header's limit: records naming a block at or above it are refused.
     pub max_blocks: u64,
+    /// Blocks below this may be allocated: `max_blocks`, except while a lower limit is being
+    /// put in place (`CacheObject::resize`).
+    pub alloc_limit: u64,
     /// Slot `id` holds device `id` (ids are never reused).
     pub devices: Vec<Option<Dev>>,
     pub next_id: u64,
@@ -149,6 +153,7 @@ impl Meta {
         Self {
             nchunks,
             max_blocks,
+            alloc_limit: max_blocks,
             devices: vec![Some(origin)],
             next_id: 1,
             refcounts: Vec::new(),
@@ -294,10 +299,14 @@ impl Meta {
 
     /// Takes a free block (lowest first), if any is left under the limit.
     pub fn alloc(&mut self) -> Option<u64> {
-        if let Some(b) = self.free.pop() {
-            return Some(b);
+        if let Some(&b) = self.free.last() {
+            // Above a limit being lowered, a free block stays free but is not handed out.
+            if b < self.alloc_limit {
+                self.free.pop();
+                return Some(b);
+            }
         }
-        if self.high_water < self.max_blocks {
+        if self.high_water < self.alloc_limit {
             self.high_water += 1;
             if self.refcounts.len() < self.high_water as usize {
                 self.refcounts.resize(self.high_water as usize, 0);
@@ -309,6 +318,6 @@ impl Meta {
 
     /// Blocks that `alloc` can still hand out.
     pub fn free_blocks(&self) -> u64 {
-        self.free.len() as u64 + (self.max_blocks - self.high_water.min(self.max_blocks))
+        self.free.len() as u64 + self.alloc_limit.saturating_sub(self.high_water)
     }
 }

@@ -13,13 +13,18 @@
 //!   damage detection: shared with the checker), `read.rs` (the read path), `write.rs` (the
 //!   write rule), `space.rs` (block allocation, the cache-full rule), `commit.rs` (group
 //!   commit, checkpoints, flush), `snapshots.rs` (create, delete, restore, attributes),
-//!   `info.rs` (device listings, stats), `verify.rs` (the in-memory verifier).
+//!   `info.rs` (device listings, stats), `verify.rs` (the in-memory verifier), `blockio.rs`
+//!   (data-block I/O of the write path; the host refusing a write is a space failure),
+//!   `limit.rs` (the growth limit: fixed or following the host file system; resize),
+//!   `hostroom.rs` (what the host file system has room for), `waits.rs` (the on-full policy:
+//!   writes waiting for space; waiting for low space) over `waitlist.rs` (the waiting room).
 //! - `error.rs`: [`CowError`], [`DeviceId`].
 //! - [`check`]: the offline checker behind `snapblk check`.
 //!
 //! See docs/engine.md for the format, the ordering argument and measurements.
 
 mod apply;
+mod blockio;
 pub mod check;
 mod checkpoint;
 mod commit;
@@ -27,7 +32,9 @@ mod engine;
 mod error;
 pub mod format;
 pub mod history;
+mod hostroom;
 mod info;
+mod limit;
 pub mod meta;
 mod open;
 mod read;
@@ -36,10 +43,14 @@ mod snapshots;
 mod space;
 mod table;
 mod verify;
+mod waitlist;
+mod waits;
 mod write;
 
 pub use check::{check_cache, check_cache_path, CheckReport};
 pub use engine::CacheObject;
 pub use error::{CowError, DeviceId, Result};
 pub use info::{CacheInfo, DeviceInfo, DeviceState, Stats};
+pub use limit::{host_reserve, SizeLimit, AUTO_MAX_SIZE};
 pub use open::{CreateOptions, OpenOptions};
+pub use waitlist::{OnFull, MAX_SPACE_WAITERS};

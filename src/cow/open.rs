@@ -4,9 +4,12 @@
 use super::engine::{CacheObject, Counters, Journal, State, CHUNK_EPOCH_SLOTS, STRIPES};
 use super::error::{CowError, Result};
 use super::format::{
-    Header, FORMAT_VERSION, HEADER_SLOT_SIZE, JOURNAL_OFFSET, NO_BLOCK, TXN_ALIGN,
+    Header, COMPAT_HOST_LIMIT, FORMAT_VERSION, HEADER_SLOT_SIZE, JOURNAL_OFFSET, NO_BLOCK,
+    TXN_ALIGN,
 };
+use super::hostroom::HostRoom;
 use super::recovery::{read_header, recover};
+use super::waitlist::SpaceWaits;
 use crate::storage::{Storage, SECTOR_SIZE};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
@@ -26,6 +29,9 @@ pub struct CreateOptions {
     pub journal_size: u64,
     /// Identity of the origin (e.g. its canonical path or a UUID); checked on open.
     pub origin_tag: String,
+    /// The host policy: the file grows while its file system keeps a reserve free
+    /// (`limit.rs`); `max_size` then only caps it (e.g. [`AUTO_MAX_SIZE`](super::limit::AUTO_MAX_SIZE)).
+    pub host_limit: bool,
 }
 
 impl Default for CreateOptions {
@@ -36,6 +42,7 @@ impl Default for CreateOptions {
             low_space_threshold: 0,
             journal_size: 4 << 20,
             origin_tag: String::new(),
+            host_limit: false,
         }
     }
 }
@@ -63,6 +70,9 @@ impl CacheObject {
         // Truncating first makes the journal read as zeros: no stale transaction survives.
         cache.set_size(0)?;
         cache.set_size(data_offset)?;
+        // The header slots and the journal get their space now: no commit ever needs new
+        // space from the file system (docs/engine.md, "Cache full").
+        cache.allocate(0, data_offset)?;
         cache.write_at(&header.encode(), HEADER_SLOT_SIZE)?;
         cache.sync()?;
         Self::open(
@@ -84,6 +94,10 @@ impl CacheObject {
     ) -> Result<Self> {
         let mut header = read_header(cache.as_ref())?;
         check_origin(origin.as_ref(), &header, &opts)?;
+        // A cache object made before the journal was preallocated gets its space now.
+        if let Err(e) = cache.allocate(0, header.data_offset) {
+            log::warn!("cannot preallocate the cache object's journal ({e}): commits may fail if its file system fills up");
+        }
         if let Some(m) = opts.max_size.filter(|&m| m > header.max_size) {
             raise_limit(cache.as_ref(), &mut header, m)?;
         }
@@ -93,11 +107,7 @@ impl CacheObject {
             return Err(CowError::Corrupt(p));
         }
         let cs = header.chunk_size;
-        let max_blocks = (header.max_size - header.data_offset) / cs;
-        let threshold = match opts.low_space_threshold {
-            Some(0) | None => max_blocks * cs / 10,
-            Some(t) => t,
-        };
+        let host = (header.compat & COMPAT_HOST_LIMIT != 0).then(HostRoom::default);
         let stripes = (0..STRIPES).map(|_| RwLock::new(())).collect();
         let registry = Arc::new(ArcSwap::from_pointee(recovered.meta.read_sides()));
         let history = recovered.meta.history.clone();
@@ -110,7 +120,7 @@ impl CacheObject {
             nchunks: header.origin_size.div_ceil(cs),
             data_offset: header.data_offset,
             journal_size: header.journal_size,
-            low_space_threshold: threshold,
+            low_space_setting: opts.low_space_threshold.filter(|&t| t != 0),
             registry: registry.clone(),
             history,
             state: RwLock::new(State {
@@ -123,6 +133,9 @@ impl CacheObject {
                 chunk_epochs: vec![0; CHUNK_EPOCH_SLOTS],
                 fresh_blocks: HashMap::new(),
                 low_space_warned: false,
+                full_logged: false,
+                host,
+                quarantined: 0,
                 readers_dropped_epoch: 0,
             }),
             stripes,
@@ -132,11 +145,17 @@ impl CacheObject {
                 next_seq: recovered.next_seq,
                 header,
                 ckpt_blocks: recovered.ckpt_blocks,
+                ckpt_deferred: false,
             }),
             durable_epoch: AtomicU64::new(0),
             data_durable_epoch: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             counters: Counters::default(),
+            host_full: AtomicBool::new(false),
+            host_failing: AtomicBool::new(false),
+            journal_pressed: AtomicBool::new(false),
+            waits: SpaceWaits::default(),
+            resizing: Mutex::new(()),
         })
     }
 }
@@ -171,7 +190,11 @@ fn new_header(origin_size: u64, opts: &CreateOptions) -> Result<Header> {
         version: FORMAT_VERSION,
         generation: 1,
         incompat: 0,
-        compat: 0,
+        compat: if opts.host_limit {
+            COMPAT_HOST_LIMIT
+        } else {
+            0
+        },
         chunk_size: cs,
         origin_size,
         origin_tag: opts.origin_tag.clone(),

@@ -1,38 +1,91 @@
 //! Space in the cache object: data blocks allocated under the growth limit, keeping back the
-//! room the next checkpoint needs, and the rule for when there is none (docs/engine.md,
-//! "Cache full"): the origin never fails, the snapshots it cannot preserve for do.
+//! room the next checkpoint needs (the limit itself is `limit.rs`'s), the low-space warning,
+//! and the rule for when there is none (docs/engine.md, "Cache full"): the origin never fails,
+//! the snapshots it cannot preserve for do.
 
 use super::engine::{CacheObject, State};
-use super::error::Result;
+use super::error::{CowError, Result};
 use super::format::{Record, CKPT_BLOCK_HEADER};
-use super::meta::{View, ORIGIN_ID};
+use super::meta::{Meta, View, ORIGIN_ID};
 
 impl CacheObject {
-    /// Allocates a block for data, keeping back the room the next checkpoint needs.
+    /// Allocates a block for data, keeping back the room the next checkpoint needs; under the
+    /// host policy, only while the file system has room above its reserve.
     pub(super) fn alloc_data(&self, st: &mut State) -> Option<u64> {
-        let m = &st.meta;
-        // An upper bound of the next checkpoint's size, O(1): per device slot 1 KiB for its
-        // record (names are at most 255 bytes; attributes are small), 16 bytes per entry.
+        let reserve = self.ckpt_reserve(&st.meta);
+        let room = self.allocatable(st);
+        let b = if room > reserve {
+            st.meta.alloc()
+        } else {
+            None
+        };
+        let Some(b) = b else {
+            self.note_full(st);
+            return None;
+        };
+        Self::took_block(st);
+        if std::mem::take(&mut st.full_logged) {
+            log::info!("cache object has free space again");
+        }
+        self.note_low_space(st, room - 1, reserve);
+        Some(b)
+    }
+
+    /// Blocks kept back for the next checkpoint: an upper bound of its size, O(1): per device
+    /// slot 1 KiB for its record (names are at most 255 bytes; attributes are small), 16
+    /// bytes per entry.
+    pub(super) fn ckpt_reserve(&self, m: &Meta) -> u64 {
         let ckpt_bytes =
             64 + m.devices.len() as u64 * 1024 + (m.total_entries + 2 * m.history_copies + 64) * 16;
-        let reserve = ckpt_bytes.div_ceil(self.chunk_size - CKPT_BLOCK_HEADER as u64) + 1;
-        if m.free_blocks() <= reserve {
-            return None;
+        ckpt_bytes.div_ceil(self.chunk_size - CKPT_BLOCK_HEADER as u64) + 1
+    }
+
+    /// No block for data: logged once until there is one again (not while blocks freed by
+    /// records not yet durable are about to come back).
+    fn note_full(&self, st: &mut State) {
+        if st.full_logged || !st.pending_free.is_empty() {
+            return;
         }
-        let b = st.meta.alloc()?;
-        let free_bytes = st.meta.free_blocks() * self.chunk_size;
-        if free_bytes < self.low_space_threshold {
-            if !st.low_space_warned {
-                log::warn!(
-                    "cache object low on space: {free_bytes} bytes free, threshold {}",
-                    self.low_space_threshold
-                );
-                st.low_space_warned = true;
-            }
+        st.full_logged = true;
+        log::warn!(
+            "cache object full (limit {}): snapshots whose copy-on-write needs space go \
+             inoperative; writes to writable snapshots {}; delete snapshots or raise the \
+             limit (`snapblk cache resize`)",
+            if st.host.is_some() {
+                "the host file system's free space less its reserve".to_string()
+            } else {
+                format!(
+                    "{} bytes",
+                    self.data_offset + (st.meta.alloc_limit << self.chunk_shift)
+                )
+            },
+            self.on_full().describe_for_log(),
+        );
+    }
+
+    /// The low-space threshold for a limit of `limit_blocks`: the setting, or 10% of it.
+    pub(super) fn low_space_threshold(&self, limit_blocks: u64) -> u64 {
+        self.low_space_setting
+            .unwrap_or((limit_blocks << self.chunk_shift) / 10)
+    }
+
+    /// Warns once per crossing below the low-space threshold (and wakes those waiting for it),
+    /// with `room` blocks allocatable of which `reserve` are kept for the checkpoint.
+    fn note_low_space(&self, st: &mut State, room: u64, reserve: u64) {
+        let limit_blocks = if st.host.is_some() {
+            st.meta.high_water - st.meta.free.len() as u64 + room
         } else {
+            st.meta.alloc_limit
+        };
+        let threshold = self.low_space_threshold(limit_blocks);
+        let free_bytes = room.saturating_sub(reserve) << self.chunk_shift;
+        if free_bytes >= threshold {
             st.low_space_warned = false;
+        } else if !st.low_space_warned {
+            log::warn!("cache object low on space: {free_bytes} bytes free, threshold {threshold}");
+            st.low_space_warned = true;
+            self.space_changed();
         }
-        Some(b)
     }
 
     /// Marks inoperative every operative snapshot that reads the origin image at `c` (it is
@@ -67,5 +120,16 @@ impl CacheObject {
     /// Gives back a block allocated for a change that did not happen.
     pub(super) fn free_unused(st: &mut State, b: u64) {
         st.meta.free.push(b);
+    }
+
+    /// Gives back a block whose write failed with `e`: reused later, unless the host failed
+    /// the write otherwise than for lack of space (EIO): then it is withheld until the next
+    /// open, which finds it free (nothing maps it).
+    pub(super) fn give_back(st: &mut State, b: u64, e: &CowError) {
+        if matches!(e, CowError::CacheWrite(_)) {
+            st.quarantined += 1;
+        } else {
+            st.meta.free.push(b);
+        }
     }
 }

@@ -48,11 +48,11 @@ impl<'a> Src<'a> {
 
 /// The part of chunk `c` a write covers (`inoff..inoff+len`) and what goes there.
 #[derive(Clone, Copy)]
-struct Piece<'a> {
-    c: u64,
-    inoff: usize,
-    len: usize,
-    src: Src<'a>,
+pub(super) struct Piece<'a> {
+    pub(super) c: u64,
+    pub(super) inoff: usize,
+    pub(super) len: usize,
+    pub(super) src: Src<'a>,
 }
 
 /// Step 1's outcome.
@@ -114,20 +114,23 @@ enum Mapped {
 }
 
 impl CacheObject {
-    /// Writes `buf` to device `dev` at `offset`.
+    /// Writes `buf` to device `dev` at `offset`. A snapshot write that finds no space
+    /// follows the on-full policy (`waits.rs`); the origin never fails for lack of space.
     pub fn write(&self, dev: DeviceId, offset: u64, buf: &[u8]) -> Result<()> {
-        self.change(dev, offset, buf.len() as u64, Src::Data(buf))
+        self.with_space_wait(dev, || {
+            self.change(dev, offset, buf.len() as u64, Src::Data(buf))
+        })
     }
 
     /// Makes `[offset, offset+len)` of `dev` read as zeros.
     pub fn write_zeroes(&self, dev: DeviceId, offset: u64, len: u64) -> Result<()> {
-        self.change(dev, offset, len, Src::Zeroes)
+        self.with_space_wait(dev, || self.change(dev, offset, len, Src::Zeroes))
     }
 
     /// Discards `[offset, offset+len)` of `dev`; it reads as zeros afterwards and whole chunks
     /// release their blocks. Other devices keep their views.
     pub fn discard(&self, dev: DeviceId, offset: u64, len: u64) -> Result<()> {
-        self.change(dev, offset, len, Src::Discard)
+        self.with_space_wait(dev, || self.change(dev, offset, len, Src::Discard))
     }
 
     /// Changes `[offset, offset+len)` of `dev` to what `src` says, chunk by chunk (origin
@@ -282,7 +285,7 @@ impl CacheObject {
             return Ok(Readers::Served(st, None));
         }
         match self.alloc_data(&mut st) {
-            Some(nb) => self.copy_for_readers(st, dev, c, nb),
+            Some(nb) => self.copy_for_readers(st, dev, c, nb, space_retried),
             None if !*space_retried && !st.pending_free.is_empty() => {
                 // Blocks freed by records not yet durable come back with a commit.
                 *space_retried = true;
@@ -298,19 +301,32 @@ impl CacheObject {
     }
 
     /// Step 1's copy: the origin's chunk `c` into the new block `nb`, with the state lock
-    /// dropped, then given to the readers still there.
+    /// dropped, then given to the readers still there. If the host refuses the copy, the
+    /// readers are failed as when there is no block (after one commit, if that frees some).
     fn copy_for_readers<'a>(
         &'a self,
         st: StateGuard<'a>,
         dev: u64,
         c: u64,
         nb: u64,
+        space_retried: &mut bool,
     ) -> Result<Readers<'a>> {
         drop(st);
         let copied = self.copy_origin_chunk(c, nb);
         let mut st = self.write_state();
         if let Err(e) = copied.and_then(|()| Self::check_dev(&st.meta, dev)) {
-            Self::free_unused(&mut st, nb);
+            Self::give_back(&mut st, nb, &e);
+            if matches!(e, CowError::NoSpace) && !*space_retried && !st.pending_free.is_empty() {
+                // The file system gets the blocks freed by records not yet durable back when
+                // a commit makes them durable and punches them out.
+                *space_retried = true;
+                return Ok(Readers::CommitFirst(st.epoch));
+            }
+            if dev == ORIGIN_ID && e.is_space_failure() {
+                // The host refused the copy: as with no block, the readers it was for fail.
+                let e = self.fail_unpreservable(&mut st, c)?;
+                return Ok(Readers::Served(st, Some(e)));
+            }
             return Err(e);
         }
         if !st.meta.view_shared(dev, c) {
@@ -367,16 +383,6 @@ impl CacheObject {
         }
         let pos = (piece.c << self.chunk_shift) + piece.inoff as u64;
         self.write_origin(pos, piece.len as u64, piece.src)
-    }
-
-    /// Writes the origin image in place.
-    fn write_origin(&self, pos: u64, len: u64, src: Src<'_>) -> Result<()> {
-        match src {
-            Src::Data(buf) => self.origin.write_at(buf, pos)?,
-            Src::Zeroes => self.origin.write_zeroes(pos, len)?,
-            Src::Discard => self.origin.punch_hole(pos, len)?,
-        }
-        Ok(())
     }
 
     /// Steps 1 and 2 for a snapshot's chunk, starting over while the state changes under
@@ -476,16 +482,6 @@ impl CacheObject {
         })
     }
 
-    /// Writes the piece into the device's own block `b`.
-    fn write_in_place(&self, b: u64, piece: Piece<'_>) -> Result<()> {
-        let pos = self.block_offset(b) + piece.inoff as u64;
-        match piece.src {
-            Src::Data(buf) => self.cache.write_at(buf, pos)?,
-            Src::Zeroes | Src::Discard => self.cache.write_zeroes(pos, piece.len as u64)?,
-        }
-        Ok(())
-    }
-
     /// Fills the new block `nb` (state lock dropped), then maps it, unless a child of `dev`
     /// appeared meanwhile.
     fn fill_and_map(
@@ -499,7 +495,7 @@ impl CacheObject {
         let filled = self.fill_new_block(piece, nb, old, full);
         let mut st = self.write_state();
         if let Err(e) = filled.and_then(|()| Self::check_dev(&st.meta, dev)) {
-            Self::free_unused(&mut st, nb);
+            Self::give_back(&mut st, nb, &e);
             return Err(e);
         }
         if st.meta.has_unmapped_child(dev, piece.c) {
@@ -515,47 +511,6 @@ impl CacheObject {
             entry: entry_block(nb),
         })?;
         Ok(Mapped::Done)
-    }
-
-    /// Writes a new block: the piece, plus (for a partial write) the rest from the old view.
-    fn fill_new_block(&self, piece: Piece<'_>, nb: u64, old: View, full: bool) -> Result<()> {
-        let c = piece.c;
-        let at = self.block_offset(nb);
-        if full {
-            // A whole-chunk write never reads the old data.
-            if let Src::Data(buf) = piece.src {
-                self.cache.write_at(buf, at)?;
-            }
-            return Ok(());
-        }
-        let clen = self.chunk_len(c);
-        let mut buf = vec![0u8; clen];
-        match old {
-            View::Origin => self.origin.read_at(&mut buf, c << self.chunk_shift)?,
-            View::Zero => {}
-            View::Block(b) => self.cache.read_at(&mut buf, self.block_offset(b))?,
-        }
-        let range = piece.inoff..piece.inoff + piece.len;
-        match piece.src {
-            Src::Data(d) => buf[range].copy_from_slice(d),
-            Src::Zeroes | Src::Discard => buf[range].fill(0),
-        }
-        self.cache.write_at(&buf, at)?;
-        self.counters.cow_fills.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Copies the origin's chunk `c` into block `b`.
-    fn copy_origin_chunk(&self, c: u64, b: u64) -> Result<()> {
-        let n = self.chunk_len(c);
-        let mut buf = vec![0u8; n];
-        self.origin.read_at(&mut buf, c << self.chunk_shift)?;
-        self.cache.write_at(&buf, self.block_offset(b))?;
-        self.counters.copies.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .bytes_copied
-            .fetch_add(n as u64, Ordering::Relaxed);
-        Ok(())
     }
 }
 

@@ -26,6 +26,9 @@ pub enum DeviceError {
     Open { path: String, source: io::Error },
     #[error("{path} is empty: an origin image needs at least one {block}-byte block")]
     TooSmall { path: String, block: u32 },
+    /// Another daemon serves the image (see [`crate::storage::lock`]).
+    #[error(transparent)]
+    Lock(#[from] crate::storage::LockError),
 }
 
 /// A virtual disk that queue workers read and write concurrently.

@@ -1,7 +1,7 @@
 //! [`RawDevice`]: a raw image served as is, with no snapshot engine (`serve --no-cache`).
 
 use super::{BlockDevice, DeviceError, IoCounters};
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{FileStorage, LockKind, Storage};
 use std::io::{self, IoSlice, IoSliceMut};
 use std::path::Path;
 use std::sync::Arc;
@@ -14,12 +14,19 @@ pub struct RawDevice {
 }
 
 impl RawDevice {
-    /// Opens `path`; the capacity is the file size rounded down to `block` bytes.
+    /// Opens `path`, locked against other daemons (shared when `read_only`, else exclusive);
+    /// the capacity is the file size rounded down to `block` bytes.
     pub fn open(path: &Path, read_only: bool, block: u32) -> Result<Self, DeviceError> {
         let storage = FileStorage::open(path, read_only).map_err(|source| DeviceError::Open {
             path: path.display().to_string(),
             source,
         })?;
+        let kind = if read_only {
+            LockKind::Shared
+        } else {
+            LockKind::Exclusive
+        };
+        storage.lock(kind, path)?;
         let capacity = storage.size() / u64::from(block) * u64::from(block);
         if capacity == 0 {
             return Err(DeviceError::TooSmall {

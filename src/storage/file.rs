@@ -4,7 +4,8 @@
 //! page-cached image a preadv/pwritev is a memory copy the kernel does inline; measured
 //! numbers are in docs/benchmarks.md.
 
-use super::Storage;
+use super::lock::{lock_file, LockError, LockKind};
+use super::{HostSpace, Storage};
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::unix::fs::FileExt;
@@ -17,6 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct FileStorage {
     file: File,
     size: AtomicU64,
+    /// A regular file (not a block device): it lives on a file system.
+    regular: bool,
 }
 
 impl FileStorage {
@@ -37,8 +40,15 @@ impl FileStorage {
         }
         Ok(Self {
             size: AtomicU64::new(meta.len()),
+            regular: meta.is_file(),
             file,
         })
+    }
+
+    /// Takes a whole-file lock (see [`super::lock`]); `path` names the file in the error. It
+    /// is held until this storage is dropped.
+    pub fn lock(&self, kind: LockKind, path: &Path) -> Result<(), LockError> {
+        lock_file(&self.file, kind, &path.display().to_string())
     }
 
     /// The raw descriptor, for I/O engines that submit their own requests.
@@ -224,6 +234,39 @@ impl Storage for FileStorage {
         )
     }
 
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 || !self.regular {
+            return Ok(());
+        }
+        match self.fallocate(0, offset, len) {
+            Ok(()) => {
+                self.size.fetch_max(offset + len, Ordering::Relaxed);
+                Ok(())
+            }
+            // A file system that cannot preallocate: writes take their space as they come.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn host_space(&self) -> Option<HostSpace> {
+        if !self.regular {
+            return None;
+        }
+        // SAFETY: statvfs is plain old data; all-zero bytes are a valid value of it.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: fstatvfs writes into `st`, which lives for the call; the fd is owned by
+        // `self.file`.
+        if unsafe { libc::fstatvfs(self.file.as_raw_fd(), &mut st) } != 0 {
+            return None;
+        }
+        let frsize = st.f_frsize as u64;
+        Some(HostSpace {
+            available: (st.f_bavail as u64).saturating_mul(frsize),
+            total: (st.f_blocks as u64).saturating_mul(frsize),
+        })
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         if len == 0 {
             return Ok(());
@@ -285,6 +328,26 @@ mod tests {
         s.read_at(&mut z, 8192).unwrap();
         assert!(z.iter().all(|&v| v == 0));
         assert_eq!(s.size(), 1 << 20);
+    }
+
+    /// `allocate` gives a sparse range its blocks (st_blocks grows), and the file system's
+    /// space is reported.
+    #[test]
+    fn allocate_fills_holes_and_host_space_is_known() {
+        use std::os::unix::fs::MetadataExt;
+        let (d, s) = temp(1 << 20);
+        let blocks = || std::fs::metadata(d.path().join("img")).unwrap().blocks();
+        assert_eq!(blocks(), 0, "a sparse file");
+        s.allocate(0, 256 << 10).unwrap();
+        assert!(blocks() * 512 >= 256 << 10, "{} sectors", blocks());
+        assert_eq!(s.size(), 1 << 20);
+        let space = s
+            .host_space()
+            .expect("a regular file lives on a file system");
+        assert!(
+            space.total > 0 && space.available <= space.total,
+            "{space:?}"
+        );
     }
 
     #[test]

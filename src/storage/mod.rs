@@ -4,8 +4,10 @@
 //! through [`Storage`], so tests can substitute an in-memory or crash-injecting store (`crate::testkit::storage`).
 
 mod file;
+pub mod lock;
 
 pub use file::FileStorage;
+pub use lock::{LockError, LockKind};
 
 use std::io::{self, IoSlice, IoSliceMut};
 
@@ -58,4 +60,27 @@ pub trait Storage: Send + Sync {
 
     /// Makes `[offset, offset+len)` read as zeros, keeping it allocated.
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Makes sure `[offset, offset+len)` has its space in the file system (fallocate), so
+    /// later writes there cannot fail for lack of it. A store without the notion does nothing;
+    /// so does a file system that cannot preallocate (the writes then take their space as
+    /// they come).
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+
+    /// Space of the file system holding the store, if it lives on one (a regular file).
+    fn host_space(&self) -> Option<HostSpace> {
+        None
+    }
+}
+
+/// Space of a file system, as `statvfs` gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostSpace {
+    /// Bytes an unprivileged writer can still allocate.
+    pub available: u64,
+    /// Size of the file system, bytes.
+    pub total: u64,
 }

@@ -79,6 +79,20 @@ impl Client {
         unsafe { c[0].assume_init_ref() }.ret
     }
 
+    /// Waits up to `timeout` for one completion on queue `q`: its `ret`, or `None` if none
+    /// came (the request is still in flight; call again to wait more).
+    pub fn complete_within(&mut self, q: usize, timeout: Duration) -> Option<i32> {
+        let mut c = [MaybeUninit::<blkio::Completion>::uninit()];
+        let mut timeout = timeout;
+        match self.queues[q].do_io(&mut c, 1, Some(&mut timeout), None) {
+            // SAFETY: do_io initialized the first completion.
+            Ok(1) => Some(unsafe { c[0].assume_init_ref() }.ret),
+            Ok(_) => None,
+            Err(e) if e.errno() == blkio::Errno::TIME => None,
+            Err(e) => panic!("do_io: {e}"),
+        }
+    }
+
     /// Largest buffer one request may carry (the device's size_max, as libblkio reports it).
     pub fn max_request(&self) -> usize {
         match self.blkio.get_i32("max-segment-len") {

@@ -1,7 +1,7 @@
 //! The engine fixture: a [`CacheObject`] over in-memory stores (or files), with the small
 //! chunks and journal that make tests reach checkpoints, wraps and full caches quickly.
 
-use super::storage::MemStorage;
+use super::storage::{FaultyStorage, MemStorage};
 use crate::cow::{CacheObject, CreateOptions};
 use crate::storage::{FileStorage, Storage};
 use std::path::{Path, PathBuf};
@@ -20,6 +20,14 @@ pub struct EngineSpec {
     pub opts: CreateOptions,
     /// Initial origin content; zeros when `None`.
     pub origin_bytes: Option<Vec<u8>>,
+}
+
+/// An engine over an in-memory origin and a [`FaultyStorage`] cache (a file system that fills
+/// up, or fails with EIO, on demand).
+pub struct FaultyEngine {
+    pub origin: Arc<MemStorage>,
+    pub cache: Arc<FaultyStorage>,
+    pub engine: CacheObject,
 }
 
 /// An engine and the in-memory stores under it (kept so a test can inspect or reopen them).
@@ -102,6 +110,26 @@ impl EngineSpec {
         self.origin_bytes
             .clone()
             .unwrap_or_else(|| vec![0; self.origin_size() as usize])
+    }
+
+    /// Where the data blocks of a cache object made with these options start.
+    pub fn data_offset(&self) -> u64 {
+        let journal = self.opts.journal_size.div_ceil(512) * 512;
+        (8192 + journal).div_ceil(self.opts.chunk_size) * self.opts.chunk_size
+    }
+
+    /// Creates the engine over an in-memory origin and a [`FaultyStorage`] cache whose file
+    /// system has, once the cache object is made (header and journal preallocated), room for
+    /// `blocks` data blocks.
+    pub fn build_faulty(self, blocks: u64) -> FaultyEngine {
+        let origin = Arc::new(MemStorage::from_bytes(self.origin_content()));
+        let cache = FaultyStorage::new(self.data_offset() + blocks * self.opts.chunk_size);
+        let engine = self.on(origin.clone(), cache.clone());
+        FaultyEngine {
+            origin,
+            cache,
+            engine,
+        }
     }
 
     /// Creates the engine over fresh in-memory stores.

@@ -4,12 +4,15 @@
 //! Compiled only for tests and with the `test-utils` feature (which `tests/` and `benches/` get
 //! through the crate's dev-dependency on itself): a release build contains none of it.
 //!
-//! - [`storage`]: in-memory and crash-injecting [`Storage`](crate::storage::Storage) doubles.
+//! - [`storage`]: in-memory, crash-injecting, counting and faulty (ENOSPC, EIO)
+//!   [`Storage`](crate::storage::Storage) doubles.
 //! - [`engine`]: a copy-on-write engine over in-memory stores, or files in a temp dir.
 //! - [`tokens`]: sectors that carry a 64-bit token, to tell which write a sector holds.
 //! - [`blkio_client`]: a vhost-user-blk client (libblkio), the independent peer of the daemon.
+//! - [`tmpfs`]: a small tmpfs mounted for a test, a file system that really fills up.
 
 pub mod blkio_client;
 pub mod engine;
 pub mod storage;
+pub mod tmpfs;
 pub mod tokens;

@@ -1,4 +1,5 @@
-//! In-memory [`Storage`] doubles: a plain store and a crash-injecting one.
+//! In-memory [`Storage`] doubles: a plain store, a crash-injecting one, a counting one and a
+//! faulty one ([`FaultyStorage`]: a byte budget of file-system space and EIO on demand).
 //!
 //! [`CrashStorage`] keeps every write since the last `sync` apart from the durable image, so a
 //! test can "pull the plug" at any instant: [`CrashController`] counts I/O events across all the
@@ -381,5 +382,203 @@ impl Storage for CountingStorage {
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         self.inner.write_zeroes(offset, len)
+    }
+}
+
+/// The page size [`FaultyStorage`] allocates space by.
+const PAGE: u64 = 4096;
+
+/// A store that runs out of space and fails with EIO on demand, as a file on a small tmpfs
+/// would: it is sparse (pages get their space when first written, `punch_hole` gives it
+/// back), every page written or [`allocate`](Storage::allocate)d takes 4 KiB of a byte
+/// budget, and a write that finds the budget spent fails with ENOSPC after writing the pages
+/// that fitted (a short write, as the kernel's). `allocate` takes all or nothing. Writes and
+/// reads in a chosen range fail with EIO while [`FaultyStorage::fail_writes_in`] /
+/// [`FaultyStorage::fail_reads_in`] say so. `host_space` reports the budget as the file
+/// system's free space.
+#[derive(Debug)]
+pub struct FaultyStorage {
+    inner: MemStorage,
+    faults: Mutex<Faults>,
+    /// ENOSPC errors returned so far.
+    pub enospc: AtomicU64,
+    /// EIO errors returned so far.
+    pub eio: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Faults {
+    /// Pages that have their space.
+    pages: std::collections::HashSet<u64>,
+    /// Bytes of space left.
+    budget: u64,
+    /// Size reported as the file system's.
+    total: u64,
+    write_eio: std::ops::Range<u64>,
+    read_eio: std::ops::Range<u64>,
+}
+
+impl FaultyStorage {
+    /// An empty store with `budget` bytes of space (rounded down to pages).
+    pub fn new(budget: u64) -> Arc<Self> {
+        Arc::new(Self {
+            inner: MemStorage::new(0),
+            faults: Mutex::new(Faults {
+                pages: Default::default(),
+                budget: budget / PAGE * PAGE,
+                total: budget,
+                write_eio: 0..0,
+                read_eio: 0..0,
+            }),
+            enospc: AtomicU64::new(0),
+            eio: AtomicU64::new(0),
+        })
+    }
+
+    /// Bytes of space left.
+    pub fn budget(&self) -> u64 {
+        lock(&self.faults).budget
+    }
+
+    /// Sets the bytes of space left (as if others freed or took space on the file system).
+    pub fn set_budget(&self, bytes: u64) {
+        let mut f = lock(&self.faults);
+        f.budget = bytes / PAGE * PAGE;
+        f.total = f.total.max(bytes);
+    }
+
+    /// Writes touching `range` fail with EIO (an empty range heals).
+    pub fn fail_writes_in(&self, range: std::ops::Range<u64>) {
+        lock(&self.faults).write_eio = range;
+    }
+
+    /// Reads touching `range` fail with EIO (an empty range heals).
+    pub fn fail_reads_in(&self, range: std::ops::Range<u64>) {
+        lock(&self.faults).read_eio = range;
+    }
+
+    /// Bytes of the store that have their space.
+    pub fn allocated(&self) -> u64 {
+        lock(&self.faults).pages.len() as u64 * PAGE
+    }
+
+    /// A copy of the whole content.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.inner.to_bytes()
+    }
+
+    fn eio(&self) -> io::Error {
+        self.eio.fetch_add(1, Ordering::Relaxed);
+        io::Error::from_raw_os_error(libc::EIO)
+    }
+
+    fn enospc(&self) -> io::Error {
+        self.enospc.fetch_add(1, Ordering::Relaxed);
+        io::Error::from_raw_os_error(libc::ENOSPC)
+    }
+
+    /// Gives the pages of `[offset, offset+len)` their space, in order, as far as the budget
+    /// goes; returns how many bytes from `offset` are backed.
+    fn take_space(f: &mut Faults, offset: u64, len: u64) -> u64 {
+        let end = offset + len;
+        let mut page = offset / PAGE;
+        while page * PAGE < end {
+            if !f.pages.contains(&page) {
+                if f.budget < PAGE {
+                    return (page * PAGE).max(offset) - offset;
+                }
+                f.budget -= PAGE;
+                f.pages.insert(page);
+            }
+            page += 1;
+        }
+        len
+    }
+}
+
+fn overlaps(r: &std::ops::Range<u64>, offset: u64, len: u64) -> bool {
+    offset < r.end && r.start < offset + len
+}
+
+impl Storage for FaultyStorage {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if overlaps(&lock(&self.faults).read_eio, offset, buf.len() as u64) {
+            return Err(self.eio());
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let backed = {
+            let mut f = lock(&self.faults);
+            if overlaps(&f.write_eio, offset, buf.len() as u64) {
+                drop(f);
+                return Err(self.eio());
+            }
+            Self::take_space(&mut f, offset, buf.len() as u64)
+        };
+        self.inner.write_at(&buf[..backed as usize], offset)?;
+        if backed < buf.len() as u64 {
+            return Err(self.enospc());
+        }
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn set_size(&self, size: u64) -> io::Result<()> {
+        let mut f = lock(&self.faults);
+        let pages: Vec<u64> = f
+            .pages
+            .iter()
+            .copied()
+            .filter(|&p| p * PAGE >= size)
+            .collect();
+        for p in pages {
+            f.pages.remove(&p);
+            f.budget += PAGE;
+        }
+        self.inner.set_size(size)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut f = lock(&self.faults);
+        let first = offset.div_ceil(PAGE);
+        let end = (offset + len) / PAGE;
+        for p in first..end {
+            if f.pages.remove(&p) {
+                f.budget += PAGE;
+            }
+        }
+        drop(f);
+        self.inner.punch_hole(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        // As on tmpfs: no ZERO_RANGE, so zeros are written (and take space).
+        self.write_at(&vec![0; len as usize], offset)
+    }
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut f = lock(&self.faults);
+        let first = offset / PAGE;
+        let end = (offset + len).div_ceil(PAGE);
+        let missing = (first..end).filter(|p| !f.pages.contains(p)).count() as u64;
+        if missing * PAGE > f.budget {
+            drop(f);
+            return Err(self.enospc());
+        }
+        Self::take_space(&mut f, offset, len);
+        drop(f);
+        if self.inner.size() < offset + len {
+            self.inner.set_size(offset + len)?;
+        }
+        Ok(())
+    }
+    fn host_space(&self) -> Option<crate::storage::HostSpace> {
+        let f = lock(&self.faults);
+        Some(crate::storage::HostSpace {
+            available: f.budget,
+            total: f.total,
+        })
     }
 }
