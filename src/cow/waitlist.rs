@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -60,13 +61,15 @@ impl fmt::Display for OnFull {
 pub(crate) struct SpaceWaits {
     state: Mutex<WaitState>,
     cv: Condvar,
+    /// Bumped whenever space may have come back or the cache went low on space. Read by every
+    /// write before it tries (no lock: writes of all queues pass here); changed only with
+    /// `state` locked, so a sleeper that checked it under the lock cannot miss a bump.
+    generation: AtomicU64,
 }
 
 #[derive(Default)]
 struct WaitState {
     policy: OnFull,
-    /// Bumped whenever space may have come back or the cache went low on space.
-    generation: u64,
     waiting: u64,
     /// Per device, bumped to make its current waiters give up.
     cancels: HashMap<u64, u64>,
@@ -115,12 +118,14 @@ impl SpaceWaits {
     }
 
     pub(super) fn generation(&self) -> u64 {
-        self.lock().generation
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Space may have come back, or the cache went low on space: everyone looks again.
     pub(super) fn bump(&self) {
-        self.lock().generation += 1;
+        let st = self.lock();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        drop(st);
         self.cv.notify_all();
     }
 
@@ -139,7 +144,7 @@ impl SpaceWaits {
     /// Sleeps until the generation is no longer `seen`, for at most `limit`.
     pub(super) fn sleep(&self, seen: u64, limit: Duration) {
         let st = self.lock();
-        if st.generation == seen && !st.closed {
+        if self.generation() == seen && !st.closed {
             drop(
                 self.cv
                     .wait_timeout(st, limit)
@@ -199,7 +204,7 @@ impl Waiter<'_> {
         if st.closed || st.cancels.get(&self.dev).copied().unwrap_or(0) != self.cancel {
             return Err(GaveUp::Cancelled);
         }
-        Ok(st.generation)
+        Ok(self.waits.generation())
     }
 }
 
