@@ -13,7 +13,9 @@
 //!   damage detection: shared with the checker), `read.rs` (the read path), `write.rs` (the
 //!   write rule), `space.rs` (block allocation, the cache-full rule), `commit.rs` (group
 //!   commit, checkpoints, flush), `snapshots.rs` (create, delete, restore, attributes),
-//!   `info.rs` (device listings, stats), `verify.rs` (the in-memory verifier).
+//!   `info.rs` (device listings, stats), `extents.rs` (block-status queries: sources and
+//!   depths of a device's chunks, where two devices differ, the origin's holes),
+//!   `verify.rs` (the in-memory verifier).
 //! - `error.rs`: [`CowError`], [`DeviceId`].
 //! - [`check`]: the offline checker behind `snapblk check`.
 //!
@@ -25,6 +27,7 @@ mod checkpoint;
 mod commit;
 mod engine;
 mod error;
+mod extents;
 pub mod format;
 pub mod history;
 mod info;
@@ -41,5 +44,6 @@ mod write;
 pub use check::{check_cache, check_cache_path, CheckReport};
 pub use engine::CacheObject;
 pub use error::{CowError, DeviceId, Result};
+pub use extents::{DiffRun, Extent, Holes, Source, MAX_HOLES, MAX_QUERY_CHUNKS};
 pub use info::{CacheInfo, DeviceInfo, DeviceState, Stats};
 pub use open::{CreateOptions, OpenOptions};

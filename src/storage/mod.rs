@@ -54,4 +54,12 @@ pub trait Storage: Send + Sync {
 
     /// Makes `[offset, offset+len)` read as zeros, keeping it allocated.
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// How `[offset, offset+len)` begins: `(hole, n)` says its first `n` bytes (`1..=len`)
+    /// are all a hole (unallocated, reading as zeros) or all data. For block-status queries
+    /// (`SEEK_HOLE`/`SEEK_DATA` on files). The default, right for any store, says "all data".
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        let _ = offset;
+        Ok((false, len))
+    }
 }
