@@ -19,6 +19,8 @@ pub enum CliError {
     Serve(#[from] crate::vhost::ServeError),
     #[error(transparent)]
     Socket(#[from] crate::sock::SocketError),
+    #[error("NBD server: {0}")]
+    Nbd(#[from] crate::nbd::NbdError),
     #[error("{0}")]
     Usage(String),
     #[error(transparent)]

@@ -48,6 +48,28 @@ pub enum Command {
         /// The cache object file.
         cache: PathBuf,
     },
+    /// Export a device over NBD (every device is exported read-only by default); with
+    /// --writable NBD clients may write it too (a writable device only). Remembered across
+    /// restarts.
+    Export {
+        #[command(flatten)]
+        control: admin::ControlArg,
+        /// The device: "origin" or a snapshot's name.
+        name: String,
+        /// Let NBD clients write.
+        #[arg(long)]
+        writable: bool,
+    },
+    /// Stop exporting a device over NBD (remembered across restarts).
+    Unexport {
+        #[command(flatten)]
+        control: admin::ControlArg,
+        name: String,
+        /// Even if NBD clients are connected (their connections end after their current
+        /// request).
+        #[arg(long)]
+        force: bool,
+    },
     /// I/O, copy-on-write and cache-space counters of a running daemon.
     Stats {
         #[command(flatten)]
@@ -68,6 +90,16 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve::serve(args),
         Command::Snapshot { control, command } => admin::snapshot(&control.control, command),
         Command::Stats { control, json } => admin::stats(&control.control, json),
+        Command::Export {
+            control,
+            name,
+            writable,
+        } => admin::export(&control.control, &name, writable),
+        Command::Unexport {
+            control,
+            name,
+            force,
+        } => admin::unexport(&control.control, &name, force),
         Command::Check { cache } => return check(&cache),
     };
     match result {
