@@ -36,7 +36,7 @@ impl Hole {
     }
 
     pub fn decode(buf: &[u8]) -> Result<Self> {
-        let mut c = Cursor::new(buf);
+        let mut c = Cursor::exact(buf, Self::LEN)?;
         let (offset, len) = (c.u64()?, c.u32()?);
         c.finish()?;
         if len == 0 {
@@ -158,5 +158,77 @@ impl ErrorChunk {
             message,
             offset,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::proto::{EIO, REPLY_TYPE_BLOCK_STATUS};
+    use proptest::prelude::*;
+
+    fn bytes(f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+        let mut v = Vec::new();
+        f(&mut v);
+        v
+    }
+
+    #[test]
+    fn payloads_round_trip() {
+        let b = bytes(|o| encode_data_start(9, 4096, 512, true, o));
+        let h = ChunkHeader::decode(&b[..ChunkHeader::LEN]).unwrap();
+        assert_eq!(
+            (h.kind, h.len, h.is_done()),
+            (REPLY_TYPE_OFFSET_DATA, 520, true)
+        );
+        assert_eq!(&b[ChunkHeader::LEN..], &4096u64.to_be_bytes());
+
+        let hole = Hole {
+            offset: 1 << 20,
+            len: 65536,
+        };
+        assert_eq!(Hole::decode(&bytes(|o| hole.encode(o))), Ok(hole));
+        assert!(Hole::decode(&[0; 12]).is_err(), "an empty hole");
+
+        let s = BlockStatus {
+            context: 2,
+            descriptors: vec![
+                Descriptor { len: 512, flags: 3 },
+                Descriptor {
+                    len: 1024,
+                    flags: 0,
+                },
+            ],
+        };
+        let b = bytes(|o| s.encode(o));
+        assert_eq!(b.len(), s.encoded_len());
+        assert_eq!(BlockStatus::decode(&b), Ok(s));
+        assert!(BlockStatus::decode(&b[..10]).is_err());
+        assert!(
+            BlockStatus::decode(&[0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]).is_err(),
+            "zero length"
+        );
+
+        for offset in [None, Some(77)] {
+            let e = ErrorChunk {
+                error: EIO,
+                message: "bad block".into(),
+                offset,
+            };
+            let b = bytes(|o| e.encode(o));
+            assert_eq!(b.len(), e.encoded_len());
+            assert_eq!(ErrorChunk::decode(e.kind(), &b), Ok(e));
+        }
+        assert!(ErrorChunk::decode(REPLY_TYPE_ERROR, &[0, 0, 0, 5, 0, 9, b'x']).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn chunk_decoders_never_panic(b in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = Hole::decode(&b);
+            let _ = BlockStatus::decode(&b);
+            let _ = ErrorChunk::decode(REPLY_TYPE_ERROR_OFFSET, &b);
+            let _ = ErrorChunk::decode(REPLY_TYPE_BLOCK_STATUS, &b);
+        }
     }
 }

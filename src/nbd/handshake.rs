@@ -325,3 +325,171 @@ impl Handshake<'_> {
         self.reply(option, REP_ACK, &[])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cow::DeviceId;
+    use crate::device::CowDevice;
+    use crate::nbd::options::Info;
+    use crate::nbd::proto::{OptionReply, REP_ERR_UNSUP};
+    use crate::testkit::engine::mem_engine;
+    use proptest::prelude::*;
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    fn registry() -> Arc<Registry> {
+        let engine = Arc::new(mem_engine(16).build().engine);
+        let reg = Registry::new(engine.clone());
+        let dev = Arc::new(CowDevice::new(engine, DeviceId::ORIGIN));
+        reg.set(ORIGIN_NAME, DeviceId::ORIGIN, dev, Mode::ReadOnly);
+        reg
+    }
+
+    /// Runs the server's negotiation against a client that sends `input` and then stops
+    /// sending; returns the outcome and everything the server sent.
+    fn run(reg: &Arc<Registry>, input: Vec<u8>) -> (Result<Option<Session>, NbdError>, Vec<u8>) {
+        let (mut client, server) = UnixStream::pair().unwrap();
+        let feeder = std::thread::spawn(move || {
+            let _ = client.write_all(&input);
+            let _ = client.shutdown(std::net::Shutdown::Write);
+            let mut got = Vec::new();
+            let _ = client.read_to_end(&mut got);
+            got
+        });
+        let mut stream = Stream::Unix(server);
+        let outcome = negotiate(&mut stream, reg);
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        drop(stream);
+        (outcome, feeder.join().unwrap())
+    }
+
+    fn option(out: &mut Vec<u8>, option: u32, data: &[u8]) {
+        let len = data.len() as u32;
+        OptionHeader { option, len }.encode(out);
+        out.extend_from_slice(data);
+    }
+
+    /// The replies after the greeting, as (option, reply type, data).
+    fn replies(mut sent: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
+        sent = &sent[Greeting::LEN..];
+        let mut out = Vec::new();
+        while sent.len() >= OptionReply::LEN {
+            let r = OptionReply::decode(&sent[..OptionReply::LEN]).unwrap();
+            let end = OptionReply::LEN + r.len as usize;
+            out.push((r.option, r.reply, sent[OptionReply::LEN..end].to_vec()));
+            sent = &sent[end..];
+        }
+        out
+    }
+
+    #[test]
+    fn go_with_contexts_opens_the_export() {
+        let reg = registry();
+        let mut input = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+            .to_be_bytes()
+            .to_vec();
+        option(&mut input, 42, b"");
+        option(&mut input, OPT_STRUCTURED_REPLY, b"");
+        let mut q = Vec::new();
+        MetaContextRequest {
+            export: String::new(),
+            queries: vec!["base:allocation".into(), "qemu:dirty-bitmap:origin".into()],
+        }
+        .encode(&mut q);
+        option(&mut input, OPT_SET_META_CONTEXT, &q);
+        let mut go = Vec::new();
+        InfoRequest {
+            name: "origin".into(),
+            requests: vec![INFO_NAME],
+        }
+        .encode(&mut go);
+        option(&mut input, OPT_GO, &go);
+        let (outcome, sent) = run(&reg, input);
+        let session = outcome.unwrap().expect("a session");
+        assert!(session.structured && !session.writable);
+        assert_eq!(session.contexts.len(), 2);
+        assert_eq!(session.contexts[1].device, Some(DeviceId::ORIGIN));
+        let r = replies(&sent);
+        assert_eq!((r[0].0, r[0].1), (42, REP_ERR_UNSUP));
+        assert_eq!(
+            (r[1].1, r[2].1, r[3].1, r[4].1),
+            (REP_ACK, REP_META_CONTEXT, REP_META_CONTEXT, REP_ACK)
+        );
+        let infos: Vec<Info> = r[5..]
+            .iter()
+            .filter(|x| x.1 == REP_INFO)
+            .map(|x| Info::decode(&x.2).unwrap())
+            .collect();
+        assert!(infos.contains(&Info::Name("origin".into())));
+        assert!(infos
+            .iter()
+            .any(|i| matches!(i, Info::Export { size, .. } if *size == 16 * 4096)));
+        assert_eq!(r.last().map(|x| x.1), Some(REP_ACK));
+        assert_eq!(reg.clients(ORIGIN_NAME), 1);
+        drop(session);
+        assert_eq!(
+            reg.clients(ORIGIN_NAME),
+            0,
+            "detached when the session ends"
+        );
+    }
+
+    #[test]
+    fn hostile_handshakes_end_with_an_error_or_an_error_reply() {
+        let reg = registry();
+        // Unknown client flags.
+        assert!(matches!(
+            run(&reg, vec![0, 0, 0, 0x80]).0,
+            Err(NbdError::ClientFlags(_))
+        ));
+        // An oversized option: told so, then dropped.
+        let mut input = FLAG_C_FIXED_NEWSTYLE.to_be_bytes().to_vec();
+        OptionHeader {
+            option: OPT_GO,
+            len: MAX_OPTION_LEN + 1,
+        }
+        .encode(&mut input);
+        let (outcome, sent) = run(&reg, input);
+        assert!(matches!(outcome, Err(NbdError::OptionTooBig { .. })));
+        assert_eq!(replies(&sent)[0].1, REP_ERR_TOO_BIG);
+        // Meta contexts before structured replies, an unknown export, then abort.
+        let mut input = FLAG_C_FIXED_NEWSTYLE.to_be_bytes().to_vec();
+        option(&mut input, OPT_LIST_META_CONTEXT, &[0; 8]);
+        let mut go = Vec::new();
+        InfoRequest {
+            name: "nope".into(),
+            requests: vec![],
+        }
+        .encode(&mut go);
+        option(&mut input, OPT_GO, &go);
+        option(&mut input, OPT_ABORT, b"");
+        let (outcome, sent) = run(&reg, input);
+        assert!(matches!(outcome, Ok(None)));
+        let kinds: Vec<u32> = replies(&sent).iter().map(|r| r.1).collect();
+        assert_eq!(kinds, vec![REP_ERR_INVALID, REP_ERR_UNKNOWN, REP_ACK]);
+        // NBD_OPT_EXPORT_NAME of an unknown export cannot be answered: the end.
+        let mut input = FLAG_C_FIXED_NEWSTYLE.to_be_bytes().to_vec();
+        option(&mut input, OPT_EXPORT_NAME, b"nope");
+        assert!(matches!(run(&reg, input).0, Err(NbdError::NoExport(_))));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Arbitrary bytes, raw or inside well-formed option headers: the negotiation ends
+        /// (with an error, or an error reply and the client's departure), never panics.
+        #[test]
+        fn arbitrary_client_bytes_never_panic(
+            raw in proptest::collection::vec(any::<u8>(), 0..256),
+            opts in proptest::collection::vec((0u32..12, proptest::collection::vec(any::<u8>(), 0..48)), 0..6),
+        ) {
+            let reg = registry();
+            let _ = run(&reg, raw);
+            let mut input = FLAG_C_FIXED_NEWSTYLE.to_be_bytes().to_vec();
+            for (o, data) in &opts {
+                option(&mut input, *o, data);
+            }
+            let _ = run(&reg, input);
+        }
+    }
+}

@@ -193,3 +193,90 @@ impl MetaContext {
         Ok(MetaContext { id, name })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn bytes(f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+        let mut v = Vec::new();
+        f(&mut v);
+        v
+    }
+
+    #[test]
+    fn option_data_round_trips() {
+        let i = InfoRequest {
+            name: "vm1".into(),
+            requests: vec![INFO_NAME, INFO_BLOCK_SIZE],
+        };
+        let b = bytes(|o| i.encode(o));
+        assert_eq!(b, [0, 0, 0, 3, b'v', b'm', b'1', 0, 2, 0, 1, 0, 3]);
+        assert_eq!(InfoRequest::decode(&b), Ok(i));
+
+        let m = MetaContextRequest {
+            export: "".into(),
+            queries: vec!["base:allocation".into(), "qemu:".into()],
+        };
+        assert_eq!(MetaContextRequest::decode(&bytes(|o| m.encode(o))), Ok(m));
+
+        let e = ServerEntry {
+            name: "origin".into(),
+            description: "snapblk device".into(),
+        };
+        assert_eq!(ServerEntry::decode(&bytes(|o| e.encode(o))), Ok(e));
+
+        for info in [
+            Info::Export {
+                size: 1 << 30,
+                flags: 0x4d,
+            },
+            Info::Name("s".into()),
+            Info::Description("d".into()),
+            Info::BlockSize {
+                min: 512,
+                preferred: 65536,
+                max: 32 << 20,
+            },
+            Info::Unknown(99),
+        ] {
+            assert_eq!(Info::decode(&bytes(|o| info.encode(o))), Ok(info));
+        }
+        let c = MetaContext {
+            id: 3,
+            name: "qemu:dirty-bitmap:s1".into(),
+        };
+        assert_eq!(MetaContext::decode(&bytes(|o| c.encode(o))), Ok(c));
+    }
+
+    #[test]
+    fn lying_lengths_are_errors() {
+        // A name length past the data, a query count the data cannot hold, trailing bytes.
+        assert!(InfoRequest::decode(&[0, 0, 0, 9, b'a', 0, 0]).is_err());
+        assert!(InfoRequest::decode(&[0, 0, 0, 0, 0, 1, 0, 3, 0]).is_err());
+        assert!(MetaContextRequest::decode(&[0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]).is_err());
+        assert!(MetaContextRequest::decode(&[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 9, b'x']).is_err());
+        assert!(Info::decode(&[0, 0, 1]).is_err(), "a short export info");
+        assert!(Info::decode(&[0, 3, 0, 0, 2, 0, 0, 0, 16, 0, 0, 0, 0, 0, 0]).is_err());
+        let too_many = [&[0u8, 0, 0, 0, 0xff, 0xff][..], &[0u8; 8]].concat();
+        assert!(InfoRequest::decode(&too_many).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn option_decoders_never_panic(b in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let _ = InfoRequest::decode(&b);
+            let _ = MetaContextRequest::decode(&b);
+            let _ = ServerEntry::decode(&b);
+            let _ = Info::decode(&b);
+            let _ = MetaContext::decode(&b);
+        }
+
+        #[test]
+        fn meta_requests_round_trip(export in "[a-z0-9 ]{0,20}", queries in proptest::collection::vec("[a-z:-]{1,30}", 0..8)) {
+            let m = MetaContextRequest { export, queries };
+            prop_assert_eq!(MetaContextRequest::decode(&bytes(|o| m.encode(o))), Ok(m));
+        }
+    }
+}

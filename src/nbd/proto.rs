@@ -156,6 +156,15 @@ impl<'a> Cursor<'a> {
         Cursor { buf, at: 0 }
     }
 
+    /// A cursor over a message of exactly `len` bytes.
+    pub fn exact(buf: &'a [u8], len: usize) -> Result<Self> {
+        match buf.len() {
+            n if n < len => Err(ProtoError::Short { need: len, got: n }),
+            n if n > len => Err(ProtoError::Trailing(n - len)),
+            _ => Ok(Cursor::new(buf)),
+        }
+    }
+
     /// Bytes not read yet.
     pub fn remaining(&self) -> usize {
         self.buf.len() - self.at
@@ -267,7 +276,7 @@ impl Greeting {
     }
 
     pub fn decode(buf: &[u8]) -> Result<Self> {
-        let mut c = Cursor::new(buf);
+        let mut c = Cursor::exact(buf, Self::LEN)?;
         c.magic64(NBDMAGIC)?;
         c.magic64(IHAVEOPT)?;
         let flags = c.u16()?;
@@ -293,7 +302,7 @@ impl OptionHeader {
     }
 
     pub fn decode(buf: &[u8]) -> Result<Self> {
-        let mut c = Cursor::new(buf);
+        let mut c = Cursor::exact(buf, Self::LEN)?;
         c.magic64(IHAVEOPT)?;
         let (option, len) = (c.u32()?, c.u32()?);
         c.finish()?;
@@ -327,7 +336,7 @@ impl OptionReply {
     }
 
     pub fn decode(buf: &[u8]) -> Result<Self> {
-        let mut c = Cursor::new(buf);
+        let mut c = Cursor::exact(buf, Self::LEN)?;
         c.magic64(OPTION_REPLY_MAGIC)?;
         let (option, reply, len) = (c.u32()?, c.u32()?, c.u32()?);
         c.finish()?;
@@ -363,7 +372,7 @@ impl ExportNameReply {
 
     /// Decodes the first [`Self::LEN`] bytes (the zeroes, if any, follow).
     pub fn decode(buf: &[u8]) -> Result<Self> {
-        let mut c = Cursor::new(buf);
+        let mut c = Cursor::exact(buf, Self::LEN)?;
         let (size, flags) = (c.u64()?, c.u16()?);
         c.finish()?;
         Ok(ExportNameReply { size, flags })
@@ -393,7 +402,7 @@ impl Request {
     }
 
     pub fn decode(buf: &[u8]) -> Result<Self> {
-        let mut c = Cursor::new(buf);
+        let mut c = Cursor::exact(buf, Self::LEN)?;
         c.magic32(REQUEST_MAGIC)?;
         let r = Request {
             flags: c.u16()?,
@@ -424,7 +433,7 @@ impl SimpleReply {
     }
 
     pub fn decode(buf: &[u8]) -> Result<Self> {
-        let mut c = Cursor::new(buf);
+        let mut c = Cursor::exact(buf, Self::LEN)?;
         c.magic32(SIMPLE_REPLY_MAGIC)?;
         let (error, handle) = (c.u32()?, c.u64()?);
         c.finish()?;
@@ -453,7 +462,7 @@ impl ChunkHeader {
     }
 
     pub fn decode(buf: &[u8]) -> Result<Self> {
-        let mut c = Cursor::new(buf);
+        let mut c = Cursor::exact(buf, Self::LEN)?;
         c.magic32(STRUCTURED_REPLY_MAGIC)?;
         let h = ChunkHeader {
             flags: c.u16()?,
@@ -468,5 +477,138 @@ impl ChunkHeader {
     /// Whether this is the reply's last chunk.
     pub fn is_done(&self) -> bool {
         self.flags & REPLY_FLAG_DONE != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn bytes(f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+        let mut v = Vec::new();
+        f(&mut v);
+        v
+    }
+
+    #[test]
+    fn messages_round_trip_with_the_documented_layout() {
+        let g = Greeting { flags: 3 };
+        let b = bytes(|o| g.encode(o));
+        assert_eq!(&b[..8], b"NBDMAGIC");
+        assert_eq!(&b[8..16], b"IHAVEOPT");
+        assert_eq!(Greeting::decode(&b), Ok(g));
+
+        let h = OptionHeader {
+            option: OPT_GO,
+            len: 9,
+        };
+        let b = bytes(|o| h.encode(o));
+        assert_eq!(b.len(), OptionHeader::LEN);
+        assert_eq!(OptionHeader::decode(&b), Ok(h));
+
+        let b = bytes(|o| OptionReply::encode_with(OPT_LIST, REP_ERR_UNSUP, b"no", o));
+        let r = OptionReply::decode(&b[..OptionReply::LEN]).unwrap();
+        assert_eq!(
+            (r.option, r.reply, r.len, r.is_error()),
+            (OPT_LIST, REP_ERR_UNSUP, 2, true)
+        );
+        assert_eq!(&b[OptionReply::LEN..], b"no");
+
+        let e = ExportNameReply {
+            size: 1 << 40,
+            flags: FLAG_HAS_FLAGS,
+        };
+        let b = bytes(|o| e.encode(true, o));
+        assert_eq!(b.len(), ExportNameReply::LEN + ExportNameReply::ZEROES);
+        assert_eq!(ExportNameReply::decode(&b[..ExportNameReply::LEN]), Ok(e));
+
+        let req = Request {
+            flags: CMD_FLAG_FUA,
+            cmd: CMD_WRITE,
+            handle: 7,
+            offset: 4096,
+            len: 512,
+        };
+        let b = bytes(|o| req.encode(o));
+        assert_eq!(&b[..4], &[0x25, 0x60, 0x95, 0x13]);
+        assert_eq!(Request::decode(&b), Ok(req));
+
+        let s = SimpleReply {
+            error: EIO,
+            handle: u64::MAX,
+        };
+        assert_eq!(SimpleReply::decode(&bytes(|o| s.encode(o))), Ok(s));
+
+        let c = ChunkHeader {
+            flags: REPLY_FLAG_DONE,
+            kind: REPLY_TYPE_NONE,
+            handle: 1,
+            len: 0,
+        };
+        let d = ChunkHeader::decode(&bytes(|o| c.encode(o))).unwrap();
+        assert!(d.is_done() && d == c);
+    }
+
+    #[test]
+    fn malformed_messages_are_errors() {
+        let req = Request {
+            flags: 0,
+            cmd: CMD_READ,
+            handle: 1,
+            offset: 0,
+            len: 512,
+        };
+        let mut b = bytes(|o| req.encode(o));
+        b[0] ^= 1;
+        assert!(matches!(Request::decode(&b), Err(ProtoError::Magic { .. })));
+        assert_eq!(
+            Request::decode(&b[..27]),
+            Err(ProtoError::Short { need: 28, got: 27 })
+        );
+        let good = bytes(|o| req.encode(o));
+        assert_eq!(
+            Request::decode(&good[..20]),
+            Err(ProtoError::Short { need: 28, got: 20 })
+        );
+        let mut long = good.clone();
+        long.push(0);
+        assert_eq!(Request::decode(&long), Err(ProtoError::Trailing(1)));
+        assert!(OptionHeader::decode(b"IHAVEOPX\0\0\0\x01\0\0\0\0").is_err());
+        let mut c = Cursor::new(b"a\0b");
+        assert_eq!(c.string(3), Err(ProtoError::BadString));
+        let mut c = Cursor::new(&[0xff, 0xfe]);
+        assert_eq!(c.string(2), Err(ProtoError::BadString));
+        let mut c = Cursor::new(&[0xff, 0xff, 0xff, 0xff]);
+        assert!(matches!(c.string32(), Err(ProtoError::StringTooLong(_))));
+    }
+
+    #[test]
+    fn strings_are_cut_at_the_limit_on_a_character_boundary() {
+        let s = "é".repeat(3000);
+        let t = truncated(&s);
+        assert!(t.len() <= MAX_STRING && std::str::from_utf8(t).is_ok());
+    }
+
+    proptest! {
+        /// Whatever bytes arrive, the decoders answer; they never panic.
+        #[test]
+        fn decoders_never_panic_on_arbitrary_bytes(b in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = Greeting::decode(&b);
+            let _ = OptionHeader::decode(&b);
+            let _ = OptionReply::decode(&b);
+            let _ = ExportNameReply::decode(&b);
+            let _ = Request::decode(&b);
+            let _ = SimpleReply::decode(&b);
+            let _ = ChunkHeader::decode(&b);
+            let mut c = Cursor::new(&b);
+            let _ = c.string32();
+        }
+
+        #[test]
+        fn requests_round_trip(flags: u16, cmd: u16, handle: u64, offset: u64, len: u32) {
+            let r = Request { flags, cmd, handle, offset, len };
+            prop_assert_eq!(Request::decode(&bytes(|o| r.encode(o))), Ok(r));
+        }
     }
 }
