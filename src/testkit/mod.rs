@@ -8,8 +8,11 @@
 //! - [`engine`]: a copy-on-write engine over in-memory stores, or files in a temp dir.
 //! - [`tokens`]: sectors that carry a 64-bit token, to tell which write a sector holds.
 //! - [`blkio_client`]: a vhost-user-blk client (libblkio), the independent peer of the daemon.
+//! - [`nbd`]: the NBD tools (nbdinfo, nbdcopy, qemu-img) driven and parsed, and a raw NBD
+//!   client for what the tools never send.
 
 pub mod blkio_client;
 pub mod engine;
+pub mod nbd;
 pub mod storage;
 pub mod tokens;
