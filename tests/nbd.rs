@@ -244,9 +244,12 @@ fn exports_serve_data_to_the_standard_tools() {
         io["writes"].as_u64().unwrap() >= 2 && io["reads"].as_u64().unwrap() >= 3,
         "{io}"
     );
-    // Export flags of a writable export.
-    let raw = RawClient::connect(&s.nbd(), "vm", true).unwrap();
+    // Export flags of a writable export; an empty read is answered too.
+    let mut raw = RawClient::connect(&s.nbd(), "vm", true).unwrap();
     assert_eq!(raw.flags & FLAG_READ_ONLY, 0);
+    assert_eq!(raw.request(CMD_READ, 0, 0, 0, &[]).unwrap().error, 0);
+    let mut raw = RawClient::connect(&s.nbd(), "origin", true).unwrap();
+    assert_eq!(raw.request(CMD_READ, 0, 512, 0, &[]).unwrap().error, 0);
 }
 
 #[test]
@@ -293,9 +296,15 @@ fn every_device_is_listed_and_exports_follow_export_and_unexport_across_restarts
         "unexported"
     );
 
-    // All of it survives a restart.
+    // All of it survives a restart; a connected client does not hold up the shutdown.
+    let _idle = RawClient::connect(&s.nbd(), "b", true).unwrap();
+    let started = std::time::Instant::now();
     let (status, err) = d.signal_and_wait(libc::SIGTERM);
     assert!(status.success(), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "an idle NBD client delayed the stop"
+    );
     assert!(!s.nbd().exists(), "the NBD socket is removed at shutdown");
     let _d = s.serve(&[]);
     assert_eq!(list(&s.nbd()), ["b", "origin"]);

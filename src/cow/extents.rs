@@ -226,6 +226,33 @@ impl CacheObject {
         (source, depth)
     }
 
+    /// Runs of `[offset, offset + len)` of device `dev` as `(offset, len, zero)`: where it
+    /// reads zeros by its mapping (a zero mapping, no block) and where it reads data. Lighter
+    /// than [`CacheObject::extents`] (no depth, so no ancestors: lock-free loads only), for
+    /// reads that send zero mappings as holes. Answers for a prefix, as runs, merged.
+    pub fn zero_runs(&self, dev: DeviceId, offset: u64, len: u64) -> Result<Vec<(u64, u64, bool)>> {
+        self.check_range(offset, len)?;
+        if dev == DeviceId::ORIGIN {
+            return Ok(vec![(offset, len, false)]);
+        }
+        let registry = self.registry.load();
+        let side = Self::read_side(&registry, dev.0)?;
+        let mut runs = Vec::new();
+        self.for_each_queried_chunk(offset, len, |c, pos, n| {
+            Self::check_read_status(side, dev.0)?;
+            let zero = self.view(side, c) == View::Zero;
+            push_run(
+                &mut runs,
+                (pos, n, zero),
+                |r| (r.0, r.1),
+                |a, b| a.2 == b.2,
+                |r, n| r.1 += n,
+            );
+            Ok(())
+        })?;
+        Ok(runs)
+    }
+
     /// What device `dev` (read side `side`) shows at `c`; the caller holds `c`'s stripe lock.
     fn view_of(&self, dev: DeviceId, side: &ReadSide, c: u64) -> View {
         if dev == DeviceId::ORIGIN {
@@ -397,6 +424,14 @@ mod tests {
         );
         assert_eq!(diff(O, s1), vec![(0, 3, true), (3, 5, false)]);
         assert_eq!(diff(s2, s2), vec![(0, 8, false)]);
+        let zeros = |d| -> Vec<(u64, u64, bool)> {
+            let runs = eng.zero_runs(d, 0, size).unwrap();
+            runs.iter()
+                .map(|r| (r.0 / CHUNK, r.1 / CHUNK, r.2))
+                .collect()
+        };
+        assert_eq!(zeros(s2), vec![(0, 2, false), (2, 1, true), (3, 5, false)]);
+        assert_eq!(zeros(O), vec![(0, 8, false)]);
         assert!(matches!(
             eng.changed(s1, DeviceId(99), 0, size),
             Err(CowError::NoDevice(_))

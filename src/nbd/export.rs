@@ -117,27 +117,23 @@ impl Export {
     }
 
     /// Runs of `[offset, offset + len)` as `(offset, len, zero)`: the zero mappings a
-    /// structured read sends as holes, and data to read. The origin has no zero mappings.
+    /// structured read sends as holes, and data to read.
     pub fn read_runs(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64, bool)>, Failure> {
-        if self.id == DeviceId::ORIGIN {
-            return Ok(vec![(offset, len, false)]);
-        }
         let mut runs: Vec<(u64, u64, bool)> = Vec::new();
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
-            let extents = self
+            let part = self
                 .engine
-                .extents(self.id, pos, end - pos)
+                .zero_runs(self.id, pos, end - pos)
                 .map_err(query_failure)?;
-            for e in &extents {
-                let zero = e.source == Source::Zero;
+            for &(off, n, zero) in &part {
                 match runs.last_mut() {
-                    Some(last) if last.2 == zero => last.1 += e.len,
-                    _ => runs.push((e.offset, e.len, zero)),
+                    Some(last) if last.2 == zero => last.1 += n,
+                    _ => runs.push((off, n, zero)),
                 }
             }
-            pos = extents.last().map_or(end, |e| e.offset + e.len);
+            pos = part.last().map_or(end, |r| r.0 + r.1);
         }
         Ok(runs)
     }

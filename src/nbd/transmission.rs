@@ -261,6 +261,11 @@ impl Conn<'_> {
         if !self.s.structured {
             return self.simple_read(req);
         }
+        if req.len == 0 {
+            self.out.clear();
+            self.chunk(req.handle, REPLY_TYPE_NONE, 0, true);
+            return self.stream.write_all(&self.out);
+        }
         let runs = if req.flags & CMD_FLAG_DF != 0 {
             Ok(vec![(req.offset, u64::from(req.len), false)])
         } else {
