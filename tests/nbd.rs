@@ -848,3 +848,35 @@ fn the_readme_backup_recipe_works_end_to_end() {
         "the VM changed the disk"
     );
 }
+
+#[test]
+fn exports_are_served_on_tcp_when_asked() {
+    let s = Setup::new();
+    let golden = make_image(&s.p("origin.img"), 4 * MIB, 12);
+    let img = s.p("origin.img");
+    let (sock, ctl) = (s.p("origin.sock"), s.p("ctl.sock"));
+    let args = [
+        "--origin",
+        img.to_str().unwrap(),
+        "--socket",
+        sock.to_str().unwrap(),
+        "--control",
+        ctl.to_str().unwrap(),
+        "--num-queues",
+        "1",
+        "--no-nbd",
+        "--nbd-listen",
+        "127.0.0.1:0",
+    ];
+    let _d = Daemon::start(&args, &sock);
+    assert!(!s.nbd().exists());
+    let uri = s.device("origin")["nbd_uri"].as_str().unwrap().to_string();
+    assert!(
+        uri.starts_with("nbd://127.0.0.1:") && uri.ends_with("/origin"),
+        "{uri}"
+    );
+    let dst = s.p("tcp.img");
+    run(Command::new("nbdcopy").arg(&uri).arg(&dst));
+    assert_eq!(fs::read(dst).unwrap(), golden);
+    assert_eq!(map(&uri, "qemu:allocation-depth"), [(0, 4 * MIB as u64, 1)]);
+}
