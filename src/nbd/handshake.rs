@@ -35,6 +35,16 @@ pub const MAX_CONTEXTS: usize = 64;
 /// Time allowed for the whole handshake.
 pub const HANDSHAKE_TIME: Duration = Duration::from_secs(60);
 
+/// What comes after an option.
+enum Next {
+    /// More options.
+    More,
+    /// The client left (`NBD_OPT_ABORT`).
+    Leave,
+    /// Transmission, with this session.
+    Go(Session),
+}
+
 /// The state of the negotiation so far.
 struct Handshake<'a> {
     stream: &'a mut Stream,
@@ -91,8 +101,10 @@ pub fn negotiate(
         }
         let mut data = vec![0u8; header.len as usize];
         read_by(h.stream, &mut data, h.deadline)?;
-        if let Some(outcome) = h.option(header.option, &data)? {
-            return Ok(outcome);
+        match h.option(header.option, &data)? {
+            Next::More => {}
+            Next::Leave => return Ok(None),
+            Next::Go(session) => return Ok(Some(session)),
         }
     }
     Err(NbdError::TooManyOptions(MAX_OPTIONS))
@@ -107,18 +119,18 @@ fn describe(mode: Mode) -> &'static str {
 }
 
 impl Handshake<'_> {
-    /// Handles one option; `Some` once the handshake is over (`Some(None)`: the client left).
-    fn option(&mut self, option: u32, data: &[u8]) -> Result<Option<Option<Session>>, NbdError> {
+    /// Handles one option.
+    fn option(&mut self, option: u32, data: &[u8]) -> Result<Next, NbdError> {
         match option {
-            OPT_EXPORT_NAME => return self.export_name(data).map(|s| Some(Some(s))),
+            OPT_EXPORT_NAME => return self.export_name(data).map(Next::Go),
             OPT_ABORT => {
                 self.reply(option, REP_ACK, &[])?;
-                return Ok(Some(None));
+                return Ok(Next::Leave);
             }
             OPT_LIST => self.list(data)?,
             OPT_INFO | OPT_GO => {
                 if let Some(session) = self.info_or_go(option, data)? {
-                    return Ok(Some(Some(session)));
+                    return Ok(Next::Go(session));
                 }
             }
             OPT_STRUCTURED_REPLY if data.is_empty() => {
@@ -132,7 +144,7 @@ impl Handshake<'_> {
             OPT_STARTTLS => self.reply_error(option, REP_ERR_POLICY, "TLS is not offered")?,
             _ => self.reply_error(option, REP_ERR_UNSUP, "option not supported")?,
         }
-        Ok(None)
+        Ok(Next::More)
     }
 
     fn reply(&mut self, option: u32, reply: u32, data: &[u8]) -> Result<(), NbdError> {
