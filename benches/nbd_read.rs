@@ -3,7 +3,9 @@
 //! the standard clients. Not a timed test: it prints a table (and the rows for
 //! docs/benchmarks.md).
 //!
-//! Run: `cargo bench --bench nbd_read [-- --rounds N --image-mib N]`.
+//! Run: `cargo bench --bench nbd_read [-- --rounds N --image-mib N]` (needs qemu-nbd,
+//! qemu-img and nbdcopy; `qemu/install-host-deps.sh` installs them). Run as a test (without
+//! `--bench`) it only says it was skipped.
 //!
 //! Workloads, each reading the whole image (or a fixed number of requests):
 //! - `nbdcopy`: `nbdcopy URI null:` (4 connections with multi-conn, 64 requests in flight);
@@ -261,6 +263,11 @@ fn arg(name: &str, default: u64) -> u64 {
 }
 
 fn main() {
+    // `cargo bench` passes --bench; run as a test (`cargo test --all-targets`), it does nothing.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("nbd_read: skipped (run it with cargo bench --bench nbd_read)");
+        return;
+    }
     let rounds = arg("--rounds", 3).max(1);
     let size = arg("--image-mib", 1024).max(64) << 20;
     let dir = tempfile::Builder::new()
