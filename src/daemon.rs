@@ -102,20 +102,20 @@ pub struct DeviceStatus {
     pub nbd_clients: usize,
 }
 
-pub(crate) struct Served {
+struct Served {
     device: Arc<CowDevice>,
     server: Option<DeviceServer>,
 }
 
 /// The running daemon's devices.
 pub struct Daemon {
-    pub(crate) engine: Arc<CacheObject>,
+    engine: Arc<CacheObject>,
     defaults: ServeDefaults,
     /// Devices by id: their block-device adapter (kept so counters survive unserve/serve)
     /// and their server, if served.
     registry: Mutex<HashMap<u64, Served>>,
     /// The NBD exports, over the same adapters.
-    pub(crate) nbd: Arc<nbd::Registry>,
+    nbd: Arc<nbd::Registry>,
 }
 
 /// The name users know a device by.
@@ -147,7 +147,7 @@ impl Daemon {
         &self.nbd
     }
 
-    pub(crate) fn registry(&self) -> MutexGuard<'_, HashMap<u64, Served>> {
+    fn registry(&self) -> MutexGuard<'_, HashMap<u64, Served>> {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -182,6 +182,22 @@ impl Daemon {
         }
     }
 
+    /// Records how device `dev` is exported over NBD, then exports it so (both with the
+    /// registry lock held: no delete can come in between).
+    pub(crate) fn set_export(&self, dev: &DeviceInfo, mode: Mode) -> Outcome<()> {
+        let mut reg = self.registry();
+        let id = DeviceId(dev.id);
+        let value = match mode {
+            Mode::Hidden => Some("off"),
+            Mode::Writable => Some("rw"),
+            Mode::ReadOnly => None,
+        };
+        self.engine.set_device_attr(id, ATTR_NBD, value)?;
+        let adapter = self.adapter(&mut reg, id);
+        self.nbd.set(&user_name(dev), id, adapter, mode);
+        Ok(())
+    }
+
     /// How device `info` is exported, as recorded (writable only if the device is).
     fn export_mode(&self, info: &DeviceInfo) -> Mode {
         match info.attrs.get(ATTR_NBD).map(String::as_str) {
@@ -191,7 +207,7 @@ impl Daemon {
         }
     }
 
-    pub(crate) fn adapter(&self, reg: &mut HashMap<u64, Served>, id: DeviceId) -> Arc<CowDevice> {
+    fn adapter(&self, reg: &mut HashMap<u64, Served>, id: DeviceId) -> Arc<CowDevice> {
         reg.entry(id.0)
             .or_insert_with(|| Served {
                 device: Arc::new(CowDevice::new(self.engine.clone(), id)),

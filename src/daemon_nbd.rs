@@ -1,10 +1,10 @@
 //! The daemon's NBD lifecycle: exporting a device (read-only or writable) and unexporting it,
-//! both remembered across restarts as the device attribute [`ATTR_NBD`], taking an export
+//! both remembered across restarts as the device attribute `nbd` (`daemon::ATTR_NBD`), taking an export
 //! out of service for a delete or a restore, and `snapshot diff` (the extents where two
 //! devices differ, the same answer `qemu:dirty-bitmap:` gives over NBD).
 
 use crate::cow::DeviceId;
-use crate::daemon::{user_name, Daemon, DaemonError, Outcome, ATTR_NBD};
+use crate::daemon::{user_name, Daemon, DaemonError, Outcome};
 use crate::nbd::registry::Hidden;
 use crate::nbd::Mode;
 use log::info;
@@ -28,7 +28,7 @@ impl Daemon {
         force: bool,
         what: &str,
     ) -> Outcome<Option<Hidden>> {
-        self.nbd.hide(name, force).map_err(|n| {
+        self.nbd().hide(name, force).map_err(|n| {
             DaemonError::Busy(format!(
                 "{n} NBD client(s) connected to {name}; use --force to {what} anyway"
             ))
@@ -45,21 +45,12 @@ impl Daemon {
                 "{name} is read-only: only a writable device can be exported writable"
             )));
         }
-        let mut reg = self.registry();
-        let id = DeviceId(dev.id);
-        let adapter = self.adapter(&mut reg, id);
-        self.engine
-            .set_device_attr(id, ATTR_NBD, writable.then_some("rw"))?;
-        let mode = if writable {
-            Mode::Writable
-        } else {
-            Mode::ReadOnly
+        let (mode, how) = match writable {
+            true => (Mode::Writable, "writable"),
+            false => (Mode::ReadOnly, "read-only"),
         };
-        self.nbd.set(&user_name(&dev), id, adapter, mode);
-        info!(
-            "exported {name} over NBD ({})",
-            if writable { "writable" } else { "read-only" }
-        );
+        self.set_export(&dev, mode)?;
+        info!("exported {name} over NBD ({how})");
         Ok(())
     }
 
@@ -67,17 +58,15 @@ impl Daemon {
     /// NBD clients are connected unless `force`, which ends their connections cleanly.
     pub fn unexport(&self, name: &str, force: bool) -> Outcome<()> {
         let dev = self.find(name)?;
-        let _reg = self.registry();
-        let hidden = self.nbd.hide(&user_name(&dev), force).map_err(|n| {
+        let hidden = self.nbd().hide(&user_name(&dev), force).map_err(|n| {
             DaemonError::Busy(format!(
                 "{n} NBD client(s) connected to {name}; use --force"
             ))
         })?;
         if let Some(h) = &hidden {
-            self.nbd.end(h);
+            self.nbd().end(h);
         }
-        self.engine
-            .set_device_attr(DeviceId(dev.id), ATTR_NBD, Some("off"))?;
+        self.set_export(&dev, Mode::Hidden)?;
         info!("stopped exporting {name} over NBD");
         Ok(())
     }
@@ -87,17 +76,17 @@ impl Daemon {
     /// `max_extents` extents and [`MAX_DIFF_CHUNKS`] chunks scanned per call.
     pub fn diff(&self, from: &str, to: &str, offset: u64, max_extents: usize) -> Outcome<Diff> {
         let (a, b) = (self.find(from)?, self.find(to)?);
-        let size = self.engine.origin_size();
+        let size = self.engine().origin_size();
         if offset > size || !offset.is_multiple_of(512) {
             return Err(DaemonError::Invalid(format!(
                 "offset {offset} is not a multiple of 512 within the {size}-byte device"
             )));
         }
-        let limit = offset.saturating_add(MAX_DIFF_CHUNKS * self.engine.chunk_size());
+        let limit = offset.saturating_add(MAX_DIFF_CHUNKS * self.engine().chunk_size());
         let (mut extents, mut pos) = (Vec::<(u64, u64)>::new(), offset);
         while pos < size.min(limit) {
             let runs = self
-                .engine
+                .engine()
                 .changed(DeviceId(a.id), DeviceId(b.id), pos, size - pos)?;
             for r in runs.iter().filter(|r| r.changed) {
                 if let Some(last) = extents.last_mut().filter(|l| l.0 + l.1 == r.offset) {
