@@ -73,7 +73,7 @@ impl Daemon {
 
     /// The extents where the views of devices `from` and `to` differ (exactly the chunks one
     /// of them changed since they last shared it), from byte `offset` on: at most
-    /// `max_extents` extents and [`MAX_DIFF_CHUNKS`] chunks scanned per call.
+    /// `max_extents` extents and 2^20 chunks scanned per call.
     pub fn diff(&self, from: &str, to: &str, offset: u64, max_extents: usize) -> Outcome<Diff> {
         let (a, b) = (self.find(from)?, self.find(to)?);
         let size = self.engine().origin_size();
