@@ -79,6 +79,7 @@ fn count(counter: &AtomicU64, n: u64) {
 }
 
 /// The part of a range a trim may discard: whole sectors only (the protocol allows rounding).
+/// The range must be validated (within the export) first.
 fn inner_sectors(offset: u64, len: u64) -> (u64, u64) {
     let sector = u64::from(MIN_BLOCK);
     let start = offset.div_ceil(sector) * sector;
@@ -104,10 +105,9 @@ impl Conn<'_> {
             }
             CMD_TRIM => {
                 let r = self.check(req, CMD_FLAG_FUA, true, Some(EINVAL));
-                let (offset, len) = inner_sectors(req.offset, req.len.into());
-                let r = r.and_then(|()| match len {
-                    0 => Ok(()),
-                    _ => self.s.export.trim(offset, len),
+                let r = r.and_then(|()| match inner_sectors(req.offset, req.len.into()) {
+                    (_, 0) => Ok(()),
+                    (offset, len) => self.s.export.trim(offset, len),
                 });
                 count(&self.counters().discards, 1);
                 let r = self.fua(req, r);
@@ -471,6 +471,90 @@ impl Conn<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cow::DeviceId;
+    use crate::device::CowDevice;
+    use crate::nbd::proto::CMD_FLAG_FAST_ZERO;
+    use crate::nbd::registry::{Mode, Registry};
+    use crate::nbd::socket::Stream;
+    use crate::testkit::engine::mem_engine;
+    use proptest::prelude::*;
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    /// Serves `requests` (header fields and payload bytes, sent as they are, then the end of
+    /// the client's sending) on a writable snapshot of a 16-chunk engine.
+    fn serve_script(requests: &[(u16, u16, u64, u32, Vec<u8>)], structured: bool) {
+        let engine = Arc::new(mem_engine(16).build().engine);
+        let snap = engine.create_snapshot(DeviceId::ORIGIN, "s", true).unwrap();
+        let reg = Registry::new(engine.clone());
+        let dev = Arc::new(CowDevice::new(engine, snap));
+        reg.set("s", snap, dev, Mode::Writable);
+        let (mut client, server) = UnixStream::pair().unwrap();
+        let mut stream = Stream::Unix(server);
+        let (export, attached) = reg.attach("s", &stream).unwrap();
+        let session = Session {
+            export,
+            attached,
+            structured,
+            writable: true,
+            contexts: Vec::new(),
+        };
+        let mut bytes = Vec::new();
+        for (cmd, flags, offset, len, payload) in requests {
+            let (cmd, flags, offset, len) = (*cmd, *flags, *offset, *len);
+            Request {
+                flags,
+                cmd,
+                handle: 1,
+                offset,
+                len,
+            }
+            .encode(&mut bytes);
+            bytes.extend_from_slice(payload);
+        }
+        let feeder = std::thread::spawn(move || {
+            let _ = client.write_all(&bytes);
+            let _ = client.shutdown(std::net::Shutdown::Write);
+            let mut sink = Vec::new();
+            let _ = client.read_to_end(&mut sink);
+        });
+        let _ = serve(&mut stream, &session);
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        feeder.join().unwrap();
+    }
+
+    #[test]
+    fn edge_requests_are_answered() {
+        let max = u64::MAX;
+        serve_script(
+            &[
+                (CMD_TRIM, 0, max - 10, 100, vec![]),
+                (CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 512, vec![]),
+                (CMD_READ, CMD_FLAG_DF, max, u32::MAX, vec![]),
+                (CMD_BLOCK_STATUS, 0, 0, 4096, vec![]),
+                (CMD_CACHE, 0, max, 1, vec![]),
+                (CMD_WRITE, 0, max - 511, 512, vec![1; 512]),
+                (CMD_READ, 0, 0, 0, vec![]),
+            ],
+            true,
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Any sequence of requests, whatever their fields: answered or the connection ends;
+        /// the server never panics.
+        #[test]
+        fn arbitrary_requests_never_panic(
+            requests in proptest::collection::vec(
+                (0u16..10, any::<u16>(), prop_oneof![0u64..70_000, any::<u64>()],
+                 prop_oneof![0u32..70_000, any::<u32>()], proptest::collection::vec(any::<u8>(), 0..600)),
+                0..8),
+            structured: bool,
+        ) {
+            serve_script(&requests, structured);
+        }
+    }
 
     #[test]
     fn trims_keep_whole_sectors_only() {
