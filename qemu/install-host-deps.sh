@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what a fresh Debian bookworm machine lacks to run snapblk's guest tests and
-# benchmark: QEMU 10 (bookworm-backports), qemu-storage-daemon, busybox-static and cpio.
+# Installs what a fresh Debian bookworm machine lacks to run snapblk's guest tests, NBD tests
+# and benchmarks: QEMU 10 (bookworm-backports) with qemu-img/qemu-io/qemu-nbd,
+# qemu-storage-daemon, busybox-static, cpio, and libnbd's nbdinfo and nbdcopy.
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
 
@@ -11,6 +12,12 @@ qemu_ok() {
 }
 qemu_ok || need+=(qemu)
 command -v qemu-storage-daemon >/dev/null 2>&1 || need+=(qemu)
+for tool in qemu-img qemu-io qemu-nbd; do
+    command -v "$tool" >/dev/null 2>&1 || need+=(qemu)
+done
+for tool in nbdinfo nbdcopy; do
+    command -v "$tool" >/dev/null 2>&1 || need+=(nbd)
+done
 [ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 || need+=(busybox)
 command -v cpio >/dev/null 2>&1 || need+=(cpio)
 [ ${#need[@]} -eq 0 ] && exit 0
@@ -31,5 +38,5 @@ SRC
 fi
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils qemu-block-extra >/dev/null
-$SUDO apt-get install -y -qq busybox-static cpio xz-utils zstd >/dev/null
+$SUDO apt-get install -y -qq busybox-static cpio xz-utils zstd libnbd-bin >/dev/null
 qemu-system-x86_64 --version | head -1

@@ -3,12 +3,16 @@
 //!
 //! [`Daemon`] keeps the registry of devices (each one's [`CowDevice`] adapter and, when served,
 //! its [`DeviceServer`]) and their lifecycle: serve at start, create, delete, restore, serve
-//! and unserve, stop. The control plane (`control::handler`) calls these. The registry lock is
-//! taken by lifecycle calls only; the data path goes from a queue worker straight to the
-//! device and the engine.
+//! and unserve, export and unexport over NBD, stop. The control plane (`control::handler`)
+//! calls these. The registry lock is taken by lifecycle calls only; the data path goes from a
+//! queue worker (or an NBD connection) straight to the device and the engine.
+//!
+//! Every device is an NBD export ([`nbd::Registry`]), read-only unless made writable, hidden
+//! once unexported; how is persisted as the device attribute [`ATTR_NBD`].
 
 use crate::cow::{CacheObject, CowError, DeviceId, DeviceInfo};
 use crate::device::CowDevice;
+use crate::nbd::{self, Mode};
 use crate::vhost::{DeviceServer, Scheduler, SchedulerConfig, ServeError, ServeOptions};
 use log::{info, warn};
 use std::collections::HashMap;
@@ -20,6 +24,9 @@ use thiserror::Error;
 /// Device attribute keys persisted in the cache object.
 pub const ATTR_SOCKET: &str = "socket";
 pub const ATTR_SERIAL: &str = "serial";
+/// How a device is exported over NBD: `off` (unexported) or `rw` (writable); absent means
+/// read-only, the default of every device.
+pub const ATTR_NBD: &str = "nbd";
 
 /// The name the origin is known by in the control protocol.
 pub const ORIGIN_NAME: &str = "origin";
@@ -72,7 +79,7 @@ pub enum DaemonError {
     Engine(#[from] CowError),
 }
 
-type Outcome<T> = Result<T, DaemonError>;
+pub(crate) type Outcome<T> = Result<T, DaemonError>;
 
 /// One device as the registry sees it: the engine's record plus how it is served.
 pub struct DeviceStatus {
@@ -88,6 +95,11 @@ pub struct DeviceStatus {
     pub connected: bool,
     /// Its block-device adapter (for its I/O counters), once it was served.
     pub device: Option<Arc<CowDevice>>,
+    /// How it is exported over NBD (`None`: not exported), the URI to open it with, and the
+    /// NBD clients connected now.
+    pub export: Option<Mode>,
+    pub nbd_uri: Option<String>,
+    pub nbd_clients: usize,
 }
 
 struct Served {
@@ -104,10 +116,12 @@ pub struct Daemon {
     /// Devices by id: their block-device adapter (kept so counters survive unserve/serve)
     /// and their server, if served.
     registry: Mutex<HashMap<u64, Served>>,
+    /// The NBD exports, over the same adapters.
+    nbd: Arc<nbd::Registry>,
 }
 
 /// The name users know a device by.
-fn user_name(d: &DeviceInfo) -> String {
+pub(crate) fn user_name(d: &DeviceInfo) -> String {
     if d.id == DeviceId::ORIGIN.0 {
         ORIGIN_NAME.to_string()
     } else {
@@ -119,6 +133,7 @@ impl Daemon {
     /// Takes over an opened engine; serve the devices with [`Daemon::serve_all`].
     pub fn new(engine: Arc<CacheObject>, defaults: ServeDefaults) -> Arc<Self> {
         Arc::new(Daemon {
+            nbd: nbd::Registry::new(engine.clone()),
             engine,
             defaults,
             scheduler: Arc::new(Scheduler::new(SchedulerConfig::default())),
@@ -130,17 +145,26 @@ impl Daemon {
         &self.engine
     }
 
+    /// The NBD exports (for the NBD server).
+    pub fn nbd(&self) -> &Arc<nbd::Registry> {
+        &self.nbd
+    }
+
     fn registry(&self) -> MutexGuard<'_, HashMap<u64, Served>> {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Serves the origin on `origin_socket` and every snapshot that has a socket recorded.
-    /// A snapshot whose socket cannot be bound is logged and left unserved; the origin's
-    /// failure is an error.
+    /// Serves the origin on `origin_socket` and every snapshot that has a socket recorded,
+    /// and exports every device over NBD as recorded. A snapshot whose socket cannot be bound
+    /// is logged and left unserved; the origin's failure is an error.
     pub fn serve_all(&self, origin_socket: &Path) -> Result<(), ServeError> {
         let mut reg = self.registry();
         self.start_server(&mut reg, DeviceId::ORIGIN, origin_socket)?;
         for dev in self.engine.devices() {
+            let adapter = self.adapter(&mut reg, DeviceId(dev.id));
+            let mode = self.export_mode(&dev);
+            self.nbd
+                .set(&user_name(&dev), DeviceId(dev.id), adapter, mode);
             if dev.id == DeviceId::ORIGIN.0 {
                 continue;
             }
@@ -151,6 +175,39 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+
+    /// Whether `info` may be written (the origin as the daemon was told).
+    pub(crate) fn device_writable(&self, info: &DeviceInfo) -> bool {
+        match info.id == DeviceId::ORIGIN.0 {
+            true => !self.defaults.origin_read_only,
+            false => info.writable,
+        }
+    }
+
+    /// Records how device `dev` is exported over NBD, then exports it so (both with the
+    /// registry lock held: no delete can come in between).
+    pub(crate) fn set_export(&self, dev: &DeviceInfo, mode: Mode) -> Outcome<()> {
+        let mut reg = self.registry();
+        let id = DeviceId(dev.id);
+        let value = match mode {
+            Mode::Hidden => Some("off"),
+            Mode::Writable => Some("rw"),
+            Mode::ReadOnly => None,
+        };
+        self.engine.set_device_attr(id, ATTR_NBD, value)?;
+        let adapter = self.adapter(&mut reg, id);
+        self.nbd.set(&user_name(dev), id, adapter, mode);
+        Ok(())
+    }
+
+    /// How device `info` is exported, as recorded (writable only if the device is).
+    fn export_mode(&self, info: &DeviceInfo) -> Mode {
+        match info.attrs.get(ATTR_NBD).map(String::as_str) {
+            Some("off") => Mode::Hidden,
+            Some("rw") if self.device_writable(info) => Mode::Writable,
+            _ => Mode::ReadOnly,
+        }
     }
 
     fn adapter(&self, reg: &mut HashMap<u64, Served>, id: DeviceId) -> Arc<CowDevice> {
@@ -229,7 +286,7 @@ impl Daemon {
     }
 
     /// The device users call `name` (the origin is [`ORIGIN_NAME`]).
-    fn find(&self, name: &str) -> Outcome<DeviceInfo> {
+    pub(crate) fn find(&self, name: &str) -> Outcome<DeviceInfo> {
         self.engine
             .devices()
             .into_iter()
@@ -265,14 +322,20 @@ impl Daemon {
     }
 
     fn status(
+        &self,
         reg: &HashMap<u64, Served>,
         info: DeviceInfo,
         names: &HashMap<u64, String>,
     ) -> DeviceStatus {
         let served = reg.get(&info.id);
         let server = served.and_then(|s| s.server.as_ref());
+        let name = user_name(&info);
+        let export = self.nbd.mode(&name).filter(|m| *m != Mode::Hidden);
         DeviceStatus {
-            name: user_name(&info),
+            nbd_uri: export.and_then(|_| self.nbd.uri(&name)),
+            nbd_clients: self.nbd.clients(&name),
+            export,
+            name,
             parent: info
                 .parent
                 .map(|p| names.get(&p).cloned().unwrap_or_else(|| p.to_string())),
@@ -292,7 +355,7 @@ impl Daemon {
         let reg = self.registry();
         devices
             .into_iter()
-            .map(|d| Self::status(&reg, d, &names))
+            .map(|d| self.status(&reg, d, &names))
             .collect()
     }
 
@@ -337,6 +400,8 @@ impl Daemon {
             let _ = self.engine.delete_snapshot(id);
             return Err(f);
         }
+        let adapter = self.adapter(&mut reg, id);
+        self.nbd.set(name, id, adapter, Mode::ReadOnly);
         drop(reg);
         info!(
             "created {} snapshot {name} of {}",
@@ -356,20 +421,33 @@ impl Daemon {
             return Err(DaemonError::Invalid("the origin cannot be deleted".into()));
         }
         let mut reg = self.registry();
-        self.stop_serving(&mut reg, dev.id, force).map_err(|()| {
-            DaemonError::Busy(format!(
+        let hidden = self.hide_export(&dev.name, force, "delete")?;
+        if self.stop_serving(&mut reg, dev.id, force).is_err() {
+            if let Some(h) = hidden {
+                self.nbd.reinstate(h);
+            }
+            return Err(DaemonError::Busy(format!(
                 "a VM is connected to {name}; use --force to delete anyway"
-            ))
-        })?;
+            )));
+        }
+        if let Some(h) = &hidden {
+            self.nbd.end(h);
+        }
         reg.remove(&dev.id);
-        self.engine.delete_snapshot(DeviceId(dev.id))?;
+        if let Err(e) = self.engine.delete_snapshot(DeviceId(dev.id)) {
+            if let Some(h) = hidden {
+                self.nbd.reinstate(h);
+            }
+            return Err(e.into());
+        }
+        self.nbd.remove(&dev.name);
         info!("deleted snapshot {name}");
         Ok(())
     }
 
     /// Rolls the origin back to snapshot `name`. Unless forced, the origin stops accepting
-    /// frontends while it changes (checked atomically with a connecting frontend, as for
-    /// delete), and is served again after.
+    /// frontends and NBD clients while it changes (checked atomically with a connecting one,
+    /// as for delete), and is served again after.
     pub fn restore(&self, name: &str, force: bool) -> Outcome<()> {
         let dev = self.find(name)?;
         let mut reg = self.registry();
@@ -377,17 +455,24 @@ impl Daemon {
             .get(&DeviceId::ORIGIN.0)
             .and_then(|s| s.server.as_ref())
             .map(|server| server.path().to_path_buf());
-        if !force {
-            self.stop_serving(&mut reg, DeviceId::ORIGIN.0, false)
-                .map_err(|()| {
-                    DaemonError::Busy(
-                        "a VM is connected to the origin and would see its disk change underneath \
-                     it; shut it down first or use --force"
-                            .into(),
-                    )
-                })?;
+        let hidden = match force {
+            true => None,
+            false => self.hide_export(ORIGIN_NAME, false, "restore")?,
+        };
+        if !force && self.stop_serving(&mut reg, DeviceId::ORIGIN.0, false).is_err() {
+            if let Some(h) = hidden {
+                self.nbd.reinstate(h);
+            }
+            return Err(DaemonError::Busy(
+                "a VM is connected to the origin and would see its disk change underneath \
+                 it; shut it down first or use --force"
+                    .into(),
+            ));
         }
         let restored = self.engine.restore(DeviceId(dev.id));
+        if let Some(h) = hidden {
+            self.nbd.reinstate(h);
+        }
         if let (false, Some(socket)) = (force, origin_socket) {
             self.start_server(&mut reg, DeviceId::ORIGIN, &socket)
                 .map_err(|source| DaemonError::ServeAgain { source })?;

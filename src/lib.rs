@@ -10,7 +10,10 @@
 //! - [`cow`]: the copy-on-write engine: snapshots sharing one cache object (docs/engine.md).
 //! - [`control`]: the control socket: versioned JSON-lines protocol, server, the daemon's
 //!   answers, client.
-//! - [`daemon`]: the registry of devices and their lifecycle (serve, create, delete, restore).
+//! - [`nbd`]: the NBD face: every device exported for backup and inspection tools, with
+//!   allocation, allocation-depth and changed-block (dirty bitmap) queries.
+//! - [`daemon`]: the registry of devices and their lifecycle (serve, create, delete, restore);
+//!   [`daemon_nbd`]: its NBD part (export, unexport, diff).
 //! - [`sock`]: unix socket binding shared by the vhost and control servers.
 //! - [`sys`]: thin wrappers over system calls and fd tricks the crates do not wrap.
 //! - [`cli`]: command-line parsing, `serve`, and the administration commands.
@@ -20,7 +23,9 @@ pub mod cli;
 pub mod control;
 pub mod cow;
 pub mod daemon;
+pub mod daemon_nbd;
 pub mod device;
+pub mod nbd;
 pub mod sock;
 pub mod storage;
 pub mod sys;

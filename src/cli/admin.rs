@@ -4,7 +4,9 @@ use super::error::CliError;
 use super::output::outln;
 use super::units::human;
 use crate::control::client::ControlClient;
-use crate::control::protocol::{Command, DeviceList, DeviceView, Reply, Request, StatsView};
+use crate::control::protocol::{
+    Command, DeviceList, DeviceView, DiffView, Reply, Request, StatsView,
+};
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 
@@ -67,6 +69,18 @@ pub enum SnapshotCommand {
         /// Even if a VM is connected.
         #[arg(long)]
         force: bool,
+    },
+    /// List the extents (byte offset and length) where two devices differ: exactly the
+    /// chunks one of them changed since they last shared them (the `qemu:dirty-bitmap:FROM`
+    /// of TO's NBD export), for incremental backups.
+    Diff {
+        /// The older device, e.g. the previous backup's snapshot.
+        from: String,
+        /// The newer device.
+        to: String,
+        /// Print the reply as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -162,6 +176,7 @@ pub fn snapshot(control: &Path, cmd: SnapshotCommand) -> Result<(), CliError> {
             )?;
             outln!("serving {name} on {socket}");
         }
+        SnapshotCommand::Diff { from, to, json } => diff(control, from, to, json)?,
         SnapshotCommand::Unserve { name, force } => {
             call(
                 control,
@@ -176,25 +191,126 @@ pub fn snapshot(control: &Path, cmd: SnapshotCommand) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Prints devices as an indented tree, children under their parent.
+/// `snapshot diff`: asks page after page, prints the extents (or all of them as JSON).
+fn diff(control: &Path, from: String, to: String, json: bool) -> Result<(), CliError> {
+    let mut all: Option<DiffView> = None;
+    let mut offset = 0;
+    loop {
+        let cmd = Command::SnapshotDiff {
+            from: from.clone(),
+            to: to.clone(),
+            offset,
+            max_extents: None,
+        };
+        let page: DiffView =
+            serde_json::from_value(call(control, cmd)?).map_err(CliError::Reply)?;
+        let next = page.next_offset;
+        match &mut all {
+            None => all = Some(page),
+            Some(all) => {
+                let mut extents = page.extents.into_iter();
+                // A page may end inside a run of changes: join it up with the next page.
+                if let (Some(last), Some(first)) = (all.extents.last_mut(), extents.next()) {
+                    if last.offset + last.length == first.offset {
+                        last.length += first.length;
+                    } else {
+                        all.extents.push(first);
+                    }
+                }
+                all.extents.extend(extents);
+            }
+        }
+        match next {
+            Some(n) if n > offset => offset = n,
+            _ => break,
+        }
+    }
+    let Some(mut all) = all else { return Ok(()) };
+    all.next_offset = None;
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&all).unwrap_or_default());
+        return Ok(());
+    }
+    outln!("{:>16} {:>16}", "OFFSET", "LENGTH");
+    for e in &all.extents {
+        outln!("{:>16} {:>16}", e.offset, e.length);
+    }
+    let changed: u64 = all.extents.iter().map(|e| e.length).sum();
+    outln!(
+        "{} extent(s), {} of {} changed between {} and {} (chunk {})",
+        all.extents.len(),
+        human(changed),
+        human(all.size),
+        all.from,
+        all.to,
+        human(all.chunk_size)
+    );
+    Ok(())
+}
+
+pub fn export(control: &Path, name: &str, writable: bool) -> Result<(), CliError> {
+    let name = name.to_string();
+    call(
+        control,
+        Command::Export {
+            name: name.clone(),
+            writable,
+        },
+    )?;
+    let list: DeviceList =
+        serde_json::from_value(call(control, Command::List)?).map_err(CliError::Reply)?;
+    let uri = list
+        .devices
+        .iter()
+        .find(|d| d.name == name)
+        .and_then(|d| d.nbd_uri.clone());
+    let mode = if writable { "writable" } else { "read-only" };
+    match uri {
+        Some(uri) => outln!("exported {name} ({mode}): {uri}"),
+        None => outln!("exported {name} ({mode})"),
+    }
+    Ok(())
+}
+
+pub fn unexport(control: &Path, name: &str, force: bool) -> Result<(), CliError> {
+    let name = name.to_string();
+    call(
+        control,
+        Command::Unexport {
+            name: name.clone(),
+            force,
+        },
+    )?;
+    outln!("stopped exporting {name}");
+    Ok(())
+}
+
+/// Prints devices as an indented tree, children under their parent, then the NBD URIs.
 fn print_tree(devices: &[DeviceView]) {
     outln!(
-        "{:<24} {:<4} {:<11} {:>10} {:>10} {:>10} {:<10} SOCKET",
+        "{:<24} {:<4} {:<11} {:>10} {:>10} {:>10} {:<10} {:<6} SOCKET",
         "NAME",
         "MODE",
         "STATE",
         "OWNED",
         "SHARED",
         "PRESERVED",
-        "VM"
+        "VM",
+        "NBD"
     );
     fn walk(devices: &[DeviceView], parent: Option<&str>, depth: usize) {
         for d in devices.iter().filter(|d| d.parent.as_deref() == parent) {
             let name = format!("{}{}", "  ".repeat(depth), d.name);
             let mode = if d.writable { "rw" } else { "ro" };
             let vm = if d.connected { "connected" } else { "-" };
+            let nbd = match (d.export.as_deref(), d.nbd_clients) {
+                (None, _) => "-".to_string(),
+                (Some("writable"), 0) => "rw".to_string(),
+                (Some(_), 0) => "ro".to_string(),
+                (Some(e), n) => format!("{}+{n}", if e == "writable" { "rw" } else { "ro" }),
+            };
             outln!(
-                "{:<24} {:<4} {:<11} {:>10} {:>10} {:>10} {:<10} {}",
+                "{:<24} {:<4} {:<11} {:>10} {:>10} {:>10} {:<10} {:<6} {}",
                 name,
                 mode,
                 d.state,
@@ -202,12 +318,23 @@ fn print_tree(devices: &[DeviceView]) {
                 human(d.shared_bytes),
                 human(d.preserved_bytes),
                 vm,
+                nbd,
                 d.socket.as_deref().unwrap_or("-")
             );
             walk(devices, Some(&d.name), depth + 1);
         }
     }
     walk(devices, None, 0);
+    let uris: Vec<_> = devices
+        .iter()
+        .filter_map(|d| Some((&d.name, d.nbd_uri.as_ref()?)))
+        .collect();
+    if !uris.is_empty() {
+        outln!("\nNBD (ro: read-only, rw: writable, +N: clients connected):");
+        for (name, uri) in uris {
+            outln!("  {name:<22} {uri}");
+        }
+    }
 }
 
 pub fn stats(control: &Path, json: bool) -> Result<(), CliError> {

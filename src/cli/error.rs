@@ -22,6 +22,8 @@ pub enum CliError {
     /// Another daemon holds the origin or the cache object.
     #[error(transparent)]
     Lock(#[from] crate::storage::LockError),
+    #[error("NBD server: {0}")]
+    Nbd(#[from] crate::nbd::NbdError),
     #[error("{0}")]
     Usage(String),
     #[error(transparent)]

@@ -52,6 +52,28 @@ pub enum Command {
         /// The cache object file.
         cache: PathBuf,
     },
+    /// Export a device over NBD (every device is exported read-only by default); with
+    /// --writable NBD clients may write it too (a writable device only). Remembered across
+    /// restarts.
+    Export {
+        #[command(flatten)]
+        control: admin::ControlArg,
+        /// The device: "origin" or a snapshot's name.
+        name: String,
+        /// Let NBD clients write.
+        #[arg(long)]
+        writable: bool,
+    },
+    /// Stop exporting a device over NBD (remembered across restarts).
+    Unexport {
+        #[command(flatten)]
+        control: admin::ControlArg,
+        name: String,
+        /// Even if NBD clients are connected (their connections end after their current
+        /// request).
+        #[arg(long)]
+        force: bool,
+    },
     /// I/O, copy-on-write and cache-space counters of a running daemon.
     Stats {
         #[command(flatten)]
@@ -103,6 +125,16 @@ pub fn main() -> ExitCode {
             Ok(false) => return ExitCode::from(space::EXIT_TIMED_OUT),
             Err(e) => Err(e),
         },
+        Command::Export {
+            control,
+            name,
+            writable,
+        } => admin::export(&control.control, &name, writable),
+        Command::Unexport {
+            control,
+            name,
+            force,
+        } => admin::unexport(&control.control, &name, force),
         Command::Check { cache } => return check(&cache),
     };
     match result {

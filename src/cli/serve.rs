@@ -8,6 +8,7 @@ use crate::control::ControlServer;
 use crate::cow::{self, CacheObject, CreateOptions, OnFull, SizeLimit, AUTO_MAX_SIZE};
 use crate::daemon::{self, Daemon, ServeDefaults};
 use crate::device::{BlockDevice, RawDevice};
+use crate::nbd::{NbdOptions, NbdServer, MAX_CONNECTIONS};
 use crate::storage::{FileStorage, LockKind};
 use crate::vhost::{DeviceServer, Scheduler, SchedulerConfig, ServeOptions};
 use clap::Args;
@@ -25,6 +26,7 @@ pub const DEFAULT_ORIGIN: &str = "snapblk-data/origin.img";
 pub const DEFAULT_SOCKET: &str = "snapblk-data/origin.sock";
 pub const DEFAULT_CONTROL: &str = "snapblk-data/control.sock";
 pub const DEFAULT_CACHE: &str = "snapblk-data/cache.obj";
+pub const DEFAULT_NBD: &str = "snapblk-data/nbd.sock";
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -104,7 +106,27 @@ pub struct ServeArgs {
     #[arg(long, value_name = "US", default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=10_000))]
     pub poll_us: u32,
 
-    /// Serve the raw origin alone: no cache object, no snapshots, no control socket.
+    /// NBD socket: every device is an NBD export named after it (the origin is "origin"),
+    /// read-only unless `snapblk export NAME --writable`, for qemu-img, nbdcopy, nbdinfo
+    /// (e.g. `nbdinfo --list nbd+unix:///?socket=PATH`). Default: snapblk-data/nbd.sock beside
+    /// the default socket, SOCKET-STEM.nbd.sock beside any other.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["no_cache", "no_nbd"])]
+    pub nbd: Option<PathBuf>,
+
+    /// Also serve NBD on TCP at this address (e.g. 127.0.0.1:10809; off unless given). There
+    /// is no TLS and no authentication: whoever reaches the port can read every export.
+    #[arg(long, value_name = "ADDR:PORT", conflicts_with = "no_cache")]
+    pub nbd_listen: Option<String>,
+
+    /// Most NBD connections served at once; clients past it are told the server is full.
+    #[arg(long, value_name = "N", default_value_t = MAX_CONNECTIONS, value_parser = parse_connections)]
+    pub nbd_max_connections: usize,
+
+    /// No NBD unix socket (`--nbd-listen` still serves TCP if given).
+    #[arg(long, conflicts_with = "no_cache")]
+    pub no_nbd: bool,
+
+    /// Serve the raw origin alone: no cache object, no snapshots, no control socket, no NBD.
     #[arg(long)]
     pub no_cache: bool,
 }
@@ -119,6 +141,15 @@ fn parse_queue_size(s: &str) -> Result<u16, String> {
     match s.parse::<u16>() {
         Ok(n) if (2..=1024).contains(&n) && n.is_power_of_two() => Ok(n),
         _ => Err(format!("'{s}' is not a power of two between 2 and 1024")),
+    }
+}
+
+fn parse_connections(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=1024).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "'{s}' is not a number of connections from 1 to 1024"
+        )),
     }
 }
 
@@ -215,18 +246,10 @@ pub fn serve(args: ServeArgs) -> Result<(), CliError> {
             daemon::default_cache_path(&args.origin)
         }
     });
-    let control_path = args.control.clone().unwrap_or_else(|| {
-        if args.socket == Path::new(DEFAULT_SOCKET) {
-            PathBuf::from(DEFAULT_CONTROL)
-        } else {
-            let stem = args
-                .socket
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            args.socket.with_file_name(format!("{stem}.control.sock"))
-        }
-    });
+    let control_path = args
+        .control
+        .clone()
+        .unwrap_or_else(|| beside_socket(&args.socket, DEFAULT_CONTROL, "control"));
     let engine = Arc::new(open_cache(&args, origin, &cache_path)?);
     engine.set_on_full(args.on_full);
     let defaults = ServeDefaults {
@@ -240,8 +263,10 @@ pub fn serve(args: ServeArgs) -> Result<(), CliError> {
     };
     let daemon = Daemon::new(engine.clone(), defaults);
     daemon.serve_all(&args.socket)?;
+    let nbd = start_nbd(&args, &daemon)?;
     let control = ControlServer::start(&control_path, args.socket_mode, daemon.clone())?;
     print_attach_help(&args, engine.origin_size());
+    print_nbd_help(nbd.as_ref());
     sayln!(
         "Cache object {} (chunk {}); control socket {}",
         cache_path.display(),
@@ -254,12 +279,60 @@ pub fn serve(args: ServeArgs) -> Result<(), CliError> {
     // Waits for space and for low space would hold up the control socket and the queues.
     engine.close_waits();
     drop(control);
+    drop(nbd);
     daemon.shutdown().map_err(|source| CliError::FlushCache {
         path: cache_path.clone(),
         source,
     })?;
     info!("shut down cleanly");
     Ok(())
+}
+
+/// A default path beside the vhost-user socket: `default` beside the default socket,
+/// `SOCKET-STEM.WHAT.sock` beside any other.
+fn beside_socket(socket: &Path, default: &str, what: &str) -> PathBuf {
+    if socket == Path::new(DEFAULT_SOCKET) {
+        return PathBuf::from(default);
+    }
+    let stem = socket
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    socket.with_file_name(format!("{stem}.{what}.sock"))
+}
+
+/// Starts the NBD server where the options say (nowhere with `--no-nbd` and no TCP).
+fn start_nbd(args: &ServeArgs, daemon: &Daemon) -> Result<Option<NbdServer>, CliError> {
+    let unix = match (args.no_nbd, &args.nbd) {
+        (true, _) => None,
+        (false, Some(p)) => Some(p.clone()),
+        (false, None) => Some(beside_socket(&args.socket, DEFAULT_NBD, "nbd")),
+    };
+    if unix.is_none() && args.nbd_listen.is_none() {
+        return Ok(None);
+    }
+    let opts = NbdOptions {
+        unix,
+        tcp: args.nbd_listen.clone(),
+        socket_mode: args.socket_mode,
+        max_connections: args.nbd_max_connections,
+    };
+    Ok(Some(NbdServer::start(daemon.nbd().clone(), &opts)?))
+}
+
+fn print_nbd_help(nbd: Option<&NbdServer>) {
+    let Some(nbd) = nbd else { return };
+    if let Some(path) = nbd.unix_path() {
+        let path = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        sayln!(
+            "NBD exports (every device, by name) on {}: nbdinfo --list 'nbd+unix:///?socket={}'",
+            path.display(),
+            path.display()
+        );
+    }
+    if let Some(addr) = nbd.tcp_addr() {
+        sayln!("NBD exports on TCP {addr}: nbdinfo --list nbd://{addr}");
+    }
 }
 
 /// Opens the cache object, or creates it for this origin if it does not exist.
@@ -398,6 +471,16 @@ fn print_attach_help(args: &ServeArgs, capacity: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_sockets_sit_beside_the_vhost_socket() {
+        let p = beside_socket(Path::new(DEFAULT_SOCKET), DEFAULT_NBD, "nbd");
+        assert_eq!(p, Path::new("snapblk-data/nbd.sock"));
+        let p = beside_socket(Path::new("/run/vm/disk.sock"), DEFAULT_NBD, "nbd");
+        assert_eq!(p, Path::new("/run/vm/disk.nbd.sock"));
+        let p = beside_socket(Path::new("/run/vm/disk.sock"), DEFAULT_CONTROL, "control");
+        assert_eq!(p, Path::new("/run/vm/disk.control.sock"));
+    }
 
     #[test]
     fn queue_sizes_and_modes() {

@@ -2,13 +2,17 @@
 //! its result or error becomes a [`Reply`] (with the error code clients act on).
 
 use super::protocol::{
-    Command, DeviceList, DeviceView, ErrorCode, IoStats, LowSpace, Reply, Request, StatsView,
-    MAX_WAIT_MS,
+    Command, DeviceList, DeviceView, DiffView, ErrorCode, ExtentView, IoStats, LowSpace, Reply,
+    Request, StatsView, MAX_WAIT_MS,
 };
 use super::server::ControlHandler;
 use crate::cow::{CowError, DeviceState, SizeLimit};
 use crate::daemon::{Daemon, DaemonError, DeviceStatus};
 use crate::device::{BlockDevice, IoCounters};
+use crate::nbd::Mode;
+
+/// Most extents one `snapshot-diff` reply carries.
+const MAX_DIFF_EXTENTS: usize = 1 << 16;
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -92,7 +96,30 @@ fn view(s: &DeviceStatus, chunk: u64) -> DeviceView {
             .as_ref()
             .map(|dev| IoStats::from(dev.counters()))
             .unwrap_or_default(),
+        export: s.export.map(|m| match m {
+            Mode::Writable => "writable".into(),
+            _ => "read-only".into(),
+        }),
+        nbd_uri: s.nbd_uri.clone(),
+        nbd_clients: s.nbd_clients as u64,
     }
+}
+
+fn diff(daemon: &Daemon, from: String, to: String, offset: u64, max: Option<usize>) -> Reply {
+    let max = max.unwrap_or(MAX_DIFF_EXTENTS).clamp(1, MAX_DIFF_EXTENTS);
+    let found = daemon.diff(&from, &to, offset, max).map(|d| DiffView {
+        size: daemon.engine().origin_size(),
+        chunk_size: daemon.engine().chunk_size(),
+        extents: d
+            .extents
+            .into_iter()
+            .map(|(offset, length)| ExtentView { offset, length })
+            .collect(),
+        next_offset: d.next,
+        from,
+        to,
+    });
+    reply(found)
 }
 
 fn list(daemon: &Daemon) -> DeviceList {
@@ -169,6 +196,14 @@ impl ControlHandler for Daemon {
             Command::List => Reply::ok(list(self)),
             Command::SnapshotDelete { name, force } => done(self.delete(&name, force)),
             Command::Restore { name, force } => done(self.restore(&name, force)),
+            Command::Export { name, writable } => done(self.export(&name, writable)),
+            Command::Unexport { name, force } => done(self.unexport(&name, force)),
+            Command::SnapshotDiff {
+                from,
+                to,
+                offset,
+                max_extents,
+            } => diff(self, from, to, offset, max_extents),
             Command::Stats => Reply::ok(stats(self)),
             Command::CacheInfo => Reply::ok(self.engine().cache_info()),
             Command::CacheResize { size, auto } => resize(self, size, auto),

@@ -65,6 +65,29 @@ pub enum Command {
         #[serde(default)]
         force: bool,
     },
+    /// Export a device over NBD, read-only or writable (persisted across restarts).
+    Export {
+        name: String,
+        #[serde(default)]
+        writable: bool,
+    },
+    /// Stop exporting a device over NBD; refused while NBD clients are connected unless
+    /// `force` (which ends their connections).
+    Unexport {
+        name: String,
+        #[serde(default)]
+        force: bool,
+    },
+    /// The extents where devices `from` and `to` differ, from byte `offset` on, at most
+    /// `max_extents` of them (the reply says where to continue).
+    SnapshotDiff {
+        from: String,
+        to: String,
+        #[serde(default)]
+        offset: u64,
+        #[serde(default)]
+        max_extents: Option<usize>,
+    },
     /// I/O and copy-on-write counters, cache use.
     Stats,
     /// Geometry and limits of the cache object.
@@ -205,6 +228,35 @@ pub struct DeviceView {
     /// A VM (frontend) is connected right now.
     pub connected: bool,
     pub io: IoStats,
+    /// How the device is exported over NBD: "read-only", "writable", or null (unexported).
+    #[serde(default)]
+    pub export: Option<String>,
+    /// The URI NBD clients open it with (null when unexported or no NBD server runs).
+    #[serde(default)]
+    pub nbd_uri: Option<String>,
+    /// NBD clients connected to it now.
+    #[serde(default)]
+    pub nbd_clients: u64,
+}
+
+/// One changed extent, bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExtentView {
+    pub offset: u64,
+    pub length: u64,
+}
+
+/// The reply to `snapshot-diff`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiffView {
+    pub from: String,
+    pub to: String,
+    /// Size of the devices, and their copy-on-write chunk (the extents' granularity).
+    pub size: u64,
+    pub chunk_size: u64,
+    pub extents: Vec<ExtentView>,
+    /// Where to continue when the reply stopped before the end (null: it did not).
+    pub next_offset: Option<u64>,
 }
 
 /// The reply to `list`.
@@ -261,6 +313,26 @@ mod tests {
         );
         let req: Request = serde_json::from_str(r#"{"v":1,"cmd":"wait-low-space"}"#).unwrap();
         assert_eq!(req.cmd, Command::WaitLowSpace { timeout_ms: None });
+        let req: Request =
+            serde_json::from_str(r#"{"v":1,"cmd":"snapshot-diff","from":"a","to":"b"}"#).unwrap();
+        assert_eq!(
+            req.cmd,
+            Command::SnapshotDiff {
+                from: "a".into(),
+                to: "b".into(),
+                offset: 0,
+                max_extents: None
+            }
+        );
+        let req: Request =
+            serde_json::from_str(r#"{"v":1,"cmd":"export","name":"s1","writable":true}"#).unwrap();
+        assert_eq!(
+            req.cmd,
+            Command::Export {
+                name: "s1".into(),
+                writable: true
+            }
+        );
     }
 
     #[test]

@@ -13,7 +13,9 @@
 //!   damage detection: shared with the checker), `read.rs` (the read path), `write.rs` (the
 //!   write rule), `space.rs` (block allocation, the cache-full rule), `commit.rs` (group
 //!   commit, checkpoints, flush), `snapshots.rs` (create, delete, restore, attributes),
-//!   `info.rs` (device listings, stats), `verify.rs` (the in-memory verifier), `blockio.rs`
+//!   `info.rs` (device listings, stats), `extents.rs` (block-status queries: sources and
+//!   depths of a device's chunks, where two devices differ, the origin's holes),
+//!   `verify.rs` (the in-memory verifier), `blockio.rs`
 //!   (data-block I/O of the write path; the host refusing a write is a space failure),
 //!   `limit.rs` (the growth limit: fixed or following the host file system; resize),
 //!   `hostroom.rs` (what the host file system has room for), `waits.rs` (the on-full policy:
@@ -30,6 +32,7 @@ mod checkpoint;
 mod commit;
 mod engine;
 mod error;
+mod extents;
 pub mod format;
 pub mod history;
 mod hostroom;
@@ -50,6 +53,7 @@ mod write;
 pub use check::{check_cache, check_cache_path, CheckReport};
 pub use engine::CacheObject;
 pub use error::{CowError, DeviceId, Result};
+pub use extents::{DiffRun, Extent, Holes, Source, MAX_HOLES, MAX_QUERY_CHUNKS};
 pub use info::{CacheInfo, DeviceInfo, DeviceState, Stats};
 pub use limit::{host_reserve, SizeLimit, AUTO_MAX_SIZE};
 pub use open::{CreateOptions, OpenOptions};

@@ -292,6 +292,27 @@ impl Storage for FileStorage {
             Err(e) => Err(e),
         }
     }
+
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        use rustix::fs::{seek, SeekFrom};
+        let end = offset.saturating_add(len).min(self.size());
+        if offset >= end {
+            return Ok((false, len));
+        }
+        let run = |to: u64| to.clamp(offset + 1, end) - offset;
+        match seek(&self.file, SeekFrom::Data(offset)) {
+            // Data from here on: it lasts until the next hole (the end is a virtual hole).
+            Ok(at) if at <= offset => match seek(&self.file, SeekFrom::Hole(offset)) {
+                Ok(hole) => Ok((false, run(hole))),
+                Err(_) => Ok((false, len)),
+            },
+            Ok(data) => Ok((true, run(data))),
+            // No data after `offset`: a hole to the end.
+            Err(rustix::io::Errno::NXIO) => Ok((true, end - offset)),
+            // A file system (or device) that cannot tell: all data, which is always true.
+            Err(_) => Ok((false, len)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -347,6 +368,34 @@ mod tests {
         assert!(
             space.total > 0 && space.available <= space.total,
             "{space:?}"
+        );
+    }
+
+    #[test]
+    fn allocation_reports_holes_and_data() {
+        let (_d, s) = temp(1 << 20);
+        s.write_at(&[7u8; 65536], 256 << 10).unwrap();
+        s.sync().unwrap();
+        let (hole, n) = s.allocation(0, 1 << 20).unwrap();
+        // A file system that cannot tell says "data", which is allowed; tmpfs and ext4 can.
+        if hole {
+            assert_eq!(n, 256 << 10, "the hole before the data");
+            assert_eq!(s.allocation(256 << 10, 1 << 20).unwrap(), (false, 65536));
+            let (h, n) = s.allocation(320 << 10, 1 << 20).unwrap();
+            assert!(
+                h && n == (1 << 20) - (320 << 10),
+                "the hole to the end: {h} {n}"
+            );
+            assert_eq!(
+                s.allocation(0, 4096).unwrap(),
+                (true, 4096),
+                "bounded by len"
+            );
+        }
+        assert_eq!(
+            s.allocation(1 << 20, 512).unwrap(),
+            (false, 512),
+            "past the end"
         );
     }
 

@@ -61,6 +61,14 @@ pub trait Storage: Send + Sync {
     /// Makes `[offset, offset+len)` read as zeros, keeping it allocated.
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()>;
 
+    /// How `[offset, offset+len)` begins: `(hole, n)` says its first `n` bytes (`1..=len`)
+    /// are all a hole (unallocated, reading as zeros) or all data. For block-status queries
+    /// (`SEEK_HOLE`/`SEEK_DATA` on files). The default, right for any store, says "all data".
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        let _ = offset;
+        Ok((false, len))
+    }
+
     /// Makes sure `[offset, offset+len)` has its space in the file system (fallocate), so
     /// later writes there cannot fail for lack of it. A store without the notion does nothing;
     /// so does a file system that cannot preallocate (the writes then take their space as

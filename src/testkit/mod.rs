@@ -10,9 +10,12 @@
 //! - [`tokens`]: sectors that carry a 64-bit token, to tell which write a sector holds.
 //! - [`blkio_client`]: a vhost-user-blk client (libblkio), the independent peer of the daemon.
 //! - [`tmpfs`]: a small tmpfs mounted for a test, a file system that really fills up.
+//! - [`nbd`]: the NBD tools (nbdinfo, nbdcopy, qemu-img) driven and parsed, and a raw NBD
+//!   client for what the tools never send.
 
 pub mod blkio_client;
 pub mod engine;
+pub mod nbd;
 pub mod storage;
 pub mod tmpfs;
 pub mod tokens;

@@ -100,6 +100,22 @@ impl Storage for MemStorage {
         zero_range(&mut lock(&self.data), offset, len);
         Ok(())
     }
+    /// Whole zero sectors count as holes (what a sparse file with 512-byte blocks would say).
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        let data = lock(&self.data);
+        let sector = |s: u64| {
+            let at = (s * SECTOR as u64) as usize;
+            data.get(at..at + SECTOR)
+                .is_some_and(|b| b.iter().all(|&x| x == 0))
+        };
+        let (first, last) = (
+            offset / SECTOR as u64,
+            (offset + len).div_ceil(SECTOR as u64),
+        );
+        let hole = sector(first);
+        let run = (first..last).find(|&s| sector(s) != hole).unwrap_or(last);
+        Ok((hole, (run * SECTOR as u64).min(offset + len) - offset))
+    }
 }
 
 /// Decides when the simulated power loss happens, shared by all stores of one test.

@@ -26,7 +26,16 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `snapblk serve ARGS` and waits for `socket` to accept connections.
     pub fn start(args: &[&str], socket: &Path) -> Daemon {
-        let child = Command::new(BIN)
+        Self::start_in(None, args, socket)
+    }
+
+    /// Starts `snapblk serve ARGS` in directory `dir` (where its default paths lie).
+    pub fn start_in(dir: Option<&Path>, args: &[&str], socket: &Path) -> Daemon {
+        let mut cmd = Command::new(BIN);
+        if let Some(dir) = dir {
+            cmd.current_dir(dir);
+        }
+        let child = cmd
             .env(
                 "RUST_LOG",
                 std::env::var("SNAPBLK_TEST_LOG").unwrap_or_else(|_| "info".into()),
