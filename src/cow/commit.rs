@@ -10,6 +10,7 @@ use super::format::{
 };
 use super::meta::META_REF;
 use std::sync::atomic::Ordering;
+use std::sync::PoisonError;
 
 impl CacheObject {
     /// Makes every completed write (origin and snapshots) and every metadata change durable.
@@ -17,6 +18,7 @@ impl CacheObject {
         let e = self.read_state().epoch;
         self.commit(e, true)?;
         self.origin.sync()?;
+        self.release_fenced();
         Ok(())
     }
 
@@ -95,6 +97,41 @@ impl CacheObject {
         st.meta.free.sort_unstable_by(|a, b| b.cmp(a));
         drop(st);
         self.space_changed();
+    }
+
+    /// Releases the blocks snapshots made inoperative left behind (`State::fenced_free`), once
+    /// their marking is durable and a barrier over the stripes has waited out any in-place
+    /// write of those snapshots decided before the marking (it holds its chunk's stripe until
+    /// its data is written; later ones find the snapshot inoperative). The caller must hold no
+    /// stripe. Cheap when there is nothing to do: one flag load.
+    pub(super) fn release_fenced(&self) {
+        if !self.fenced_pending.load(Ordering::Acquire) {
+            return;
+        }
+        let durable = self.durable_epoch.load(Ordering::Acquire);
+        let blocks: Vec<u64> = {
+            let mut st = self.write_state();
+            let mut ready = Vec::new();
+            st.fenced_free.retain(|&(e, b)| {
+                let keep = e > durable;
+                if !keep {
+                    ready.push(b);
+                }
+                keep
+            });
+            if st.fenced_free.is_empty() {
+                self.fenced_pending.store(false, Ordering::Release);
+            }
+            ready.retain(|&b| st.meta.refcount(b) == 0);
+            ready
+        };
+        if blocks.is_empty() {
+            return;
+        }
+        for stripe in self.stripes.iter() {
+            drop(stripe.write().unwrap_or_else(PoisonError::into_inner));
+        }
+        self.release_blocks(blocks);
     }
 
     /// Commits; returns the blocks whose unmapping became durable and whether a checkpoint was

@@ -71,6 +71,11 @@ pub(super) struct State {
     pub(super) pending_unref: HashMap<u64, u64>,
     /// Blocks freed by uncommitted records: not reusable until durable.
     pub(super) pending_free: Vec<(u64, u64)>,
+    /// Blocks freed by making a snapshot inoperative, with the epoch of that record: besides
+    /// waiting for it to be durable, they wait for a stripe barrier (`commit.rs`,
+    /// `release_fenced`), because an in-place write of that snapshot decided before the
+    /// marking, under another chunk's stripe, may still be on its way to them.
+    pub(super) fenced_free: Vec<(u64, u64)>,
     /// Per chunk (modulo [`CHUNK_EPOCH_SLOTS`]): epoch of the last record that made some
     /// device stop reading through at that chunk. Until it is durable, a crash could make that
     /// device read through again, so the data it would read (the origin chunk, or its parent's
@@ -151,6 +156,9 @@ pub struct CacheObject {
     /// was written before they were logged, and a cache sync started after they were logged.
     pub(super) data_durable_epoch: AtomicU64,
     pub(super) failed: AtomicBool,
+    /// `State::fenced_free` is not empty: the next write or flush that holds no stripe
+    /// releases what is durable, after a barrier over the stripes.
+    pub(super) fenced_pending: AtomicBool,
     pub(super) counters: Counters,
     /// The host refused the last data-block write for lack of space (ENOSPC), and the one
     /// before that was logged: cleared by the next data-block write that succeeds.
@@ -211,10 +219,15 @@ impl State {
         let mut dropped = std::mem::take(&mut self.meta.dropped);
         dropped.sort_unstable();
         dropped.dedup();
+        let fenced = matches!(rec, Record::SetInoperative { .. });
         for b in dropped {
             self.pending_unref.insert(b, epoch);
             if self.meta.refcount(b) == 0 {
-                self.pending_free.push((epoch, b));
+                if fenced {
+                    self.fenced_free.push((epoch, b));
+                } else {
+                    self.pending_free.push((epoch, b));
+                }
             }
         }
         Ok(epoch)

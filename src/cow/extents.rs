@@ -14,10 +14,10 @@
 //! prefix of the range (at least one run); callers ask again from where the answer ends.
 
 use super::engine::CacheObject;
-use crate::storage::SECTOR_SIZE;
 use super::error::{CowError, DeviceId, Result};
 use super::format::{ENTRY_UNMAPPED, ENTRY_ZERO};
 use super::meta::{ReadSide, ReadStatus, View, ORIGIN_ID};
+use crate::storage::SECTOR_SIZE;
 use std::sync::{Arc, PoisonError};
 
 /// Most chunks one query looks at (1 GiB of 64 KiB chunks).

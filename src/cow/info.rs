@@ -200,7 +200,7 @@ impl CacheObject {
             .filter(|&&r| r != 0 && r != META_REF)
             .count() as u64;
         let space = self.space_now(&st);
-        let pending = st.pending_free.len() as u64;
+        let pending = (st.pending_free.len() + st.fenced_free.len()) as u64;
         let c = &self.counters;
         let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         Stats {

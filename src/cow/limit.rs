@@ -246,6 +246,7 @@ impl CacheObject {
         let pending = st
             .pending_free
             .iter()
+            .chain(&st.fenced_free)
             .map(|&(_, b)| b + 1)
             .max()
             .unwrap_or(0);

@@ -7,6 +7,7 @@ use super::engine::{CacheObject, State};
 use super::error::{CowError, Result};
 use super::format::{Record, CKPT_BLOCK_HEADER};
 use super::meta::{Meta, View, ORIGIN_ID};
+use std::sync::atomic::Ordering;
 
 impl CacheObject {
     /// Allocates a block for data, keeping back the room the next checkpoint needs; under the
@@ -113,6 +114,7 @@ impl CacheObject {
                 d.name
             );
             epoch = st.log(Record::SetInoperative { dev: id })?;
+            self.fenced_pending.store(true, Ordering::Release);
         }
         Ok(epoch)
     }
@@ -131,5 +133,89 @@ impl CacheObject {
         } else {
             st.meta.free.push(b);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::cow::format::entry_to_block;
+    use crate::cow::{CowError, DeviceId};
+    use crate::testkit::engine::{EngineSpec, CHUNK};
+    use crate::testkit::gated::GatedStorage;
+    use crate::testkit::storage::MemStorage;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// A snapshot made inoperative for lack of space loses its blocks, but an in-place write of
+    /// it decided just before (under another chunk's stripe) may still be on its way to one of
+    /// them: the block must not be handed to another device until that write has landed, or
+    /// the late write would overwrite the new owner's data.
+    #[test]
+    fn blocks_of_a_snapshot_made_inoperative_wait_for_its_in_place_writes() {
+        let journal: u64 = 64 << 10;
+        let data_offset = (8192 + journal).div_ceil(CHUNK) * CHUNK;
+        let cache = Arc::new(GatedStorage::new());
+        let eng = Arc::new(
+            EngineSpec::default()
+                .journal(journal)
+                .max_size(data_offset + 24 * CHUNK)
+                .on(Arc::new(MemStorage::new(64 * CHUNK)), cache.clone()),
+        );
+        let chunk = |byte: u8| vec![byte; CHUNK as usize];
+        // Chunks under three different stripes: s's own (d), the origin's (c), t's (e).
+        let (d, c, e) = (5u64, 9u64, 13u64);
+        let s = eng.create_snapshot(DeviceId::ORIGIN, "s", true).unwrap();
+        eng.write(s, d * CHUNK, &chunk(1)).unwrap();
+        let w = eng.create_snapshot(DeviceId::ORIGIN, "w", true).unwrap();
+        let mut filled = 0;
+        while eng.write(w, (20 + filled) * CHUNK, &chunk(2)).is_ok() {
+            filled += 1;
+            assert!(filled < 40, "the cache never filled");
+        }
+        eng.flush().unwrap();
+        let b = {
+            let st = eng.read_state();
+            entry_to_block(st.meta.dev(s.0).unwrap().table.get(d)).unwrap()
+        };
+        let at = eng.block_offset(b);
+        cache.hold(at..at + CHUNK);
+        // s rewrites its own block in place: held between its decision and its data.
+        let late = {
+            let eng = eng.clone();
+            std::thread::spawn(move || eng.write(s, d * CHUNK, &vec![3u8; CHUNK as usize]))
+        };
+        assert!(cache.wait_parked(1, Duration::from_secs(5)));
+        // The origin changes a chunk s and w read through to, with no block for the copy:
+        // both go inoperative and their blocks are freed.
+        let origin_write = {
+            let eng = eng.clone();
+            std::thread::spawn(move || {
+                eng.write(DeviceId::ORIGIN, c * CHUNK, &vec![4u8; CHUNK as usize])
+            })
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        // A new snapshot writes: it may only get a block nobody can still write to.
+        let t = eng.create_snapshot(DeviceId::ORIGIN, "t", true).unwrap();
+        let wrote = eng.write(t, e * CHUNK, &chunk(5));
+        assert!(
+            matches!(wrote, Ok(()) | Err(CowError::NoSpace)),
+            "{wrote:?}"
+        );
+        cache.open();
+        late.join().unwrap().unwrap();
+        origin_write.join().unwrap().unwrap();
+        let mut got = chunk(0);
+        if wrote.is_ok() {
+            eng.read(t, e * CHUNK, &mut got).unwrap();
+            assert!(
+                got.iter().all(|&x| x == 5),
+                "a late write of the inoperative snapshot landed in t's block"
+            );
+        }
+        // The blocks came back once the late write was done.
+        eng.write(t, e * CHUNK, &chunk(6)).unwrap();
+        eng.read(t, e * CHUNK, &mut got).unwrap();
+        assert!(got.iter().all(|&x| x == 6));
+        eng.verify_in_memory().unwrap();
     }
 }

@@ -117,20 +117,28 @@ impl CacheObject {
     /// Writes `buf` to device `dev` at `offset`. A snapshot write that finds no space
     /// follows the on-full policy (`waits.rs`); the origin never fails for lack of space.
     pub fn write(&self, dev: DeviceId, offset: u64, buf: &[u8]) -> Result<()> {
-        self.with_space_wait(dev, || {
+        self.after_change(self.with_space_wait(dev, || {
             self.change(dev, offset, buf.len() as u64, Src::Data(buf))
-        })
+        }))
     }
 
     /// Makes `[offset, offset+len)` of `dev` read as zeros.
     pub fn write_zeroes(&self, dev: DeviceId, offset: u64, len: u64) -> Result<()> {
-        self.with_space_wait(dev, || self.change(dev, offset, len, Src::Zeroes))
+        self.after_change(self.with_space_wait(dev, || self.change(dev, offset, len, Src::Zeroes)))
     }
 
     /// Discards `[offset, offset+len)` of `dev`; it reads as zeros afterwards and whole chunks
     /// release their blocks. Other devices keep their views.
     pub fn discard(&self, dev: DeviceId, offset: u64, len: u64) -> Result<()> {
-        self.with_space_wait(dev, || self.change(dev, offset, len, Src::Discard))
+        self.after_change(self.with_space_wait(dev, || self.change(dev, offset, len, Src::Discard)))
+    }
+
+    /// After a change, no stripe held: blocks of snapshots the change made inoperative are
+    /// released (`release_fenced`; nothing to do, one flag load, almost always).
+    #[inline]
+    fn after_change(&self, result: Result<()>) -> Result<()> {
+        self.release_fenced();
+        result
     }
 
     /// Changes `[offset, offset+len)` of `dev` to what `src` says, chunk by chunk (origin

@@ -6,6 +6,7 @@
 //!
 //! - [`storage`]: in-memory, crash-injecting, counting and faulty (ENOSPC, EIO)
 //!   [`Storage`](crate::storage::Storage) doubles.
+//! - [`gated`]: a store whose writes to a range wait until the test lets them go.
 //! - [`engine`]: a copy-on-write engine over in-memory stores, or files in a temp dir.
 //! - [`tokens`]: sectors that carry a 64-bit token, to tell which write a sector holds.
 //! - [`blkio_client`]: a vhost-user-blk client (libblkio), the independent peer of the daemon.
@@ -15,6 +16,7 @@
 
 pub mod blkio_client;
 pub mod engine;
+pub mod gated;
 pub mod nbd;
 pub mod storage;
 pub mod tmpfs;
