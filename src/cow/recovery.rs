@@ -150,7 +150,10 @@ pub(crate) fn replay(cache: &dyn Storage, h: &Header, ckpt: Checkpoint) -> Resul
     let js = h.journal_size;
     let mut pos = h.journal_start;
     let mut used = 0u64;
-    let mut seq = h.ckpt_seq + 1;
+    let mut seq = h
+        .ckpt_seq
+        .checked_add(1)
+        .ok_or_else(|| corrupt("checkpoint sequence number out of range"))?;
     let mut txns = 0;
     let mut hdr = vec![0u8; TXN_ALIGN as usize];
     loop {
@@ -172,7 +175,10 @@ pub(crate) fn replay(cache: &dyn Storage, h: &Header, ckpt: Checkpoint) -> Resul
         if !verify_txn(&th, &buf) {
             break; // torn last transaction: it was never acknowledged as durable
         }
-        seq += 1;
+        let Some(next) = seq.checked_add(1) else {
+            break; // no transaction can follow the last sequence number
+        };
+        seq = next;
         txns += 1;
         if th.flags & TXN_WRAP != 0 {
             used += js - pos;
@@ -229,7 +235,8 @@ fn journal_damage(cache: &dyn Storage, h: &Header, next_seq: u64, end: u64) -> O
             let len = txn_len(th.payload_len) as usize;
             // seq == next_seq + 1 is left alone: a crash can keep the transaction that
             // follows a journal wrap and lose the wrap marker written just before it.
-            let later = th.seq > next_seq + 1 || (th.seq == next_seq && pos as u64 != end);
+            let later =
+                th.seq > next_seq.saturating_add(1) || (th.seq == next_seq && pos as u64 != end);
             if later && pos + len <= buf.len() && verify_txn(&th, &buf[pos..pos + len]) {
                 return Some(format!(
                     "journal damaged: replay ended before sequence {next_seq} at offset {end}, \
@@ -298,6 +305,35 @@ mod tests {
         );
         let source = err.source().and_then(|s| s.downcast_ref::<MetaError>());
         assert_eq!(source, Some(&MetaError::NoDevice(7)));
+    }
+
+    /// Found by tests/fuzz_cache_object.rs: a checksummed header whose checkpoint sequence
+    /// number is the last one overflowed the replay's next sequence number (a panic in debug).
+    #[test]
+    fn a_checkpoint_at_the_last_sequence_number_is_refused_without_overflow() {
+        let h = Header {
+            version: FORMAT_VERSION,
+            generation: 1,
+            incompat: 0,
+            compat: 0,
+            chunk_size: 4096,
+            origin_size: 16 * 4096,
+            origin_tag: String::new(),
+            journal_size: 16 << 10,
+            data_offset: 24 << 10,
+            max_size: 1 << 20,
+            ckpt_block: NO_BLOCK,
+            ckpt_len: 0,
+            ckpt_crc: 0,
+            ckpt_seq: u64::MAX,
+            journal_start: 0,
+        };
+        let cache = MemStorage::new(h.data_offset);
+        cache
+            .write_at(&h.encode(), (h.generation % 2) * HEADER_SLOT_SIZE)
+            .unwrap();
+        let h = read_header(&cache).unwrap();
+        assert!(recover(&cache, &h).is_err());
     }
 
     /// Found by tests/fuzz_cache_object.rs: a checksummed header naming a journal of 256 GiB
