@@ -8,11 +8,13 @@
 //! - [`engine`]: a copy-on-write engine over in-memory stores, or files in a temp dir.
 //! - [`tokens`]: sectors that carry a 64-bit token, to tell which write a sector holds.
 //! - [`blkio_client`]: a vhost-user-blk client (libblkio), the independent peer of the daemon.
+//! - [`fuse_disk`]: a FUSE file system that can lose power, under the real daemon.
 //! - [`fuzz`]: case counts, an allocator that refuses unbounded allocations and a watchdog,
 //!   for the fuzz harnesses (`tests/fuzz_*.rs`).
 
 pub mod blkio_client;
 pub mod engine;
+pub mod fuse_disk;
 pub mod fuzz;
 pub mod storage;
 pub mod tokens;
