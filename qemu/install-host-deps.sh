@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what a fresh Debian bookworm machine lacks to run snapblk's guest tests and
-# benchmark: QEMU 10 (bookworm-backports), qemu-storage-daemon, busybox-static and cpio.
+# Installs what a fresh Debian bookworm machine lacks to run snapblk's guest tests, power-cut
+# tests and benchmark: QEMU 10 (bookworm-backports), qemu-storage-daemon, busybox-static,
+# cpio and fuse3 (fusermount3, for the FUSE file system of tests/power_cut.rs).
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
 
@@ -13,6 +14,7 @@ qemu_ok || need+=(qemu)
 command -v qemu-storage-daemon >/dev/null 2>&1 || need+=(qemu)
 [ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 || need+=(busybox)
 command -v cpio >/dev/null 2>&1 || need+=(cpio)
+command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 SUDO=""
@@ -31,5 +33,5 @@ SRC
 fi
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils qemu-block-extra >/dev/null
-$SUDO apt-get install -y -qq busybox-static cpio xz-utils zstd >/dev/null
+$SUDO apt-get install -y -qq busybox-static cpio xz-utils zstd fuse3 >/dev/null
 qemu-system-x86_64 --version | head -1
