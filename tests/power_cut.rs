@@ -293,7 +293,12 @@ fn one_cut(seed: u64, events_max: u64) {
     });
     // The cut happened; nothing after it reached the daemon. Kill it, unmount, and lay the
     // frozen images down as plain files at the same paths.
-    daemon.signal_and_wait(libc::SIGKILL);
+    let (_, stderr) = daemon.signal_and_wait(libc::SIGKILL);
+    let log = daemon.log_text() + &stderr;
+    assert!(
+        !log.contains("panicked"),
+        "power cut seed {seed}: the daemon panicked around the cut:\n{log}"
+    );
     drop((oc, wc));
     let images = disk.crash_images().expect("the power was cut");
     drop(session);
