@@ -308,14 +308,19 @@ fn reseal_checksums(cache: &mut [u8]) {
 
 /// Skips objects of the open findings (docs/testing.md): a device id past
 /// `PLAUSIBLE_DEVICE_IDS` in the checkpoint the header names or in any transaction of the
-/// journal, or a size limit allowing more than 2^24 blocks (reference counts are a vector
+/// journal, a size limit allowing more than 2^24 blocks (reference counts are a vector
 /// indexed by block, sized from the largest block a mapping names, which the limit bounds,
-/// not the file).
+/// not the file), or an origin of more than 2^28 chunks.
 fn ids_plausible(cache: &[u8]) -> bool {
     let Some(h) = best_header(cache) else {
         return true;
     };
     if (h.max_size - h.data_offset) / h.chunk_size > 1 << 24 {
+        return false;
+    }
+    // The remap tables' page tree is allocated for every chunk of the origin the header
+    // names (up to 2^56 bytes): 2^28 chunks (a 1 TiB origin at 4 KiB) is the most taken here.
+    if h.origin_size / h.chunk_size > 1 << 28 {
         return false;
     }
     let chunk = h.chunk_size as usize;
