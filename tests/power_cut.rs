@@ -329,10 +329,19 @@ fn one_cut(seed: u64, events_max: u64) {
         .unwrap()
         .push((ctl.events() - armed_at, outcome.devices.len() as u64));
     let violations = verify(&ctx, &outcome, &control);
+    let log = if violations.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "\n--- log of the daemon before the cut ---\n{}\n--- after the restart ---\n{}",
+            log,
+            daemon.log_text()
+        )
+    };
     drop(daemon);
     assert!(
         violations.is_empty(),
-        "{ctx}: {} violations:\n{}",
+        "{ctx}: {} violations:\n{}{log}",
         violations.len(),
         violations.join("\n")
     );
@@ -391,9 +400,19 @@ fn verify(ctx: &str, o: &Outcome, control: &Path) -> Vec<String> {
         let read_only = !(name == "origin" || name == "w");
         let mut c = Client::try_connect(socket, 1, read_only)
             .unwrap_or_else(|e| panic!("{ctx}: connect to {name}: {e:?}"));
-        let data = c
-            .read(0, 0, ORIGIN_SECTORS * SECTOR)
-            .unwrap_or_else(|e| panic!("{ctx}: read {name}: {e}"));
+        let data = match c.read(0, 0, ORIGIN_SECTORS * SECTOR) {
+            Ok(d) => d,
+            Err(e) => {
+                let entry = list["devices"]
+                    .as_array()
+                    .and_then(|a| a.iter().find(|d| d["name"] == name.as_str()));
+                bad.push(format!(
+                    "{name}: read failed ({e}) after the restart; listed as {entry:?} \
+                     (acknowledged: {acknowledged})"
+                ));
+                continue;
+            }
+        };
         for (s, sector) in data.chunks(SECTOR).enumerate() {
             let t = sector_token(sector);
             if !t.is_some_and(|t| legal.cands[s].contains(&t)) {
