@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs what a fresh Debian bookworm machine lacks to run snapblk's guest tests, NBD tests
-# and benchmarks: QEMU 10 (bookworm-backports) with qemu-img/qemu-io/qemu-nbd,
-# qemu-storage-daemon, busybox-static, cpio, and libnbd's nbdinfo and nbdcopy.
+# Installs what a fresh Debian bookworm machine lacks to run snapblk's guest tests, NBD tests,
+# power-cut tests and benchmarks: QEMU 10 (bookworm-backports) with qemu-img/qemu-io/qemu-nbd,
+# qemu-storage-daemon, busybox-static, cpio, libnbd's nbdinfo and nbdcopy, and fuse3
+# (fusermount3, for the FUSE file system of tests/power_cut.rs).
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
 
@@ -20,6 +21,7 @@ for tool in nbdinfo nbdcopy; do
 done
 [ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 || need+=(busybox)
 command -v cpio >/dev/null 2>&1 || need+=(cpio)
+command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 SUDO=""
@@ -38,5 +40,5 @@ SRC
 fi
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils qemu-block-extra >/dev/null
-$SUDO apt-get install -y -qq busybox-static cpio xz-utils zstd libnbd-bin >/dev/null
+$SUDO apt-get install -y -qq busybox-static cpio xz-utils zstd libnbd-bin fuse3 >/dev/null
 qemu-system-x86_64 --version | head -1

@@ -163,10 +163,12 @@ fn serve_client(stream: UnixStream, handler: &dyn ControlHandler) -> io::Result<
     stream.set_read_timeout(Some(Duration::from_secs(300)))?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
-    let mut line = String::new();
+    let mut line = Vec::new();
     loop {
         line.clear();
-        let n = (&mut reader).take(MAX_LINE + 1).read_line(&mut line)?;
+        let n = (&mut reader)
+            .take(MAX_LINE + 1)
+            .read_until(b'\n', &mut line)?;
         if n == 0 {
             return Ok(());
         }
@@ -179,10 +181,13 @@ fn serve_client(stream: UnixStream, handler: &dyn ControlHandler) -> io::Result<
             )?;
             return Ok(());
         }
-        if line.trim().is_empty() {
-            continue;
-        }
-        let reply = answer_line(line.trim(), handler);
+        // A line that is not UTF-8 is a bad request like any other, not a reason to drop
+        // the connection.
+        let reply = match std::str::from_utf8(&line) {
+            Ok(text) if text.trim().is_empty() => continue,
+            Ok(text) => answer_line(text.trim(), handler),
+            Err(_) => Reply::err(ErrorCode::BadRequest, "request line is not UTF-8"),
+        };
         let text = serde_json::to_string(&reply).map_err(io::Error::other)?;
         writeln!(writer, "{text}")?;
     }
@@ -234,6 +239,35 @@ mod tests {
         drop(client);
         drop(server);
         assert!(!path.exists(), "socket removed on drop");
+    }
+
+    /// Found by tests/fuzz_control.rs: a line that is not UTF-8 dropped the connection
+    /// without a reply.
+    #[test]
+    fn a_line_that_is_not_utf8_gets_a_bad_request_reply_and_the_connection_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let server = ControlServer::start(&path, 0o600, Arc::new(Echo)).unwrap();
+        let mut stream = UnixStream::connect(&path).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+            .write_all(b"{\"v\":1,\"cmd\":\"li\x80st\"}\n{\"v\":1,\"cmd\":\"list\"}\n")
+            .unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut replies = Vec::new();
+        for _ in 0..2 {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            replies.push(serde_json::from_str::<Reply>(&line).unwrap());
+        }
+        assert_eq!(
+            replies[0].error.as_ref().map(|e| e.code),
+            Some(ErrorCode::BadRequest)
+        );
+        assert!(replies[1].ok, "the connection still answers");
+        drop(server);
     }
 
     struct Slow(std::sync::atomic::AtomicBool);

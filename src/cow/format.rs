@@ -249,12 +249,17 @@ impl Header {
             && self.journal_size.is_multiple_of(TXN_ALIGN)
             && self.journal_start < self.journal_size
             && self.journal_start.is_multiple_of(TXN_ALIGN)
-            && self.data_offset >= JOURNAL_OFFSET + self.journal_size
+            && JOURNAL_OFFSET
+                .checked_add(self.journal_size)
+                .is_some_and(|end| self.data_offset >= end)
             && self.data_offset.is_multiple_of(self.chunk_size)
             && self.origin_size.is_multiple_of(512)
             && self.origin_size > 0
             && self.origin_size <= 1 << 56
-            && self.max_size >= self.data_offset + self.chunk_size;
+            && self
+                .data_offset
+                .checked_add(self.chunk_size)
+                .is_some_and(|end| self.max_size >= end);
         if ok {
             Ok(())
         } else {
@@ -539,6 +544,26 @@ mod tests {
         assert_eq!(
             Header::decode(&inc.encode()),
             Err(FormatError::IncompatFeatures(4))
+        );
+    }
+
+    /// Found by tests/fuzz_format.rs: a checksummed header whose journal size or data offset
+    /// lies near 2^64 overflowed the geometry check (a panic in debug builds; in release the
+    /// sum wrapped and the header was accepted with a journal of nearly 2^64 bytes).
+    #[test]
+    fn a_header_whose_geometry_overflows_is_refused() {
+        let mut h = header();
+        h.journal_size = u64::MAX << 9;
+        assert_eq!(
+            Header::decode(&h.encode()),
+            Err(FormatError::Malformed("header geometry"))
+        );
+        let mut h = header();
+        h.data_offset = u64::MAX - 65535;
+        h.max_size = u64::MAX;
+        assert_eq!(
+            Header::decode(&h.encode()),
+            Err(FormatError::Malformed("header geometry"))
         );
     }
 

@@ -150,7 +150,10 @@ pub(crate) fn replay(cache: &dyn Storage, h: &Header, ckpt: Checkpoint) -> Resul
     let js = h.journal_size;
     let mut pos = h.journal_start;
     let mut used = 0u64;
-    let mut seq = h.ckpt_seq + 1;
+    let mut seq = h
+        .ckpt_seq
+        .checked_add(1)
+        .ok_or_else(|| corrupt("checkpoint sequence number out of range"))?;
     let mut txns = 0;
     let mut hdr = vec![0u8; TXN_ALIGN as usize];
     loop {
@@ -162,7 +165,9 @@ pub(crate) fn replay(cache: &dyn Storage, h: &Header, ckpt: Checkpoint) -> Resul
             break;
         };
         let len = txn_len(th.payload_len);
-        if th.seq != seq || pos + len > js {
+        // A transaction past the end of the journal or of the file was never written (and
+        // its length, up to 4 GiB, must not size a buffer).
+        if th.seq != seq || pos + len > js || JOURNAL_OFFSET + pos + len > cache.size() {
             break;
         }
         let mut buf = vec![0u8; len as usize];
@@ -170,7 +175,10 @@ pub(crate) fn replay(cache: &dyn Storage, h: &Header, ckpt: Checkpoint) -> Resul
         if !verify_txn(&th, &buf) {
             break; // torn last transaction: it was never acknowledged as durable
         }
-        seq += 1;
+        let Some(next) = seq.checked_add(1) else {
+            break; // no transaction can follow the last sequence number
+        };
+        seq = next;
         txns += 1;
         if th.flags & TXN_WRAP != 0 {
             used += js - pos;
@@ -208,6 +216,15 @@ pub(crate) fn replay(cache: &dyn Storage, h: &Header, ckpt: Checkpoint) -> Resul
 /// that is the torn last one. A valid transaction with a later sequence number anywhere in the
 /// journal means the replay stopped early: the journal is damaged in the middle.
 fn journal_damage(cache: &dyn Storage, h: &Header, next_seq: u64, end: u64) -> Option<String> {
+    // The file always holds the whole journal (create sizes it to the data offset): a header
+    // naming a journal past the end of the file is damaged, and its size must not size a
+    // buffer.
+    if JOURNAL_OFFSET
+        .checked_add(h.journal_size)
+        .is_none_or(|e| e > cache.size())
+    {
+        return Some("journal area extends past the end of the file".into());
+    }
     let mut buf = vec![0u8; h.journal_size as usize];
     if cache.read_at(&mut buf, JOURNAL_OFFSET).is_err() {
         return Some("journal area unreadable".into());
@@ -218,7 +235,8 @@ fn journal_damage(cache: &dyn Storage, h: &Header, next_seq: u64, end: u64) -> O
             let len = txn_len(th.payload_len) as usize;
             // seq == next_seq + 1 is left alone: a crash can keep the transaction that
             // follows a journal wrap and lose the wrap marker written just before it.
-            let later = th.seq > next_seq + 1 || (th.seq == next_seq && pos as u64 != end);
+            let later =
+                th.seq > next_seq.saturating_add(1) || (th.seq == next_seq && pos as u64 != end);
             if later && pos + len <= buf.len() && verify_txn(&th, &buf[pos..pos + len]) {
                 return Some(format!(
                     "journal damaged: replay ended before sequence {next_seq} at offset {end}, \
@@ -287,5 +305,72 @@ mod tests {
         );
         let source = err.source().and_then(|s| s.downcast_ref::<MetaError>());
         assert_eq!(source, Some(&MetaError::NoDevice(7)));
+    }
+
+    /// Found by tests/fuzz_cache_object.rs: a checksummed header whose checkpoint sequence
+    /// number is the last one overflowed the replay's next sequence number (a panic in debug).
+    #[test]
+    fn a_checkpoint_at_the_last_sequence_number_is_refused_without_overflow() {
+        let h = Header {
+            version: FORMAT_VERSION,
+            generation: 1,
+            incompat: 0,
+            compat: 0,
+            chunk_size: 4096,
+            origin_size: 16 * 4096,
+            origin_tag: String::new(),
+            journal_size: 16 << 10,
+            data_offset: 24 << 10,
+            max_size: 1 << 20,
+            ckpt_block: NO_BLOCK,
+            ckpt_len: 0,
+            ckpt_crc: 0,
+            ckpt_seq: u64::MAX,
+            journal_start: 0,
+        };
+        let cache = MemStorage::new(h.data_offset);
+        cache
+            .write_at(&h.encode(), (h.generation % 2) * HEADER_SLOT_SIZE)
+            .unwrap();
+        let h = read_header(&cache).unwrap();
+        assert!(recover(&cache, &h).is_err());
+    }
+
+    /// Found by tests/fuzz_cache_object.rs: a checksummed header naming a journal of 256 GiB
+    /// in a small file made recovery allocate the whole journal size (an abort).
+    #[test]
+    fn a_journal_past_the_end_of_the_file_is_damage_not_an_allocation() {
+        let h = Header {
+            version: FORMAT_VERSION,
+            generation: 1,
+            incompat: 0,
+            compat: 0,
+            chunk_size: 4096,
+            origin_size: 16 * 4096,
+            origin_tag: String::new(),
+            journal_size: 1 << 38,
+            data_offset: (1 << 38) + 8192,
+            max_size: 1 << 40,
+            ckpt_block: NO_BLOCK,
+            ckpt_len: 0,
+            ckpt_crc: 0,
+            ckpt_seq: 0,
+            journal_start: 0,
+        };
+        let cache = MemStorage::new(64 << 10);
+        cache
+            .write_at(&h.encode(), (h.generation % 2) * HEADER_SLOT_SIZE)
+            .unwrap();
+        // A transaction header claiming a 4 GiB payload at the start of the journal.
+        let mut txn = encode_txn(1, 0, &[]);
+        txn[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        cache.write_at(&txn, JOURNAL_OFFSET).unwrap();
+        let h = read_header(&cache).unwrap();
+        let r = recover(&cache, &h).unwrap();
+        assert_eq!(r.txns, 0);
+        assert_eq!(
+            r.damage.as_deref(),
+            Some("journal area extends past the end of the file")
+        );
     }
 }

@@ -13,9 +13,14 @@
 //! - [`tmpfs`]: a small tmpfs mounted for a test, a file system that really fills up.
 //! - [`nbd`]: the NBD tools (nbdinfo, nbdcopy, qemu-img) driven and parsed, and a raw NBD
 //!   client for what the tools never send.
+//! - [`fuse_disk`]: a FUSE file system that can lose power, under the real daemon.
+//! - [`fuzz`]: case counts, an allocator that refuses unbounded allocations and a watchdog,
+//!   for the fuzz harnesses (`tests/fuzz_*.rs`).
 
 pub mod blkio_client;
 pub mod engine;
+pub mod fuse_disk;
+pub mod fuzz;
 pub mod gated;
 pub mod nbd;
 pub mod storage;
