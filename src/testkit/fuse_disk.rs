@@ -19,7 +19,7 @@ use crate::storage::Storage;
 use fuser::{
     BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, MountOption, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request, WriteFlags,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, WriteFlags,
 };
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -29,6 +29,12 @@ use std::time::{Duration, SystemTime};
 
 /// Attributes are not cached by the kernel: sizes change under it.
 const TTL: Duration = Duration::ZERO;
+
+/// The size the file system reports (`statfs`), so the daemon's default growth limit, which
+/// follows the file system's free space, has room: a real disk says what it holds.
+const CAPACITY: u64 = 4 << 30;
+/// The block size it reports.
+const BLOCK: u64 = 4096;
 
 /// The files of one mount, by inode (from 2; 1 is the root directory).
 #[derive(Debug, Default)]
@@ -162,6 +168,26 @@ impl PowerCutDisk {
 }
 
 impl Filesystem for PowerCutDisk {
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let used: u64 = lock(&self.files)
+            .by_ino
+            .values()
+            .map(|(_, s)| s.size().div_ceil(BLOCK))
+            .sum();
+        let blocks = CAPACITY / BLOCK;
+        let free = blocks.saturating_sub(used);
+        reply.statfs(
+            blocks,
+            free,
+            free,
+            1 << 20,
+            1 << 20,
+            BLOCK as u32,
+            255,
+            BLOCK as u32,
+        );
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match (parent == INodeNo::ROOT).then(|| self.find(name)).flatten() {
             Some((ino, s)) => reply.entry(
