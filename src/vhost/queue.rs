@@ -4,21 +4,25 @@
 //! is run), adds their used entries in the order they were popped, and tells the driver about
 //! them (EVENT_IDX aware) after each slow batch, every [`SIGNAL_EVERY`] cheap requests and at
 //! the end of each drain. After a drain it may watch the ring for a while (adaptive polling)
-//! before sleeping until the next kick. A driver that corrupts its ring gets its queue stopped,
-//! never a spinning or dead worker thread.
+//! before sleeping until the next kick. A driver that corrupts its ring (an index past the
+//! ring, ring addresses outside its memory or at guest address 0) gets its queue stopped,
+//! said once, never a spinning or dead worker thread; a guest memory fault (its file shrank,
+//! see `sys::guest_faults`) stops the queue and drops the connection.
 
 use super::guest::{GuestMem, GuestMemGuard};
 use super::request::RequestContext;
 use super::sched::{ActiveQueue, Batcher, Scheduler};
+use super::vring::Vring;
+use crate::sys::guest_faults;
 use log::warn;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use thiserror::Error;
-use vhost_user_backend::{VringRwLock, VringState, VringT};
+use vhost_user_backend::{VringState, VringT};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemory};
+use vm_memory::{GuestAddressSpace, GuestMemory, GuestMemoryMmap};
 
 type VringStateGuard<'a> = std::sync::RwLockWriteGuard<'a, VringState<GuestMem>>;
 
@@ -54,7 +58,13 @@ pub(super) struct QueueWorker {
     idle_since: Option<Instant>,
     /// Set once the queue serves its first request: it counts as in use until dropped.
     active: Option<ActiveQueue>,
+    /// The ring layout last found inside guest memory, and the table it was checked in (a
+    /// weak reference: the address stays unique while it exists, and pins no memory).
+    checked: Option<(RingLayout, Weak<GuestMemoryMmap>)>,
 }
+
+/// Where a ring lies: (descriptor table, avail ring, used ring, size).
+type RingLayout = (u64, u64, u64, u16);
 
 /// Why a queue could not be served.
 #[derive(Debug, Error)]
@@ -72,9 +82,20 @@ enum QueueFault {
         next_avail: u16,
         size: u16,
     },
-    /// Signalling the driver failed (the call eventfd): a host-side problem.
-    #[error("cannot signal the driver: {0}")]
-    Notify(#[source] io::Error),
+    /// The ring lies (partly) outside guest memory, or at guest address 0.
+    #[error(
+        "ring outside guest memory: descriptors at {desc:#x}, avail ring at {avail:#x}, \
+         used ring at {used:#x}, {size} entries"
+    )]
+    RingAddress {
+        desc: u64,
+        avail: u64,
+        used: u64,
+        size: u16,
+    },
+    /// Guest memory vanished under a request (its file shrank): the connection is dropped.
+    #[error("guest memory fault (the frontend shrank a memory region's file)")]
+    MemoryFault,
 }
 
 /// What [`QueueWorker::serve_available`] did.
@@ -99,6 +120,7 @@ impl QueueWorker {
     /// Forgets a broken ring (the driver reset the device).
     pub(super) fn reset(&mut self) {
         self.broken = false;
+        self.checked = None;
     }
 
     /// Lets go of guest memory tables other than `current` (the frontend changed its memory
@@ -115,7 +137,7 @@ impl QueueWorker {
     pub(super) fn process_queue(
         &mut self,
         ctx: &QueueContext<'_>,
-        vring: &VringRwLock<GuestMem>,
+        vring: &Vring,
     ) -> io::Result<()> {
         if self.broken {
             // The driver corrupted this ring; it stays dead until the device is reset or the
@@ -128,17 +150,45 @@ impl QueueWorker {
             self.active = Some(ctx.sched.activate());
         }
         let mut state = vring.get_mut();
-        match self.drain(ctx, &mut state, poll) {
-            Ok(()) => Ok(()),
-            Err(QueueFault::Notify(e)) => Err(e),
-            Err(fault) => {
-                // Never let a guest's ring corruption end the worker thread (the queue would
-                // die silently) or loop forever: stop serving this queue, say why, once.
-                warn!("virtqueue broken by the driver, no longer served until reset: {fault}");
-                self.broken = true;
-                Ok(())
+        if let Err(fault) = self.drain(ctx, vring, &mut state, poll) {
+            // Never let a guest's ring corruption end the worker thread (the queue would
+            // die silently) or loop forever: stop serving this queue, say why, once.
+            warn!("virtqueue broken by the driver, no longer served until reset: {fault}");
+            self.broken = true;
+            if matches!(fault, QueueFault::MemoryFault) {
+                ctx.request.faults.memory_fault();
             }
         }
+        Ok(())
+    }
+
+    /// Checks, once per ring layout and memory table, that the ring lies inside guest memory
+    /// (virtio-queue would otherwise fail every access, log it and make each drain look like
+    /// one with requests it cannot pop).
+    fn check_ring(&mut self, queue: &Queue, mem: &GuestMemGuard) -> Result<(), QueueFault> {
+        let layout = (
+            queue.desc_table(),
+            queue.avail_ring(),
+            queue.used_ring(),
+            queue.size(),
+        );
+        let table: &GuestMemoryMmap = mem;
+        if let Some((l, t)) = &self.checked {
+            if *l == layout && std::ptr::eq(t.as_ptr(), table) {
+                return Ok(());
+            }
+        }
+        // virtio-queue takes an avail ring at 0 for a queue not set up.
+        if layout.1 == 0 || !queue.is_valid(table) {
+            return Err(QueueFault::RingAddress {
+                desc: layout.0,
+                avail: layout.1,
+                used: layout.2,
+                size: layout.3,
+            });
+        }
+        self.checked = Some((layout, Arc::downgrade(&mem.clone().into_inner())));
+        Ok(())
     }
 
     /// Serves the ring until it stays empty (or the connection is closing): drains it, signals
@@ -147,18 +197,23 @@ impl QueueWorker {
     fn drain(
         &mut self,
         ctx: &QueueContext<'_>,
+        vring: &Vring,
         state: &mut VringStateGuard<'_>,
         poll: Duration,
     ) -> Result<(), QueueFault> {
         loop {
-            state
-                .get_queue_mut()
-                .disable_notification(&*ctx.mem.memory())
-                .map_err(QueueFault::Ring)?;
+            {
+                let guard = ctx.mem.memory();
+                self.check_ring(state.get_queue(), &guard)?;
+                state
+                    .get_queue_mut()
+                    .disable_notification(&*guard)
+                    .map_err(QueueFault::Ring)?;
+            }
             let Drained {
                 used_any,
                 unsignaled,
-            } = self.serve_available(ctx, state)?;
+            } = self.serve_available(ctx, vring, state)?;
             let guard = ctx.mem.memory();
             let mem = &*guard;
             if unsignaled
@@ -167,7 +222,10 @@ impl QueueWorker {
                     .needs_notification(mem)
                     .map_err(QueueFault::Ring)?
             {
-                state.signal_used_queue().map_err(QueueFault::Notify)?;
+                vring.notify_driver(state);
+            }
+            if guest_faults::take_thread_fault() {
+                return Err(QueueFault::MemoryFault);
             }
             if ctx.quiescing() {
                 self.batcher.trim(&guard);
@@ -206,6 +264,7 @@ impl QueueWorker {
     fn serve_available(
         &mut self,
         ctx: &QueueContext<'_>,
+        vring: &Vring,
         state: &mut VringStateGuard<'_>,
     ) -> Result<Drained, QueueFault> {
         let mut used_any = false;
@@ -240,8 +299,11 @@ impl QueueWorker {
                     .needs_notification(&*guard)
                     .map_err(QueueFault::Ring)?
                 {
-                    state.signal_used_queue().map_err(QueueFault::Notify)?;
+                    vring.notify_driver(state);
                 }
+            }
+            if guest_faults::take_thread_fault() {
+                return Err(QueueFault::MemoryFault);
             }
         }
         Ok(Drained {
