@@ -507,4 +507,37 @@ mod tests {
             .unwrap();
         assert_eq!(g.used_idx(), 1);
     }
+
+    #[test]
+    fn guest_memory_whose_file_shrinks_fails_the_request_and_the_connection_not_the_process() {
+        use vm_memory::{FileOffset, GuestAddress, GuestMemoryAtomic, GuestRegionMmap, MmapRegion};
+        let mut r = rig(false);
+        // The frontend adds a file-backed region; it passes the checks and reaches the workers.
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(8192).unwrap();
+        let region = MmapRegion::from_file(FileOffset::new(file.try_clone().unwrap(), 0), 8192);
+        let region = GuestRegionMmap::new(region.unwrap(), GuestAddress(MEM_SIZE)).unwrap();
+        let table = r.mem.insert_region(Arc::new(region)).unwrap();
+        r.backend
+            .update_memory(GuestMemoryAtomic::new(table))
+            .unwrap();
+        // Then shrinks the file under it, and asks for the serial there (GET_ID writes it
+        // in user space: a SIGBUS, contained).
+        file.set_len(0).unwrap();
+        let h = r.header(VIRTIO_BLK_T_GET_ID, 0);
+        let got = r.run(&[h, desc(MEM_SIZE + 4096, 20, true), desc(STATUS, 1, true)]);
+        assert_eq!(got, (1, VIRTIO_BLK_S_IOERR));
+        assert!(
+            r.backend.memory_faulted.load(Ordering::SeqCst),
+            "the connection is being dropped"
+        );
+        // A region whose file is too short from the start is refused.
+        let region = MmapRegion::from_file(FileOffset::new(file, 0), 8192).unwrap();
+        let region = GuestRegionMmap::new(region, GuestAddress(2 * MEM_SIZE)).unwrap();
+        let table = r.mem.insert_region(Arc::new(region)).unwrap();
+        assert!(r
+            .backend
+            .update_memory(GuestMemoryAtomic::new(table))
+            .is_err());
+    }
 }

@@ -382,6 +382,7 @@ mod tests {
     use super::super::test_rig::*;
     use super::*;
     use crate::virtio_blk::*;
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use vm_memory::{Bytes, GuestAddress};
 
     fn always_inline() -> SchedulerConfig {
@@ -496,5 +497,131 @@ mod tests {
         let mut w = QueueWorker::default();
         // An error here would end the library's worker thread: the queue would die silently.
         assert!(w.process_queue(&r.backend.queue_context(), &vring).is_ok());
+    }
+
+    /// Runs `process_queue` on another thread; fails the test if it does not return within
+    /// 5 s (a spin). Returns the worker.
+    fn process_within_5s(r: Rig, vring: Vring) -> QueueWorker {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut w = QueueWorker::default();
+            let ok = w.process_queue(&r.backend.queue_context(), &vring).is_ok();
+            let _ = tx.send((ok, w));
+        });
+        let (ok, w) = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("process_queue must return, not spin");
+        assert!(ok, "the worker thread must not end");
+        w
+    }
+
+    #[test]
+    fn a_ring_at_guest_address_0_or_past_memory_stops_the_queue_instead_of_spinning() {
+        // (descriptor table, avail ring, used ring) and where the avail index then lies.
+        let past_end = MEM_SIZE - 4;
+        for (desc, avail, used) in [
+            (0x1000, 0, 0x3000),
+            (0x1000, past_end, 0x3000),
+            (MEM_SIZE - 16, 0x2000, 0x3000),
+            (0x1000, 0x2000, MEM_SIZE - 8),
+        ] {
+            let r = rig(false);
+            let (_gm, vring) = ring(&r);
+            vring.set_queue_info(desc, avail, used).unwrap();
+            // Requests "available" wherever the avail index is readable.
+            let _ = r.mem.write_obj(3u16, GuestAddress(avail + 2));
+            let w = process_within_5s(r, vring);
+            assert!(w.broken, "ring at {desc:#x}/{avail:#x}/{used:#x}");
+        }
+    }
+
+    /// The rig's ring (`ring`) as a driver fills it: descriptors in the table at 0x1000,
+    /// heads in the avail ring at 0x2000.
+    struct Driver<'a> {
+        mem: &'a GuestMemoryMmap,
+        avail: u16,
+    }
+
+    impl Driver<'_> {
+        fn desc(&self, table: u64, i: u16, d: (u64, u32, u32, u16)) {
+            let (addr, len, flags, next) = d;
+            let d = SplitDescriptor::new(addr, len, flags as u16, next);
+            self.mem
+                .write_obj(d, GuestAddress(table + 16 * u64::from(i)))
+                .unwrap();
+        }
+
+        fn offer(&mut self, head: u16) {
+            let slot = GuestAddress(0x2004 + 2 * u64::from(self.avail % 16));
+            self.mem.write_obj(head, slot).unwrap();
+            self.avail += 1;
+            self.mem
+                .write_obj(self.avail, GuestAddress(0x2002))
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn broken_descriptor_chains_get_an_error_status_and_the_queue_keeps_serving() {
+        use virtio_bindings::bindings::virtio_ring::{
+            VRING_DESC_F_INDIRECT as IND, VRING_DESC_F_NEXT as NEXT, VRING_DESC_F_WRITE as W,
+        };
+        let r = rig(false);
+        let (_gm, vring) = ring(&r);
+        let mut d = Driver {
+            mem: &r.mem,
+            avail: 0,
+        };
+        // Flushes, whose stray data buffers would be ignored: only the chain can fail them.
+        let hdr = |k: u64| {
+            r.mem
+                .write_obj(
+                    RequestHeader::new(VIRTIO_BLK_T_FLUSH, 0),
+                    GuestAddress(HDR + 16 * k),
+                )
+                .unwrap();
+            r.mem.write_obj(0xffu8, GuestAddress(STATUS + k)).unwrap();
+            (HDR + 16 * k, 16, NEXT, 0)
+        };
+        let status = |k: u64, next: u16| (STATUS + k, 1, W | NEXT, next);
+        let (t1, t2) = (0x38_0000u64, 0x39_0000u64);
+        // 0: a loop, header -> status -> header ...
+        d.desc(0x1000, 0, (hdr(0).0, 16, NEXT, 1));
+        d.desc(0x1000, 1, status(0, 0));
+        d.offer(0);
+        // 1: an indirect table holding another indirect descriptor.
+        d.desc(0x1000, 2, (t1, 48, IND, 0));
+        d.desc(t1, 0, (hdr(1).0, 16, NEXT, 1));
+        d.desc(t1, 1, status(1, 2));
+        d.desc(t1, 2, (t2, 32, IND, 0));
+        d.offer(2);
+        // 2: an indirect table whose length is not a whole number of descriptors.
+        d.desc(0x1000, 3, (hdr(2).0, 16, NEXT, 4));
+        d.desc(0x1000, 4, status(2, 5));
+        d.desc(0x1000, 5, (t2, 24, IND, 0));
+        d.offer(3);
+        // 3: an indirect table outside guest memory.
+        d.desc(0x1000, 6, (hdr(3).0, 16, NEXT, 7));
+        d.desc(0x1000, 7, status(3, 8));
+        d.desc(0x1000, 8, (MEM_SIZE + 0x1000, 48, IND, 0));
+        d.offer(6);
+        // 4: a next index past the ring.
+        d.desc(0x1000, 9, (hdr(4).0, 16, NEXT, 10));
+        d.desc(0x1000, 10, status(4, 99));
+        d.offer(9);
+        // 5: a good flush after all of them.
+        d.desc(0x1000, 11, (hdr(5).0, 16, NEXT, 12));
+        d.desc(0x1000, 12, (STATUS + 5, 1, W, 0));
+        d.offer(11);
+        let mut w = QueueWorker::default();
+        w.process_queue(&r.backend.queue_context(), &vring).unwrap();
+        assert!(!w.broken, "a broken chain costs its request, not the queue");
+        assert_eq!(r.mem.read_obj::<u16>(GuestAddress(0x3002)).unwrap(), 6);
+        for k in 0..5 {
+            let got = r.mem.read_obj::<u8>(GuestAddress(STATUS + k)).unwrap();
+            assert_eq!(got, VIRTIO_BLK_S_IOERR, "broken chain {k}");
+        }
+        let good = r.mem.read_obj::<u8>(GuestAddress(STATUS + 5)).unwrap();
+        assert_eq!(good, VIRTIO_BLK_S_OK);
     }
 }
