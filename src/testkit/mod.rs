@@ -8,8 +8,10 @@
 //! - [`engine`]: a copy-on-write engine over in-memory stores, or files in a temp dir.
 //! - [`tokens`]: sectors that carry a 64-bit token, to tell which write a sector holds.
 //! - [`blkio_client`]: a vhost-user-blk client (libblkio), the independent peer of the daemon.
+//! - [`frontend`]: a raw vhost-user frontend, message by message, to play a hostile one.
 
 pub mod blkio_client;
 pub mod engine;
+pub mod frontend;
 pub mod storage;
 pub mod tokens;
