@@ -110,19 +110,22 @@ pub enum Drained {
     Failed(io::Error),
 }
 
-/// Reads `fd` until it is empty, at most 16 reads (an eventfd is emptied by one; a pipe a
-/// frontend keeps writing into is left to the next wakeup). Never blocks if the fd is
-/// non-blocking; a blocking one is only ever left by a signal ([`interrupt_thread`]).
+/// Reads `fd` until it is empty: one read for an eventfd (it returns its whole counter), as
+/// many as it takes for a pipe, at most 16 (a pipe a frontend keeps writing into is left to
+/// the next wakeup). Never blocks if the fd is non-blocking; a blocking one is only ever left
+/// by a signal ([`interrupt_thread`]).
 pub fn drain(fd: BorrowedFd<'_>) -> Drained {
     let mut buf = [0u8; 512];
     for _ in 0..16 {
         // SAFETY: `buf` is a writable buffer of `buf.len()` bytes for the duration of the
         // call; `fd` is kept open by the caller (borrowed).
         let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        match n {
-            0 => return Drained::Closed,
-            n if n > 0 => continue,
-            _ => {}
+        match usize::try_from(n) {
+            Ok(0) => return Drained::Closed,
+            // Less than asked for: nothing more was there.
+            Ok(n) if n < buf.len() => return Drained::Empty,
+            Ok(_) => continue,
+            Err(_) => {}
         }
         let err = io::Error::last_os_error();
         return match err.raw_os_error() {
