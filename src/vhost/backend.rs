@@ -82,8 +82,14 @@ pub struct BlkBackend {
     /// The connection is about to be closed: workers pop no more requests.
     quiescing: AtomicBool,
     /// Workers inside `handle_event` right now.
-    busy: AtomicUsize,
+    busy: OwnLine,
 }
+
+/// A counter on cache lines of its own: every queue's worker writes `busy` at every event, and
+/// must not evict what every request reads (the device, limits, writeback flag).
+#[repr(align(128))]
+#[derive(Default)]
+struct OwnLine(AtomicUsize);
 
 /// Leaves `busy` on every path out of `handle_event`.
 struct Busy<'a>(&'a AtomicUsize);
@@ -135,7 +141,7 @@ impl BlkBackend {
             shutdown: OnceLock::new(),
             memory_faulted: AtomicBool::new(false),
             quiescing: AtomicBool::new(false),
-            busy: AtomicUsize::new(0),
+            busy: OwnLine::default(),
         })
     }
 
@@ -203,7 +209,7 @@ impl BlkBackend {
         self.quiescing.store(true, Ordering::SeqCst);
         let start = Instant::now();
         let mut watched = start;
-        while self.busy.load(Ordering::SeqCst) > 0 {
+        while self.busy.0.load(Ordering::SeqCst) > 0 {
             if start.elapsed() >= timeout {
                 return false;
             }
@@ -416,8 +422,8 @@ impl VhostUserBackend for BlkBackend {
             .ok_or_else(|| io::Error::other(format!("unknown worker thread {thread_id}")))?;
         // Entering before checking (both SeqCst) means `quiesce` either sees us busy or we see
         // its flag.
-        self.busy.fetch_add(1, Ordering::SeqCst);
-        let _busy = Busy(&self.busy);
+        self.busy.0.fetch_add(1, Ordering::SeqCst);
+        let _busy = Busy(&self.busy.0);
         if self.quiescing() {
             return Ok(());
         }

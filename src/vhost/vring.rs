@@ -32,8 +32,11 @@ use vhost_user_backend::{VringRwLock, VringState, VringStateGuard, VringStateMut
 use virtio_queue::{Error as VirtQueError, QueueT};
 
 /// What the connection needs of one of its vrings: the epoll instance watching its kick,
-/// and its calls on frontend fds (to interrupt one that blocks).
+/// and its calls on frontend fds (to interrupt one that blocks). On cache lines of its own:
+/// its worker writes it at every kick and notification, and the next vring's link is
+/// another worker's.
 #[derive(Debug)]
+#[repr(align(128))]
 pub(super) struct VringLink {
     /// The epoll fd of the worker thread watching this vring's kick (-1: not linked).
     /// Valid while the library's handler lives, which outlives every `set_kick` call.
@@ -79,13 +82,16 @@ impl VringLink {
     /// Runs `call` (a system call on a frontend fd) marked as such, unless the connection is
     /// closing (then `None`).
     fn call<T>(&self, call: impl FnOnce() -> T) -> Option<T> {
-        let seq = self.started.fetch_add(1, Ordering::Relaxed) + 1;
+        // Only this vring's worker calls (a race between two callers would only repeat a
+        // number, which the watchdog tolerates: it needs one call seen twice a second apart).
+        let seq = self.started.load(Ordering::Relaxed).wrapping_add(1).max(1);
+        self.started.store(seq, Ordering::Relaxed);
         self.tid.store(sys::current_tid(), Ordering::Relaxed);
         // Announced before `closing` is read (both SeqCst): either `close` sees the call, or
         // the call sees `closing`.
         self.in_call.store(seq, Ordering::SeqCst);
         let result = (!self.closing.load(Ordering::SeqCst)).then(call);
-        self.in_call.store(0, Ordering::SeqCst);
+        self.in_call.store(0, Ordering::Release);
         result
     }
 
