@@ -290,23 +290,23 @@ impl VringT<GuestMem> for Vring {
         self.inner.set_queue_ready(ready)
     }
 
-    /// Sets the kick fd, non-blocking. On a running ring (its kick registered with the
-    /// worker's epoll) the registration moves from the old fd to the new one.
+    /// Sets the kick fd, non-blocking. On a running ring (ready and enabled: the library
+    /// registered its kick with the worker's epoll, and will not again) the registration moves
+    /// from the old fd, if any, to the new one.
     fn set_kick(&self, file: Option<File>) {
         let file = nonblocking(file);
-        let watched = {
+        let running = {
             let state = self.inner.get_ref();
             let running = state.get_queue().ready() && state.is_enabled();
-            match (running, state.get_kick(), self.link.epoll()) {
-                (true, Some(old), Some((epoll, _))) => {
-                    let _ = sys::epoll_delete(epoll, sys::consumer_fd(old));
-                    true
-                }
-                _ => false,
+            if let (true, Some(old), Some((epoll, _))) =
+                (running, state.get_kick(), self.link.epoll())
+            {
+                let _ = sys::epoll_delete(epoll, sys::consumer_fd(old));
             }
+            running
         };
         self.inner.set_kick(file);
-        if let (true, Some((epoll, data))) = (watched, self.link.epoll()) {
+        if let (true, Some((epoll, data))) = (running, self.link.epoll()) {
             let state = self.inner.get_ref();
             if let Some(new) = state.get_kick() {
                 if let Err(e) = sys::epoll_add(epoll, sys::consumer_fd(new), data) {
@@ -404,12 +404,8 @@ mod tests {
         let epoll = Epoll::new().unwrap();
         links[0].link_epoll(epoll.as_raw_fd(), 0);
         let (r, w) = std::io::pipe().unwrap();
+        // A running ring given a kick: it is watched at once.
         v.set_kick(Some(File::from(std::os::fd::OwnedFd::from(r))));
-        {
-            let state = v.get_ref();
-            let kick = sys::consumer_fd(state.get_kick().as_ref().unwrap());
-            sys::epoll_add(epoll.as_raw_fd(), kick, 0).unwrap();
-        }
         std::io::Write::write_all(&mut &w, &[1, 2, 3]).unwrap();
         assert!(v.read_kick().unwrap());
         drop(w);
