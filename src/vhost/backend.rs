@@ -163,13 +163,14 @@ impl BlkBackend {
         }
     }
 
-    /// Guest memory vanished under a request: ends the connection (once).
+    /// Guest memory vanished under a request: ends the connection (said once; the shutdown
+    /// is repeated, in case the first came before the connection could be ended).
     fn fail_connection(&self) {
         if !self.memory_faulted.swap(true, Ordering::SeqCst) {
             warn!("guest memory vanished (the frontend shrank its file): dropping the connection");
-            if let Some(handle) = self.shutdown.get() {
-                handle.shutdown();
-            }
+        }
+        if let Some(handle) = self.shutdown.get() {
+            handle.shutdown();
         }
     }
 
