@@ -565,11 +565,16 @@ fn out_of_fds_a_device_turns_connections_away_and_releases_what_it_made() {
         start.elapsed()
     );
     let log = s.daemon.log_text();
-    let errors = log
-        .lines()
-        .filter(|l| l.contains("Too many open files"))
-        .count();
-    assert!(errors < 100, "{errors} lines about it:\n{log}");
+    // Logged once per burst (a margin is one at most), not once per failure.
+    let count = |what: &str| log.lines().filter(|l| l.contains(what)).count();
+    let (bursts, errors) = (
+        count("cannot set up a connection"),
+        count("Too many open files"),
+    );
+    assert!(
+        bursts <= 16 && errors < 50,
+        "{bursts} bursts, {errors} lines about it:\n{log}"
+    );
     // All served again: the device, the control socket.
     served_within(origin, SERVED_WITHIN).unwrap();
     cli(s.control.as_ref().unwrap(), &["snapshot", "list"]);
