@@ -214,6 +214,11 @@ pub enum ParseError {
     BadRangeFlags,
     #[error("request has no data buffer")]
     NoData,
+    /// The chain ended on a descriptor that still points to a next one: a loop, a next index
+    /// past the ring, or a descriptor or indirect table that cannot be read or is malformed
+    /// (virtio-queue's chain iterator stops there without saying why).
+    #[error("descriptor chain is broken (a loop, or a bad next index or indirect table)")]
+    BrokenChain,
 }
 
 impl ParseError {
@@ -263,7 +268,10 @@ impl Default for Request {
 
 /// Finds the status byte of a chain: the last descriptor, device-writable and non-empty.
 /// The status goes in its last byte. An error means there is nowhere to report a status.
-pub fn find_status<I>(descriptors: I) -> Result<StatusAddr, ParseError>
+/// Also says whether the chain ended properly: a last descriptor that still has a next one
+/// means the iterator stopped on a broken chain (the status found is then the last byte of a
+/// device-writable buffer of the chain, where an error may still be reported).
+pub fn find_status<I>(descriptors: I) -> Result<(StatusAddr, bool), ParseError>
 where
     I: Iterator<Item = Descriptor>,
 {
@@ -276,9 +284,10 @@ where
         .0
         .checked_add(u64::from(last.len()) - 1)
         .ok_or(ParseError::BadStatusDescriptor)?;
-    Ok(StatusAddr {
+    let status = StatusAddr {
         addr: GuestAddress(addr),
-    })
+    };
+    Ok((status, !last.has_next()))
 }
 
 impl Request {
@@ -300,7 +309,11 @@ impl Request {
         self.segments.clear();
         self.ranges.clear();
         self.data_len = 0;
-        self.status = find_status(descriptors.clone())?;
+        let (status, complete) = find_status(descriptors.clone())?;
+        self.status = status;
+        if !complete {
+            return Err(ParseError::BrokenChain);
+        }
 
         let mut descs = descriptors;
         let header_desc = descs.next().ok_or(ParseError::BadHeader)?;
@@ -574,9 +587,19 @@ mod tests {
         d(at, 16, false)
     }
 
+    /// Parses `descs` as a whole chain: the last one has no next (whatever `d` gave it).
     fn parse(m: &GuestMemoryMmap, descs: &[Descriptor], l: &Limits) -> Result<Request, ParseError> {
         let mut r = Request::default();
-        r.parse(descs.iter().copied(), m, l).map(|_| r)
+        r.parse(ended(descs).into_iter(), m, l).map(|_| r)
+    }
+
+    fn ended(descs: &[Descriptor]) -> Vec<Descriptor> {
+        let mut v = descs.to_vec();
+        if let Some(last) = v.last_mut() {
+            let flags = last.flags() & !(VRING_DESC_F_NEXT as u16);
+            *last = Descriptor::new(last.addr().0, last.len(), flags, 0);
+        }
+        v
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod error;
+pub mod log_limit;
 pub mod output;
 pub mod serve;
 pub mod space;
@@ -112,9 +113,13 @@ pub fn main() -> ExitCode {
             return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_millis()
-        .init();
+    // Every call site's lines are rate-limited (see `log_limit`): a hostile frontend that
+    // makes us or a library log on each of its requests cannot fill the disk.
+    log_limit::install(
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+            .format_timestamp_millis()
+            .build(),
+    );
     let result = match cli.command {
         Command::Serve(args) => serve::serve(args),
         Command::Snapshot { control, command } => admin::snapshot(&control.control, command),

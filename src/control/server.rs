@@ -2,11 +2,11 @@
 //! request lines and writes reply lines. Commands run through a [`ControlHandler`].
 
 use super::protocol::{ErrorCode, Reply, Request, VERSION};
-use crate::sock::{bind_socket, wait_readable, SocketError};
-use log::{debug, warn};
+use crate::sock::{self, bind_socket, wait_readable, Backoff, SocketError};
+use log::debug;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -104,17 +104,24 @@ fn accept_loop(
     handler: Arc<dyn ControlHandler>,
     clients: &Mutex<Vec<Client>>,
 ) {
+    // Out of fds or threads, a client is turned away and the loop backs off instead of
+    // spinning on a listener it cannot serve.
+    let mut backoff = Backoff::new("control socket");
     while wait_readable(listener.as_raw_fd(), wake) {
         let stream = match listener.accept() {
             Ok((stream, _)) => stream,
             Err(e) => {
-                warn!("control accept failed: {e}");
+                sock::drop_pending(listener.as_fd());
+                backoff.failed(&e, wake);
                 continue;
             }
         };
-        let Ok(handle) = stream.try_clone() else {
-            warn!("cannot keep a handle on a control connection; closing it");
-            continue;
+        let handle = match stream.try_clone() {
+            Ok(handle) => handle,
+            Err(e) => {
+                backoff.failed(&e, wake);
+                continue;
+            }
         };
         let handler = handler.clone();
         let spawned = std::thread::Builder::new()
@@ -128,11 +135,17 @@ fn accept_loop(
         // Forget clients that are gone, so a long-lived daemon keeps no dead handles.
         list.retain(|c| !c.thread.is_finished());
         match spawned {
-            Ok(thread) => list.push(Client {
-                stream: handle,
-                thread,
-            }),
-            Err(e) => warn!("cannot start a control client thread: {e}"),
+            Ok(thread) => {
+                list.push(Client {
+                    stream: handle,
+                    thread,
+                });
+                backoff.succeeded();
+            }
+            Err(e) => {
+                drop(list);
+                backoff.failed(&e, wake);
+            }
         }
     }
 }

@@ -17,8 +17,11 @@
 //! - [`fuzz`]: case counts, an allocator that refuses unbounded allocations and a watchdog,
 //!   for the fuzz harnesses (`tests/fuzz_*.rs`).
 
+//! - [`frontend`]: a raw vhost-user frontend, message by message, to play a hostile one.
+
 pub mod blkio_client;
 pub mod engine;
+pub mod frontend;
 pub mod fuse_disk;
 pub mod fuzz;
 pub mod gated;

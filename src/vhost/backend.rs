@@ -4,12 +4,16 @@
 //! the writeback setting belong to the connection); the [`BlockDevice`] it serves outlives it.
 //! Each queue gets its own worker thread (see `queues_per_thread`), and the only state a worker
 //! touches besides its own vring is the device and the daemon's [`Scheduler`], so queues run in
-//! parallel without a shared lock.
+//! parallel without a shared lock. The workers see the frontend's memory through
+//! [`WorkerMemory`] (checked tables only) and its kick and call fds through [`Vring`] (never
+//! blocking on them).
 
 use super::guest::GuestMem;
+use super::memory::WorkerMemory;
 use super::queue::{QueueContext, QueueWorker};
-use super::request::RequestContext;
+use super::request::{MemoryFaults, RequestContext};
 use super::sched::Scheduler;
+use super::vring::{Vring, VringLink};
 use crate::device::BlockDevice;
 use crate::sys;
 use crate::virtio_blk::{self, ConfigSpace, Limits};
@@ -17,10 +21,10 @@ use log::{debug, warn};
 use std::io;
 use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend};
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
@@ -55,7 +59,8 @@ pub struct BlkBackend {
     opts: ServeOptions,
     limits: Limits,
     id: [u8; virtio_blk::ID_BYTES],
-    mem: GuestMem,
+    /// Guest memory as the workers see it.
+    memory: WorkerMemory,
     /// Write-back cache enabled (the driver may turn it off through config space).
     writeback: AtomicBool,
     /// The daemon's scheduling policy, shared with every other connection.
@@ -64,11 +69,27 @@ pub struct BlkBackend {
     /// Exit events, one per worker thread. We keep the consumer fds: the library takes them
     /// with `into_raw_fd` and never closes them, so we close them when the backend drops.
     exit_events: Vec<(EventConsumer, EventNotifier)>,
+    /// A duplicate of each exit notifier, made in advance for the library (which closes it):
+    /// duplicating on demand could fail (EMFILE), and a worker given no exit event could
+    /// never be stopped.
+    exit_notifiers: Mutex<Vec<Option<EventNotifier>>>,
+    /// The connection's vrings, once the connection has them (watchdog and teardown).
+    vrings: OnceLock<Vec<Arc<VringLink>>>,
+    /// Ends the connection (set once it is accepted).
+    shutdown: OnceLock<ShutdownHandle>,
+    /// Guest memory vanished under a request: the connection is being dropped.
+    memory_faulted: AtomicBool,
     /// The connection is about to be closed: workers pop no more requests.
     quiescing: AtomicBool,
     /// Workers inside `handle_event` right now.
-    busy: AtomicUsize,
+    busy: OwnLine,
 }
+
+/// A counter on cache lines of its own: every queue's worker writes `busy` at every event, and
+/// must not evict what every request reads (the device, limits, writeback flag).
+#[repr(align(128))]
+#[derive(Default)]
+struct OwnLine(AtomicUsize);
 
 /// Leaves `busy` on every path out of `handle_event`.
 struct Busy<'a>(&'a AtomicUsize);
@@ -98,6 +119,10 @@ impl BlkBackend {
         let exit_events = (0..opts.num_queues)
             .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC))
             .collect::<io::Result<Vec<_>>>()?;
+        let exit_notifiers = exit_events
+            .iter()
+            .map(|(_, notifier)| notifier.try_clone().map(Some))
+            .collect::<io::Result<Vec<_>>>()?;
         let workers = (0..opts.num_queues)
             .map(|_| Mutex::new(QueueWorker::default()))
             .collect();
@@ -106,14 +131,75 @@ impl BlkBackend {
             device,
             limits,
             opts,
-            mem,
+            memory: WorkerMemory::new(mem),
             writeback: AtomicBool::new(true),
             sched,
             workers,
             exit_events,
+            exit_notifiers: Mutex::new(exit_notifiers),
+            vrings: OnceLock::new(),
+            shutdown: OnceLock::new(),
+            memory_faulted: AtomicBool::new(false),
             quiescing: AtomicBool::new(false),
-            busy: AtomicUsize::new(0),
+            busy: OwnLine::default(),
         })
+    }
+
+    /// Gives the backend its connection's vrings (see `vring::collect_created`).
+    pub(super) fn attach_vrings(&self, vrings: Vec<Arc<VringLink>>) {
+        let _ = self.vrings.set(vrings);
+    }
+
+    /// Gives the backend the means to end its connection.
+    pub(super) fn attach_shutdown(&self, handle: ShutdownHandle) {
+        let _ = self.shutdown.set(handle);
+    }
+
+    /// Tells every worker thread to stop (a connection that failed to start: the library
+    /// would leave the threads it already spawned running).
+    pub(super) fn stop_workers(&self) {
+        for (_, notifier) in &self.exit_events {
+            let _ = notifier.notify();
+        }
+    }
+
+    /// Guest memory vanished under a request: ends the connection (said once; the shutdown
+    /// is repeated, in case the first came before the connection could be ended).
+    fn fail_connection(&self) {
+        if !self.memory_faulted.swap(true, Ordering::SeqCst) {
+            warn!("guest memory vanished (the frontend shrank its file): dropping the connection");
+        }
+        if let Some(handle) = self.shutdown.get() {
+            handle.shutdown();
+        }
+    }
+
+    /// The connection's watchdog, called every second or so while it lasts: interrupts a
+    /// worker that has been blocked on a frontend fd since the last call, drops the
+    /// connection if guest memory faulted under a thread that could not say so, and forgets
+    /// fault registrations of memory nothing maps any more.
+    pub(super) fn watch(&self) {
+        for link in self.vrings.get().into_iter().flatten() {
+            link.interrupt_stuck();
+        }
+        if self.memory.faults() > 0 {
+            self.fail_connection();
+        }
+        self.memory.prune();
+    }
+
+    /// Makes sure no worker is, or will be, blocked on a frontend fd (before the worker
+    /// threads are joined). Returns false if one would not return.
+    pub(super) fn close_frontend_fds(&self) -> bool {
+        // Every vring is closed, even after one that would not.
+        let closed: Vec<bool> = self
+            .vrings
+            .get()
+            .into_iter()
+            .flatten()
+            .map(|l| l.close())
+            .collect();
+        closed.into_iter().all(|c| c)
     }
 
     /// Stops the workers popping requests and waits (up to `timeout`) until every request
@@ -122,10 +208,16 @@ impl BlkBackend {
     /// entry added after it would make it run that request again. Returns false on timeout.
     pub fn quiesce(&self, timeout: Duration) -> bool {
         self.quiescing.store(true, Ordering::SeqCst);
-        let deadline = Instant::now() + timeout;
-        while self.busy.load(Ordering::SeqCst) > 0 {
-            if Instant::now() >= deadline {
+        let start = Instant::now();
+        let mut watched = start;
+        while self.busy.0.load(Ordering::SeqCst) > 0 {
+            if start.elapsed() >= timeout {
                 return false;
+            }
+            // A worker blocked on a frontend fd holds up the quiesce: free it.
+            if watched.elapsed() >= WATCH_EVERY {
+                watched = Instant::now();
+                self.watch();
             }
             std::thread::sleep(Duration::from_micros(200));
         }
@@ -153,22 +245,40 @@ impl BlkBackend {
                 limits: &self.limits,
                 id: &self.id,
                 writeback: &self.writeback,
+                faults: self,
             },
             sched: &self.sched,
-            mem: &self.mem,
+            mem: self.memory.memory(),
             quiescing: &self.quiescing,
             max_poll: self.opts.poll,
         }
     }
 }
 
+/// How often a connection's watchdog looks ([`BlkBackend::watch`]).
+pub(super) const WATCH_EVERY: Duration = Duration::from_secs(1);
+
 fn bit(n: u32) -> u64 {
     1u64 << n
 }
 
+#[cfg(test)]
+impl BlkBackend {
+    /// How many vrings the connection attached.
+    pub(super) fn vring_count(&self) -> usize {
+        self.vrings.get().map_or(0, Vec::len)
+    }
+}
+
+impl MemoryFaults for BlkBackend {
+    fn memory_fault(&self) {
+        self.fail_connection();
+    }
+}
+
 impl VhostUserBackend for BlkBackend {
     type Bitmap = ();
-    type Vring = VringRwLock<GuestMem>;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         usize::from(self.opts.num_queues)
@@ -252,9 +362,10 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
-        // `self.mem` is the same atomic the library just updated; workers load it per batch.
-        use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
-        let current = mem.memory();
+        // `mem` is the library's table; the workers get it once it passed our checks (a
+        // refused one ends the connection: the library fails the message).
+        use vm_memory::GuestMemoryBackend;
+        let current = self.memory.update(&mem).map_err(io::Error::other)?;
         debug!(
             "guest memory table now has {} regions",
             current.num_regions()
@@ -275,7 +386,16 @@ impl VhostUserBackend for BlkBackend {
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         let (consumer, notifier) = self.exit_events.get(thread_index)?;
-        let notifier = notifier.try_clone().ok()?;
+        let made = self
+            .exit_notifiers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(thread_index)
+            .and_then(Option::take);
+        let notifier = match made {
+            Some(n) => n,
+            None => notifier.try_clone().ok()?,
+        };
         // The library never closes the consumer it is given: hand it an alias of ours.
         let consumer = ManuallyDrop::into_inner(sys::shared_event_consumer(consumer));
         Some((consumer, notifier))
@@ -289,7 +409,9 @@ impl VhostUserBackend for BlkBackend {
         thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
-            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+            // A kick fd in error or hung up (the vring stops watching one it cannot read):
+            // look at the ring anyway, never end the worker thread over it.
+            debug!("kick with event set {evset:?}");
         }
         // One queue per worker thread: the event index is within this thread's vrings.
         let vring = vrings
@@ -301,8 +423,8 @@ impl VhostUserBackend for BlkBackend {
             .ok_or_else(|| io::Error::other(format!("unknown worker thread {thread_id}")))?;
         // Entering before checking (both SeqCst) means `quiesce` either sees us busy or we see
         // its flag.
-        self.busy.fetch_add(1, Ordering::SeqCst);
-        let _busy = Busy(&self.busy);
+        self.busy.0.fetch_add(1, Ordering::SeqCst);
+        let _busy = Busy(&self.busy.0);
         if self.quiescing() {
             return Ok(());
         }
@@ -391,5 +513,38 @@ mod tests {
             .handle_event(0, EventSet::IN, std::slice::from_ref(&g.vring), 0)
             .unwrap();
         assert_eq!(g.used_idx(), 1);
+    }
+
+    #[test]
+    fn guest_memory_whose_file_shrinks_fails_the_request_and_the_connection_not_the_process() {
+        use vm_memory::{FileOffset, GuestAddress, GuestMemoryAtomic, GuestRegionMmap, MmapRegion};
+        let mut r = rig(false);
+        // The frontend adds a file-backed region; it passes the checks and reaches the workers.
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(8192).unwrap();
+        let region = MmapRegion::from_file(FileOffset::new(file.try_clone().unwrap(), 0), 8192);
+        let region = GuestRegionMmap::new(region.unwrap(), GuestAddress(MEM_SIZE)).unwrap();
+        let table = r.mem.insert_region(Arc::new(region)).unwrap();
+        r.backend
+            .update_memory(GuestMemoryAtomic::new(table))
+            .unwrap();
+        // Then shrinks the file under it, and asks for the serial there (GET_ID writes it
+        // in user space: a SIGBUS, contained).
+        file.set_len(0).unwrap();
+        let h = r.header(VIRTIO_BLK_T_GET_ID, 0);
+        let got = r.run(&[h, desc(MEM_SIZE + 4096, 20, true), desc(STATUS, 1, true)]);
+        assert_eq!(got, (1, VIRTIO_BLK_S_IOERR));
+        assert!(
+            r.backend.memory_faulted.load(Ordering::SeqCst),
+            "the connection is being dropped"
+        );
+        // A region whose file is too short from the start is refused.
+        let region = MmapRegion::from_file(FileOffset::new(file, 0), 8192).unwrap();
+        let region = GuestRegionMmap::new(region, GuestAddress(2 * MEM_SIZE)).unwrap();
+        let table = r.mem.insert_region(Arc::new(region)).unwrap();
+        assert!(r
+            .backend
+            .update_memory(GuestMemoryAtomic::new(table))
+            .is_err());
     }
 }

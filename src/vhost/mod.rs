@@ -2,24 +2,33 @@
 //! requests, the scheduler that batches them, and the server that keeps a socket open across
 //! connections.
 //!
-//! Files depend downwards only: `server` → `backend` → `queue` → `sched` → `request` → `guest`.
+//! Files depend downwards only: `server` → `connection` → `backend` → `queue` → `sched` →
+//! `request` → `guest`; `backend` also uses `memory`, and `backend` and `queue` use `vring`.
 //! - `guest`: guest buffers as host iovecs that own their memory (the only raw-pointer code).
 //! - `request`: one request, from parse to its single completion step.
 //! - `sched`: the batching policy and the thread pools, owned by the daemon ([`Scheduler`]).
+//! - `vring`: the vrings, whose kick and call fds a frontend cannot make us block on.
+//! - `memory`: the guest memory the workers see, once a frontend's table passed its checks.
 //! - `queue`: draining a ring and notifying the driver.
 //! - `backend`: the `VhostUserBackend` of one connection.
+//! - `connection`: one connection built, watched and torn down, releasing all it made.
 //! - `server`: the listener loop, connection after connection.
 
 mod backend;
+mod connection;
+mod error;
 mod guest;
+mod memory;
 mod queue;
 mod request;
 mod sched;
 mod server;
 #[cfg(test)]
 mod test_rig;
+mod vring;
 
 pub use backend::{BlkBackend, ServeOptions};
+pub use error::{DaemonError, ServeError};
 pub use guest::GuestMem;
 pub use sched::{ModeRule, Scheduler, SchedulerConfig, SplitRule};
-pub use server::{ConnectionStats, DaemonError, DeviceServer, ServeError};
+pub use server::{ConnectionStats, DeviceServer};

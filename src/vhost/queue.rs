@@ -4,21 +4,25 @@
 //! is run), adds their used entries in the order they were popped, and tells the driver about
 //! them (EVENT_IDX aware) after each slow batch, every [`SIGNAL_EVERY`] cheap requests and at
 //! the end of each drain. After a drain it may watch the ring for a while (adaptive polling)
-//! before sleeping until the next kick. A driver that corrupts its ring gets its queue stopped,
-//! never a spinning or dead worker thread.
+//! before sleeping until the next kick. A driver that corrupts its ring (an index past the
+//! ring, ring addresses outside its memory or at guest address 0) gets its queue stopped,
+//! said once, never a spinning or dead worker thread; a guest memory fault (its file shrank,
+//! see `sys::guest_faults`) stops the queue and drops the connection.
 
 use super::guest::{GuestMem, GuestMemGuard};
 use super::request::RequestContext;
 use super::sched::{ActiveQueue, Batcher, Scheduler};
+use super::vring::Vring;
+use crate::sys::guest_faults;
 use log::warn;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use thiserror::Error;
-use vhost_user_backend::{VringRwLock, VringState, VringT};
+use vhost_user_backend::{VringState, VringT};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemory};
+use vm_memory::{GuestAddressSpace, GuestMemory, GuestMemoryMmap};
 
 type VringStateGuard<'a> = std::sync::RwLockWriteGuard<'a, VringState<GuestMem>>;
 
@@ -54,7 +58,13 @@ pub(super) struct QueueWorker {
     idle_since: Option<Instant>,
     /// Set once the queue serves its first request: it counts as in use until dropped.
     active: Option<ActiveQueue>,
+    /// The ring layout last found inside guest memory, and the table it was checked in (a
+    /// weak reference: the address stays unique while it exists, and pins no memory).
+    checked: Option<(RingLayout, Weak<GuestMemoryMmap>)>,
 }
+
+/// Where a ring lies: (descriptor table, avail ring, used ring, size).
+type RingLayout = (u64, u64, u64, u16);
 
 /// Why a queue could not be served.
 #[derive(Debug, Error)]
@@ -72,9 +82,20 @@ enum QueueFault {
         next_avail: u16,
         size: u16,
     },
-    /// Signalling the driver failed (the call eventfd): a host-side problem.
-    #[error("cannot signal the driver: {0}")]
-    Notify(#[source] io::Error),
+    /// The ring lies (partly) outside guest memory, or at guest address 0.
+    #[error(
+        "ring outside guest memory: descriptors at {desc:#x}, avail ring at {avail:#x}, \
+         used ring at {used:#x}, {size} entries"
+    )]
+    RingAddress {
+        desc: u64,
+        avail: u64,
+        used: u64,
+        size: u16,
+    },
+    /// Guest memory vanished under a request (its file shrank): the connection is dropped.
+    #[error("guest memory fault (the frontend shrank a memory region's file)")]
+    MemoryFault,
 }
 
 /// What [`QueueWorker::serve_available`] did.
@@ -99,6 +120,7 @@ impl QueueWorker {
     /// Forgets a broken ring (the driver reset the device).
     pub(super) fn reset(&mut self) {
         self.broken = false;
+        self.checked = None;
     }
 
     /// Lets go of guest memory tables other than `current` (the frontend changed its memory
@@ -115,7 +137,7 @@ impl QueueWorker {
     pub(super) fn process_queue(
         &mut self,
         ctx: &QueueContext<'_>,
-        vring: &VringRwLock<GuestMem>,
+        vring: &Vring,
     ) -> io::Result<()> {
         if self.broken {
             // The driver corrupted this ring; it stays dead until the device is reset or the
@@ -128,17 +150,45 @@ impl QueueWorker {
             self.active = Some(ctx.sched.activate());
         }
         let mut state = vring.get_mut();
-        match self.drain(ctx, &mut state, poll) {
-            Ok(()) => Ok(()),
-            Err(QueueFault::Notify(e)) => Err(e),
-            Err(fault) => {
-                // Never let a guest's ring corruption end the worker thread (the queue would
-                // die silently) or loop forever: stop serving this queue, say why, once.
-                warn!("virtqueue broken by the driver, no longer served until reset: {fault}");
-                self.broken = true;
-                Ok(())
+        if let Err(fault) = self.drain(ctx, vring, &mut state, poll) {
+            // Never let a guest's ring corruption end the worker thread (the queue would
+            // die silently) or loop forever: stop serving this queue, say why, once.
+            warn!("virtqueue broken by the driver, no longer served until reset: {fault}");
+            self.broken = true;
+            if matches!(fault, QueueFault::MemoryFault) {
+                ctx.request.faults.memory_fault();
             }
         }
+        Ok(())
+    }
+
+    /// Checks, once per ring layout and memory table, that the ring lies inside guest memory
+    /// (virtio-queue would otherwise fail every access, log it and make each drain look like
+    /// one with requests it cannot pop).
+    fn check_ring(&mut self, queue: &Queue, mem: &GuestMemGuard) -> Result<(), QueueFault> {
+        let layout = (
+            queue.desc_table(),
+            queue.avail_ring(),
+            queue.used_ring(),
+            queue.size(),
+        );
+        let table: &GuestMemoryMmap = mem;
+        if let Some((l, t)) = &self.checked {
+            if *l == layout && std::ptr::eq(t.as_ptr(), table) {
+                return Ok(());
+            }
+        }
+        // virtio-queue takes an avail ring at 0 for a queue not set up.
+        if layout.1 == 0 || !queue.is_valid(table) {
+            return Err(QueueFault::RingAddress {
+                desc: layout.0,
+                avail: layout.1,
+                used: layout.2,
+                size: layout.3,
+            });
+        }
+        self.checked = Some((layout, Arc::downgrade(&mem.clone().into_inner())));
+        Ok(())
     }
 
     /// Serves the ring until it stays empty (or the connection is closing): drains it, signals
@@ -147,18 +197,23 @@ impl QueueWorker {
     fn drain(
         &mut self,
         ctx: &QueueContext<'_>,
+        vring: &Vring,
         state: &mut VringStateGuard<'_>,
         poll: Duration,
     ) -> Result<(), QueueFault> {
         loop {
-            state
-                .get_queue_mut()
-                .disable_notification(&*ctx.mem.memory())
-                .map_err(QueueFault::Ring)?;
+            {
+                let guard = ctx.mem.memory();
+                self.check_ring(state.get_queue(), &guard)?;
+                state
+                    .get_queue_mut()
+                    .disable_notification(&*guard)
+                    .map_err(QueueFault::Ring)?;
+            }
             let Drained {
                 used_any,
                 unsignaled,
-            } = self.serve_available(ctx, state)?;
+            } = self.serve_available(ctx, vring, state)?;
             let guard = ctx.mem.memory();
             let mem = &*guard;
             if unsignaled
@@ -167,7 +222,10 @@ impl QueueWorker {
                     .needs_notification(mem)
                     .map_err(QueueFault::Ring)?
             {
-                state.signal_used_queue().map_err(QueueFault::Notify)?;
+                vring.notify_driver(state);
+            }
+            if guest_faults::take_thread_fault() {
+                return Err(QueueFault::MemoryFault);
             }
             if ctx.quiescing() {
                 self.batcher.trim(&guard);
@@ -206,6 +264,7 @@ impl QueueWorker {
     fn serve_available(
         &mut self,
         ctx: &QueueContext<'_>,
+        vring: &Vring,
         state: &mut VringStateGuard<'_>,
     ) -> Result<Drained, QueueFault> {
         let mut used_any = false;
@@ -240,8 +299,11 @@ impl QueueWorker {
                     .needs_notification(&*guard)
                     .map_err(QueueFault::Ring)?
                 {
-                    state.signal_used_queue().map_err(QueueFault::Notify)?;
+                    vring.notify_driver(state);
                 }
+            }
+            if guest_faults::take_thread_fault() {
+                return Err(QueueFault::MemoryFault);
             }
         }
         Ok(Drained {
@@ -320,6 +382,7 @@ mod tests {
     use super::super::test_rig::*;
     use super::*;
     use crate::virtio_blk::*;
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use vm_memory::{Bytes, GuestAddress};
 
     fn always_inline() -> SchedulerConfig {
@@ -434,5 +497,131 @@ mod tests {
         let mut w = QueueWorker::default();
         // An error here would end the library's worker thread: the queue would die silently.
         assert!(w.process_queue(&r.backend.queue_context(), &vring).is_ok());
+    }
+
+    /// Runs `process_queue` on another thread; fails the test if it does not return within
+    /// 5 s (a spin). Returns the worker.
+    fn process_within_5s(r: Rig, vring: Vring) -> QueueWorker {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut w = QueueWorker::default();
+            let ok = w.process_queue(&r.backend.queue_context(), &vring).is_ok();
+            let _ = tx.send((ok, w));
+        });
+        let (ok, w) = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("process_queue must return, not spin");
+        assert!(ok, "the worker thread must not end");
+        w
+    }
+
+    #[test]
+    fn a_ring_at_guest_address_0_or_past_memory_stops_the_queue_instead_of_spinning() {
+        // (descriptor table, avail ring, used ring) and where the avail index then lies.
+        let past_end = MEM_SIZE - 4;
+        for (desc, avail, used) in [
+            (0x1000, 0, 0x3000),
+            (0x1000, past_end, 0x3000),
+            (MEM_SIZE - 16, 0x2000, 0x3000),
+            (0x1000, 0x2000, MEM_SIZE - 8),
+        ] {
+            let r = rig(false);
+            let (_gm, vring) = ring(&r);
+            vring.set_queue_info(desc, avail, used).unwrap();
+            // Requests "available" wherever the avail index is readable.
+            let _ = r.mem.write_obj(3u16, GuestAddress(avail + 2));
+            let w = process_within_5s(r, vring);
+            assert!(w.broken, "ring at {desc:#x}/{avail:#x}/{used:#x}");
+        }
+    }
+
+    /// The rig's ring (`ring`) as a driver fills it: descriptors in the table at 0x1000,
+    /// heads in the avail ring at 0x2000.
+    struct Driver<'a> {
+        mem: &'a GuestMemoryMmap,
+        avail: u16,
+    }
+
+    impl Driver<'_> {
+        fn desc(&self, table: u64, i: u16, d: (u64, u32, u32, u16)) {
+            let (addr, len, flags, next) = d;
+            let d = SplitDescriptor::new(addr, len, flags as u16, next);
+            self.mem
+                .write_obj(d, GuestAddress(table + 16 * u64::from(i)))
+                .unwrap();
+        }
+
+        fn offer(&mut self, head: u16) {
+            let slot = GuestAddress(0x2004 + 2 * u64::from(self.avail % 16));
+            self.mem.write_obj(head, slot).unwrap();
+            self.avail += 1;
+            self.mem
+                .write_obj(self.avail, GuestAddress(0x2002))
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn broken_descriptor_chains_get_an_error_status_and_the_queue_keeps_serving() {
+        use virtio_bindings::bindings::virtio_ring::{
+            VRING_DESC_F_INDIRECT as IND, VRING_DESC_F_NEXT as NEXT, VRING_DESC_F_WRITE as W,
+        };
+        let r = rig(false);
+        let (_gm, vring) = ring(&r);
+        let mut d = Driver {
+            mem: &r.mem,
+            avail: 0,
+        };
+        // Flushes, whose stray data buffers would be ignored: only the chain can fail them.
+        let hdr = |k: u64| {
+            r.mem
+                .write_obj(
+                    RequestHeader::new(VIRTIO_BLK_T_FLUSH, 0),
+                    GuestAddress(HDR + 16 * k),
+                )
+                .unwrap();
+            r.mem.write_obj(0xffu8, GuestAddress(STATUS + k)).unwrap();
+            (HDR + 16 * k, 16, NEXT, 0)
+        };
+        let status = |k: u64, next: u16| (STATUS + k, 1, W | NEXT, next);
+        let (t1, t2) = (0x38_0000u64, 0x39_0000u64);
+        // 0: a loop, header -> status -> header ...
+        d.desc(0x1000, 0, (hdr(0).0, 16, NEXT, 1));
+        d.desc(0x1000, 1, status(0, 0));
+        d.offer(0);
+        // 1: an indirect table holding another indirect descriptor.
+        d.desc(0x1000, 2, (t1, 48, IND, 0));
+        d.desc(t1, 0, (hdr(1).0, 16, NEXT, 1));
+        d.desc(t1, 1, status(1, 2));
+        d.desc(t1, 2, (t2, 32, IND, 0));
+        d.offer(2);
+        // 2: an indirect table whose length is not a whole number of descriptors.
+        d.desc(0x1000, 3, (hdr(2).0, 16, NEXT, 4));
+        d.desc(0x1000, 4, status(2, 5));
+        d.desc(0x1000, 5, (t2, 24, IND, 0));
+        d.offer(3);
+        // 3: an indirect table outside guest memory.
+        d.desc(0x1000, 6, (hdr(3).0, 16, NEXT, 7));
+        d.desc(0x1000, 7, status(3, 8));
+        d.desc(0x1000, 8, (MEM_SIZE + 0x1000, 48, IND, 0));
+        d.offer(6);
+        // 4: a next index past the ring.
+        d.desc(0x1000, 9, (hdr(4).0, 16, NEXT, 10));
+        d.desc(0x1000, 10, status(4, 99));
+        d.offer(9);
+        // 5: a good flush after all of them.
+        d.desc(0x1000, 11, (hdr(5).0, 16, NEXT, 12));
+        d.desc(0x1000, 12, (STATUS + 5, 1, W, 0));
+        d.offer(11);
+        let mut w = QueueWorker::default();
+        w.process_queue(&r.backend.queue_context(), &vring).unwrap();
+        assert!(!w.broken, "a broken chain costs its request, not the queue");
+        assert_eq!(r.mem.read_obj::<u16>(GuestAddress(0x3002)).unwrap(), 6);
+        for k in 0..5 {
+            let got = r.mem.read_obj::<u8>(GuestAddress(STATUS + k)).unwrap();
+            assert_eq!(got, VIRTIO_BLK_S_IOERR, "broken chain {k}");
+        }
+        let good = r.mem.read_obj::<u8>(GuestAddress(STATUS + 5)).unwrap();
+        assert_eq!(good, VIRTIO_BLK_S_OK);
     }
 }

@@ -7,6 +7,7 @@
 
 use super::guest::{GuestIovecs, GuestMemGuard};
 use crate::device::{BlockDevice, IoCounters};
+use crate::sys::guest_faults;
 use crate::virtio_blk::{
     Limits, ParseError, Request, RequestKind, StatusAddr, ID_BYTES, VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK,
@@ -27,6 +28,15 @@ pub(super) struct RequestContext<'a> {
     pub id: &'a [u8; ID_BYTES],
     /// Write-back cache enabled; the driver may turn it off at any time (config space).
     pub writeback: &'a AtomicBool,
+    /// Told when guest memory vanished under a request (a contained SIGBUS, see
+    /// `sys::guest_faults`).
+    pub faults: &'a dyn MemoryFaults,
+}
+
+/// Where a request reports guest memory that vanished under it (the connection, which drops
+/// itself).
+pub(super) trait MemoryFaults: Sync {
+    fn memory_fault(&self);
 }
 
 impl RequestContext<'_> {
@@ -72,12 +82,22 @@ impl InFlight {
     ) {
         self.head = chain.head_index();
         self.took = Duration::ZERO;
-        match self.request.parse(chain, &**mem, ctx.limits) {
-            Ok(()) => {
+        let parsed = self.request.parse(chain, &**mem, ctx.limits);
+        // What the parse read may be garbage: guest memory vanished under it.
+        let faulted = guest_faults::take_thread_fault();
+        match parsed {
+            Ok(()) if !faulted => {
                 self.ready = true;
                 self.used_len = 0;
             }
+            Ok(()) => {
+                self.ready = false;
+                self.finish(ctx, mem, Outcome::Failed(memory_fault(ctx)));
+            }
             Err(e) => {
+                if faulted {
+                    memory_fault(ctx);
+                }
                 self.ready = false;
                 self.finish(ctx, mem, Outcome::Refused(e));
             }
@@ -199,6 +219,12 @@ impl InFlight {
         let device = ctx.device;
         let c = device.counters();
         let kind = self.request.kind;
+        let outcome = if guest_faults::take_thread_fault() {
+            // The I/O read or wrote guest memory that vanished under it.
+            Outcome::Failed(memory_fault(ctx))
+        } else {
+            outcome
+        };
         let outcome = match outcome {
             Outcome::Done(n) if changes_data(kind) && !ctx.writeback() => match device.flush() {
                 Ok(()) => Outcome::Done(n),
@@ -229,6 +255,12 @@ impl InFlight {
         };
         self.used_len = data_written.saturating_add(write_status(mem, self.request.status, status));
     }
+}
+
+/// Reports a guest memory fault to the connection; the error a request fails with.
+fn memory_fault(ctx: &RequestContext<'_>) -> io::Error {
+    ctx.faults.memory_fault();
+    io::Error::other("guest memory vanished under the request (its file shrank)")
 }
 
 /// Whether a request changes the device's data, and so is flushed in write-through mode.

@@ -4,11 +4,12 @@
 //! listening socket and builds a fresh daemon (and backend) for each connection: a VM that
 //! reboots, or a QEMU that is killed and restarted, is served again on the same path.
 
-use super::backend::{BlkBackend, ServeOptions};
-use super::guest::GuestMem;
+use super::backend::{BlkBackend, ServeOptions, WATCH_EVERY};
+use super::connection::{Connection, Service};
+use super::error::ServeError;
 use super::sched::Scheduler;
 use crate::device::BlockDevice;
-use crate::sock::{bind_socket, wait_readable, SocketError};
+use crate::sock::{self, bind_socket, wait_readable, Backoff, Wait};
 use crate::sys;
 use log::{info, warn};
 use std::fs;
@@ -19,68 +20,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
-use thiserror::Error;
 use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon, VhostUserHandlerError};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vhost_user_backend::ShutdownHandle;
 use vmm_sys_util::eventfd::EventFd;
-
-/// Errors setting up a socket or a connection.
-#[derive(Debug, Error)]
-pub enum ServeError {
-    #[error(transparent)]
-    Socket(#[from] SocketError),
-    #[error("cannot set up the connection: {0}")]
-    Setup(#[source] io::Error),
-    #[error("vhost-user: {0}")]
-    Daemon(#[source] DaemonError),
-    #[error("vhost-user: the thread watching the connection panicked")]
-    WatcherPanicked,
-    #[error("vhost-user: the connection lost its daemon")]
-    DaemonLost,
-}
-
-/// What `vhost_user_backend` reported, with its cause as the source (the library's own error
-/// type does not implement `std::error::Error`). Messages are the library's.
-#[derive(Debug, Error)]
-pub enum DaemonError {
-    #[error("cannot create vhost user handler: {0}")]
-    NewHandler(#[source] VhostUserHandlerError),
-    #[error("cannot create backend listener: {0}")]
-    BackendListener(#[source] VhostUserError),
-    #[error("cannot create backend req handler: {0}")]
-    BackendReqHandler(#[source] VhostUserError),
-    #[error("cannot create vhost-user listener: {0}")]
-    Listener(#[source] VhostUserError),
-    #[error("failed to start daemon: {0}")]
-    Start(#[source] io::Error),
-    /// The library's thread panicked (its payload is dropped: it is not an error value).
-    #[error("failed to wait for daemon exit")]
-    Wait,
-    #[error("failed to handle request: {0}")]
-    Request(#[source] VhostUserError),
-}
-
-impl From<vhost_user_backend::Error> for DaemonError {
-    fn from(e: vhost_user_backend::Error) -> Self {
-        use vhost_user_backend::Error as E;
-        match e {
-            E::NewVhostUserHandler(e) => DaemonError::NewHandler(e),
-            E::CreateBackendListener(e) => DaemonError::BackendListener(e),
-            E::CreateBackendReqHandler(e) => DaemonError::BackendReqHandler(e),
-            E::CreateVhostUserListener(e) => DaemonError::Listener(e),
-            E::StartDaemon(e) => DaemonError::Start(e),
-            E::WaitDaemon(_) => DaemonError::Wait,
-            E::HandleRequest(e) => DaemonError::Request(e),
-        }
-    }
-}
-
-impl From<vhost_user_backend::Error> for ServeError {
-    fn from(e: vhost_user_backend::Error) -> Self {
-        ServeError::Daemon(e.into())
-    }
-}
 
 /// How long a new connection waits for the current one to end before it is refused.
 const RECONNECT_GRACE: Duration = Duration::from_millis(500);
@@ -231,13 +173,9 @@ fn wait_for_connection(listener: &Listener, stop: &StopSignal) -> bool {
     !stop.requested() && wait_readable(listener.as_raw_fd(), &stop.wake) && !stop.requested()
 }
 
-/// What a server serves, connection after connection.
-struct Service {
-    device: Arc<dyn BlockDevice>,
-    opts: ServeOptions,
-    sched: Arc<Scheduler>,
-}
-
+/// Serves connection after connection until a stop. A connection that cannot be set up
+/// (out of fds, memory or threads) is turned away, and the loop backs off (see [`Backoff`]):
+/// it never spins on a listener it cannot accept from.
 fn serve_loop(
     name: &str,
     mut listener: Listener,
@@ -245,11 +183,20 @@ fn serve_loop(
     stop: &StopSignal,
     stats: &ConnectionStats,
 ) {
+    let mut backoff = Backoff::new(name);
     while wait_for_connection(&listener, stop) {
         match serve_one(name, &mut listener, service, stop, stats) {
             Ok(()) => info!("{name}: frontend disconnected"),
+            Err(e) if e.is_setup() => {
+                if e.left_pending() {
+                    sock::drop_pending(sys::listener_fd(&listener));
+                }
+                backoff.failed(&e, &stop.wake);
+                continue;
+            }
             Err(e) => warn!("{name}: connection ended with an error: {e}"),
         }
+        backoff.succeeded();
     }
 }
 
@@ -273,37 +220,33 @@ fn serve_one(
     stop: &StopSignal,
     stats: &ConnectionStats,
 ) -> Result<(), ServeError> {
-    let mem: GuestMem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let backend = BlkBackend::new(
-        service.device.clone(),
-        service.opts.clone(),
-        mem.clone(),
-        service.sched.clone(),
-    );
-    let backend = Arc::new(backend.map_err(ServeError::Setup)?);
-    let mut daemon = VhostUserDaemon::new(name.to_string(), backend.clone(), mem)?;
+    let mut conn = Connection::new(name, service)?;
     let done = Arc::new(EventFd::new(libc::EFD_CLOEXEC).map_err(ServeError::Setup)?);
-    daemon.start(listener)?;
+    conn.start(listener)?;
+    let backend = conn.backend().clone();
     {
         // Under the connection lock, so `stop_unless_connected` sees either this frontend
         // connected or its own stop request honoured here, never neither.
         let mut connection = stop.lock();
         if stop.requested() {
-            daemon.request_shutdown();
+            conn.daemon().request_shutdown();
         } else {
             info!("{name}: frontend connected");
             stats.connected.store(true, Ordering::SeqCst);
-            *connection = daemon.shutdown_handle().map(|h| (h, backend.clone()));
+            *connection = conn
+                .daemon()
+                .shutdown_handle()
+                .map(|h| (h, backend.clone()));
         }
     }
     // Every way out of here, early ones included, ends the connection's bookkeeping; it is
-    // dropped after the daemon (declared before it is handed back by the waiter).
+    // dropped after the connection (declared before it is handed back by the waiter).
     let _over = ConnectionOver { stop, stats };
     // Wait for the connection to end on a helper thread, and meanwhile turn away any other
     // frontend: a vhost-user socket serves one, and a second VM would otherwise hang. The
-    // daemon waits in a slot the thread takes it from, so that if the thread cannot be
+    // connection waits in a slot the thread takes it from, so that if the thread cannot be
     // started it is still here to be waited for (and quiesced) on this one.
-    let parked: Parked = Arc::new(Mutex::new(Some(daemon)));
+    let parked: Parked = Arc::new(Mutex::new(Some(conn)));
     let spawned = if waiter_spawn_fails() {
         Err(io::Error::from_raw_os_error(libc::EAGAIN))
     } else {
@@ -318,20 +261,7 @@ fn serve_one(
     };
     let waited = match spawned {
         Ok(waiter) => {
-            while !stop.requested() && wait_readable(listener.as_raw_fd(), &done) {
-                // A frontend that just hung up and reconnects can be seen before its old
-                // connection is: give the current one a moment to end before calling the
-                // newcomer a second VM.
-                if wait_for_event(&done, RECONNECT_GRACE) {
-                    break;
-                }
-                if let Ok(Some(extra)) = listener.accept() {
-                    warn!(
-                        "{name}: refused a second frontend: the device already has one connected"
-                    );
-                    drop(extra);
-                }
-            }
+            watch_while_connected(name, listener, &backend, &done, stop);
             waiter.join().map_err(|_| ServeError::WatcherPanicked)?
         }
         Err(e) => {
@@ -344,12 +274,13 @@ fn serve_one(
             wait_parked(&parked)
         }
     };
-    let Some((daemon, result)) = waited else {
+    let Some((conn, result)) = waited else {
         return Err(ServeError::DaemonLost);
     };
     *stop.lock() = None;
-    // Dropping the daemon joins the queue workers, so no request is in flight after this.
-    drop(daemon);
+    // Dropping the connection frees any worker blocked on a frontend fd, then joins the
+    // queue workers, so no request is in flight after this.
+    drop(conn);
     stats.connected.store(false, Ordering::SeqCst);
     match result {
         // A frontend that goes away mid-message is an ordinary disconnect.
@@ -361,18 +292,43 @@ fn serve_one(
     }
 }
 
-type Daemon = VhostUserDaemon<Arc<BlkBackend>>;
+/// While the connection lasts (until `done` or a stop): turns away any other frontend, and
+/// runs the connection's watchdog every [`WATCH_EVERY`].
+fn watch_while_connected(
+    name: &str,
+    listener: &Listener,
+    backend: &BlkBackend,
+    done: &EventFd,
+    stop: &StopSignal,
+) {
+    while !stop.requested() {
+        match sock::wait_readable_until(listener.as_raw_fd(), done, Some(WATCH_EVERY)) {
+            Wait::Woken => return,
+            Wait::TimedOut => backend.watch(),
+            Wait::Readable => {
+                // A frontend that just hung up and reconnects can be seen before its old
+                // connection is: give the current one a moment to end before calling the
+                // newcomer a second VM.
+                if wait_for_event(done, RECONNECT_GRACE) {
+                    return;
+                }
+                warn!("{name}: refused a second frontend: the device already has one connected");
+                sock::drop_pending(sys::listener_fd(listener));
+            }
+        }
+    }
+}
 
-/// A connection's daemon, parked for whichever thread waits for the connection to end.
-type Parked = Arc<Mutex<Option<Daemon>>>;
+/// A connection, parked for whichever thread waits for it to end.
+type Parked = Arc<Mutex<Option<Connection>>>;
 
-/// Takes the parked daemon and waits for its connection to end; returns the daemon and how
-/// its wait ended, or `None` if another thread took it (never: a failed spawn never runs its
-/// closure, and a running one is the only other taker).
-fn wait_parked(parked: &Parked) -> Option<(Daemon, Result<(), vhost_user_backend::Error>)> {
-    let mut daemon = parked.lock().unwrap_or_else(|p| p.into_inner()).take()?;
-    let result = daemon.wait();
-    Some((daemon, result))
+/// Takes the parked connection and waits for it to end; returns it and how its wait ended,
+/// or `None` if another thread took it (never: a failed spawn never runs its closure, and a
+/// running one is the only other taker).
+fn wait_parked(parked: &Parked) -> Option<(Connection, Result<(), vhost_user_backend::Error>)> {
+    let mut conn = parked.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+    let result = conn.daemon().wait();
+    Some((conn, result))
 }
 
 /// Tests: pretend a connection's watcher thread cannot be started.
@@ -416,27 +372,6 @@ mod tests {
         fn drop(&mut self) {
             FAIL_WAITER_SPAWN.store(false, Ordering::SeqCst);
         }
-    }
-
-    #[test]
-    fn library_errors_keep_their_cause_as_source() {
-        use std::error::Error as _;
-        fn shareable<T: Send + Sync + 'static>(_: &T) {}
-        let broken = io::Error::from_raw_os_error(libc::EPIPE);
-        let e = ServeError::from(vhost_user_backend::Error::HandleRequest(
-            VhostUserError::SocketBroken(broken),
-        ));
-        shareable(&e);
-        assert!(e
-            .to_string()
-            .starts_with("vhost-user: failed to handle request: "));
-        let daemon = e.source().expect("the library's error");
-        assert!(matches!(
-            daemon.downcast_ref::<DaemonError>(),
-            Some(DaemonError::Request(_))
-        ));
-        let cause = daemon.source().expect("the protocol error");
-        assert!(cause.downcast_ref::<VhostUserError>().is_some());
     }
 
     #[test]

@@ -6,6 +6,7 @@ use super::backend::{BlkBackend, ServeOptions};
 use super::guest::GuestMem;
 use super::request::InFlight;
 use super::sched::{Scheduler, SchedulerConfig};
+use super::vring::Vring;
 use crate::device::mock::MemDevice;
 use crate::device::{BlockDevice, IoCounters};
 use crate::virtio_blk::*;
@@ -13,7 +14,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::VringT;
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -87,9 +88,9 @@ impl Rig {
 }
 
 /// A ring at 0x1000 (descriptors), 0x2000 (avail), 0x3000 (used) of 16 entries.
-pub(super) fn ring(r: &Rig) -> (GuestMem, VringRwLock<GuestMem>) {
+pub(super) fn ring(r: &Rig) -> (GuestMem, Vring) {
     let gm = GuestMemoryAtomic::new(r.mem.clone());
-    let vring = VringRwLock::new(gm.clone(), 16).unwrap();
+    let vring = Vring::new(gm.clone(), 16).unwrap();
     vring.set_queue_size(16);
     vring.set_queue_info(0x1000, 0x2000, 0x3000).unwrap();
     vring.set_queue_ready(true);
@@ -169,7 +170,7 @@ pub(super) struct Gated {
     pub backend: Arc<BlkBackend>,
     /// The backend's scheduler.
     pub sched: Arc<Scheduler>,
-    pub vring: VringRwLock<GuestMem>,
+    pub vring: Vring,
     pub used: u64,
     pub avail: u64,
 }
@@ -231,7 +232,7 @@ pub(super) fn gated_with(
     let backend = BlkBackend::new(device.clone(), opts, gm.clone(), sched.clone()).unwrap();
     let q = MockSplitQueue::create(&mem, GuestAddress(0x1000), ring);
     q.add_desc_chains(&chains(&mem, writes, reads), 0).unwrap();
-    let vring = VringRwLock::new(gm, ring).unwrap();
+    let vring = Vring::new(gm, ring).unwrap();
     vring.set_queue_size(ring);
     vring
         .set_queue_info(q.desc_table_addr().0, q.avail_addr().0, USED_RING)

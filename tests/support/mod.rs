@@ -125,6 +125,55 @@ impl Daemon {
         )
     }
 
+    /// Sends `sig` and waits up to `within` for the exit; returns the status and what the
+    /// daemon logged. A daemon that does not exit in time is killed and the test fails.
+    pub fn signal_and_wait_within(&mut self, sig: i32, within: Duration) -> (ExitStatus, String) {
+        let mut child = self.child.take().expect("daemon running");
+        // SAFETY: kill(2) with a pid we spawned and still own (not yet reaped).
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for snapblk") {
+                return (status, self.log_text());
+            }
+            if start.elapsed() > within {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "snapblk ignored signal {sig} for {within:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// CPU time (user and system) the daemon has used so far.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        // The fields after the command name (which ends with the last ')').
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of stat(5), 12 and 13 here.
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        // SAFETY: sysconf only reads a configuration value.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Duration::from_millis(ticks * 1000 / hz)
+    }
+
+    /// Waits up to `within` for the fd and thread counts to be `fds` and `threads`; returns
+    /// the counts last seen.
+    pub fn settle_to(&self, fds: usize, threads: usize, within: Duration) -> (usize, usize) {
+        let start = std::time::Instant::now();
+        loop {
+            let now = (self.fd_count(), self.thread_count());
+            if now == (fds, threads) || start.elapsed() > within {
+                return now;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn fd_count(&self) -> usize {
         fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .unwrap()
