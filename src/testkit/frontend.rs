@@ -75,17 +75,30 @@ impl RawFrontend {
     /// Connects to `socket` and negotiates features (VERSION_1, protocol features: MQ, CONFIG,
     /// CONFIGURE_MEM_SLOTS and REPLY_ACK, every later message acked). No memory, no rings.
     pub fn connect(socket: &Path, num_queues: u64) -> io::Result<Self> {
+        Self::connect_with(socket, num_queues, VhostUserProtocolFeatures::empty(), 0)
+    }
+
+    /// [`RawFrontend::connect`], also asking for the protocol features `protocol` and the
+    /// features `features` (where the backend offers them).
+    pub fn connect_with(
+        socket: &Path,
+        num_queues: u64,
+        protocol: VhostUserProtocolFeatures,
+        features: u64,
+    ) -> io::Result<Self> {
         let mut vu = Frontend::from_stream(UnixStream::connect(socket)?, num_queues);
         vu.set_owner().map_err(err)?;
-        let features = vu.get_features().map_err(err)?;
+        let offered_features = vu.get_features().map_err(err)?;
         let wanted = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::REPLY_ACK;
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | protocol;
         let offered = vu.get_protocol_features().map_err(err)?;
         vu.set_protocol_features(offered & wanted).map_err(err)?;
         vu.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        vu.set_features(features & FEATURES).map_err(err)?;
+        vu.set_features(offered_features & (FEATURES | features))
+            .map_err(err)?;
         let file = memory_file(MEM_SIZE)?;
         let region = MmapRegion::from_file(FileOffset::new(file.try_clone()?, 0), MEM_SIZE as _)
             .map_err(err)?;

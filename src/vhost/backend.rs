@@ -8,6 +8,7 @@
 //! [`WorkerMemory`] (checked tables only) and its kick and call fds through [`Vring`] (never
 //! blocking on them).
 
+use super::dirty::DirtyLog;
 use super::guest::GuestMem;
 use super::memory::WorkerMemory;
 use super::queue::{QueueContext, QueueWorker};
@@ -63,6 +64,8 @@ pub struct BlkBackend {
     memory: WorkerMemory,
     /// Write-back cache enabled (the driver may turn it off through config space).
     writeback: AtomicBool,
+    /// The frontend logs our writes into guest memory (LOG_ALL: it is migrating the VM).
+    logging: AtomicBool,
     /// The daemon's scheduling policy, shared with every other connection.
     sched: Arc<Scheduler>,
     workers: Vec<Mutex<QueueWorker>>,
@@ -133,6 +136,7 @@ impl BlkBackend {
             opts,
             memory: WorkerMemory::new(mem),
             writeback: AtomicBool::new(true),
+            logging: AtomicBool::new(false),
             sched,
             workers,
             exit_events,
@@ -245,6 +249,7 @@ impl BlkBackend {
                 limits: &self.limits,
                 id: &self.id,
                 writeback: &self.writeback,
+                logging: &self.logging,
                 faults: self,
             },
             sched: &self.sched,
@@ -277,7 +282,7 @@ impl MemoryFaults for BlkBackend {
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
+    type Bitmap = DirtyLog;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -299,6 +304,7 @@ impl VhostUserBackend for BlkBackend {
             | bit(VIRTIO_BLK_F_FLUSH)
             | bit(VIRTIO_BLK_F_CONFIG_WCE)
             | bit(VIRTIO_BLK_F_MQ)
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         if self.opts.read_only {
             f |= bit(VIRTIO_BLK_F_RO);
@@ -313,6 +319,13 @@ impl VhostUserBackend for BlkBackend {
         if acked & bit(VIRTIO_BLK_F_FLUSH) == 0 {
             self.writeback.store(false, Ordering::Relaxed);
         }
+        // LOG_ALL comes and goes with a migration (set when it starts, cleared if it is
+        // cancelled): off, a write costs one flag load.
+        let logging = acked & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        if logging != self.logging.swap(logging, Ordering::SeqCst) {
+            debug!("dirty-page logging {}", if logging { "on" } else { "off" });
+        }
+        self.memory.set_logging(logging);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -320,6 +333,7 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn reset_device(&self) {
@@ -523,7 +537,11 @@ mod tests {
         let file = tempfile::tempfile().unwrap();
         file.set_len(8192).unwrap();
         let region = MmapRegion::from_file(FileOffset::new(file.try_clone().unwrap(), 0), 8192);
-        let region = GuestRegionMmap::new(region.unwrap(), GuestAddress(MEM_SIZE)).unwrap();
+        let region = GuestRegionMmap::<crate::vhost::dirty::DirtyLog>::new(
+            region.unwrap(),
+            GuestAddress(MEM_SIZE),
+        )
+        .unwrap();
         let table = r.mem.insert_region(Arc::new(region)).unwrap();
         r.backend
             .update_memory(GuestMemoryAtomic::new(table))
@@ -540,7 +558,11 @@ mod tests {
         );
         // A region whose file is too short from the start is refused.
         let region = MmapRegion::from_file(FileOffset::new(file, 0), 8192).unwrap();
-        let region = GuestRegionMmap::new(region, GuestAddress(2 * MEM_SIZE)).unwrap();
+        let region = GuestRegionMmap::<crate::vhost::dirty::DirtyLog>::new(
+            region,
+            GuestAddress(2 * MEM_SIZE),
+        )
+        .unwrap();
         let table = r.mem.insert_region(Arc::new(region)).unwrap();
         assert!(r
             .backend

@@ -9,7 +9,7 @@
 
 use super::backend::{BlkBackend, ServeOptions};
 use super::error::ServeError;
-use super::guest::GuestMem;
+use super::guest::{GuestMem, GuestMemTable};
 use super::sched::Scheduler;
 use super::vring::collect_created;
 use crate::device::BlockDevice;
@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryAtomic;
 
 /// The library's daemon for one connection.
 pub(super) type Daemon = VhostUserDaemon<Arc<BlkBackend>>;
@@ -47,8 +47,8 @@ impl Connection {
     pub(super) fn new(name: &str, service: &Service) -> Result<Self, ServeError> {
         // The workers' view of guest memory, and the library's: a table reaches the
         // workers only once the backend checked it (`vhost/memory.rs`).
-        let workers: GuestMem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let frontend: GuestMem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let workers: GuestMem = GuestMemoryAtomic::new(GuestMemTable::new());
+        let frontend: GuestMem = GuestMemoryAtomic::new(GuestMemTable::new());
         let backend = BlkBackend::new(
             service.device.clone(),
             service.opts.clone(),

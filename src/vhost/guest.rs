@@ -5,6 +5,7 @@
 //! name stays mapped for as long as they exist: they may move to another thread (`Send`) by
 //! ownership, whatever the frontend does to its memory table meanwhile.
 
+use super::dirty::DirtyLog;
 use crate::virtio_blk::{Segment, SECTOR_SIZE};
 use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::Arc;
@@ -12,12 +13,15 @@ use vm_memory::{
     GuestMemory, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap, Permissions,
 };
 
-/// Guest memory as the library hands it to us (no dirty-page bitmap: we do not offer LOG_ALL).
-pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+/// One guest memory table: its regions, each with its dirty-page log (`dirty.rs`).
+pub type GuestMemTable = GuestMemoryMmap<DirtyLog>;
+
+/// Guest memory as the library hands it to us.
+pub type GuestMem = GuestMemoryAtomic<GuestMemTable>;
 
 /// The guest memory table at one moment (`GuestMem::memory()`), loaded once per batch: the
 /// frontend may add a region (ADD_MEM_REG) at any time and point its next request there.
-pub(super) type GuestMemGuard = GuestMemoryLoadGuard<GuestMemoryMmap<()>>;
+pub(super) type GuestMemGuard = GuestMemoryLoadGuard<GuestMemTable>;
 
 /// The guest buffers of one request as host iovecs, and the memory table they point into.
 ///
@@ -32,7 +36,7 @@ pub(super) struct GuestIovecs {
     right: Vec<libc::iovec>,
     /// The table every iovec in `left` and `right` points into (`None` only while both are
     /// empty). Holding it keeps those regions mapped, even if the frontend removes them.
-    table: Option<Arc<GuestMemoryMmap<()>>>,
+    table: Option<Arc<GuestMemTable>>,
 }
 
 // SAFETY: the iovecs are the only non-`Send` part (raw pointers). They point into regions of
@@ -52,7 +56,7 @@ impl GuestIovecs {
         // Forget the old pointers before the table they point into may be let go.
         self.left.clear();
         self.right.clear();
-        let current: &GuestMemoryMmap<()> = mem;
+        let current: &GuestMemTable = mem;
         let held = self
             .table
             .as_ref()
@@ -82,7 +86,7 @@ impl GuestIovecs {
     /// that a region the frontend removed is not kept mapped. The current table is kept: it
     /// maps nothing the frontend has not, and the next fill would only take it again.
     pub(super) fn release_stale(&mut self, current: &GuestMemGuard) {
-        let current: &GuestMemoryMmap<()> = current;
+        let current: &GuestMemTable = current;
         if self
             .table
             .as_ref()
@@ -199,9 +203,7 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
     fn guest_mem() -> GuestMem {
-        GuestMemoryAtomic::new(
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
-        )
+        GuestMemoryAtomic::new(GuestMemTable::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap())
     }
 
     fn segment(addr: u64, len: u32) -> Segment {
@@ -218,7 +220,7 @@ mod tests {
         iov.fill(&[segment(0x1000, 512)], &gm.memory(), Permissions::Write)
             .unwrap();
         // The frontend removes the region: the buffer stays mapped while the iovecs exist.
-        gm.lock().unwrap().replace(GuestMemoryMmap::new());
+        gm.lock().unwrap().replace(GuestMemTable::new());
         let buffers = iov.io_slices_mut();
         assert_eq!(buffers.len(), 1);
         buffers[0].fill(0xab);
@@ -249,7 +251,7 @@ mod tests {
         iov.release_stale(&gm.memory());
         assert_eq!(Arc::strong_count(&first), before + 1);
         // A new table replaces it on the next fill.
-        let second = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x2000)]).unwrap();
+        let second = GuestMemTable::from_ranges(&[(GuestAddress(0), 0x2000)]).unwrap();
         gm.lock().unwrap().replace(second);
         iov.fill(&[segment(0, 4096)], &gm.memory(), Permissions::Read)
             .unwrap();

@@ -15,14 +15,15 @@
 //! A table that fails is refused: the library's atomic is rolled back to the last accepted
 //! table and `update_memory` fails, on which the library ends the connection.
 
-use super::guest::{GuestMem, GuestMemGuard};
+use super::dirty::DirtyLog;
+use super::guest::{GuestMem, GuestMemGuard, GuestMemTable};
 use crate::sys::guest_faults::GuestMappings;
 use log::warn;
 use std::collections::HashSet;
 use std::io;
 use std::sync::{Arc, Mutex, Weak};
 use thiserror::Error;
-use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
 
 /// Memory slots vhost-user-backend advertises (GET_MAX_MEM_SLOTS): a frontend may hold no
 /// more regions than this.
@@ -56,10 +57,10 @@ pub(super) struct WorkerMemory {
 
 struct Accepted {
     /// The frontend's last accepted table (what a refused one is rolled back to).
-    table: GuestMemoryMmap,
+    table: GuestMemTable,
     /// Tables published to the workers that may still be alive (a worker's buffers hold
     /// the table they point into).
-    published: Vec<Weak<GuestMemoryMmap>>,
+    published: Vec<Weak<GuestMemTable>>,
     /// The regions of all of them, registered for fault containment.
     mappings: GuestMappings,
 }
@@ -110,6 +111,14 @@ impl WorkerMemory {
         Ok(published)
     }
 
+    /// Turns dirty logging on or off in every region of the accepted table (the frontend set
+    /// or cleared LOG_ALL; a region it adds later has no log until it sends one).
+    pub(super) fn set_logging(&self, on: bool) {
+        for region in self.lock().table.iter() {
+            DirtyLog::of(region).set_logging(on);
+        }
+    }
+
     /// Faults contained in this connection's guest memory so far.
     pub(super) fn faults(&self) -> u64 {
         self.lock().mappings.faults()
@@ -126,7 +135,7 @@ impl WorkerMemory {
 }
 
 /// Checks a frontend's table, registering its regions for fault containment.
-fn check(table: &GuestMemoryMmap, mappings: &mut GuestMappings) -> Result<(), MemoryError> {
+fn check(table: &GuestMemTable, mappings: &mut GuestMappings) -> Result<(), MemoryError> {
     if table.num_regions() > MAX_MEM_SLOTS {
         return Err(MemoryError::TooManyRegions(table.num_regions()));
     }
@@ -174,24 +183,25 @@ mod tests {
     use super::*;
     use std::fs::File;
     use vm_memory::{FileOffset, GuestAddress, GuestMemoryAtomic, GuestRegionMmap, MmapRegion};
+    type GuestRegion = GuestRegionMmap<crate::vhost::dirty::DirtyLog>;
 
-    fn file_region(gpa: u64, len: usize, file_len: u64) -> Arc<GuestRegionMmap> {
+    fn file_region(gpa: u64, len: usize, file_len: u64) -> Arc<GuestRegion> {
         let file: File = tempfile::tempfile().unwrap();
         file.set_len(file_len).unwrap();
         let region = MmapRegion::from_file(FileOffset::new(file, 0), len).unwrap();
-        Arc::new(GuestRegionMmap::new(region, GuestAddress(gpa)).unwrap())
+        Arc::new(GuestRegion::new(region, GuestAddress(gpa)).unwrap())
     }
 
     /// Adds `region` to the frontend's table, as the library does for ADD_MEM_REG.
-    fn add(frontend: &GuestMem, region: Arc<GuestRegionMmap>) {
+    fn add(frontend: &GuestMem, region: Arc<GuestRegion>) {
         let table = frontend.memory().insert_region(region).unwrap();
         frontend.lock().unwrap().replace(table);
     }
 
     #[test]
     fn a_region_longer_than_its_file_is_refused_and_rolled_back() {
-        let frontend = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let workers = WorkerMemory::new(GuestMemoryAtomic::new(GuestMemoryMmap::new()));
+        let frontend = GuestMemoryAtomic::new(GuestMemTable::new());
+        let workers = WorkerMemory::new(GuestMemoryAtomic::new(GuestMemTable::new()));
         add(&frontend, file_region(0, 8192, 8192));
         assert_eq!(workers.update(&frontend).unwrap().num_regions(), 1);
         add(&frontend, file_region(0x10000, 8192, 4096));
@@ -223,14 +233,14 @@ mod tests {
 
     #[test]
     fn no_more_regions_than_the_slots_advertised() {
-        let frontend = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let workers = WorkerMemory::new(GuestMemoryAtomic::new(GuestMemoryMmap::new()));
+        let frontend = GuestMemoryAtomic::new(GuestMemTable::new());
+        let workers = WorkerMemory::new(GuestMemoryAtomic::new(GuestMemTable::new()));
         for i in 0..MAX_MEM_SLOTS as u64 {
-            let r = GuestRegionMmap::new(MmapRegion::new(4096).unwrap(), GuestAddress(i << 12));
+            let r = GuestRegion::new(MmapRegion::new(4096).unwrap(), GuestAddress(i << 12));
             add(&frontend, Arc::new(r.unwrap()));
         }
         workers.update(&frontend).unwrap();
-        let r = GuestRegionMmap::new(MmapRegion::new(4096).unwrap(), GuestAddress(1 << 30));
+        let r = GuestRegion::new(MmapRegion::new(4096).unwrap(), GuestAddress(1 << 30));
         add(&frontend, Arc::new(r.unwrap()));
         assert!(matches!(
             workers.update(&frontend),
@@ -241,8 +251,8 @@ mod tests {
 
     #[test]
     fn removed_regions_stay_registered_while_a_worker_holds_their_table() {
-        let frontend = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let workers = WorkerMemory::new(GuestMemoryAtomic::new(GuestMemoryMmap::new()));
+        let frontend = GuestMemoryAtomic::new(GuestMemTable::new());
+        let workers = WorkerMemory::new(GuestMemoryAtomic::new(GuestMemTable::new()));
         add(&frontend, file_region(0, 4096, 4096));
         add(&frontend, file_region(0x10000, 4096, 4096));
         let held = workers.update(&frontend).unwrap().into_inner();

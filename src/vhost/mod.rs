@@ -16,6 +16,7 @@
 
 mod backend;
 mod connection;
+mod dirty;
 mod error;
 mod guest;
 mod memory;

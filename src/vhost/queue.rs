@@ -9,7 +9,7 @@
 //! said once, never a spinning or dead worker thread; a guest memory fault (its file shrank,
 //! see `sys::guest_faults`) stops the queue and drops the connection.
 
-use super::guest::{GuestMem, GuestMemGuard};
+use super::guest::{GuestMem, GuestMemGuard, GuestMemTable};
 use super::request::RequestContext;
 use super::sched::{ActiveQueue, Batcher, Scheduler};
 use super::vring::Vring;
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use vhost_user_backend::{VringState, VringT};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemory, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemory};
 
 type VringStateGuard<'a> = std::sync::RwLockWriteGuard<'a, VringState<GuestMem>>;
 
@@ -60,7 +60,7 @@ pub(super) struct QueueWorker {
     active: Option<ActiveQueue>,
     /// The ring layout last found inside guest memory, and the table it was checked in (a
     /// weak reference: the address stays unique while it exists, and pins no memory).
-    checked: Option<(RingLayout, Weak<GuestMemoryMmap>)>,
+    checked: Option<(RingLayout, Weak<GuestMemTable>)>,
 }
 
 /// Where a ring lies: (descriptor table, avail ring, used ring, size).
@@ -172,7 +172,7 @@ impl QueueWorker {
             queue.used_ring(),
             queue.size(),
         );
-        let table: &GuestMemoryMmap = mem;
+        let table: &GuestMemTable = mem;
         if let Some((l, t)) = &self.checked {
             if *l == layout && std::ptr::eq(t.as_ptr(), table) {
                 return Ok(());
@@ -538,7 +538,7 @@ mod tests {
     /// The rig's ring (`ring`) as a driver fills it: descriptors in the table at 0x1000,
     /// heads in the avail ring at 0x2000.
     struct Driver<'a> {
-        mem: &'a GuestMemoryMmap,
+        mem: &'a GuestMemTable,
         avail: u16,
     }
 

@@ -5,7 +5,8 @@
 //! preadv/pwritev ([`GuestIovecs`]), with no bounce buffer. An [`InFlight`] is reused from
 //! request to request, so the steady state allocates nothing.
 
-use super::guest::{GuestIovecs, GuestMemGuard};
+use super::dirty::mark_buffers;
+use super::guest::{GuestIovecs, GuestMemGuard, GuestMemTable};
 use crate::device::{BlockDevice, IoCounters};
 use crate::sys::guest_faults;
 use crate::virtio_blk::{
@@ -17,7 +18,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestMemoryMmap, Permissions};
+use vm_memory::{Bytes, Permissions};
 
 /// What running a request needs from its connection, borrowed for one pass over a queue.
 #[derive(Clone, Copy)]
@@ -28,6 +29,8 @@ pub(super) struct RequestContext<'a> {
     pub id: &'a [u8; ID_BYTES],
     /// Write-back cache enabled; the driver may turn it off at any time (config space).
     pub writeback: &'a AtomicBool,
+    /// The frontend logs the pages we write (it is migrating the VM: `dirty.rs`).
+    pub logging: &'a AtomicBool,
     /// Told when guest memory vanished under a request (a contained SIGBUS, see
     /// `sys::guest_faults`).
     pub faults: &'a dyn MemoryFaults,
@@ -77,7 +80,7 @@ impl InFlight {
     pub(super) fn prepare(
         &mut self,
         ctx: &RequestContext<'_>,
-        chain: DescriptorChain<&GuestMemoryMmap<()>>,
+        chain: DescriptorChain<&GuestMemTable>,
         mem: &GuestMemGuard,
     ) {
         self.head = chain.head_index();
@@ -139,6 +142,13 @@ impl InFlight {
             Ok(n) => Outcome::Done(n),
             Err(e) => Outcome::Failed(e),
         };
+        // The data a read put in guest memory (vm-memory logs its own writes: the status byte,
+        // the used ring, GET_ID). Even a failed read may have written some.
+        if ctx.logging.load(Ordering::Relaxed)
+            && matches!(self.request.kind, RequestKind::Read { .. })
+        {
+            mark_buffers(mem, &self.request.segments);
+        }
         self.finish(ctx, mem, outcome);
         if let Some(start) = start {
             self.took = start.elapsed();

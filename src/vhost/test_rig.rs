@@ -3,7 +3,7 @@
 //! requests served by a device that holds them until enough are in flight ([`Gated`]).
 
 use super::backend::{BlkBackend, ServeOptions};
-use super::guest::GuestMem;
+use super::guest::{GuestMem, GuestMemTable};
 use super::request::InFlight;
 use super::sched::{Scheduler, SchedulerConfig};
 use super::vring::Vring;
@@ -18,7 +18,7 @@ use vhost_user_backend::VringT;
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
 pub(super) const MEM_SIZE: u64 = 0x40_0000;
 pub(super) const HDR: u64 = 0x10_0000;
@@ -27,7 +27,7 @@ pub(super) const STATUS: u64 = 0x30_0000;
 
 /// One connection's backend over a [`MemDevice`], with its guest memory.
 pub(super) struct Rig {
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestMemTable,
     pub gm: GuestMem,
     pub device: Arc<MemDevice>,
     pub backend: BlkBackend,
@@ -38,7 +38,7 @@ pub(super) fn rig(read_only: bool) -> Rig {
 }
 
 pub(super) fn rig_sized(read_only: bool, device_len: usize) -> Rig {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+    let mem = GuestMemTable::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
     let device = Arc::new(MemDevice::new(device_len));
     let opts = ServeOptions {
         num_queues: 1,
@@ -165,7 +165,7 @@ impl BlockDevice for GatedDevice {
 /// `writes` one-sector writes (each with its own header, data and status), then a flush,
 /// on a 16-entry ring, served by a [`GatedDevice`] that waits for `want` writes at once.
 pub(super) struct Gated {
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestMemTable,
     pub device: Arc<GatedDevice>,
     pub backend: Arc<BlkBackend>,
     /// The backend's scheduler.
@@ -207,7 +207,7 @@ pub(super) fn gated_with(
     ring: u16,
     reads: bool,
 ) -> Gated {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+    let mem = GuestMemTable::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
     let device = Arc::new(GatedDevice {
         inner: MemDevice::new(64 * 1024),
         want,
@@ -253,7 +253,7 @@ pub(super) fn gated_with(
 
 /// The descriptors of `writes` one-sector writes (reads if `reads`) then a flush, each with
 /// its header, data and status written in `mem`.
-fn chains(mem: &GuestMemoryMmap, writes: usize, reads: bool) -> Vec<RawDescriptor> {
+fn chains(mem: &GuestMemTable, writes: usize, reads: bool) -> Vec<RawDescriptor> {
     let mut descs = Vec::new();
     let chain = |descs: &mut Vec<RawDescriptor>, parts: &[RawDescriptor]| {
         let first = descs.len() as u16;

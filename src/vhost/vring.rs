@@ -342,15 +342,16 @@ impl VringT<GuestMem> for Vring {
 
 #[cfg(test)]
 mod tests {
+    use super::super::guest::GuestMemTable;
     use super::*;
     use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
-    use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+    use vm_memory::{GuestAddress, GuestMemoryAtomic};
     use vmm_sys_util::epoll::{Epoll, EpollEvent};
     use vmm_sys_util::eventfd::EventFd;
 
     fn vring() -> (Vring, Vec<Arc<VringLink>>) {
         let mem = GuestMemoryAtomic::new(
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap(),
+            GuestMemTable::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap(),
         );
         let (vring, links) = collect_created(|| Vring::new(mem, 16).unwrap());
         vring.set_queue_size(16);
@@ -374,7 +375,7 @@ mod tests {
         let (v, links) = vring();
         assert_eq!(links.len(), 1);
         assert!(Arc::ptr_eq(&links[0], v.link()));
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mem = GuestMemoryAtomic::new(GuestMemTable::new());
         let _outside = Vring::new(mem, 16).unwrap();
         assert!(CREATED.with(|c| c.borrow().is_none()));
     }
