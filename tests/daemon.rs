@@ -373,22 +373,27 @@ fn default_origin_is_created_sparse() {
 }
 
 #[test]
-fn a_second_frontend_is_refused_while_one_is_connected() {
+fn a_third_frontend_is_refused_while_two_are_connected() {
     let dir = tempfile::tempdir().unwrap();
     make_image(&dir.path().join("origin.img"), 4 * MIB, 10);
     let d = serve(dir.path(), &["--num-queues", "1"]);
     let mut first = Client::connect(&d.socket, 1);
+    assert_eq!(first.write(0, 0, &[7u8; 4096]), 0);
+    // A second frontend connects (a migration's destination would: its rings start once
+    // the first one's stop), but a third is one too many.
+    let second = Client::connect(&d.socket, 1);
     let started = std::time::Instant::now();
     assert!(
         Client::try_connect(&d.socket, 1, false).is_err(),
-        "second frontend refused"
+        "third frontend refused"
     );
     assert!(
         started.elapsed() < std::time::Duration::from_secs(5),
         "refused promptly, not left hanging"
     );
-    // The first is unaffected, and once it leaves the next one is served.
-    assert_eq!(first.write(0, 0, &[7u8; 4096]), 0);
+    // The first is unaffected, and once both leave the next one is served.
+    assert_eq!(first.read(0, 0, 4096).unwrap(), vec![7u8; 4096]);
+    drop(second);
     drop(first);
     let mut next = Client::connect(&d.socket, 1);
     assert_eq!(next.read(0, 0, 4096).unwrap(), vec![7u8; 4096]);

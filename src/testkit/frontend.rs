@@ -167,6 +167,18 @@ impl RawFrontend {
     /// hostile frontend may point them anywhere), this frontend's call and kick eventfds, and
     /// enables it.
     pub fn setup_queue(&mut self, desc: u64, avail: u64, used: u64) -> io::Result<()> {
+        self.setup_queue_at(desc, avail, used, 0)
+    }
+
+    /// [`RawFrontend::setup_queue`], the ring's first request at `base` (where a migration's
+    /// source stopped: its GET_VRING_BASE).
+    pub fn setup_queue_at(
+        &mut self,
+        desc: u64,
+        avail: u64,
+        used: u64,
+        base: u16,
+    ) -> io::Result<()> {
         self.vu.set_vring_num(0, RING).map_err(err)?;
         let config = VringConfigData {
             queue_max_size: RING,
@@ -178,7 +190,7 @@ impl RawFrontend {
             log_addr: None,
         };
         self.vu.set_vring_addr(0, &config).map_err(err)?;
-        self.vu.set_vring_base(0, 0).map_err(err)?;
+        self.vu.set_vring_base(0, base).map_err(err)?;
         self.vu.set_vring_call(0, &self.call).map_err(err)?;
         self.vu.set_vring_kick(0, &self.kick).map_err(err)?;
         self.vu.set_vring_enable(0, true).map_err(err)
@@ -231,6 +243,20 @@ impl RawFrontend {
         self.mem
             .write_obj(self.avail, GuestAddress(AVAIL + 2))
             .map_err(err)
+    }
+
+    /// Takes over guest memory and its ring from `source` (a migration: the destination's
+    /// memory holds what the source's held), to offer requests after those it offered.
+    pub fn take_memory_of(&mut self, source: &RawFrontend) -> io::Result<()> {
+        self.file = source.file.try_clone()?;
+        self.mem = source.mem.clone();
+        self.avail = source.avail;
+        Ok(())
+    }
+
+    /// Chains offered so far.
+    pub fn avail(&self) -> u16 {
+        self.avail
     }
 
     /// The used index the daemon last wrote.

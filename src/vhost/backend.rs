@@ -10,6 +10,7 @@
 
 use super::dirty::DirtyLog;
 use super::guest::GuestMem;
+use super::handover::{Entry, Handover, Rings};
 use super::memory::WorkerMemory;
 use super::queue::{QueueContext, QueueWorker};
 use super::request::{MemoryFaults, RequestContext};
@@ -25,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{ShutdownHandle, VhostUserBackend};
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringT};
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
@@ -35,6 +36,7 @@ use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
+use virtio_queue::QueueT;
 use vm_memory::ByteValued;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -86,6 +88,9 @@ pub struct BlkBackend {
     quiescing: AtomicBool,
     /// Workers inside `handle_event` right now.
     busy: OwnLine,
+    /// Which of this connection's rings run; the rings of only one connection of the device
+    /// run at a time (`handover.rs`).
+    rings: Rings,
 }
 
 /// A counter on cache lines of its own: every queue's worker writes `busy` at every event, and
@@ -105,12 +110,14 @@ impl Drop for Busy<'_> {
 
 impl BlkBackend {
     /// The backend of one connection: `device` served with `opts` in the frontend's guest
-    /// memory `mem`, its requests scheduled by the daemon's `sched`.
+    /// memory `mem`, its requests scheduled by the daemon's `sched`, its rings run when the
+    /// device's `handover` lets them.
     pub fn new(
         device: Arc<dyn BlockDevice>,
         opts: ServeOptions,
         mem: GuestMem,
         sched: Arc<Scheduler>,
+        handover: &Arc<Handover>,
     ) -> io::Result<Self> {
         let seg_max = u32::from(opts.queue_size).saturating_sub(2).max(1);
         let limits = Limits::new(
@@ -130,6 +137,7 @@ impl BlkBackend {
             .map(|_| Mutex::new(QueueWorker::default()))
             .collect();
         Ok(BlkBackend {
+            rings: handover.rings(usize::from(opts.num_queues)),
             id: virtio_blk::id_bytes(&opts.serial),
             device,
             limits,
@@ -164,6 +172,40 @@ impl BlkBackend {
     pub(super) fn stop_workers(&self) {
         for (_, notifier) in &self.exit_events {
             let _ = notifier.notify();
+        }
+    }
+
+    /// Every ring of the connection stopped: call once its worker threads are gone (every
+    /// request they popped was answered). Dropping the backend does it too.
+    pub(super) fn release_rings(&self) {
+        self.rings.stop_all();
+    }
+
+    /// Ring `q` is about to be served: whether it may, waiting if another connection of the
+    /// device runs its rings (a migration's source that has not stopped yet). A connection
+    /// that waited in vain is a second VM on the device, and is dropped.
+    fn may_run(&self, q: usize, vring: &Vring) -> bool {
+        if self.rings.running(q) {
+            return true;
+        }
+        // The ring's lock, shared, keeps it from being stopped (GET_VRING_BASE) meanwhile.
+        let state = vring.get_ref();
+        if !state.get_queue().ready() {
+            return false;
+        }
+        match self.rings.enter(q, &|| self.quiescing()) {
+            Entry::Run => true,
+            Entry::GaveUp => false,
+            Entry::Refused => {
+                warn!(
+                    "another frontend still runs this device's rings: this one is a second VM \
+                     on it, not a migration's destination; dropping it"
+                );
+                if let Some(handle) = self.shutdown.get() {
+                    handle.shutdown();
+                }
+                false
+            }
         }
     }
 
@@ -341,6 +383,16 @@ impl VhostUserBackend for BlkBackend {
         for w in &self.workers {
             w.lock().unwrap_or_else(|p| p.into_inner()).reset();
         }
+        // No worker is in a drain now (each held its lock): nothing popped is unanswered.
+        self.rings.stop_all();
+    }
+
+    /// GET_VRING_BASE stopped ring `queue_index` (the library marked it not ready under the
+    /// ring's lock, which a worker holds for a whole drain: every request it popped was
+    /// answered, and it pops nothing more). Another connection's rings may run now.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        self.rings.stop(queue_index as usize);
+        Ok(())
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -439,7 +491,7 @@ impl VhostUserBackend for BlkBackend {
         // its flag.
         self.busy.0.fetch_add(1, Ordering::SeqCst);
         let _busy = Busy(&self.busy.0);
-        if self.quiescing() {
+        if self.quiescing() || !self.may_run(thread_id, vring) {
             return Ok(());
         }
         // Uncontended: only this queue's thread takes this worker's lock.
@@ -460,9 +512,9 @@ mod tests {
     fn features_are_the_spec_bits_for_the_device() {
         let mask = |bits: &[u32]| bits.iter().fold(0u64, |m, b| m | 1 << b);
         // VERSION_1, EVENT_IDX, INDIRECT_DESC, SIZE_MAX, SEG_MAX, BLK_SIZE, TOPOLOGY, FLUSH,
-        // CONFIG_WCE, MQ and vhost-user's PROTOCOL_FEATURES (bit 30); then DISCARD and
-        // WRITE_ZEROES, or RO.
-        let common = [32, 29, 28, 1, 2, 6, 10, 9, 11, 12, 30];
+        // CONFIG_WCE, MQ, vhost's LOG_ALL (bit 26: the dirty log of live migration) and
+        // vhost-user's PROTOCOL_FEATURES (bit 30); then DISCARD and WRITE_ZEROES, or RO.
+        let common = [32, 29, 28, 1, 2, 6, 10, 9, 11, 12, 26, 30];
         assert_eq!(
             rig(false).backend.features(),
             mask(&common) | mask(&[13, 14])

@@ -10,6 +10,7 @@
 use super::backend::{BlkBackend, ServeOptions};
 use super::error::ServeError;
 use super::guest::{GuestMem, GuestMemTable};
+use super::handover::Handover;
 use super::sched::Scheduler;
 use super::vring::collect_created;
 use crate::device::BlockDevice;
@@ -32,6 +33,8 @@ pub(super) struct Service {
     pub device: Arc<dyn BlockDevice>,
     pub opts: ServeOptions,
     pub sched: Arc<Scheduler>,
+    /// Which connection's rings run (shared by the device's connections).
+    pub handover: Arc<Handover>,
 }
 
 /// One connection: dropping it makes sure no worker is, or will be, blocked on a frontend fd,
@@ -54,6 +57,7 @@ impl Connection {
             service.opts.clone(),
             workers,
             service.sched.clone(),
+            &service.handover,
         );
         let backend = Arc::new(backend.map_err(ServeError::Setup)?);
         let (daemon, vrings) =
@@ -142,6 +146,7 @@ mod tests {
                 poll: Duration::ZERO,
             },
             sched: Arc::new(Scheduler::default()),
+            handover: Arc::default(),
         }
     }
 

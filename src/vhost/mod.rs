@@ -19,6 +19,7 @@ mod connection;
 mod dirty;
 mod error;
 mod guest;
+mod handover;
 mod memory;
 mod queue;
 mod request;

@@ -150,6 +150,11 @@ impl QueueWorker {
             self.active = Some(ctx.sched.activate());
         }
         let mut state = vring.get_mut();
+        if !state.get_queue().ready() {
+            // Stopped (GET_VRING_BASE) since the kick: what is left in the ring belongs to
+            // whoever starts it next, from the position reported then.
+            return Ok(());
+        }
         if let Err(fault) = self.drain(ctx, vring, &mut state, poll) {
             // Never let a guest's ring corruption end the worker thread (the queue would
             // die silently) or loop forever: stop serving this queue, say why, once.

@@ -2,29 +2,39 @@
 //!
 //! A `VhostUserDaemon` serves a single frontend connection, so [`DeviceServer`] keeps the
 //! listening socket and builds a fresh daemon (and backend) for each connection: a VM that
-//! reboots, or a QEMU that is killed and restarted, is served again on the same path.
+//! reboots, or a QEMU that is killed and restarted, is served again on the same path. Up to
+//! [`MAX_FRONTENDS`] are connected at once: the VM's and, while the VM migrates to another
+//! QEMU process on this host, the destination's, whose rings start only once the source's
+//! are stopped (`handover.rs`). Each connection is waited for and torn down on a thread of
+//! its own; the serving thread accepts, turns away a frontend too many, and runs the
+//! connections' watchdogs.
 
 use super::backend::{BlkBackend, ServeOptions, WATCH_EVERY};
 use super::connection::{Connection, Service};
 use super::error::ServeError;
+use super::handover::Handover;
 use super::sched::Scheduler;
 use crate::device::BlockDevice;
-use crate::sock::{self, bind_socket, wait_readable, Backoff, Wait};
+use crate::sock::{self, bind_socket, Backoff};
 use crate::sys;
 use log::{info, warn};
 use std::fs;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::ShutdownHandle;
 use vmm_sys_util::eventfd::EventFd;
 
-/// How long a new connection waits for the current one to end before it is refused.
+/// Frontends connected to one device at once: the VM's, and a migration's destination.
+pub const MAX_FRONTENDS: usize = 2;
+
+/// How long a new connection waits for one to end before it is refused as one too many.
 const RECONNECT_GRACE: Duration = Duration::from_millis(500);
 
 /// Waits up to `timeout` for `event` to be signalled.
@@ -38,28 +48,51 @@ fn wait_for_event(event: &EventFd, timeout: Duration) -> bool {
         && fds[0].revents & libc::POLLIN != 0
 }
 
-/// Tells a serving thread to stop, whether it is waiting for a frontend or serving one.
+/// A connected frontend, as a stop sees it.
+struct Frontend {
+    id: u64,
+    handle: ShutdownHandle,
+    backend: Arc<BlkBackend>,
+}
+
+/// Tells a serving thread to stop, whether it is waiting for a frontend or serving some.
 struct StopSignal {
     requested: AtomicBool,
     wake: EventFd,
-    connection: Mutex<Option<(ShutdownHandle, Arc<BlkBackend>)>>,
+    /// Signalled by each connection's thread when it is over.
+    ended: EventFd,
+    connections: Mutex<Vec<Frontend>>,
+    next_id: AtomicU64,
 }
 
 /// How often a stop waiting for requests in flight says so.
 const QUIESCE_WARN_EVERY: Duration = Duration::from_secs(5);
 
 impl StopSignal {
+    fn new() -> io::Result<Self> {
+        Ok(StopSignal {
+            requested: AtomicBool::new(false),
+            wake: EventFd::new(libc::EFD_CLOEXEC)?,
+            ended: EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)?,
+            connections: Mutex::new(Vec::new()),
+            next_id: AtomicU64::new(0),
+        })
+    }
+
     fn request(&self) {
         self.requested.store(true, Ordering::SeqCst);
         let _ = self.wake.write(1);
-        if let Some((handle, backend)) = self.lock().as_ref() {
-            // Answer what was popped before the frontend sees the disconnect (see `quiesce`).
-            // No deadline: disconnecting first would let a late answer make the frontend run
-            // that request twice, and the stop waits for the workers to end anyway.
-            while !backend.quiesce(QUIESCE_WARN_EVERY) {
+        let connections = self.lock();
+        // Answer what was popped before any frontend sees the disconnect (see `quiesce`).
+        // No deadline: disconnecting first would let a late answer make the frontend run
+        // that request twice, and the stop waits for the workers to end anyway.
+        for f in connections.iter() {
+            while !f.backend.quiesce(QUIESCE_WARN_EVERY) {
                 warn!("a stop is waiting for requests still running (a stalled file?)");
             }
-            handle.shutdown();
+        }
+        for f in connections.iter() {
+            f.handle.shutdown();
         }
     }
 
@@ -67,15 +100,23 @@ impl StopSignal {
         self.requested.load(Ordering::SeqCst)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(ShutdownHandle, Arc<BlkBackend>)>> {
-        self.connection.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Frontend>> {
+        self.connections.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The backends of the frontends connected now.
+    fn backends(&self) -> Vec<Arc<BlkBackend>> {
+        self.lock().iter().map(|f| f.backend.clone()).collect()
     }
 }
 
-/// Whether a frontend is connected.
+/// Whether frontends are connected.
 #[derive(Debug, Default)]
 pub struct ConnectionStats {
+    /// At least one.
     pub connected: AtomicBool,
+    /// How many (at most [`MAX_FRONTENDS`]).
+    pub frontends: AtomicUsize,
 }
 
 /// A device served on a socket by a background thread.
@@ -97,11 +138,20 @@ impl DeviceServer {
         sched: Arc<Scheduler>,
     ) -> Result<Self, ServeError> {
         let listener = bind_socket(path, socket_mode)?;
-        let stop = Arc::new(StopSignal {
-            requested: AtomicBool::new(false),
-            wake: EventFd::new(libc::EFD_CLOEXEC).map_err(ServeError::Setup)?,
-            connection: Mutex::new(None),
-        });
+        Self::serve_listener(name, path, listener, device, opts, sched)
+    }
+
+    /// Serves `device` on `listener`, a socket already listening at `path` (bound by us, or
+    /// inherited: `--fd`, socket activation).
+    pub fn serve_listener(
+        name: &str,
+        path: &Path,
+        listener: UnixListener,
+        device: Arc<dyn BlockDevice>,
+        opts: ServeOptions,
+        sched: Arc<Scheduler>,
+    ) -> Result<Self, ServeError> {
+        let stop = Arc::new(StopSignal::new().map_err(ServeError::Setup)?);
         let stats = Arc::new(ConnectionStats::default());
         let thread = {
             let (stop, stats, name) = (stop.clone(), stats.clone(), name.to_string());
@@ -112,6 +162,7 @@ impl DeviceServer {
                         device,
                         opts,
                         sched,
+                        handover: Arc::new(Handover::default()),
                     };
                     serve_loop(&name, Listener::from(listener), &service, &stop, &stats)
                 })
@@ -125,8 +176,8 @@ impl DeviceServer {
         })
     }
 
-    /// Stops serving: disconnects any frontend after its in-flight requests, joins the worker
-    /// threads and removes the socket.
+    /// Stops serving: disconnects every frontend after its in-flight requests, joins the
+    /// worker threads and removes the socket.
     pub fn stop(mut self) {
         self.shutdown();
     }
@@ -136,9 +187,9 @@ impl DeviceServer {
     /// turned away before its first request, never disconnected mid-use.
     pub fn stop_unless_connected(mut self) -> Result<(), DeviceServer> {
         {
-            let connection = self.stop.lock();
+            let connections = self.stop.lock();
             if self.stats.connected.load(Ordering::SeqCst) {
-                drop(connection);
+                drop(connections);
                 return Err(self);
             }
             self.stop.requested.store(true, Ordering::SeqCst);
@@ -168,167 +219,264 @@ impl Drop for DeviceServer {
     }
 }
 
-/// Waits until the listener has a connection (true) or a stop was requested (false).
-fn wait_for_connection(listener: &Listener, stop: &StopSignal) -> bool {
-    !stop.requested() && wait_readable(listener.as_raw_fd(), &stop.wake) && !stop.requested()
+/// What the serving thread woke up for.
+enum Event {
+    Stop,
+    /// A connection is over.
+    Ended,
+    /// A frontend waits in the listen queue.
+    Pending,
+    TimedOut,
 }
 
-/// Serves connection after connection until a stop. A connection that cannot be set up
-/// (out of fds, memory or threads) is turned away, and the loop backs off (see [`Backoff`]):
-/// it never spins on a listener it cannot accept from.
+/// Waits (up to `timeout`) for a stop, a connection's end or a new frontend, in that order.
+fn next_event(listener: &Listener, stop: &StopSignal, timeout: Duration) -> Event {
+    let pollfd = |fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let mut fds = [
+        pollfd(stop.wake.as_raw_fd()),
+        pollfd(stop.ended.as_raw_fd()),
+        pollfd(listener.as_raw_fd()),
+    ];
+    match sys::poll(&mut fds, Some(timeout)) {
+        Ok(0) => return Event::TimedOut,
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => return Event::TimedOut,
+        Err(e) => {
+            warn!("poll failed: {e}");
+            return Event::Stop;
+        }
+    }
+    if fds[0].revents != 0 || stop.requested() {
+        return Event::Stop;
+    }
+    if fds[1].revents != 0 {
+        let _ = stop.ended.read();
+        return Event::Ended;
+    }
+    if fds[2].revents & libc::POLLIN != 0 {
+        return Event::Pending;
+    }
+    // POLLERR/POLLNVAL on the socket: waiting again would spin.
+    warn!("poll reported {:#x} on a listening socket", fds[2].revents);
+    Event::Stop
+}
+
+/// Serves connection after connection, up to [`MAX_FRONTENDS`] at once, until a stop. A
+/// connection that cannot be set up (out of fds, memory or threads) is turned away, and the
+/// loop backs off (see [`Backoff`]): it never spins on a listener it cannot accept from.
 fn serve_loop(
     name: &str,
     mut listener: Listener,
     service: &Service,
-    stop: &StopSignal,
-    stats: &ConnectionStats,
+    stop: &Arc<StopSignal>,
+    stats: &Arc<ConnectionStats>,
 ) {
     let mut backoff = Backoff::new(name);
-    while wait_for_connection(&listener, stop) {
-        match serve_one(name, &mut listener, service, stop, stats) {
-            Ok(()) => info!("{name}: frontend disconnected"),
-            Err(e) if e.is_setup() => {
-                if e.left_pending() {
+    let mut waiters: Vec<JoinHandle<()>> = Vec::new();
+    let mut watched = Instant::now();
+    loop {
+        reap(&mut waiters);
+        if stop.requested() {
+            break;
+        }
+        match next_event(&listener, stop, WATCH_EVERY) {
+            Event::Stop => break,
+            Event::Ended | Event::TimedOut => {}
+            Event::Pending if stats.frontends.load(Ordering::SeqCst) >= MAX_FRONTENDS => {
+                // A frontend that just hung up and reconnects can be seen before its old
+                // connection is over: give one a moment to end before refusing the newcomer.
+                if !wait_for_event(&stop.ended, RECONNECT_GRACE) {
+                    warn!(
+                        "{name}: refused a frontend: {MAX_FRONTENDS} are connected (a VM and \
+                         its migration's destination)"
+                    );
                     sock::drop_pending(sys::listener_fd(&listener));
                 }
-                backoff.failed(&e, &stop.wake);
-                continue;
             }
-            Err(e) => warn!("{name}: connection ended with an error: {e}"),
+            Event::Pending => match start_connection(name, &mut listener, service, stop, stats) {
+                Ok(waiter) => {
+                    waiters.extend(waiter);
+                    backoff.succeeded();
+                }
+                Err(e) if e.is_setup() => {
+                    if e.left_pending() {
+                        sock::drop_pending(sys::listener_fd(&listener));
+                    }
+                    backoff.failed(&e, &stop.wake);
+                }
+                Err(e) => warn!("{name}: connection ended with an error: {e}"),
+            },
         }
-        backoff.succeeded();
+        if watched.elapsed() >= WATCH_EVERY {
+            watched = Instant::now();
+            for backend in stop.backends() {
+                backend.watch();
+            }
+        }
+    }
+    // The stop quiesced and shut down every connection: wait for them to be torn down.
+    for waiter in waiters {
+        let _ = waiter.join();
     }
 }
 
-/// Clears the stop signal's handle and the connected flag when dropped.
-struct ConnectionOver<'a> {
-    stop: &'a StopSignal,
-    stats: &'a ConnectionStats,
+/// Joins the connection threads that are done.
+fn reap(waiters: &mut Vec<JoinHandle<()>>) {
+    let (done, running): (Vec<_>, Vec<_>) = waiters.drain(..).partition(|w| w.is_finished());
+    *waiters = running;
+    for w in done {
+        if w.join().is_err() {
+            warn!("{}", ServeError::WatcherPanicked);
+        }
+    }
 }
 
-impl Drop for ConnectionOver<'_> {
+/// A connection counted in the stop signal and the stats until it is over: dropping it (on
+/// every way out of the connection's thread) takes it out and signals the serving thread.
+struct Registered {
+    id: u64,
+    counted: bool,
+    stop: Arc<StopSignal>,
+    stats: Arc<ConnectionStats>,
+}
+
+impl Registered {
+    /// The stop no longer needs to reach the connection (it is over).
+    fn unlist(&self) {
+        self.stop.lock().retain(|f| f.id != self.id);
+    }
+}
+
+impl Drop for Registered {
     fn drop(&mut self) {
-        *self.stop.lock() = None;
-        self.stats.connected.store(false, Ordering::SeqCst);
+        let mut connections = self.stop.lock();
+        connections.retain(|f| f.id != self.id);
+        if self.counted {
+            let left = self.stats.frontends.fetch_sub(1, Ordering::SeqCst) - 1;
+            self.stats.connected.store(left > 0, Ordering::SeqCst);
+        }
+        drop(connections);
+        let _ = self.stop.ended.write(1);
     }
 }
 
-fn serve_one(
+/// Accepts the pending frontend and serves it on a thread of its own (or, if no thread can
+/// be started, on this one until it ends); returns that thread.
+fn start_connection(
     name: &str,
     listener: &mut Listener,
     service: &Service,
-    stop: &StopSignal,
-    stats: &ConnectionStats,
-) -> Result<(), ServeError> {
+    stop: &Arc<StopSignal>,
+    stats: &Arc<ConnectionStats>,
+) -> Result<Option<JoinHandle<()>>, ServeError> {
     let mut conn = Connection::new(name, service)?;
-    let done = Arc::new(EventFd::new(libc::EFD_CLOEXEC).map_err(ServeError::Setup)?);
     conn.start(listener)?;
-    let backend = conn.backend().clone();
+    let id = stop.next_id.fetch_add(1, Ordering::Relaxed);
+    let mut registered = Registered {
+        id,
+        counted: false,
+        stop: stop.clone(),
+        stats: stats.clone(),
+    };
     {
         // Under the connection lock, so `stop_unless_connected` sees either this frontend
         // connected or its own stop request honoured here, never neither.
-        let mut connection = stop.lock();
-        if stop.requested() {
-            conn.daemon().request_shutdown();
-        } else {
-            info!("{name}: frontend connected");
-            stats.connected.store(true, Ordering::SeqCst);
-            *connection = conn
-                .daemon()
-                .shutdown_handle()
-                .map(|h| (h, backend.clone()));
+        let mut connections = stop.lock();
+        match conn.daemon().shutdown_handle() {
+            Some(handle) if !stop.requested() => {
+                if connections.is_empty() {
+                    info!("{name}: frontend connected");
+                } else {
+                    info!(
+                        "{name}: another frontend connected (a migration's destination: its \
+                         rings start once the first one's are stopped)"
+                    );
+                }
+                connections.push(Frontend {
+                    id,
+                    handle,
+                    backend: conn.backend().clone(),
+                });
+                stats.frontends.fetch_add(1, Ordering::SeqCst);
+                stats.connected.store(true, Ordering::SeqCst);
+                registered.counted = true;
+            }
+            _ => conn.daemon().request_shutdown(),
         }
     }
-    // Every way out of here, early ones included, ends the connection's bookkeeping; it is
-    // dropped after the connection (declared before it is handed back by the waiter).
-    let _over = ConnectionOver { stop, stats };
-    // Wait for the connection to end on a helper thread, and meanwhile turn away any other
-    // frontend: a vhost-user socket serves one, and a second VM would otherwise hang. The
-    // connection waits in a slot the thread takes it from, so that if the thread cannot be
-    // started it is still here to be waited for (and quiesced) on this one.
-    let parked: Parked = Arc::new(Mutex::new(Some(conn)));
+    // The connection waits in a slot the thread takes it from, so that if the thread cannot
+    // be started it is still here (and still counted) to be waited for on this one.
+    let parked: Parked = Arc::new(Mutex::new(Some((conn, registered))));
     let spawned = if waiter_spawn_fails() {
         Err(io::Error::from_raw_os_error(libc::EAGAIN))
     } else {
-        let (done, parked) = (done.clone(), parked.clone());
+        let (parked, name) = (parked.clone(), name.to_string());
         std::thread::Builder::new()
             .name(format!("wait-{name}"))
-            .spawn(move || {
-                let waited = wait_parked(&parked);
-                let _ = done.write(1);
-                waited
-            })
+            .spawn(move || end_connection(&name, wait_parked(&parked)))
     };
-    let waited = match spawned {
-        Ok(waiter) => {
-            watch_while_connected(name, listener, &backend, &done, stop);
-            waiter.join().map_err(|_| ServeError::WatcherPanicked)?
-        }
+    match spawned {
+        Ok(waiter) => Ok(Some(waiter)),
         Err(e) => {
             warn!(
                 "{name}: cannot start a thread to watch the connection ({e}); serving it \
-                 anyway, and a second frontend waits until it ends"
+                 anyway, and another frontend waits until it ends"
             );
             #[cfg(test)]
             WAITED_HERE.fetch_add(1, Ordering::SeqCst);
-            wait_parked(&parked)
+            end_connection(name, wait_parked(&parked));
+            Ok(None)
         }
+    }
+}
+
+/// How a connection ended: the connection, its registration and the library's verdict.
+type Waited = (
+    Connection,
+    Registered,
+    Result<(), vhost_user_backend::Error>,
+);
+
+/// Tears down a connection that is over and says how it ended.
+fn end_connection(name: &str, waited: Option<Waited>) {
+    let Some((conn, registered, result)) = waited else {
+        warn!("{name}: {}", ServeError::DaemonLost);
+        return;
     };
-    let Some((conn, result)) = waited else {
-        return Err(ServeError::DaemonLost);
-    };
-    *stop.lock() = None;
-    // Dropping the connection frees any worker blocked on a frontend fd, then joins the
-    // queue workers, so no request is in flight after this.
+    registered.unlist();
+    let backend = conn.backend().clone();
+    // Dropping the connection frees any worker blocked on a frontend fd, then joins the queue
+    // workers, so no request is in flight after this: its rings may be taken over.
     drop(conn);
-    stats.connected.store(false, Ordering::SeqCst);
+    backend.release_rings();
+    drop(backend);
+    drop(registered);
     match result {
         // A frontend that goes away mid-message is an ordinary disconnect.
         Ok(())
         | Err(vhost_user_backend::Error::HandleRequest(
             VhostUserError::Disconnected | VhostUserError::PartialMessage,
-        )) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// While the connection lasts (until `done` or a stop): turns away any other frontend, and
-/// runs the connection's watchdog every [`WATCH_EVERY`].
-fn watch_while_connected(
-    name: &str,
-    listener: &Listener,
-    backend: &BlkBackend,
-    done: &EventFd,
-    stop: &StopSignal,
-) {
-    while !stop.requested() {
-        match sock::wait_readable_until(listener.as_raw_fd(), done, Some(WATCH_EVERY)) {
-            Wait::Woken => return,
-            Wait::TimedOut => backend.watch(),
-            Wait::Readable => {
-                // A frontend that just hung up and reconnects can be seen before its old
-                // connection is: give the current one a moment to end before calling the
-                // newcomer a second VM.
-                if wait_for_event(done, RECONNECT_GRACE) {
-                    return;
-                }
-                warn!("{name}: refused a second frontend: the device already has one connected");
-                sock::drop_pending(sys::listener_fd(listener));
-            }
-        }
+        )) => info!("{name}: frontend disconnected"),
+        Err(e) => warn!(
+            "{name}: connection ended with an error: {}",
+            ServeError::from(e)
+        ),
     }
 }
 
 /// A connection, parked for whichever thread waits for it to end.
-type Parked = Arc<Mutex<Option<Connection>>>;
+type Parked = Arc<Mutex<Option<(Connection, Registered)>>>;
 
-/// Takes the parked connection and waits for it to end; returns it and how its wait ended,
-/// or `None` if another thread took it (never: a failed spawn never runs its closure, and a
-/// running one is the only other taker).
-fn wait_parked(parked: &Parked) -> Option<(Connection, Result<(), vhost_user_backend::Error>)> {
-    let mut conn = parked.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+/// Takes the parked connection and waits for it to end, or `None` if another thread took it
+/// (never: a failed spawn never runs its closure, and a running one is the only other taker).
+fn wait_parked(parked: &Parked) -> Option<Waited> {
+    let (mut conn, registered) = parked.lock().unwrap_or_else(|p| p.into_inner()).take()?;
     let result = conn.daemon().wait();
-    Some((conn, result))
+    Some((conn, registered, result))
 }
 
 /// Tests: pretend a connection's watcher thread cannot be started.
@@ -350,6 +498,8 @@ mod tests {
     use super::*;
     use crate::device::mock::MemDevice;
     use crate::testkit::blkio_client::Client;
+    use vhost::VhostBackend;
+    use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 
     /// Writes 4 KiB of `byte` at offset 0 and reads them back.
     fn write_and_read(client: &mut Client, byte: u8) -> Vec<u8> {
@@ -417,5 +567,167 @@ mod tests {
             "each connection was waited for on the serving thread"
         );
         drop(client);
+    }
+
+    /// A device that records the offset of every write and takes `delay` over each.
+    struct Recording {
+        inner: MemDevice,
+        delay: Duration,
+        writes: Mutex<Vec<u64>>,
+    }
+
+    impl BlockDevice for Recording {
+        fn capacity(&self) -> u64 {
+            self.inner.capacity()
+        }
+        fn read_vectored(&self, bufs: &mut [io::IoSliceMut<'_>], offset: u64) -> io::Result<()> {
+            std::thread::sleep(self.delay);
+            self.inner.read_vectored(bufs, offset)
+        }
+        fn write_vectored(&self, bufs: &[io::IoSlice<'_>], offset: u64) -> io::Result<()> {
+            std::thread::sleep(self.delay);
+            self.writes.lock().unwrap().push(offset);
+            self.inner.write_vectored(bufs, offset)
+        }
+        fn flush(&self) -> io::Result<()> {
+            self.inner.flush()
+        }
+        fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+            self.inner.discard(offset, len)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+            self.inner.write_zeroes(offset, len, unmap)
+        }
+        fn counters(&self) -> &crate::device::IoCounters {
+            self.inner.counters()
+        }
+    }
+
+    fn recording_server(delay: Duration) -> (tempfile::TempDir, DeviceServer, Arc<Recording>) {
+        let dir = tempfile::tempdir().unwrap();
+        let device = Arc::new(Recording {
+            inner: MemDevice::new(1 << 20),
+            delay,
+            writes: Mutex::new(Vec::new()),
+        });
+        let opts = ServeOptions {
+            num_queues: 1,
+            queue_size: 256,
+            serial: "handover".into(),
+            logical_block_size: 512,
+            read_only: false,
+            poll: Duration::ZERO,
+        };
+        let sched = Arc::new(Scheduler::default());
+        let socket = dir.path().join("dev.sock");
+        let server = DeviceServer::start("t", &socket, 0o600, device.clone(), opts, sched);
+        (dir, server.unwrap(), device)
+    }
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_second_frontends_rings_wait_until_the_first_ones_stop_and_a_third_is_refused() {
+        use crate::testkit::frontend::{closed_within, RawFrontend};
+        let (dir, server, _device) = recording_server(Duration::ZERO);
+        let socket = dir.path().join("dev.sock");
+        let mut source = RawFrontend::start(&socket).unwrap();
+        assert_eq!(source.read(0, 8, 5 * SECOND), Some(0), "the source runs");
+        // The destination connects and starts its ring: its request waits for the source's.
+        let mut dest = RawFrontend::start(&socket).unwrap();
+        assert_eq!(dest.read(8, 8, Duration::from_millis(500)), None, "waits");
+        assert_eq!(server.stats.frontends.load(Ordering::SeqCst), 2);
+        // A third frontend is one too many.
+        let third = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        use std::os::fd::AsRawFd;
+        assert!(closed_within(third.as_raw_fd(), 5 * SECOND), "refused");
+        // The source stops its ring: the destination's request is served at once.
+        let base = source.vu.get_vring_base(0).unwrap();
+        assert_eq!(base, 1);
+        assert!(dest.wait_used(5 * SECOND), "served once the source stopped");
+        assert_eq!(dest.last_status(), 0);
+        // The source's ring pops nothing now, even when kicked.
+        source.offer(VIRTIO_BLK_T_IN, 0, 8).unwrap();
+        source.kick.write(1).unwrap();
+        assert!(!source.wait_used(Duration::from_millis(300)));
+        // ... and it can go: the destination goes on alone.
+        drop(source);
+        assert_eq!(dest.read(16, 8, 5 * SECOND), Some(0));
+    }
+
+    #[test]
+    fn a_second_vm_whose_rings_wait_in_vain_is_dropped_and_the_first_goes_on() {
+        use crate::testkit::frontend::{closed_within, RawFrontend};
+        use std::os::fd::AsRawFd;
+        let (dir, _server, _device) = recording_server(Duration::ZERO);
+        let socket = dir.path().join("dev.sock");
+        let mut first = RawFrontend::start(&socket).unwrap();
+        assert_eq!(first.read(0, 8, 5 * SECOND), Some(0));
+        let mut second = RawFrontend::start(&socket).unwrap();
+        second.offer(VIRTIO_BLK_T_IN, 8, 8).unwrap();
+        second.kick.write(1).unwrap();
+        let fd = second.vu.as_raw_fd();
+        assert!(
+            !closed_within(fd, super::super::handover::PATIENCE / 2),
+            "waits a while: it may be a migration's destination"
+        );
+        assert!(
+            closed_within(fd, 2 * super::super::handover::PATIENCE),
+            "then dropped"
+        );
+        assert!(!second.wait_used(Duration::ZERO), "never served");
+        assert_eq!(first.read(16, 8, 5 * SECOND), Some(0), "the first goes on");
+    }
+
+    #[test]
+    fn a_handover_neither_loses_nor_repeats_a_request() {
+        use crate::testkit::frontend::{RawFrontend, AVAIL, DESC, USED};
+        // Each write takes 100 ms, so the source has requests in flight when it is stopped.
+        let (dir, server, device) = recording_server(Duration::from_millis(100));
+        let socket = dir.path().join("dev.sock");
+        let mut source = RawFrontend::start(&socket).unwrap();
+        // Four at once: the test frontend has room for four chains in flight.
+        for i in 0..4u64 {
+            source.offer(VIRTIO_BLK_T_OUT, i * 8, 8).unwrap();
+        }
+        source.kick.write(1).unwrap();
+        // The destination connects while they run, its memory that of the source (what the
+        // migration copies), its ring not started.
+        let mut dest = RawFrontend::connect(&socket, 1).unwrap();
+        while device.writes.lock().unwrap().is_empty() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // GET_VRING_BASE: answered only once every request popped is answered.
+        let base = source.vu.get_vring_base(0).unwrap() as u16;
+        let used = source.used_idx();
+        assert_eq!(
+            used, base,
+            "every request popped was answered before the reply"
+        );
+        let done = device.writes.lock().unwrap().len();
+        assert_eq!(done, usize::from(base));
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            device.writes.lock().unwrap().len(),
+            done,
+            "nothing popped after"
+        );
+        // The destination starts where the source stopped and offers two more.
+        dest.take_memory_of(&source).unwrap();
+        dest.set_memory().unwrap();
+        dest.setup_queue_at(DESC, AVAIL, USED, base).unwrap();
+        for i in 4..6u64 {
+            dest.offer(VIRTIO_BLK_T_OUT, i * 8, 8).unwrap();
+        }
+        dest.kick.write(1).unwrap();
+        assert!(
+            dest.wait_used(10 * SECOND),
+            "the rest is served by the destination"
+        );
+        let mut writes = device.writes.lock().unwrap().clone();
+        writes.sort_unstable();
+        let want: Vec<u64> = (0..6).map(|i| i * 8 * 512).collect();
+        assert_eq!(writes, want, "each write exactly once");
+        drop(server);
     }
 }

@@ -50,7 +50,8 @@ pub(super) fn rig_sized(read_only: bool, device_len: usize) -> Rig {
     };
     let gm = GuestMemoryAtomic::new(mem.clone());
     let sched = Arc::new(Scheduler::default());
-    let backend = BlkBackend::new(device.clone(), opts, gm.clone(), sched).unwrap();
+    let backend =
+        BlkBackend::new(device.clone(), opts, gm.clone(), sched, &Arc::default()).unwrap();
     Rig {
         mem,
         gm,
@@ -229,7 +230,14 @@ pub(super) fn gated_with(
     };
     let gm = GuestMemoryAtomic::new(mem.clone());
     let sched = Arc::new(Scheduler::new(sched));
-    let backend = BlkBackend::new(device.clone(), opts, gm.clone(), sched.clone()).unwrap();
+    let backend = BlkBackend::new(
+        device.clone(),
+        opts,
+        gm.clone(),
+        sched.clone(),
+        &Arc::default(),
+    )
+    .unwrap();
     let q = MockSplitQueue::create(&mem, GuestAddress(0x1000), ring);
     q.add_desc_chains(&chains(&mem, writes, reads), 0).unwrap();
     let vring = Vring::new(gm, ring).unwrap();
