@@ -459,7 +459,11 @@ impl Daemon {
             true => None,
             false => self.hide_export(ORIGIN_NAME, false, "restore")?,
         };
-        if !force && self.stop_serving(&mut reg, DeviceId::ORIGIN.0, false).is_err() {
+        if !force
+            && self
+                .stop_serving(&mut reg, DeviceId::ORIGIN.0, false)
+                .is_err()
+        {
             if let Some(h) = hidden {
                 self.nbd.reinstate(h);
             }

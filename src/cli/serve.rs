@@ -360,6 +360,7 @@ fn open_cache(
             max_size: None,
             low_space_threshold: args.low_space,
             origin_tag: Some(tag),
+            copy_on_read: false,
         };
         let engine = CacheObject::open(origin, Arc::new(cache), opts).map_err(cow_err)?;
         if let Some(limit) = args.cache_size {

@@ -83,6 +83,7 @@ fn view(s: &DeviceStatus, chunk: u64) -> DeviceView {
         state: match d.state {
             DeviceState::Active => "active".into(),
             DeviceState::Inoperative => "inoperative".into(),
+            DeviceState::Degraded => "degraded".into(),
         },
         owned_bytes: d.owned_chunks * chunk,
         shared_bytes: d.mapped_chunks.saturating_sub(d.owned_chunks) * chunk,

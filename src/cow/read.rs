@@ -14,7 +14,8 @@ impl CacheObject {
     ///
     /// The origin's view is always the origin image itself (restore copies data into it), so
     /// an origin read is one vectored read of the image, with no lock and no table lookup: a
-    /// read racing a write to the same range may see either, as on any disk.
+    /// read racing a write to the same range may see either, as on any disk. (A read-only
+    /// origin copied on read is read like a snapshot: its local copies, or fetched.)
     pub fn read_vectored(
         &self,
         dev: DeviceId,
@@ -23,7 +24,8 @@ impl CacheObject {
     ) -> Result<()> {
         let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         self.check_range(offset, len)?;
-        if dev == DeviceId::ORIGIN {
+        // An origin copied on read is read chunk by chunk, from its local copies.
+        if dev == DeviceId::ORIGIN && self.cor.is_none() {
             self.origin.read_vectored_at(bufs, offset)?;
             return Ok(());
         }
@@ -50,13 +52,20 @@ impl CacheObject {
             let inoff = pos & (self.chunk_size - 1);
             let n = ((self.chunk_size - inoff) as usize).min(buf.len() - done);
             let piece = &mut buf[done..done + n];
-            let _stripe = self
+            let stripe = self
                 .stripe(c)
                 .read()
                 .unwrap_or_else(PoisonError::into_inner);
             Self::check_read_status(side, dev.0)?;
             match self.view(side, c) {
-                View::Origin => self.origin.read_at(piece, pos)?,
+                View::Origin => match self.cor.as_deref() {
+                    None => self.origin.read_at(piece, pos)?,
+                    Some(cor) => {
+                        // A read-only origin's data cannot change: no lock across the fetch.
+                        drop(stripe);
+                        self.read_origin_chunk(cor, c, inoff as usize, piece)?;
+                    }
+                },
                 View::Zero => piece.fill(0),
                 View::Block(b) => self.cache.read_at(piece, self.block_offset(b) + inoff)?,
             }

@@ -12,10 +12,13 @@
 //! - [`tmpfs`]: a small tmpfs mounted for a test, a file system that really fills up.
 //! - [`nbd`]: the NBD tools (nbdinfo, nbdcopy, qemu-img) driven and parsed, and a raw NBD
 //!   client for what the tools never send.
+//! - [`remote`]: remote origins: an in-memory stand-in (counting, slow, failing on demand)
+//!   and real NBD servers (qemu-nbd, nbdkit with its filters) as processes.
 
 pub mod blkio_client;
 pub mod engine;
 pub mod nbd;
+pub mod remote;
 pub mod storage;
 pub mod tmpfs;
 pub mod tokens;
