@@ -74,6 +74,26 @@ impl CacheObject {
         Ok(())
     }
 
+    /// Reads the origin device copied on read: chunk by chunk, its local copies or fetched.
+    /// No stripe lock: nothing ever changes the origin's data.
+    pub(super) fn read_origin_device(
+        &self,
+        cor: &CopyOnRead,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let c = pos >> self.chunk_shift;
+            let inoff = (pos & (self.chunk_size - 1)) as usize;
+            let n = (self.chunk_size as usize - inoff).min(buf.len() - done);
+            self.read_origin_chunk(cor, c, inoff, &mut buf[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
     /// Chunk `c` of the origin local, or its data in hand: one fetch however many readers
     /// ask at once (the others wait for its outcome). The caller holds no engine lock. A
     /// fetch that failed is an error for every reader that waited for it.

@@ -22,7 +22,7 @@
 //!   writes waiting for space; waiting for low space) over `waitlist.rs` (the waiting room),
 //!   `cor.rs` (copy-on-read of a read-only origin: its local copies, one fetch per chunk)
 //!   over `origin_copies.rs` (its state: the fetch table, counters), `hydrate.rs` (fetching
-//!   the rest in the background), `identity.rs` (such an origin's fingerprint).
+//!   the rest in the background).
 //! - `error.rs`: [`CowError`], [`DeviceId`].
 //! - [`check`]: the offline checker behind `snapblk check`.
 //!
@@ -41,7 +41,6 @@ pub mod format;
 pub mod history;
 mod hostroom;
 mod hydrate;
-pub mod identity;
 mod info;
 mod limit;
 pub mod meta;

@@ -8,12 +8,11 @@ use super::format::{
     JOURNAL_OFFSET, NO_BLOCK, TXN_ALIGN,
 };
 use super::hostroom::HostRoom;
-use super::identity::Fingerprint;
 use super::meta::ORIGIN_ID;
 use super::origin_copies::CopyOnRead;
 use super::recovery::{read_header, recover};
 use super::waitlist::SpaceWaits;
-use crate::storage::{Storage, SECTOR_SIZE};
+use crate::storage::{Fingerprint, Storage, SECTOR_SIZE};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64};

@@ -42,6 +42,9 @@ impl CacheObject {
     /// by lock-free loads (registry, then the device's page tree).
     pub fn read(&self, dev: DeviceId, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
+        if let (DeviceId::ORIGIN, Some(cor)) = (dev, self.cor.as_deref()) {
+            return self.read_origin_device(cor, offset, buf);
+        }
         // A guard, not an `Arc` clone: no shared counter for concurrent readers to contend on.
         let registry = self.registry.load();
         let side = Self::read_side(&registry, dev.0)?;

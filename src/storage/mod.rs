@@ -1,13 +1,19 @@
-//! The storage I/O layer: positional reads and writes on a byte store.
+//! The storage I/O layer: positional reads and writes on a byte store: files
+//! ([`FileStorage`]), a remote image on an NBD server ([`RemoteStorage`], read-only), and
+//! an image's content fingerprint ([`Fingerprint`]).
 //!
 //! Everything above this module (the virtio-blk data path, the copy-on-write engine) does I/O
 //! through [`Storage`], so tests can substitute an in-memory or crash-injecting store (`crate::testkit::storage`).
 
 mod file;
+pub mod fingerprint;
 pub mod lock;
+pub mod remote;
 
 pub use file::FileStorage;
+pub use fingerprint::Fingerprint;
 pub use lock::{LockError, LockKind};
+pub use remote::{RemoteError, RemoteOptions, RemoteStorage};
 
 use std::io::{self, IoSlice, IoSliceMut};
 

@@ -1,5 +1,6 @@
 //! The identity of a read-only origin copied on read (a remote image), pinned in the cache
-//! object: its size (the header's) and a fingerprint of its content, CRC32C of
+//! object (and checked again when its server comes back after a disconnection): its size
+//! and a fingerprint of its content, CRC32C of
 //! [`SAMPLES`] blocks of [`SAMPLE_LEN`] bytes at fixed places (the first and last blocks,
 //! where partition tables live, and pseudo-random ones chosen by the size alone). The
 //! cache object keeps local copies of the image's chunks; an image that changed would be
@@ -8,7 +9,7 @@
 //! A fingerprint samples: a change that touches none of the sampled blocks goes unseen. It
 //! costs [`SAMPLES`] small reads at every start.
 
-use crate::storage::Storage;
+use super::Storage;
 use std::io;
 
 /// Blocks sampled.
@@ -44,12 +45,20 @@ fn sample_offsets(size: u64) -> Vec<u64> {
 impl Fingerprint {
     /// Reads the samples of `origin`.
     pub fn of(origin: &dyn Storage) -> io::Result<Self> {
-        let size = origin.size();
+        Self::sample(origin.size(), |buf, off| origin.read_at(buf, off))
+    }
+
+    /// Takes the samples of an image of `size` bytes with `read` (fill the buffer from the
+    /// offset).
+    pub fn sample<E>(
+        size: u64,
+        mut read: impl FnMut(&mut [u8], u64) -> Result<(), E>,
+    ) -> Result<Self, E> {
         let mut buf = vec![0u8; SAMPLE_LEN as usize];
         let mut v = Vec::with_capacity(SAMPLES);
         for off in sample_offsets(size) {
             let n = SAMPLE_LEN.min(size - off) as usize;
-            origin.read_at(&mut buf[..n], off)?;
+            read(&mut buf[..n], off)?;
             v.push((off, crc32c::crc32c(&buf[..n])));
         }
         Ok(Fingerprint(v))

@@ -1,0 +1,377 @@
+//! An NBD client connection, on the crate's codec ([`super::proto`], [`super::options`],
+//! [`super::chunks`]): connect (unix or TCP), negotiate (`client_handshake.rs`), then reads
+//! and `base:allocation` block-status queries, one request in flight at a time.
+//!
+//! The server is hostile: every reply is validated before it is believed (magic, handle,
+//! chunk type, lengths, offsets inside the request, no overlap, the whole range covered),
+//! payloads are bounded by what was asked for, and a socket timeout bounds every wait. A
+//! reply that breaks the protocol ends the connection ([`ClientError::breaks_connection`]);
+//! an error the server reports for one request does not.
+
+use super::chunks::{BlockStatus, ErrorChunk, Hole};
+use super::client_handshake::{negotiate, ExportInfo};
+use super::proto::{
+    ChunkHeader, ProtoError, Request, SimpleReply, CMD_BLOCK_STATUS, CMD_DISC, CMD_READ, EIO,
+    REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE,
+    SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
+};
+use super::socket::Stream;
+use super::uri::{NbdUri, Transport};
+use std::io::{self, BufReader, Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+use thiserror::Error;
+
+/// Largest error chunk payload read (an error number, a message of at most 64 KiB, an offset).
+const MAX_ERROR_PAYLOAD: u32 = 6 + 65535 + 8;
+/// Most descriptors one block-status chunk may carry.
+const MAX_DESCRIPTORS: u32 = 1 << 16;
+
+/// Why a request or a connection failed.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("connection: {0}")]
+    Io(#[from] io::Error),
+    #[error("malformed message from the server: {0}")]
+    Proto(#[from] ProtoError),
+    #[error("the server broke the protocol: {0}")]
+    BadReply(String),
+    #[error("the server does not offer what snapblk needs: {0}")]
+    Unsupported(String),
+    #[error("the server refused: {0}")]
+    Refused(String),
+    /// The server reported an error for this request (the connection goes on).
+    #[error("the server failed the request: errno {errno}: {message}")]
+    Server { errno: u32, message: String },
+}
+
+impl ClientError {
+    /// Whether the connection is no longer usable (anything but an error the server
+    /// reported for one request).
+    pub fn breaks_connection(&self) -> bool {
+        !matches!(self, ClientError::Server { .. })
+    }
+}
+
+fn bad(why: impl Into<String>) -> ClientError {
+    ClientError::BadReply(why.into())
+}
+
+/// One connection to an NBD server's export, negotiated and ready for requests.
+pub struct ClientConn {
+    reader: BufReader<Stream>,
+    pub info: ExportInfo,
+    handle: u64,
+}
+
+/// Opens the stream `uri` names, with `timeout` for the connect and every later read or write.
+fn open_stream(uri: &NbdUri, timeout: Duration) -> io::Result<Stream> {
+    let stream = match &uri.transport {
+        Transport::Unix(path) => Stream::Unix(UnixStream::connect(path)?),
+        Transport::Tcp { host, port } => {
+            let mut last = io::Error::new(io::ErrorKind::NotFound, "the host has no address");
+            let mut found = None;
+            for addr in (host.as_str(), *port).to_socket_addrs()? {
+                match TcpStream::connect_timeout(&addr, timeout) {
+                    Ok(s) => {
+                        found = Some(s);
+                        break;
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            let s = found.ok_or(last)?;
+            s.set_nodelay(true)?;
+            Stream::Tcp(s)
+        }
+    };
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    Ok(stream)
+}
+
+impl ClientConn {
+    /// Connects to `uri` and negotiates its export (structured replies and `base:allocation`
+    /// when the server has them). `timeout` bounds each wait for the server.
+    pub fn connect(uri: &NbdUri, timeout: Duration) -> Result<Self, ClientError> {
+        let mut reader = BufReader::with_capacity(64 << 10, open_stream(uri, timeout)?);
+        let info = negotiate(&mut reader, &uri.export)?;
+        Ok(ClientConn {
+            reader,
+            info,
+            handle: 0,
+        })
+    }
+
+    fn send(&mut self, cmd: u16, offset: u64, len: u32) -> Result<u64, ClientError> {
+        self.handle = self.handle.wrapping_add(1);
+        let mut out = Vec::with_capacity(Request::LEN);
+        Request {
+            flags: 0,
+            cmd,
+            handle: self.handle,
+            offset,
+            len,
+        }
+        .encode(&mut out);
+        self.reader.get_mut().write_all(&out)?;
+        Ok(self.handle)
+    }
+
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), ClientError> {
+        self.reader.read_exact(buf)?;
+        Ok(())
+    }
+
+    /// Reads and drops `n` bytes.
+    fn skip(&mut self, n: u32) -> Result<(), ClientError> {
+        let copied = io::copy(&mut (&mut self.reader).take(n.into()), &mut io::sink())?;
+        if copied != u64::from(n) {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+        }
+        Ok(())
+    }
+
+    /// The next reply's header for request `handle`: a simple reply's error, or a chunk's
+    /// header.
+    fn reply_header(&mut self, handle: u64) -> Result<Result<u32, ChunkHeader>, ClientError> {
+        let mut magic = [0u8; 4];
+        self.read_exact(&mut magic)?;
+        match u32::from_be_bytes(magic) {
+            SIMPLE_REPLY_MAGIC => {
+                let mut b = [0u8; SimpleReply::LEN];
+                b[..4].copy_from_slice(&magic);
+                self.read_exact(&mut b[4..])?;
+                let r = SimpleReply::decode(&b)?;
+                if r.handle != handle {
+                    return Err(bad(format!("a reply for handle {:#x}", r.handle)));
+                }
+                Ok(Ok(r.error))
+            }
+            STRUCTURED_REPLY_MAGIC => {
+                let mut b = [0u8; ChunkHeader::LEN];
+                b[..4].copy_from_slice(&magic);
+                self.read_exact(&mut b[4..])?;
+                let h = ChunkHeader::decode(&b)?;
+                if h.handle != handle {
+                    return Err(bad(format!("a reply chunk for handle {:#x}", h.handle)));
+                }
+                Ok(Err(h))
+            }
+            m => Err(bad(format!("reply magic {m:#x}"))),
+        }
+    }
+
+    /// An error chunk's payload, as the request's error.
+    fn error_chunk(&mut self, h: &ChunkHeader) -> Result<ClientError, ClientError> {
+        if h.len > MAX_ERROR_PAYLOAD {
+            return Err(bad(format!("an error chunk of {} bytes", h.len)));
+        }
+        let mut p = vec![0u8; h.len as usize];
+        self.read_exact(&mut p)?;
+        Ok(match ErrorChunk::decode(h.kind, &p) {
+            Ok(e) => ClientError::Server {
+                errno: e.error,
+                message: e.message,
+            },
+            Err(_) => ClientError::Server {
+                errno: EIO,
+                message: "an unreadable error".into(),
+            },
+        })
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (at most the export's largest request).
+    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ClientError> {
+        let len = u32::try_from(buf.len()).map_err(|_| bad("request too large"))?;
+        let handle = self.send(CMD_READ, offset, len)?;
+        let mut cover = Coverage::new(len);
+        let mut failure = None;
+        loop {
+            let h = match self.reply_header(handle)? {
+                Ok(0) => {
+                    self.read_exact(buf)?;
+                    return Ok(());
+                }
+                Ok(errno) => {
+                    return Err(ClientError::Server {
+                        errno,
+                        message: "read failed".into(),
+                    })
+                }
+                Err(h) => h,
+            };
+            cover.chunk()?;
+            match h.kind {
+                REPLY_TYPE_OFFSET_DATA => {
+                    let n = h.len.checked_sub(8).filter(|&n| n > 0);
+                    let n = n.ok_or_else(|| bad("an empty data chunk"))?;
+                    let mut at = [0u8; 8];
+                    self.read_exact(&mut at)?;
+                    let start = cover.add(u64::from_be_bytes(at), offset, n)?;
+                    self.read_exact(&mut buf[start..start + n as usize])?;
+                }
+                REPLY_TYPE_OFFSET_HOLE => {
+                    if h.len as usize != Hole::LEN {
+                        return Err(bad("a hole chunk of the wrong size"));
+                    }
+                    let mut p = [0u8; Hole::LEN];
+                    self.read_exact(&mut p)?;
+                    let hole = Hole::decode(&p)?;
+                    let start = cover.add(hole.offset, offset, hole.len)?;
+                    buf[start..start + hole.len as usize].fill(0);
+                }
+                REPLY_TYPE_NONE if h.len == 0 && h.is_done() => {}
+                k if k & 0x8000 != 0 => failure = Some(self.error_chunk(&h)?),
+                k => return Err(bad(format!("chunk type {k} in a read's reply"))),
+            }
+            if h.is_done() {
+                return match failure {
+                    Some(e) => Err(e),
+                    None => cover.complete(),
+                };
+            }
+        }
+    }
+
+    /// `base:allocation` of `[offset, offset + len)`: `(length, flags)` runs from `offset`,
+    /// covering at least one byte and at most `len`.
+    pub fn block_status(&mut self, offset: u64, len: u32) -> Result<Vec<(u32, u32)>, ClientError> {
+        let ctx = self
+            .info
+            .allocation_context
+            .ok_or_else(|| ClientError::Unsupported("base:allocation".into()))?;
+        let handle = self.send(CMD_BLOCK_STATUS, offset, len)?;
+        let mut runs: Vec<(u32, u32)> = Vec::new();
+        let mut failure = None;
+        let mut chunks = 0u32;
+        loop {
+            let h = match self.reply_header(handle)? {
+                Ok(0) => return Err(bad("block status without a status chunk")),
+                Ok(errno) => {
+                    let message = "block status failed".into();
+                    return Err(ClientError::Server { errno, message });
+                }
+                Err(h) => h,
+            };
+            chunks += 1;
+            if chunks > 64 {
+                return Err(bad("too many chunks in a block-status reply"));
+            }
+            match h.kind {
+                REPLY_TYPE_BLOCK_STATUS => {
+                    if h.len > 4 + 8 * MAX_DESCRIPTORS {
+                        return Err(bad("a block-status chunk too large"));
+                    }
+                    let mut p = vec![0u8; h.len as usize];
+                    self.read_exact(&mut p)?;
+                    let s = BlockStatus::decode(&p)?;
+                    if s.context != ctx {
+                        return Err(bad(format!("status of context {}", s.context)));
+                    }
+                    if runs.is_empty() {
+                        runs = clamp_runs(&s, len);
+                    }
+                }
+                REPLY_TYPE_NONE if h.len == 0 && h.is_done() => {}
+                k if k & 0x8000 != 0 => failure = Some(self.error_chunk(&h)?),
+                k => {
+                    self.skip(h.len.min(MAX_ERROR_PAYLOAD))?;
+                    return Err(bad(format!("chunk type {k} in a block-status reply")));
+                }
+            }
+            if h.is_done() {
+                return match (failure, runs.is_empty()) {
+                    (Some(e), _) => Err(e),
+                    (None, true) => Err(bad("block status answered nothing")),
+                    (None, false) => Ok(runs),
+                };
+            }
+        }
+    }
+
+    /// Says goodbye (best effort) and closes.
+    pub fn close(mut self) {
+        let _ = self.send(CMD_DISC, 0, 0);
+        let _ = self.reader.get_ref().shutdown(Shutdown::Both);
+    }
+}
+
+/// A status reply's descriptors, cut at `len` bytes (a server may describe more).
+fn clamp_runs(s: &BlockStatus, len: u32) -> Vec<(u32, u32)> {
+    let mut left = len;
+    let mut runs = Vec::with_capacity(s.descriptors.len());
+    for d in &s.descriptors {
+        if left == 0 {
+            break;
+        }
+        let n = d.len.min(left);
+        runs.push((n, d.flags));
+        left -= n;
+    }
+    runs
+}
+
+/// Which bytes of a read the reply's chunks covered: each inside the request, none twice,
+/// all of them by the end; and not more chunks than a sane server sends.
+struct Coverage {
+    len: u32,
+    covered: u64,
+    spans: Vec<(u32, u32)>,
+    max_chunks: u32,
+    chunks: u32,
+}
+
+impl Coverage {
+    fn new(len: u32) -> Self {
+        Coverage {
+            len,
+            covered: 0,
+            spans: Vec::new(),
+            max_chunks: len / 512 + 16,
+            chunks: 0,
+        }
+    }
+
+    fn chunk(&mut self) -> Result<(), ClientError> {
+        self.chunks += 1;
+        if self.chunks > self.max_chunks {
+            return Err(bad("too many chunks in a read's reply"));
+        }
+        Ok(())
+    }
+
+    /// A chunk for `n` bytes at `at` of a request at `offset`: where it goes in the buffer.
+    fn add(&mut self, at: u64, offset: u64, n: u32) -> Result<usize, ClientError> {
+        let start = at
+            .checked_sub(offset)
+            .filter(|&s| {
+                s.checked_add(u64::from(n))
+                    .is_some_and(|end| end <= u64::from(self.len))
+            })
+            .ok_or_else(|| bad(format!("a chunk at {at} outside the request")))?;
+        self.covered += u64::from(n);
+        if self.covered > u64::from(self.len) {
+            return Err(bad("chunks overlap"));
+        }
+        self.spans.push((start as u32, n));
+        Ok(start as usize)
+    }
+
+    /// Every byte covered exactly once.
+    fn complete(mut self) -> Result<(), ClientError> {
+        self.spans.sort_unstable();
+        let mut at = 0u32;
+        for (s, n) in &self.spans {
+            if *s != at {
+                return Err(bad("chunks overlap or leave a gap"));
+            }
+            at += n;
+        }
+        if at != self.len {
+            return Err(bad("the reply did not cover the whole read"));
+        }
+        Ok(())
+    }
+}
