@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian bookworm machine lacks to run snapblk's guest tests, NBD tests
 # and benchmarks: QEMU 10 (bookworm-backports) with qemu-img/qemu-io/qemu-nbd,
-# qemu-storage-daemon, busybox-static, cpio, and libnbd's nbdinfo and nbdcopy.
+# qemu-storage-daemon, busybox-static, cpio, libnbd's nbdinfo and nbdcopy, and nbdkit (with
+# its file plugin and delay/error/log filters, for the remote-origin tests and benchmark).
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
 
@@ -18,6 +19,7 @@ done
 for tool in nbdinfo nbdcopy; do
     command -v "$tool" >/dev/null 2>&1 || need+=(nbd)
 done
+command -v nbdkit >/dev/null 2>&1 || need+=(nbdkit)
 [ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 || need+=(busybox)
 command -v cpio >/dev/null 2>&1 || need+=(cpio)
 [ ${#need[@]} -eq 0 ] && exit 0
@@ -38,5 +40,5 @@ SRC
 fi
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils qemu-block-extra >/dev/null
-$SUDO apt-get install -y -qq busybox-static cpio xz-utils zstd libnbd-bin >/dev/null
+$SUDO apt-get install -y -qq busybox-static cpio xz-utils zstd libnbd-bin nbdkit >/dev/null
 qemu-system-x86_64 --version | head -1

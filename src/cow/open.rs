@@ -91,15 +91,13 @@ impl CacheObject {
         cache.allocate(0, data_offset)?;
         cache.write_at(&header.encode(), HEADER_SLOT_SIZE)?;
         cache.sync()?;
-        Self::open(
-            origin,
-            cache,
-            OpenOptions {
-                low_space_threshold: Some(opts.low_space_threshold),
-                copy_on_read: opts.copy_on_read,
-                ..Default::default()
-            },
-        )
+        let opts = OpenOptions {
+            low_space_threshold: Some(opts.low_space_threshold),
+            copy_on_read: opts.copy_on_read,
+            ..Default::default()
+        };
+        // The fingerprint was just taken: no need to sample the origin again.
+        Self::open_as(origin, cache, opts, false)
     }
 
     /// Opens an existing cache object and recovers its state from the latest checkpoint and
@@ -109,8 +107,18 @@ impl CacheObject {
         cache: Arc<dyn Storage>,
         opts: OpenOptions,
     ) -> Result<Self> {
+        Self::open_as(origin, cache, opts, true)
+    }
+
+    /// [`CacheObject::open`], checking the origin's content fingerprint or not.
+    fn open_as(
+        origin: Arc<dyn Storage>,
+        cache: Arc<dyn Storage>,
+        opts: OpenOptions,
+        fingerprint: bool,
+    ) -> Result<Self> {
         let mut header = read_header(cache.as_ref())?;
-        check_origin(origin.as_ref(), &header, &opts)?;
+        check_origin(origin.as_ref(), &header, &opts, fingerprint)?;
         // A cache object made before the journal was preallocated gets its space now.
         if let Err(e) = cache.allocate(0, header.data_offset) {
             log::warn!("cannot preallocate the cache object's journal ({e}): commits may fail if its file system fills up");
@@ -242,7 +250,12 @@ fn identity_unreadable(e: &std::io::Error) -> CowError {
 /// Refuses an origin of another size or, if the opener names one, another tag; for a
 /// read-only origin copied on read, one whose content fingerprint differs, or a cache object
 /// not made for one (and the other way round).
-fn check_origin(origin: &dyn Storage, header: &Header, opts: &OpenOptions) -> Result<()> {
+fn check_origin(
+    origin: &dyn Storage,
+    header: &Header,
+    opts: &OpenOptions,
+    fingerprint: bool,
+) -> Result<()> {
     if origin.size() != header.origin_size {
         return Err(CowError::WrongOrigin(format!(
             "origin is {} bytes, cache object was made for {} bytes",
@@ -264,6 +277,7 @@ fn check_origin(origin: &dyn Storage, header: &Header, opts: &OpenOptions) -> Re
                     .into(),
             ))
         }
+        (true, true) if !fingerprint => return Ok(()),
         (true, true) => {
             let recorded = Fingerprint::from_tag(&header.origin_tag).ok_or_else(|| {
                 CowError::WrongOrigin("the cache object records no origin fingerprint".into())

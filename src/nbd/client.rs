@@ -375,3 +375,207 @@ impl Coverage {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::chunks::{encode_data_start, Descriptor};
+    use crate::nbd::options::{Info, MetaContext};
+    use crate::nbd::proto::{
+        Greeting, OptionHeader, OptionReply, FLAG_CAN_MULTI_CONN, FLAG_FIXED_NEWSTYLE,
+        FLAG_HAS_FLAGS, FLAG_NO_ZEROES, FLAG_READ_ONLY, OPT_GO, OPT_SET_META_CONTEXT,
+        REPLY_FLAG_DONE, REPLY_TYPE_ERROR, REP_ACK, REP_INFO, REP_META_CONTEXT,
+    };
+    use std::os::unix::net::UnixListener;
+    use std::path::PathBuf;
+
+    const SIZE: u64 = 1 << 20;
+
+    /// Serves one connection: a well-behaved handshake, then `reply` (raw bytes) to the first
+    /// request, then closes.
+    fn server(reply: Vec<u8>) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut out = Vec::new();
+            let flags = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES;
+            Greeting { flags }.encode(&mut out);
+            s.write_all(&out).unwrap();
+            let mut cflags = [0u8; 4];
+            s.read_exact(&mut cflags).unwrap();
+            loop {
+                let mut h = [0u8; OptionHeader::LEN];
+                s.read_exact(&mut h).unwrap();
+                let h = OptionHeader::decode(&h).unwrap();
+                let mut data = vec![0u8; h.len as usize];
+                s.read_exact(&mut data).unwrap();
+                let mut out = Vec::new();
+                if h.option == OPT_SET_META_CONTEXT {
+                    let mut ctx = Vec::new();
+                    MetaContext {
+                        id: 7,
+                        name: "base:allocation".into(),
+                    }
+                    .encode(&mut ctx);
+                    OptionReply::encode_with(h.option, REP_META_CONTEXT, &ctx, &mut out);
+                }
+                if h.option == OPT_GO {
+                    let mut info = Vec::new();
+                    let flags = FLAG_HAS_FLAGS | FLAG_READ_ONLY | FLAG_CAN_MULTI_CONN;
+                    Info::Export { size: SIZE, flags }.encode(&mut info);
+                    OptionReply::encode_with(h.option, REP_INFO, &info, &mut out);
+                }
+                OptionReply::encode_with(h.option, REP_ACK, &[], &mut out);
+                s.write_all(&out).unwrap();
+                if h.option == OPT_GO {
+                    break;
+                }
+            }
+            let mut req = [0u8; Request::LEN];
+            if s.read_exact(&mut req).is_ok() {
+                let _ = s.write_all(&reply);
+            }
+        });
+        (dir, path)
+    }
+
+    fn connect(path: &std::path::Path) -> ClientConn {
+        let uri = NbdUri::parse(&format!("nbd+unix:///?socket={}", path.display())).unwrap();
+        ClientConn::connect(&uri, Duration::from_secs(5)).unwrap()
+    }
+
+    fn chunk(flags: u16, kind: u16, handle: u64, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        let len = payload.len() as u32;
+        ChunkHeader {
+            flags,
+            kind,
+            handle,
+            len,
+        }
+        .encode(&mut v);
+        v.extend_from_slice(payload);
+        v
+    }
+
+    fn data(at: u64, bytes: &[u8], done: bool) -> Vec<u8> {
+        let mut v = Vec::new();
+        encode_data_start(1, at, bytes.len() as u32, done, &mut v);
+        v.extend_from_slice(bytes);
+        v
+    }
+
+    fn hole(at: u64, len: u32, done: bool) -> Vec<u8> {
+        let mut p = Vec::new();
+        Hole { offset: at, len }.encode(&mut p);
+        let flags = if done { REPLY_FLAG_DONE } else { 0 };
+        chunk(flags, REPLY_TYPE_OFFSET_HOLE, 1, &p)
+    }
+
+    /// A 1024-byte read at 4096 answered with `reply`.
+    fn read_with(reply: Vec<u8>) -> Result<Vec<u8>, ClientError> {
+        let (_dir, path) = server(reply);
+        let mut c = connect(&path);
+        assert_eq!(c.info.size, SIZE);
+        assert!(c.info.structured && c.info.multi_conn() && c.info.read_only());
+        assert_eq!(c.info.allocation_context, Some(7));
+        let mut buf = vec![0xaau8; 1024];
+        c.read(4096, &mut buf).map(|()| buf)
+    }
+
+    #[test]
+    fn well_formed_replies_are_assembled() {
+        let reply = [hole(4096 + 512, 512, false), data(4096, &[3u8; 512], true)].concat();
+        let got = read_with(reply).unwrap();
+        assert_eq!(&got[..512], &[3u8; 512]);
+        assert_eq!(&got[512..], &[0u8; 512]);
+    }
+
+    /// Whatever a hostile server answers, the client refuses it with an error and never
+    /// panics or reads past what it asked for.
+    #[test]
+    fn hostile_replies_are_refused() {
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("another handle", {
+                let mut v = Vec::new();
+                encode_data_start(2, 4096, 1024, true, &mut v);
+                v.extend_from_slice(&[0u8; 1024]);
+                v
+            }),
+            ("outside the request", data(8192, &[1u8; 1024], true)),
+            ("before the request", data(0, &[1u8; 1024], true)),
+            ("past u64", data(u64::MAX - 10, &[1u8; 512], true)),
+            (
+                "overlap",
+                [data(4096, &[1u8; 1024], false), hole(4096, 512, true)].concat(),
+            ),
+            ("a gap", data(4096, &[1u8; 512], true)),
+            ("an empty data chunk", data(4096, &[], true)),
+            (
+                "a huge error chunk",
+                chunk(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 1, &[])[..16]
+                    .iter()
+                    .copied()
+                    .chain([0xff, 0xff, 0xff, 0xf0])
+                    .collect(),
+            ),
+            (
+                "an unknown chunk type",
+                chunk(REPLY_FLAG_DONE, 77, 1, &[0u8; 8]),
+            ),
+            ("a bad magic", vec![0u8; 32]),
+            (
+                "a short reply",
+                data(4096, &[1u8; 100], true)[..60].to_vec(),
+            ),
+            (
+                "a hole of a wrong size",
+                chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, 1, &[0; 8]),
+            ),
+        ];
+        for (what, reply) in cases {
+            let err = read_with(reply).expect_err(what);
+            assert!(err.breaks_connection(), "{what}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_server_error_fails_the_request_only() {
+        let mut p = Vec::new();
+        crate::nbd::chunks::ErrorChunk {
+            error: 5,
+            message: "bad sector".into(),
+            offset: None,
+        }
+        .encode(&mut p);
+        let err = read_with(chunk(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 1, &p)).unwrap_err();
+        assert!(!err.breaks_connection());
+        assert!(err.to_string().contains("bad sector"), "{err}");
+    }
+
+    #[test]
+    fn block_status_is_validated_and_clamped() {
+        let status = |ctx: u32, descs: &[(u32, u32)]| {
+            let s = BlockStatus {
+                context: ctx,
+                descriptors: descs
+                    .iter()
+                    .map(|&(len, flags)| Descriptor { len, flags })
+                    .collect(),
+            };
+            let mut p = Vec::new();
+            s.encode(&mut p);
+            chunk(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, 1, &p)
+        };
+        let run = |reply: Vec<u8>| {
+            let (_dir, path) = server(reply);
+            connect(&path).block_status(0, 8192)
+        };
+        let got = run(status(7, &[(4096, 3), (1 << 20, 0)])).unwrap();
+        assert_eq!(got, vec![(4096, 3), (4096, 0)], "cut at the length asked");
+        assert!(run(status(9, &[(4096, 3)])).is_err(), "another context");
+        assert!(run(chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, 1, &[])).is_err());
+    }
+}

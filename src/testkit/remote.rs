@@ -112,6 +112,20 @@ impl Storage for FakeRemote {
     }
 }
 
+/// The reads an nbdkit `--filter=log` logfile records, `(offset, count)` in order: what the
+/// server was asked for, to check fetch-at-most-once from its side.
+pub fn logged_reads(log: &Path) -> Vec<(u64, u64)> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let hex = |line: &str, key: &str| -> Option<u64> {
+        let v = line.split(key).nth(1)?.split_whitespace().next()?;
+        u64::from_str_radix(v.trim_start_matches("0x"), 16).ok()
+    };
+    text.lines()
+        .filter(|l| l.contains(" Read id=") && !l.contains("...Read"))
+        .filter_map(|l| Some((hex(l, "offset=")?, hex(l, "count=")?)))
+        .collect()
+}
+
 /// An NBD server process serving an image on a unix socket, killed on drop.
 pub struct NbdServer {
     child: Option<Child>,
@@ -214,6 +228,15 @@ impl NbdServer {
     /// Its process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends `sig` (SIGSTOP: the server hangs with its connections open; SIGCONT: it goes
+    /// on).
+    pub fn signal(&self, sig: i32) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: kill(2) on a child we spawned and have not reaped.
+            unsafe { libc::kill(pid as i32, sig) };
+        }
     }
 }
 
