@@ -76,7 +76,7 @@ impl Env {
             "--nbd",
             nbd.to_str().unwrap(),
             "--num-queues",
-            "1",
+            "2",
         ];
         args.extend_from_slice(extra);
         Daemon::start(&args, &sock)
@@ -499,4 +499,83 @@ fn snapblk_chained_to_another_snapblk_and_hydrated() {
     da.signal_and_wait(libc::SIGTERM);
     assert!(read_all(&s, 0, 8 * MIB).unwrap() == img);
     db.signal_and_wait(libc::SIGTERM);
+}
+
+/// A real guest (QEMU, TCG) boots from a writable snapshot of a remote origin served by
+/// `qemu-nbd -r`, checks the golden data under it and writes its own; a second guest on a
+/// second snapshot then fetches almost nothing (the first one's fetches are shared), and
+/// the image on the server is untouched.
+#[test]
+fn guests_on_snapshots_of_a_remote_origin_share_its_fetches() {
+    use support::guest::{run_guest, start_guest_test, Pattern};
+    let Some(_one) = start_guest_test("guests_on_snapshots_of_a_remote_origin_share_its_fetches")
+    else {
+        return;
+    };
+    const SPAN: u64 = 16;
+    let golden = Pattern {
+        seed: 4242,
+        span_mib: SPAN,
+        full_every: 8,
+        full_offset: 3,
+    };
+    let env = Env::new();
+    let mut img = vec![0u8; SPAN as usize * MIB];
+    golden.write_into(&mut img);
+    fs::write(env.p("golden.img"), &img).unwrap();
+    let server = NbdServer::qemu_nbd(&env.p("golden.img"), &env.p("q.sock"));
+    let daemon = env.serve(&server.uri(), &[]);
+    let mut fetched = Vec::new();
+    for i in 0..2u64 {
+        let name = format!("vm{i}");
+        let sock = env.snapshot(&name, true);
+        let before = env.stat("origin_bytes_fetched");
+        let own = Pattern {
+            seed: 1000 * (i as u32 + 1) + 7,
+            span_mib: SPAN,
+            full_every: 8,
+            full_offset: i,
+        };
+        let args: Vec<String> = [
+            ("disk", "vda".to_string()),
+            ("span_mib", SPAN.to_string()),
+            ("base_seed", golden.seed.to_string()),
+            ("base_every", golden.full_every.to_string()),
+            ("base_offset", golden.full_offset.to_string()),
+            ("seed", own.seed.to_string()),
+            ("full_every", own.full_every.to_string()),
+            ("full_offset", own.full_offset.to_string()),
+        ]
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+        let run = run_guest(&[&sock], &env.p(&format!("guest{i}.log")), "overlay", &args);
+        assert!(
+            run.passed("overlay"),
+            "guest {i}:\n{}\n--- snapblk ---\n{}",
+            run.output,
+            daemon.log_text()
+        );
+        assert_eq!(run.field("golden_sectors"), golden.covered_sectors().to_string());
+        fetched.push(env.stat("origin_bytes_fetched") - before);
+        // The guest's disk, from the host: golden + its own data.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let got = loop {
+            match read_all(&sock, 0, SPAN as usize * MIB) {
+                Ok(got) => break got,
+                Err(e) => assert!(Instant::now() < deadline, "read vm{i}: {e}"),
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let mut want = img.clone();
+        own.write_into(&mut want);
+        assert!(got == want, "vm{i} is golden + its own data");
+    }
+    eprintln!("fetched by the first guest: {} B, by the second: {} B", fetched[0], fetched[1]);
+    assert!(fetched[0] >= 2 * MIB as u64, "the first guest read the golden data: {fetched:?}");
+    assert!(
+        fetched[1] * 8 <= fetched[0],
+        "the second guest fetched almost nothing: {fetched:?}"
+    );
+    assert!(fs::read(env.p("golden.img")).unwrap() == img, "the image is untouched");
 }
