@@ -131,7 +131,11 @@ impl CacheObject {
     fn read_origin_view(&self, c: u64, buf: &mut [u8]) -> Result<()> {
         match self.cor.as_deref() {
             None => self.origin.read_at(buf, c << self.chunk_shift)?,
-            Some(cor) => self.read_origin_chunk(cor, c, 0, buf)?,
+            Some(cor) => {
+                if self.read_origin_chunk(cor, c, 0, buf)? {
+                    Self::count_local(cor, buf.len() as u64);
+                }
+            }
         }
         Ok(())
     }

@@ -33,16 +33,18 @@ fn failed(kind: io::ErrorKind, msg: &str) -> CowError {
 impl CacheObject {
     /// Reads `buf` at `inoff` of the origin's chunk `c`, for a device whose view there is the
     /// origin image: from its local copy, or fetched (and kept if there is room). Holds no
-    /// lock across the network I/O.
+    /// lock across the network I/O. Returns whether it was local (for the caller to count
+    /// once per request, not per chunk: the counter is shared).
     pub(super) fn read_origin_chunk(
         &self,
         cor: &CopyOnRead,
         c: u64,
         inoff: usize,
         buf: &mut [u8],
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let mut entry = cor.local(c);
-        if entry == ENTRY_UNMAPPED {
+        let local = entry != ENTRY_UNMAPPED;
+        if !local {
             match self.fetch(cor, c)? {
                 Outcome::Local(e) => entry = e,
                 Outcome::Data(d) => {
@@ -53,14 +55,10 @@ impl CacheObject {
                             len: buf.len() as u64,
                         })?;
                     buf.copy_from_slice(src);
-                    return Ok(());
+                    return Ok(false);
                 }
                 Outcome::Failed(kind, msg) => return Err(failed(kind, &msg)),
             }
-        } else {
-            cor.counters
-                .bytes_local
-                .fetch_add(buf.len() as u64, Ordering::Relaxed);
         }
         match View::of_entry(entry) {
             View::Zero => buf.fill(0),
@@ -71,7 +69,15 @@ impl CacheObject {
                 .origin
                 .read_at(buf, (c << self.chunk_shift) + inoff as u64)?,
         }
-        Ok(())
+        Ok(local)
+    }
+
+    /// Counts `n` bytes read from the origin's local copies.
+    #[inline]
+    pub(super) fn count_local(cor: &CopyOnRead, n: u64) {
+        if n > 0 {
+            cor.counters.bytes_local.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
     /// Reads the origin device copied on read: chunk by chunk, its local copies or fetched.
@@ -83,14 +89,18 @@ impl CacheObject {
         buf: &mut [u8],
     ) -> Result<()> {
         let mut done = 0usize;
+        let mut local = 0u64;
         while done < buf.len() {
             let pos = offset + done as u64;
             let c = pos >> self.chunk_shift;
             let inoff = (pos & (self.chunk_size - 1)) as usize;
             let n = (self.chunk_size as usize - inoff).min(buf.len() - done);
-            self.read_origin_chunk(cor, c, inoff, &mut buf[done..done + n])?;
+            if self.read_origin_chunk(cor, c, inoff, &mut buf[done..done + n])? {
+                local += n as u64;
+            }
             done += n;
         }
+        Self::count_local(cor, local);
         Ok(())
     }
 

@@ -49,6 +49,8 @@ impl CacheObject {
         let registry = self.registry.load();
         let side = Self::read_side(&registry, dev.0)?;
         let mut done = 0usize;
+        // Bytes a read-only origin's local copies served (counted once, at the end).
+        let mut local = 0u64;
         while done < buf.len() {
             let pos = offset + done as u64;
             let c = pos >> self.chunk_shift;
@@ -66,7 +68,9 @@ impl CacheObject {
                     Some(cor) => {
                         // A read-only origin's data cannot change: no lock across the fetch.
                         drop(stripe);
-                        self.read_origin_chunk(cor, c, inoff as usize, piece)?;
+                        if self.read_origin_chunk(cor, c, inoff as usize, piece)? {
+                            local += n as u64;
+                        }
                     }
                 },
                 View::Zero => piece.fill(0),
@@ -81,6 +85,9 @@ impl CacheObject {
                 return Err(e);
             }
             done += n;
+        }
+        if let Some(cor) = self.cor.as_deref() {
+            Self::count_local(cor, local);
         }
         Ok(())
     }
