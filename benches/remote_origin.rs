@@ -80,7 +80,11 @@ impl Snapblk {
             .arg(&self.control)
             .output()
             .expect("run snapblk");
-        assert!(out.status.success(), "snapblk {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "snapblk {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -95,7 +99,13 @@ impl Snapblk {
             .map(|i| {
                 let sock = self.dir.join(format!("s{i}.sock"));
                 let name = format!("s{i}");
-                self.cli(&["snapshot", "create", &name, "--socket", sock.to_str().unwrap()]);
+                self.cli(&[
+                    "snapshot",
+                    "create",
+                    &name,
+                    "--socket",
+                    sock.to_str().unwrap(),
+                ]);
                 sock
             })
             .collect()
@@ -222,7 +232,10 @@ fn main() {
             let b = passes(&mut rc, region, reps);
             (passes(&mut lc, region, reps), b)
         };
-        eprintln!("round {round}: local {a:.0} MB/s, remote (local copies) {b:.0} MB/s, ratio {:.2}", b / a);
+        eprintln!(
+            "round {round}: local {a:.0} MB/s, remote (local copies) {b:.0} MB/s, ratio {:.2}",
+            b / a
+        );
         l.push(a);
         r.push(b);
         ratios.push(b / a);
@@ -233,14 +246,25 @@ fn main() {
     println!("# remote origin: {CLIENTS} clients x {} MiB of {CLIENTS} snapshots, nbdkit delay {delay} ms", region >> 20);
     println!("| measurement | result |");
     println!("|---|---|");
-    println!("| bytes fetched (engine) / region | {:.3}x ({fetched} B) |", fetched as f64 / region as f64);
+    println!(
+        "| bytes fetched (engine) / region | {:.3}x ({fetched} B) |",
+        fetched as f64 / region as f64
+    );
     println!("| bytes the server read in chunks (its log) / region | {:.3}x (+ {identity} B of identity samples) |", served as f64 / region as f64);
     println!("| bytes fetched by the later passes | {refetched} |");
     println!("| first pass, remote (fetching), MB/s | {cold:.0} |");
     println!("| first warm pass, local origin, MB/s | {warm_local:.0} |");
-    println!("| later passes ({reps} per round), local origin, MB/s (median; rounds) | {:.0} ({}) |", median(&mut l.clone()), fmt(&l));
+    println!(
+        "| later passes ({reps} per round), local origin, MB/s (median; rounds) | {:.0} ({}) |",
+        median(&mut l.clone()),
+        fmt(&l)
+    );
     println!("| later passes ({reps} per round), remote origin from local copies, MB/s (median; rounds) | {:.0} ({}) |", median(&mut r.clone()), fmt(&r));
-    println!("| ratio remote / local (median of rounds; rounds) | {:.2} ({}) |", median(&mut ratios.clone()), fmt2(&ratios));
+    println!(
+        "| ratio remote / local (median of rounds; rounds) | {:.2} ({}) |",
+        median(&mut ratios.clone()),
+        fmt2(&ratios)
+    );
     drop(rc);
     drop(lc);
     drop(remote);
@@ -250,9 +274,15 @@ fn main() {
 }
 
 fn fmt(v: &[f64]) -> String {
-    v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(" ")
+    v.iter()
+        .map(|x| format!("{x:.0}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn fmt2(v: &[f64]) -> String {
-    v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(" ")
+    v.iter()
+        .map(|x| format!("{x:.2}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }

@@ -556,7 +556,10 @@ fn guests_on_snapshots_of_a_remote_origin_share_its_fetches() {
             run.output,
             daemon.log_text()
         );
-        assert_eq!(run.field("golden_sectors"), golden.covered_sectors().to_string());
+        assert_eq!(
+            run.field("golden_sectors"),
+            golden.covered_sectors().to_string()
+        );
         fetched.push(env.stat("origin_bytes_fetched") - before);
         // The guest's disk, from the host: golden + its own data.
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -571,11 +574,20 @@ fn guests_on_snapshots_of_a_remote_origin_share_its_fetches() {
         own.write_into(&mut want);
         assert!(got == want, "vm{i} is golden + its own data");
     }
-    eprintln!("fetched by the first guest: {} B, by the second: {} B", fetched[0], fetched[1]);
-    assert!(fetched[0] >= 2 * MIB as u64, "the first guest read the golden data: {fetched:?}");
+    eprintln!(
+        "fetched by the first guest: {} B, by the second: {} B",
+        fetched[0], fetched[1]
+    );
+    assert!(
+        fetched[0] >= 2 * MIB as u64,
+        "the first guest read the golden data: {fetched:?}"
+    );
     assert!(
         fetched[1] * 8 <= fetched[0],
         "the second guest fetched almost nothing: {fetched:?}"
     );
-    assert!(fs::read(env.p("golden.img")).unwrap() == img, "the image is untouched");
+    assert!(
+        fs::read(env.p("golden.img")).unwrap() == img,
+        "the image is untouched"
+    );
 }

@@ -577,7 +577,7 @@ mod tests {
         assert!(read(&eng, O, 0, 300 * C) == img);
         assert_eq!(r.origin.reads.load(Ordering::SeqCst), before);
         assert!(
-            eng.device(O).unwrap().attrs.get("hydrate").is_none(),
+            !eng.device(O).unwrap().attrs.contains_key("hydrate"),
             "done"
         );
 
@@ -599,7 +599,7 @@ mod tests {
         assert_eq!(eng.hydration().unwrap().state, "running");
         eng.hydrate_stop().unwrap();
         assert_eq!(eng.hydration().unwrap().state, "stopped");
-        assert!(eng.device(O).unwrap().attrs.get("hydrate").is_none());
+        assert!(!eng.device(O).unwrap().attrs.contains_key("hydrate"));
         r2.origin.set_delay(Duration::ZERO);
     }
 

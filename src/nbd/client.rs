@@ -9,9 +9,10 @@
 //! an error the server reports for one request does not.
 
 use super::chunks::{BlockStatus, ErrorChunk, Hole};
+pub use super::client_error::ClientError;
 use super::client_handshake::{negotiate, ExportInfo};
 use super::proto::{
-    ChunkHeader, ProtoError, Request, SimpleReply, CMD_BLOCK_STATUS, CMD_DISC, CMD_READ, EIO,
+    ChunkHeader, Request, SimpleReply, CMD_BLOCK_STATUS, CMD_DISC, CMD_READ, EIO,
     REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE,
     SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
 };
@@ -21,38 +22,11 @@ use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
-use thiserror::Error;
 
 /// Largest error chunk payload read (an error number, a message of at most 64 KiB, an offset).
 const MAX_ERROR_PAYLOAD: u32 = 6 + 65535 + 8;
 /// Most descriptors one block-status chunk may carry.
 const MAX_DESCRIPTORS: u32 = 1 << 16;
-
-/// Why a request or a connection failed.
-#[derive(Debug, Error)]
-pub enum ClientError {
-    #[error("connection: {0}")]
-    Io(#[from] io::Error),
-    #[error("malformed message from the server: {0}")]
-    Proto(#[from] ProtoError),
-    #[error("the server broke the protocol: {0}")]
-    BadReply(String),
-    #[error("the server does not offer what snapblk needs: {0}")]
-    Unsupported(String),
-    #[error("the server refused: {0}")]
-    Refused(String),
-    /// The server reported an error for this request (the connection goes on).
-    #[error("the server failed the request: errno {errno}: {message}")]
-    Server { errno: u32, message: String },
-}
-
-impl ClientError {
-    /// Whether the connection is no longer usable (anything but an error the server
-    /// reported for one request).
-    pub fn breaks_connection(&self) -> bool {
-        !matches!(self, ClientError::Server { .. })
-    }
-}
 
 fn bad(why: impl Into<String>) -> ClientError {
     ClientError::BadReply(why.into())

@@ -4,7 +4,7 @@
 //! bounded: a server cannot make the client read more than [`MAX_REPLY_DATA`] bytes per
 //! reply or [`MAX_REPLIES`] replies per option.
 
-use super::client::ClientError;
+use super::client_error::ClientError;
 use super::contexts::BASE_ALLOCATION;
 use super::options::{Info, InfoRequest, MetaContext, MetaContextRequest};
 use super::proto::{
@@ -21,7 +21,7 @@ const MAX_REPLY_DATA: u32 = 64 << 10;
 /// Most replies one option may get.
 const MAX_REPLIES: usize = 1024;
 /// The oldstyle greeting's second magic.
-const OLDSTYLE_MAGIC: u64 = 0x0042_0281_8612_53;
+const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
 /// Largest request the client makes when the server does not say.
 pub const DEFAULT_MAX_REQUEST: u32 = 32 << 20;
 
@@ -193,11 +193,11 @@ fn go_replies(r: &mut Conn, name: &str, info: &mut ExportInfo) -> Result<bool, C
                     (info.size, info.flags) = (size, flags);
                     sized = true;
                 }
-                Info::BlockSize { min, max, .. } => {
-                    if min.is_power_of_two() && min <= 64 << 10 && max >= min {
-                        info.min_block = min;
-                        info.max_request = max.min(DEFAULT_MAX_REQUEST);
-                    }
+                Info::BlockSize { min, max, .. }
+                    if min.is_power_of_two() && min <= 64 << 10 && max >= min =>
+                {
+                    info.min_block = min;
+                    info.max_request = max.min(DEFAULT_MAX_REQUEST);
                 }
                 _ => {}
             },

@@ -19,6 +19,7 @@
 
 pub mod chunks;
 pub mod client;
+pub mod client_error;
 pub mod client_handshake;
 pub mod contexts;
 mod error;
