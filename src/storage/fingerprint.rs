@@ -23,23 +23,22 @@ const TAG_PREFIX: &str = "read-only origin, crc32c of 4096-byte samples:";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fingerprint(pub Vec<(u64, u32)>);
 
-/// Where the samples of an image of `size` bytes (a multiple of 512) lie.
+/// Where the samples of an image of `size` bytes (a multiple of 512) lie: [`SAMPLES`]
+/// distinct blocks (all of them in a smaller image), in order.
 fn sample_offsets(size: u64) -> Vec<u64> {
-    let last_block = size.saturating_sub(1) / SAMPLE_LEN;
-    let mut v = vec![0, last_block * SAMPLE_LEN];
+    let blocks = size.div_ceil(SAMPLE_LEN).max(1);
+    let mut v = std::collections::BTreeSet::from([0, (blocks - 1) * SAMPLE_LEN]);
     // splitmix64, seeded by the size: the same places for the same size, everywhere.
     let mut x = size ^ 0x5a5a_cafe_f00d_1234;
-    while v.len() < SAMPLES && last_block > 1 {
+    while (v.len() as u64) < (SAMPLES as u64).min(blocks) {
         x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = x;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^= z >> 31;
-        v.push((z % (last_block + 1)) * SAMPLE_LEN);
+        v.insert((z % blocks) * SAMPLE_LEN);
     }
-    v.sort_unstable();
-    v.dedup();
-    v
+    v.into_iter().collect()
 }
 
 impl Fingerprint {
