@@ -11,17 +11,16 @@
 use super::chunks::{BlockStatus, ErrorChunk, Hole};
 pub use super::client_error::ClientError;
 use super::client_handshake::{negotiate, ExportInfo};
+use super::client_stream::{open_stream, Timed};
 use super::proto::{
     ChunkHeader, Request, SimpleReply, CMD_BLOCK_STATUS, CMD_DISC, CMD_READ, EIO,
     REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE,
     SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
 };
-use super::socket::Stream;
-use super::uri::{NbdUri, Transport};
+use super::uri::NbdUri;
 use std::io::{self, BufReader, Read, Write};
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::net::Shutdown;
+use std::time::{Duration, Instant};
 
 /// Largest error chunk payload read (an error number, a message of at most 64 KiB, an offset).
 const MAX_ERROR_PAYLOAD: u32 = 6 + 65535 + 8;
@@ -34,43 +33,21 @@ fn bad(why: impl Into<String>) -> ClientError {
 
 /// One connection to an NBD server's export, negotiated and ready for requests.
 pub struct ClientConn {
-    reader: BufReader<Stream>,
+    reader: BufReader<Timed>,
     pub info: ExportInfo,
     handle: u64,
-}
-
-/// Opens the stream `uri` names, with `timeout` for the connect and every later read or write.
-fn open_stream(uri: &NbdUri, timeout: Duration) -> io::Result<Stream> {
-    let stream = match &uri.transport {
-        Transport::Unix(path) => Stream::Unix(UnixStream::connect(path)?),
-        Transport::Tcp { host, port } => {
-            let mut last = io::Error::new(io::ErrorKind::NotFound, "the host has no address");
-            let mut found = None;
-            for addr in (host.as_str(), *port).to_socket_addrs()? {
-                match TcpStream::connect_timeout(&addr, timeout) {
-                    Ok(s) => {
-                        found = Some(s);
-                        break;
-                    }
-                    Err(e) => last = e,
-                }
-            }
-            let s = found.ok_or(last)?;
-            s.set_nodelay(true)?;
-            Stream::Tcp(s)
-        }
-    };
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    Ok(stream)
 }
 
 impl ClientConn {
     /// Connects to `uri` and negotiates its export (structured replies and `base:allocation`
     /// when the server has them). `timeout` bounds each wait for the server.
     pub fn connect(uri: &NbdUri, timeout: Duration) -> Result<Self, ClientError> {
-        let mut reader = BufReader::with_capacity(64 << 10, open_stream(uri, timeout)?);
+        let stream = Timed::new(open_stream(uri, timeout)?);
+        let mut reader = BufReader::with_capacity(64 << 10, stream);
+        // The whole handshake within the timeout, however slowly the server trickles it.
+        reader.get_mut().deadline = Some(Instant::now() + timeout);
         let info = negotiate(&mut reader, &uri.export)?;
+        reader.get_mut().deadline = None;
         Ok(ClientConn {
             reader,
             info,
@@ -265,10 +242,17 @@ impl ClientConn {
         }
     }
 
+    /// Requests from now on fail once `deadline` passes, however slowly the server answers
+    /// (`None`: only the socket's timeout per read or write bounds them).
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.reader.get_mut().deadline = deadline;
+    }
+
     /// Says goodbye (best effort) and closes.
     pub fn close(mut self) {
+        self.reader.get_mut().deadline = None;
         let _ = self.send(CMD_DISC, 0, 0);
-        let _ = self.reader.get_ref().shutdown(Shutdown::Both);
+        let _ = self.reader.get_ref().stream.shutdown(Shutdown::Both);
     }
 }
 
@@ -368,6 +352,11 @@ mod tests {
     /// Serves one connection: a well-behaved handshake, then `reply` (raw bytes) to the first
     /// request, then closes.
     fn server(reply: Vec<u8>) -> (tempfile::TempDir, PathBuf) {
+        server_paced(reply, Duration::ZERO)
+    }
+
+    /// [`server`], sending the reply a byte at a time, `pace` apart.
+    fn server_paced(reply: Vec<u8>, pace: Duration) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.sock");
         let listener = UnixListener::bind(&path).unwrap();
@@ -409,7 +398,15 @@ mod tests {
             }
             let mut req = [0u8; Request::LEN];
             if s.read_exact(&mut req).is_ok() {
-                let _ = s.write_all(&reply);
+                if pace.is_zero() {
+                    let _ = s.write_all(&reply);
+                }
+                for b in reply.iter().take_while(|_| !pace.is_zero()) {
+                    std::thread::sleep(pace);
+                    if s.write_all(&[*b]).is_err() {
+                        break;
+                    }
+                }
             }
         });
         (dir, path)
@@ -551,5 +548,19 @@ mod tests {
         assert_eq!(got, vec![(4096, 3), (4096, 0)], "cut at the length asked");
         assert!(run(status(9, &[(4096, 3)])).is_err(), "another context");
         assert!(run(chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, 1, &[])).is_err());
+    }
+
+    /// A server that trickles its reply (a byte every 20 ms, each well within the socket's
+    /// timeout) cannot hold a request past its deadline.
+    #[test]
+    fn a_trickling_server_cannot_hold_a_request_past_its_deadline() {
+        let reply = data(4096, &[1u8; 1024], true);
+        let (_dir, path) = server_paced(reply, Duration::from_millis(20));
+        let mut c = connect(&path);
+        let t = Instant::now();
+        c.set_deadline(Some(t + Duration::from_millis(300)));
+        let err = c.read(4096, &mut [0u8; 1024]).unwrap_err();
+        assert!(err.breaks_connection(), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     }
 }

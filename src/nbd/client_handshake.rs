@@ -5,6 +5,7 @@
 //! reply or [`MAX_REPLIES`] replies per option.
 
 use super::client_error::ClientError;
+use super::client_stream::Timed;
 use super::contexts::BASE_ALLOCATION;
 use super::options::{Info, InfoRequest, MetaContext, MetaContextRequest};
 use super::proto::{
@@ -13,7 +14,6 @@ use super::proto::{
     INFO_BLOCK_SIZE, NBDMAGIC, OPT_EXPORT_NAME, OPT_GO, OPT_SET_META_CONTEXT, OPT_STRUCTURED_REPLY,
     REP_ACK, REP_ERR_UNKNOWN, REP_ERR_UNSUP, REP_INFO, REP_META_CONTEXT,
 };
-use super::socket::Stream;
 use std::io::{BufReader, Read, Write};
 
 /// Largest option reply data read.
@@ -51,7 +51,7 @@ impl ExportInfo {
     }
 }
 
-type Conn = BufReader<Stream>;
+type Conn = BufReader<Timed>;
 
 fn send_option(r: &mut Conn, option: u32, data: &[u8]) -> Result<(), ClientError> {
     let mut out = Vec::with_capacity(OptionHeader::LEN + data.len());

@@ -122,6 +122,7 @@ impl RemoteStorage {
             source,
         };
         let mut first = ClientConn::connect(&uri, opts.timeout).map_err(err)?;
+        first.set_deadline(Some(Instant::now() + opts.timeout));
         let info = first.info.clone();
         if info.size == 0 || !info.size.is_multiple_of(512) {
             let size = info.size;
@@ -132,6 +133,7 @@ impl RemoteStorage {
         }
         let fingerprint = Fingerprint::sample(info.size, |buf, off| first.read(off, buf));
         let fingerprint = fingerprint.map_err(err)?;
+        first.set_deadline(None);
         let cap = if info.multi_conn() {
             opts.connections.clamp(1, MAX_CONNECTIONS)
         } else {
@@ -214,11 +216,13 @@ impl RemoteStorage {
     /// A connection made afresh, checked to serve the same image.
     fn reconnect(&self, timeout: Duration) -> Result<ClientConn, ClientError> {
         let mut c = ClientConn::connect(&self.uri, timeout)?;
+        c.set_deadline(Some(Instant::now() + timeout));
         let fp = if c.info.size == self.size {
             Fingerprint::sample(self.size, |buf, off| c.read(off, buf))?
         } else {
             Fingerprint(Vec::new())
         };
+        c.set_deadline(None);
         if let Err(what) = self.fingerprint.compare(&fp) {
             return Err(ClientError::Refused(format!(
                 "the server now serves another image ({} bytes; {what})",
@@ -307,7 +311,12 @@ impl RemoteStorage {
                     return Err(eio(format!("remote origin {}: {what}: {why}", self.uri)));
                 }
             };
-            match op(&mut conn) {
+            // However slowly the server answers, the request ends by its deadline (plus at
+            // most one socket timeout).
+            conn.set_deadline(Some(deadline));
+            let done = op(&mut conn);
+            conn.set_deadline(None);
+            match done {
                 Ok(v) => {
                     self.give_back(Some(conn));
                     self.healthy();
