@@ -591,3 +591,34 @@ fn guests_on_snapshots_of_a_remote_origin_share_its_fetches() {
         "the image is untouched"
     );
 }
+
+/// `nbd://HOST:PORT/EXPORT`: the origin over TCP (nbdkit on a loopback port).
+#[test]
+fn a_remote_origin_over_tcp() {
+    let env = Env::new();
+    let img = env.image(4, 7);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let mut nbdkit = Command::new("nbdkit")
+        .args(["--exit-with-parent", "-f", "-r", "-i", "127.0.0.1", "-p"])
+        .arg(port.to_string())
+        .arg("file")
+        .arg(env.p("golden.img"))
+        .spawn()
+        .expect("nbdkit (qemu/install-host-deps.sh installs it)");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nbdkit did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let uri = format!("nbd://127.0.0.1:{port}/");
+    let _daemon = env.serve(&uri, &[]);
+    assert_eq!(env.stats()["origin_uri"], uri.as_str());
+    let s = env.snapshot("s", true);
+    assert!(read_all(&s, 0, 4 * MIB).unwrap() == img);
+    assert_eq!(env.stat("origin_bytes_fetched"), Env::data_bytes(4));
+    let _ = nbdkit.kill();
+    let _ = nbdkit.wait();
+}

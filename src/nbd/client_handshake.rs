@@ -248,3 +248,98 @@ fn export_name(
     (info.size, info.flags) = (rep.size, rep.flags);
     Ok(info)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::client::ClientConn;
+    use crate::nbd::proto::{OPT_GO, OPT_STRUCTURED_REPLY, REP_ACK, REP_ERR_UNKNOWN};
+    use crate::nbd::uri::NbdUri;
+    use std::os::unix::net::UnixListener;
+    use std::time::Duration;
+
+    /// A server that sends `script` as soon as a client connects, then drains what it sends.
+    fn connect_to(script: Vec<u8>) -> Result<ClientConn, ClientError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let _ = s.write_all(&script);
+            let _ = std::io::copy(&mut s, &mut std::io::sink());
+        });
+        let uri = NbdUri::parse(&format!("nbd+unix:///x?socket={}", path.display())).unwrap();
+        ClientConn::connect(&uri, Duration::from_secs(5))
+    }
+
+    fn greeting() -> Vec<u8> {
+        let mut v = Vec::new();
+        Greeting {
+            flags: FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES,
+        }
+        .encode(&mut v);
+        v
+    }
+
+    trait Bytes {
+        fn bytes(&self) -> Vec<u8>;
+    }
+
+    impl Bytes for OptionReply {
+        fn bytes(&self) -> Vec<u8> {
+            let mut v = Vec::new();
+            self.encode(&mut v);
+            v
+        }
+    }
+
+    fn reply(option: u32, rep: u32, data: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        OptionReply::encode_with(option, rep, data, &mut v);
+        v
+    }
+
+    #[test]
+    fn hostile_or_refusing_handshakes_are_errors() {
+        let old = [
+            &NBDMAGIC.to_be_bytes()[..],
+            &OLDSTYLE_MAGIC.to_be_bytes(),
+            &[0, 0],
+        ]
+        .concat();
+        assert!(matches!(connect_to(old), Err(ClientError::Unsupported(_))));
+        let huge = [
+            greeting(),
+            OptionReply {
+                option: OPT_STRUCTURED_REPLY,
+                reply: REP_ACK,
+                len: 1 << 30,
+            }
+            .bytes(),
+        ]
+        .concat();
+        assert!(matches!(connect_to(huge), Err(ClientError::BadReply(_))));
+        let other = [greeting(), reply(OPT_GO, REP_ACK, &[])].concat();
+        assert!(matches!(connect_to(other), Err(ClientError::BadReply(_))));
+        let unknown = [
+            greeting(),
+            reply(OPT_STRUCTURED_REPLY, REP_ERR_UNSUP, &[]),
+            reply(OPT_GO, REP_ERR_UNKNOWN, b"nope"),
+        ]
+        .concat();
+        match connect_to(unknown) {
+            Err(ClientError::Refused(m)) => assert!(m.contains("no export") && m.contains("nope")),
+            other => panic!("{:?}", other.err()),
+        }
+        let sizeless = [
+            greeting(),
+            reply(OPT_STRUCTURED_REPLY, REP_ERR_UNSUP, &[]),
+            reply(OPT_GO, REP_ACK, &[]),
+        ]
+        .concat();
+        assert!(matches!(
+            connect_to(sizeless),
+            Err(ClientError::BadReply(_))
+        ));
+    }
+}
