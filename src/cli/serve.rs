@@ -3,13 +3,14 @@
 
 use super::error::CliError;
 use super::output::sayln;
+use super::remote::{self, RemoteArgs};
 use super::units::{human, parse_cache_size, parse_on_full, parse_size};
 use crate::control::ControlServer;
 use crate::cow::{self, CacheObject, CreateOptions, OnFull, SizeLimit, AUTO_MAX_SIZE};
 use crate::daemon::{self, Daemon, ServeDefaults};
 use crate::device::{BlockDevice, RawDevice};
 use crate::nbd::{NbdOptions, NbdServer, MAX_CONNECTIONS};
-use crate::storage::{FileStorage, LockKind};
+use crate::storage::{FileStorage, LockKind, Storage};
 use crate::vhost::{DeviceServer, Scheduler, SchedulerConfig, ServeOptions};
 use clap::Args;
 use log::{info, warn};
@@ -30,9 +31,14 @@ pub const DEFAULT_NBD: &str = "snapblk-data/nbd.sock";
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Raw origin image. The default one is created sparse if missing.
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_ORIGIN)]
+    /// Raw origin image (the default one is created sparse if missing), or a remote image
+    /// on an NBD server: nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT,
+    /// served read-only, its chunks copied into the cache object as they are read.
+    #[arg(long, value_name = "PATH|URI", default_value = DEFAULT_ORIGIN)]
     pub origin: PathBuf,
+
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 
     /// Size of the origin image to create when it does not exist (e.g. 8G, 512M, 1T).
     /// Ignored when the image exists.
@@ -69,7 +75,8 @@ pub struct ServeArgs {
     pub socket_mode: u32,
 
     /// Cache object holding every snapshot's blocks; created if missing. Default:
-    /// snapblk-data/cache.obj for the default origin, ORIGIN.cache beside any other.
+    /// snapblk-data/cache.obj for the default origin and for a remote one, ORIGIN.cache
+    /// beside any other.
     #[arg(long, value_name = "PATH", conflicts_with = "no_cache")]
     pub cache: Option<PathBuf>,
 
@@ -210,37 +217,32 @@ fn ensure_origin(args: &ServeArgs) -> Result<(), CliError> {
 }
 
 /// Runs the daemon until SIGINT/SIGTERM.
-pub fn serve(args: ServeArgs) -> Result<(), CliError> {
-    if args.socket == Path::new(DEFAULT_SOCKET) || args.origin == Path::new(DEFAULT_ORIGIN) {
+pub fn serve(mut args: ServeArgs) -> Result<(), CliError> {
+    let uri = remote::remote_uri(&args.origin, args.size, args.no_cache)?;
+    // A remote origin is read-only; its files go to the default directory.
+    args.read_only |= uri.is_some();
+    let defaults_here =
+        args.origin == Path::new(DEFAULT_ORIGIN) || (uri.is_some() && args.cache.is_none());
+    if args.socket == Path::new(DEFAULT_SOCKET) || defaults_here {
         fs::create_dir_all(DEFAULT_DIR).map_err(|source| CliError::Create {
             path: DEFAULT_DIR.into(),
             source,
         })?;
     }
-    ensure_origin(&args)?;
+    if uri.is_none() {
+        ensure_origin(&args)?;
+    }
     // Install the handlers before serving so an early SIGTERM still shuts down cleanly.
     let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(CliError::Signals)?;
     if args.no_cache {
         return serve_raw(&args, &mut signals);
     }
-
-    let origin = Arc::new(
-        FileStorage::open(&args.origin, args.read_only).map_err(|source| {
-            crate::device::DeviceError::Open {
-                path: args.origin.display().to_string(),
-                source,
-            }
-        })?,
-    );
-    // One daemon writes an origin at a time; readers may share it.
-    let origin_lock = if args.read_only {
-        LockKind::Shared
-    } else {
-        LockKind::Exclusive
+    let origin: Arc<dyn Storage> = match uri.clone() {
+        Some(uri) => remote::connect(uri, &args.remote)?,
+        None => open_origin_file(&args)?,
     };
-    origin.lock(origin_lock, &args.origin)?;
     let cache_path = args.cache.clone().unwrap_or_else(|| {
-        if args.origin == Path::new(DEFAULT_ORIGIN) {
+        if defaults_here {
             PathBuf::from(DEFAULT_CACHE)
         } else {
             daemon::default_cache_path(&args.origin)
@@ -250,8 +252,9 @@ pub fn serve(args: ServeArgs) -> Result<(), CliError> {
         .control
         .clone()
         .unwrap_or_else(|| beside_socket(&args.socket, DEFAULT_CONTROL, "control"));
-    let engine = Arc::new(open_cache(&args, origin, &cache_path)?);
+    let engine = Arc::new(open_cache(&args, origin, uri.is_some(), &cache_path)?);
     engine.set_on_full(args.on_full);
+    engine.hydrate_resume();
     let defaults = ServeDefaults {
         num_queues: args.num_queues,
         queue_size: args.queue_size,
@@ -278,6 +281,7 @@ pub fn serve(args: ServeArgs) -> Result<(), CliError> {
     info!("received signal {signal:?}: finishing in-flight requests and shutting down");
     // Waits for space and for low space would hold up the control socket and the queues.
     engine.close_waits();
+    engine.hydrate_pause();
     drop(control);
     drop(nbd);
     daemon.shutdown().map_err(|source| CliError::FlushCache {
@@ -335,10 +339,30 @@ fn print_nbd_help(nbd: Option<&NbdServer>) {
     }
 }
 
-/// Opens the cache object, or creates it for this origin if it does not exist.
+/// Opens the origin image file, locked: exclusively unless read-only (one daemon writes an
+/// origin at a time; readers may share it).
+fn open_origin_file(args: &ServeArgs) -> Result<Arc<dyn Storage>, CliError> {
+    let origin = FileStorage::open(&args.origin, args.read_only).map_err(|source| {
+        crate::device::DeviceError::Open {
+            path: args.origin.display().to_string(),
+            source,
+        }
+    })?;
+    let origin_lock = if args.read_only {
+        LockKind::Shared
+    } else {
+        LockKind::Exclusive
+    };
+    origin.lock(origin_lock, &args.origin)?;
+    Ok(Arc::new(origin))
+}
+
+/// Opens the cache object, or creates it for this origin if it does not exist (`remote`:
+/// the origin is a remote image, copied on read).
 fn open_cache(
     args: &ServeArgs,
-    origin: Arc<FileStorage>,
+    origin: Arc<dyn Storage>,
+    remote: bool,
     path: &Path,
 ) -> Result<CacheObject, CliError> {
     let tag = fs::canonicalize(&args.origin)
@@ -360,6 +384,7 @@ fn open_cache(
             max_size: None,
             low_space_threshold: args.low_space,
             origin_tag: Some(tag),
+            copy_on_read: remote,
         };
         let engine = CacheObject::open(origin, Arc::new(cache), opts).map_err(cow_err)?;
         if let Some(limit) = args.cache_size {
@@ -393,6 +418,7 @@ fn open_cache(
         host_limit,
         low_space_threshold: args.low_space.unwrap_or(0),
         origin_tag: tag,
+        copy_on_read: remote,
         ..CreateOptions::default()
     };
     match CacheObject::create(origin, Arc::new(cache), opts) {

@@ -38,6 +38,7 @@ use super::format::{entry_to_block, Enc, Header, Record, ENTRY_UNMAPPED};
 use super::history::OriginHistory;
 use super::hostroom::HostRoom;
 use super::meta::{Meta, ReadSide};
+use super::origin_copies::CopyOnRead;
 use super::waitlist::SpaceWaits;
 use crate::storage::{Storage, SECTOR_SIZE};
 use arc_swap::ArcSwap;
@@ -172,6 +173,9 @@ pub struct CacheObject {
     pub(super) journal_pressed: AtomicBool,
     /// Serializes changes of the limit (`limit.rs`).
     pub(super) resizing: Mutex<()>,
+    /// Copy-on-read of a read-only origin (`cor.rs`): `None` for a local origin image, whose
+    /// reads go straight to it.
+    pub(super) cor: Option<Box<CopyOnRead>>,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -19,7 +19,10 @@
 //!   (data-block I/O of the write path; the host refusing a write is a space failure),
 //!   `limit.rs` (the growth limit: fixed or following the host file system; resize),
 //!   `hostroom.rs` (what the host file system has room for), `waits.rs` (the on-full policy:
-//!   writes waiting for space; waiting for low space) over `waitlist.rs` (the waiting room).
+//!   writes waiting for space; waiting for low space) over `waitlist.rs` (the waiting room),
+//!   `cor.rs` (copy-on-read of a read-only origin: its local copies, one fetch per chunk)
+//!   over `origin_copies.rs` (its state: the fetch table, counters), `hydrate.rs` (fetching
+//!   the rest in the background).
 //! - `error.rs`: [`CowError`], [`DeviceId`].
 //! - [`check`]: the offline checker behind `snapblk check`.
 //!
@@ -30,16 +33,19 @@ mod blockio;
 pub mod check;
 mod checkpoint;
 mod commit;
+mod cor;
 mod engine;
 mod error;
 mod extents;
 pub mod format;
 pub mod history;
 mod hostroom;
+mod hydrate;
 mod info;
 mod limit;
 pub mod meta;
 mod open;
+mod origin_copies;
 mod read;
 mod recovery;
 mod snapshots;
@@ -54,7 +60,9 @@ pub use check::{check_cache, check_cache_path, CheckReport};
 pub use engine::CacheObject;
 pub use error::{CowError, DeviceId, Result};
 pub use extents::{DiffRun, Extent, Holes, Source, MAX_HOLES, MAX_QUERY_CHUNKS};
+pub use hydrate::HYDRATE_ATTR;
 pub use info::{CacheInfo, DeviceInfo, DeviceState, Stats};
 pub use limit::{host_reserve, SizeLimit, AUTO_MAX_SIZE};
 pub use open::{CreateOptions, OpenOptions};
+pub use origin_copies::HydrationInfo;
 pub use waitlist::{OnFull, MAX_SPACE_WAITERS};

@@ -1,13 +1,19 @@
-//! The storage I/O layer: positional reads and writes on a byte store.
+//! The storage I/O layer: positional reads and writes on a byte store: files
+//! ([`FileStorage`]), a remote image on an NBD server ([`RemoteStorage`], read-only), and
+//! an image's content fingerprint ([`Fingerprint`]).
 //!
 //! Everything above this module (the virtio-blk data path, the copy-on-write engine) does I/O
 //! through [`Storage`], so tests can substitute an in-memory or crash-injecting store (`crate::testkit::storage`).
 
 mod file;
+pub mod fingerprint;
 pub mod lock;
+pub mod remote;
 
 pub use file::FileStorage;
+pub use fingerprint::Fingerprint;
 pub use lock::{LockError, LockKind};
+pub use remote::{RemoteError, RemoteOptions, RemoteStorage};
 
 use std::io::{self, IoSlice, IoSliceMut};
 
@@ -82,6 +88,33 @@ pub trait Storage: Send + Sync {
     fn host_space(&self) -> Option<HostSpace> {
         None
     }
+
+    /// How a store reached over the network is doing (`None` for a local one).
+    fn remote_status(&self) -> Option<RemoteStatus> {
+        None
+    }
+}
+
+/// How a store reached over the network (a remote origin) is doing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoteStatus {
+    /// Where it is, as the user named it.
+    pub uri: String,
+    /// Its server does not answer (requests fail, no connection can be made): reads that
+    /// need it fail after the timeout until it is back.
+    pub degraded: bool,
+    /// Connections open now, and the most it uses.
+    pub connections: u64,
+    pub max_connections: u64,
+    /// Connections made after the first, and requests that failed (each retried until its
+    /// timeout).
+    pub reconnects: u64,
+    pub failed_requests: u64,
+    /// Read requests answered, and their bytes.
+    pub reads: u64,
+    pub bytes_read: u64,
+    /// The last failure, for the operator.
+    pub last_error: Option<String>,
 }
 
 /// Space of a file system, as `statvfs` gives it.
