@@ -384,6 +384,7 @@ test_stream() {
     rec_kib=$(arg rec_kib 64)
     snap_at=$(arg snap_at 0)
     snap_wait=$(arg snap_wait 60)
+    readback=$(arg readback 0)
     require_disk "$disk" || return 0
     dev=/dev/$disk
     rs=$((rec_kib * 2))
@@ -414,6 +415,15 @@ test_stream() {
             fail flush-error "$fields gen=$g slot=$slot err=$(tr -c 'A-Za-z0-9' '_' </tmp/sync.err | head -c 80)"
             return 0
         fi
+        # readback=1: read the record back through the page cache (the backend writes
+        # those pages; a migration must carry them), and check it.
+        if [ "$readback" = 1 ]; then
+            dd if="$dev" of=/tmp/rb bs=$((rs * 512)) skip="$slot" count=1 2>/dev/null
+            if [ "$(md5sum </tmp/rb)" != "$(md5sum </tmp/r)" ]; then
+                fail readback-mismatch "$fields gen=$g slot=$slot"
+                return 0
+            fi
+        fi
         say "SNAPBLK-REC: gen=$g slot=$slot"
         g=$((g + 1))
     done
@@ -428,6 +438,14 @@ test_stream() {
     }' >/tmp/latest
     : >/tmp/x
     while read -r sd first count; do pattern_gen "$sd" "$first" "$count" >>/tmp/x; done </tmp/latest
+    if [ "$readback" = 1 ]; then
+        # First from the page cache the read-backs filled (before any migration, maybe).
+        dd if="$dev" of=/tmp/y bs=$((rs * 512)) count="$used" 2>/dev/null
+        if [ "$(md5sum </tmp/x)" != "$(md5sum </tmp/y)" ]; then
+            fail cached-mismatch "$fields"
+            return 0
+        fi
+    fi
     drop_caches "$dev"
     if ! dd if="$dev" of=/tmp/y bs=$((rs * 512)) count="$used" iflag=direct 2>/tmp/dd.err; then
         fail read-error "$fields"

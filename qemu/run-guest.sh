@@ -31,6 +31,9 @@ Options:
                         reconnects (and the guest's I/O resumes) when the backend restarts
   --stdin               feed run-guest.sh's stdin to the guest's serial console (default:
                         /dev/null); a guest test can then wait for a line from the host
+  --qmp PATH            a QMP monitor on the unix socket PATH (for migrate, quit, ...)
+  --incoming URI        start as a live migration's destination (QEMU -incoming URI, e.g.
+                        unix:/tmp/mig.sock): the guest runs once a source migrated to it
   --qemu BIN            QEMU binary (default qemu-system-x86_64, env SNAPBLK_QEMU)
   --no-prepare          do not run fetch-guest.sh / build-initramfs.sh
   -h, --help            this text
@@ -58,6 +61,8 @@ qemu="${SNAPBLK_QEMU:-qemu-system-x86_64}"
 prepare=1
 reconnect_ms=""
 use_stdin=0
+qmp=""
+incoming=""
 sockets=()
 test_name=""
 test_args=()
@@ -75,6 +80,8 @@ while [ $# -gt 0 ]; do
     --qemu) qemu="${2:?--qemu needs a value}"; shift 2 ;;
     --reconnect-ms) reconnect_ms="${2:?--reconnect-ms needs a value}"; shift 2 ;;
     --stdin) use_stdin=1; shift ;;
+    --qmp) qmp="${2:?--qmp needs a value}"; shift 2 ;;
+    --incoming) incoming="${2:?--incoming needs a value}"; shift 2 ;;
     --no-prepare) prepare=0; shift ;;
     --)
         shift
@@ -142,6 +149,8 @@ cmd=(
     -kernel "$kernel" -initrd "$initrd" -append "$append"
     "${devargs[@]}"
 )
+[ -z "$qmp" ] || cmd+=(-qmp "unix:$qmp,server=on,wait=off")
+[ -z "$incoming" ] || cmd+=(-incoming "$incoming")
 {
     echo "# run-guest.sh $(date -u +%FT%TZ): ${cmd[*]}"
 } >"$log"

@@ -289,6 +289,10 @@ pub struct GuestOpts {
     pub num_queues: u32,
     /// `--reconnect-ms`: QEMU reconnects to a restarted backend.
     pub reconnect_ms: Option<u32>,
+    /// `--qmp`: a QMP monitor on this unix socket.
+    pub qmp: Option<PathBuf>,
+    /// `--incoming`: a live migration's destination, listening at this URI.
+    pub incoming: Option<String>,
 }
 
 impl Default for GuestOpts {
@@ -297,6 +301,8 @@ impl Default for GuestOpts {
             timeout_secs: GUEST_TIMEOUT_SECS,
             num_queues: NUM_QUEUES,
             reconnect_ms: None,
+            qmp: None,
+            incoming: None,
         }
     }
 }
@@ -321,6 +327,12 @@ fn guest_command(
     }
     if use_stdin {
         cmd.arg("--stdin");
+    }
+    if let Some(qmp) = &opts.qmp {
+        cmd.arg("--qmp").arg(qmp);
+    }
+    if let Some(uri) = &opts.incoming {
+        cmd.args(["--incoming", uri]);
     }
     for s in sockets {
         cmd.arg(s);
