@@ -5,6 +5,7 @@
 //! containment for guest memory whose file shrinks lives in [`guest_faults`].
 
 pub mod guest_faults;
+pub mod inherit;
 
 use std::cell::Cell;
 use std::io;
