@@ -86,7 +86,8 @@ impl RawFrontend {
         protocol: VhostUserProtocolFeatures,
         features: u64,
     ) -> io::Result<Self> {
-        let mut vu = Frontend::from_stream(UnixStream::connect(socket)?, num_queues);
+        let mut f = Self::connect_bare(socket, num_queues)?;
+        let vu = &mut f.vu;
         vu.set_owner().map_err(err)?;
         let offered_features = vu.get_features().map_err(err)?;
         let wanted = VhostUserProtocolFeatures::MQ
@@ -99,6 +100,13 @@ impl RawFrontend {
         vu.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         vu.set_features(offered_features & (FEATURES | features))
             .map_err(err)?;
+        Ok(f)
+    }
+
+    /// Connects and maps its guest memory, sending nothing: the caller drives the handshake
+    /// (another frontend's message order).
+    pub fn connect_bare(socket: &Path, num_queues: u64) -> io::Result<Self> {
+        let vu = Frontend::from_stream(UnixStream::connect(socket)?, num_queues);
         let file = memory_file(MEM_SIZE)?;
         let region = MmapRegion::from_file(FileOffset::new(file.try_clone()?, 0), MEM_SIZE as _)
             .map_err(err)?;
