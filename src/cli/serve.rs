@@ -34,7 +34,7 @@ pub struct ServeArgs {
     /// Raw origin image (the default one is created sparse if missing), or a remote image
     /// on an NBD server: nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT,
     /// served read-only, its chunks copied into the cache object as they are read.
-    #[arg(long, alias = "blk-file", value_name = "PATH|URI", default_value = DEFAULT_ORIGIN)]
+    #[arg(long, visible_alias = "blk-file", value_name = "PATH|URI", default_value = DEFAULT_ORIGIN)]
     pub origin: PathBuf,
 
     #[command(flatten)]
@@ -46,7 +46,7 @@ pub struct ServeArgs {
     pub size: Option<u64>,
 
     /// Unix socket the VMM connects to. A stale socket is replaced; a live one is refused.
-    #[arg(long, alias = "socket-path", value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    #[arg(long, visible_alias = "socket-path", value_name = "PATH", default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
 
     /// Serve the origin on this inherited listening unix socket instead of binding
