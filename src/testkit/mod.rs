@@ -11,6 +11,7 @@
 //! - [`tokens`]: sectors that carry a 64-bit token, to tell which write a sector holds.
 //! - [`blkio_client`]: a vhost-user-blk client (libblkio), the independent peer of the daemon.
 //! - [`tmpfs`]: a small tmpfs mounted for a test, a file system that really fills up.
+//! - [`loopdev`]: a loop device for a test: a real block device, 512 or 4096-byte sectors.
 //! - [`nbd`]: the NBD tools (nbdinfo, nbdcopy, qemu-img) driven and parsed, and a raw NBD
 //!   client for what the tools never send.
 //! - [`fuse_disk`]: a FUSE file system that can lose power, under the real daemon.
@@ -25,6 +26,7 @@ pub mod frontend;
 pub mod fuse_disk;
 pub mod fuzz;
 pub mod gated;
+pub mod loopdev;
 pub mod nbd;
 pub mod storage;
 pub mod tmpfs;
