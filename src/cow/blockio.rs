@@ -12,7 +12,9 @@
 use super::engine::CacheObject;
 use super::error::{CowError, Result};
 use super::meta::View;
+use super::metaio::io_block;
 use super::write::{Piece, Src};
+use crate::storage::AlignedBuf;
 use std::io;
 use std::sync::atomic::Ordering;
 
@@ -110,9 +112,13 @@ impl CacheObject {
             return Ok(());
         }
         let clen = self.chunk_len(c);
-        let mut buf = vec![0u8; clen];
+        // Aligned memory, and the block written in whole I/O blocks (a short last chunk
+        // rounded up within its block): direct I/O takes it as it is.
+        let mut buf = AlignedBuf::zeroed(self.cache_io_len(clen));
         match old {
-            View::Origin => self.origin.read_at(&mut buf, c << self.chunk_shift)?,
+            View::Origin => self
+                .origin
+                .read_at(&mut buf[..clen], c << self.chunk_shift)?,
             View::Zero => {}
             View::Block(b) => self.cache.read_at(&mut buf, self.block_offset(b))?,
         }
@@ -126,11 +132,18 @@ impl CacheObject {
         Ok(())
     }
 
+    /// `n` bytes of a data block rounded up to the cache's I/O block (within the chunk): the
+    /// length to read or write a short last chunk of the origin with (`metaio.rs`).
+    pub(super) fn cache_io_len(&self, n: usize) -> usize {
+        let block = io_block(self.cache.as_ref()) as usize;
+        (n.div_ceil(block) * block).min(self.chunk_size as usize)
+    }
+
     /// Copies the origin's chunk `c` into block `b`.
     pub(super) fn copy_origin_chunk(&self, c: u64, b: u64) -> Result<()> {
         let n = self.chunk_len(c);
-        let mut buf = vec![0u8; n];
-        self.origin.read_at(&mut buf, c << self.chunk_shift)?;
+        let mut buf = AlignedBuf::zeroed(self.cache_io_len(n));
+        self.origin.read_at(&mut buf[..n], c << self.chunk_shift)?;
         self.write_block(&buf, b)?;
         self.counters.copies.fetch_add(1, Ordering::Relaxed);
         self.counters

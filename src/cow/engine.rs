@@ -38,6 +38,7 @@ use super::format::{entry_to_block, Enc, Header, Record, ENTRY_UNMAPPED};
 use super::history::OriginHistory;
 use super::hostroom::HostRoom;
 use super::meta::{Meta, ReadSide};
+use super::metaio::JournalTail;
 use super::waitlist::SpaceWaits;
 use crate::storage::{Storage, SECTOR_SIZE};
 use arc_swap::ArcSwap;
@@ -111,6 +112,8 @@ pub(super) struct Journal {
     /// The journal passed half full but no checkpoint could be written (no blocks, or the
     /// host refused them): logged once, until a checkpoint succeeds.
     pub(super) ckpt_deferred: bool,
+    /// The written part of the I/O block the next transaction begins in (`metaio.rs`).
+    pub(super) tail: JournalTail,
 }
 
 #[derive(Default)]

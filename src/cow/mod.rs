@@ -19,7 +19,8 @@
 //!   (data-block I/O of the write path; the host refusing a write is a space failure),
 //!   `limit.rs` (the growth limit: fixed or following the host file system; resize),
 //!   `hostroom.rs` (what the host file system has room for), `waits.rs` (the on-full policy:
-//!   writes waiting for space; waiting for low space) over `waitlist.rs` (the waiting room).
+//!   writes waiting for space; waiting for low space) over `waitlist.rs` (the waiting room),
+//!   `metaio.rs` (the engine's own I/O aligned for direct I/O: header slots, journal blocks).
 //! - `error.rs`: [`CowError`], [`DeviceId`].
 //! - [`check`]: the offline checker behind `snapblk check`.
 //!
@@ -39,6 +40,7 @@ mod hostroom;
 mod info;
 mod limit;
 pub mod meta;
+mod metaio;
 mod open;
 mod read;
 mod recovery;

@@ -6,6 +6,7 @@
 //!
 //! - [`storage`]: in-memory, crash-injecting, counting and faulty (ENOSPC, EIO)
 //!   [`Storage`](crate::storage::Storage) doubles.
+//! - [`aligned`]: a store refusing transfers not aligned to 4 KiB (direct I/O, no bounce).
 //! - [`gated`]: a store whose writes to a range wait until the test lets them go.
 //! - [`engine`]: a copy-on-write engine over in-memory stores, or files in a temp dir.
 //! - [`tokens`]: sectors that carry a 64-bit token, to tell which write a sector holds.
@@ -20,6 +21,7 @@
 
 //! - [`frontend`]: a raw vhost-user frontend, message by message, to play a hostile one.
 
+pub mod aligned;
 pub mod blkio_client;
 pub mod engine;
 pub mod frontend;
