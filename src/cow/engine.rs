@@ -35,6 +35,7 @@
 
 use super::error::{CowError, DeviceId, Result};
 use super::format::{entry_to_block, Enc, Header, Record, ENTRY_UNMAPPED};
+use super::gate::DirectGate;
 use super::history::OriginHistory;
 use super::hostroom::HostRoom;
 use super::meta::{Meta, ReadSide};
@@ -175,6 +176,9 @@ pub struct CacheObject {
     pub(super) journal_pressed: AtomicBool,
     /// Serializes changes of the limit (`limit.rs`).
     pub(super) resizing: Mutex<()>,
+    /// Origin writes bypassing the engine, and snapshot creations holding them off
+    /// (`gate.rs`, `direct.rs`).
+    pub(super) direct_gate: Arc<DirectGate>,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -177,6 +177,7 @@ impl CacheObject {
             journal_pressed: AtomicBool::new(false),
             waits: SpaceWaits::default(),
             resizing: Mutex::new(()),
+            direct_gate: Arc::default(),
         })
     }
 }

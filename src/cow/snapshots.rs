@@ -42,6 +42,9 @@ impl CacheObject {
             ));
         }
         self.check_journal_room()?;
+        // Origin writes bypassing the engine (direct I/O) finish first, and no more start
+        // until the snapshot exists (then none may: `direct.rs`).
+        let _gate = self.direct_gate.close();
         let (id, epoch) = {
             let mut st = self.write_state();
             Self::check_dev(&st.meta, parent.0)?;
