@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian bookworm machine lacks to run snapblk's guest tests, NBD tests,
 # power-cut tests and benchmarks: QEMU 10 (bookworm-backports) with qemu-img/qemu-io/qemu-nbd,
-# qemu-storage-daemon, busybox-static, cpio, libnbd's nbdinfo and nbdcopy, and fuse3
+# qemu-storage-daemon, busybox-static, cpio, libnbd's nbdinfo and nbdcopy, nbdkit (with its
+# file plugin and delay/error/log filters, for the remote-origin tests and benchmark) and fuse3
 # (fusermount3, for the FUSE file system of tests/power_cut.rs).
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
@@ -19,6 +20,7 @@ done
 for tool in nbdinfo nbdcopy; do
     command -v "$tool" >/dev/null 2>&1 || need+=(nbd)
 done
+command -v nbdkit >/dev/null 2>&1 || need+=(nbdkit)
 [ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 || need+=(busybox)
 command -v cpio >/dev/null 2>&1 || need+=(cpio)
 command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
@@ -40,5 +42,5 @@ SRC
 fi
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils qemu-block-extra >/dev/null
-$SUDO apt-get install -y -qq busybox-static cpio xz-utils zstd libnbd-bin fuse3 >/dev/null
+$SUDO apt-get install -y -qq busybox-static cpio xz-utils zstd libnbd-bin nbdkit fuse3 >/dev/null
 qemu-system-x86_64 --version | head -1

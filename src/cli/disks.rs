@@ -23,6 +23,8 @@ pub const DEFAULT_CACHE: &str = "snapblk-data/cache.obj";
 /// What `serve` serves from, as its options say (`--origin`, `--cache`, ...).
 pub(super) struct Disks<'a> {
     pub origin: &'a Path,
+    /// The origin is a remote image (`origin` its URI), copied on read into the cache object.
+    pub remote: bool,
     pub cache: Option<&'a Path>,
     pub read_only: bool,
     pub direct: bool,
@@ -89,7 +91,7 @@ fn flags(args: &Disks<'_>, read_only: bool) -> OpenFlags {
 }
 
 /// Opens the origin, locked against other daemons (shared when read-only).
-pub(super) fn open_origin(args: &Disks<'_>) -> Result<Arc<FileStorage>, CliError> {
+pub(super) fn open_origin(args: &Disks<'_>) -> Result<Arc<dyn Storage>, CliError> {
     let origin =
         FileStorage::open_with(args.origin, flags(args, args.read_only)).map_err(|source| {
             DeviceError::Open {
@@ -111,13 +113,14 @@ fn is_block_device(path: &Path) -> bool {
     fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
 }
 
-/// The cache object's path: `--cache`, or beside the origin image. A block-device origin
+/// The cache object's path: `--cache`, or beside the origin image (the default one for the
+/// default origin and a remote one). A block-device origin
 /// needs `--cache` (nothing is created beside a device node).
 pub(super) fn cache_path(args: &Disks<'_>) -> Result<PathBuf, CliError> {
     if let Some(p) = args.cache {
         return Ok(p.to_path_buf());
     }
-    if args.origin == Path::new(DEFAULT_ORIGIN) {
+    if args.origin == Path::new(DEFAULT_ORIGIN) || args.remote {
         return Ok(PathBuf::from(DEFAULT_CACHE));
     }
     if is_block_device(args.origin) {
@@ -172,7 +175,7 @@ fn blank(dev: &FileStorage) -> Result<bool, std::io::Error> {
 /// blank (a block device).
 pub(super) fn open_cache(
     args: &Disks<'_>,
-    origin: Arc<FileStorage>,
+    origin: Arc<dyn Storage>,
     path: &Path,
 ) -> Result<CacheObject, CliError> {
     let cow_err = |source| CliError::Cache {
@@ -207,6 +210,7 @@ pub(super) fn open_cache(
         max_size: None,
         low_space_threshold: args.low_space,
         origin_tag: Some(origin_tag(args.origin)),
+        copy_on_read: args.remote,
     };
     let engine = CacheObject::open(origin, Arc::new(cache), opts).map_err(cow_err)?;
     if let Some(limit) = args.cache_size {
@@ -221,7 +225,7 @@ pub(super) fn open_cache(
 /// limit, and `auto`, which follows a file system's free space, means all of it).
 fn create(
     args: &Disks<'_>,
-    origin: Arc<FileStorage>,
+    origin: Arc<dyn Storage>,
     cache: FileStorage,
     path: &Path,
 ) -> Result<CacheObject, CliError> {
@@ -243,6 +247,7 @@ fn create(
         host_limit,
         low_space_threshold: args.low_space.unwrap_or(0),
         origin_tag: origin_tag(args.origin),
+        copy_on_read: args.remote,
         ..CreateOptions::default()
     };
     match CacheObject::create(origin, Arc::new(cache), opts) {

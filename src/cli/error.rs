@@ -24,6 +24,11 @@ pub enum CliError {
     Lock(#[from] crate::storage::LockError),
     #[error("NBD server: {0}")]
     Nbd(#[from] crate::nbd::NbdError),
+    /// A remote origin's URI or server.
+    #[error(transparent)]
+    Uri(#[from] crate::nbd::uri::UriError),
+    #[error(transparent)]
+    Remote(#[from] crate::storage::RemoteError),
     #[error("{0}")]
     Usage(String),
     #[error(transparent)]

@@ -6,7 +6,9 @@ pub mod admin;
 mod disks;
 pub mod error;
 pub mod log_limit;
+pub mod origin;
 pub mod output;
+pub mod remote;
 pub mod serve;
 pub mod space;
 pub mod units;
@@ -91,6 +93,13 @@ pub enum Command {
         #[command(subcommand)]
         command: space::CacheCommand,
     },
+    /// A remote origin: fetch its chunks in the background (`hydrate`).
+    Origin {
+        #[command(flatten)]
+        control: admin::ControlArg,
+        #[command(subcommand)]
+        command: origin::OriginCommand,
+    },
     /// Wait for a running daemon's cache object to reach a state (for scripts).
     Wait {
         #[command(flatten)]
@@ -126,6 +135,7 @@ pub fn main() -> ExitCode {
         Command::Snapshot { control, command } => admin::snapshot(&control.control, command),
         Command::Stats { control, json } => admin::stats(&control.control, json),
         Command::Cache { control, command } => space::cache(&control.control, command),
+        Command::Origin { control, command } => origin::origin(&control.control, command),
         Command::Wait { control, command } => match space::wait(&control.control, command) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(space::EXIT_TIMED_OUT),

@@ -5,13 +5,14 @@ use super::disks::{self, parse_engine, Disks, EngineChoice};
 pub use super::disks::{DEFAULT_CACHE, DEFAULT_ORIGIN};
 use super::error::CliError;
 use super::output::sayln;
+use super::remote::{self, RemoteArgs};
 use super::units::{human, parse_cache_size, parse_on_full, parse_size};
 use crate::control::ControlServer;
 use crate::cow::{OnFull, SizeLimit};
 use crate::daemon::{Daemon, ServeDefaults};
 use crate::device::{BlockDevice, RawDevice};
 use crate::nbd::{NbdOptions, NbdServer, MAX_CONNECTIONS};
-use crate::storage::OpenFlags;
+use crate::storage::{OpenFlags, Storage};
 use crate::vhost::{DeviceServer, Scheduler, SchedulerConfig, ServeOptions};
 use clap::Args;
 use log::info;
@@ -30,10 +31,15 @@ pub const DEFAULT_NBD: &str = "snapblk-data/nbd.sock";
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Raw origin image: a file or a block device. The default one is created sparse if
-    /// missing.
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_ORIGIN)]
+    /// Raw origin image: a file (the default one is created sparse if missing) or a block
+    /// device; or a remote image on an NBD server: nbd+unix:///EXPORT?socket=PATH or
+    /// nbd://HOST[:PORT]/EXPORT, served read-only, its chunks copied into the cache object as
+    /// they are read.
+    #[arg(long, value_name = "PATH|URI", default_value = DEFAULT_ORIGIN)]
     pub origin: PathBuf,
+
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 
     /// Size of the origin image to create when it does not exist (e.g. 8G, 512M, 1T).
     /// Ignored when the image exists.
@@ -84,7 +90,8 @@ pub struct ServeArgs {
 
     /// Cache object holding every snapshot's blocks: a file (created if missing) or a block
     /// device (made one if its first 8 KiB are zeros; its size is the limit). Default:
-    /// snapblk-data/cache.obj for the default origin, ORIGIN.cache beside any other file.
+    /// snapblk-data/cache.obj for the default origin and for a remote one, ORIGIN.cache
+    /// beside any other file.
     #[arg(long, value_name = "PATH", conflicts_with = "no_cache")]
     pub cache: Option<PathBuf>,
 
@@ -225,22 +232,29 @@ fn ensure_origin(args: &ServeArgs) -> Result<(), CliError> {
 }
 
 /// Runs the daemon until SIGINT/SIGTERM.
-pub fn serve(args: ServeArgs) -> Result<(), CliError> {
-    if args.socket == Path::new(DEFAULT_SOCKET) || args.origin == Path::new(DEFAULT_ORIGIN) {
+pub fn serve(mut args: ServeArgs) -> Result<(), CliError> {
+    let uri = remote::remote_uri(&args.origin, args.size, args.no_cache)?;
+    // A remote origin is read-only; its files go to the default directory.
+    args.read_only |= uri.is_some();
+    let defaults_here =
+        args.origin == Path::new(DEFAULT_ORIGIN) || (uri.is_some() && args.cache.is_none());
+    if args.socket == Path::new(DEFAULT_SOCKET) || defaults_here {
         fs::create_dir_all(DEFAULT_DIR).map_err(|source| CliError::Create {
             path: DEFAULT_DIR.into(),
             source,
         })?;
     }
-    ensure_origin(&args)?;
+    if uri.is_none() {
+        ensure_origin(&args)?;
+    }
     // Install the handlers before serving so an early SIGTERM still shuts down cleanly.
     let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(CliError::Signals)?;
     if args.no_cache {
         return serve_raw(&args, &mut signals);
     }
-
     let disks = Disks {
         origin: &args.origin,
+        remote: uri.is_some(),
         cache: args.cache.as_deref(),
         read_only: args.read_only,
         direct: args.direct,
@@ -248,7 +262,10 @@ pub fn serve(args: ServeArgs) -> Result<(), CliError> {
         cache_size: args.cache_size,
         low_space: args.low_space,
     };
-    let origin = disks::open_origin(&disks)?;
+    let origin: Arc<dyn Storage> = match uri.clone() {
+        Some(uri) => remote::connect(uri, &args.remote)?,
+        None => disks::open_origin(&disks)?,
+    };
     let cache_path = disks::cache_path(&disks)?;
     let control_path = args
         .control
@@ -258,6 +275,7 @@ pub fn serve(args: ServeArgs) -> Result<(), CliError> {
     engine.set_on_full(args.on_full);
     let logical_block_size = disks::block_size(args.logical_block_size, engine.block_sizes().0)?;
     let io_engine = disks::choose_engine(args.io_engine, args.direct);
+    engine.hydrate_resume();
     let defaults = ServeDefaults {
         num_queues: args.num_queues,
         queue_size: args.queue_size,
@@ -290,6 +308,7 @@ pub fn serve(args: ServeArgs) -> Result<(), CliError> {
     info!("received signal {signal:?}: finishing in-flight requests and shutting down");
     // Waits for space and for low space would hold up the control socket and the queues.
     engine.close_waits();
+    engine.hydrate_pause();
     drop(control);
     drop(nbd);
     daemon.shutdown().map_err(|source| CliError::FlushCache {

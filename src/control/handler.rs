@@ -86,6 +86,7 @@ fn view(s: &DeviceStatus, chunk: u64) -> DeviceView {
         state: match d.state {
             DeviceState::Active => "active".into(),
             DeviceState::Inoperative => "inoperative".into(),
+            DeviceState::Degraded => "degraded".into(),
         },
         owned_bytes: d.owned_chunks * chunk,
         shared_bytes: d.mapped_chunks.saturating_sub(d.owned_chunks) * chunk,
@@ -159,6 +160,19 @@ fn resize(daemon: &Daemon, size: Option<u64>, auto: bool) -> Reply {
     }
 }
 
+/// Starts (or stops) hydrating a remote origin; replies with where it is.
+fn hydrate(daemon: &Daemon, rate: Option<u64>, stop: bool) -> Reply {
+    let engine = daemon.engine();
+    let done = match stop {
+        true => engine.hydrate_stop(),
+        false => engine.hydrate(rate.unwrap_or(0)),
+    };
+    match done.map(|()| engine.hydration()) {
+        Ok(info) => Reply::ok(info),
+        Err(e) => Reply::err(engine_code(&e), e.to_string()),
+    }
+}
+
 /// Blocks this control connection's thread only (each client has its own); the engine's
 /// shutdown ends the wait.
 fn wait_low_space(daemon: &Daemon, timeout_ms: Option<u64>) -> Reply {
@@ -211,6 +225,7 @@ impl ControlHandler for Daemon {
             Command::CacheInfo => Reply::ok(self.engine().cache_info()),
             Command::CacheResize { size, auto } => resize(self, size, auto),
             Command::WaitLowSpace { timeout_ms } => wait_low_space(self, timeout_ms),
+            Command::OriginHydrate { rate, stop } => hydrate(self, rate, stop),
         }
     }
 }

@@ -101,6 +101,16 @@ pub enum Command {
         #[serde(default)]
         auto: bool,
     },
+    /// Hydrate a remote origin: fetch every chunk not yet local, in the background, at most
+    /// `rate` bytes per second (no limit if absent); persisted, resumed after a restart.
+    /// With `stop`, stop it (and forget it). Reply: the hydration's state, as
+    /// `cow::HydrationInfo`.
+    OriginHydrate {
+        #[serde(default)]
+        rate: Option<u64>,
+        #[serde(default)]
+        stop: bool,
+    },
     /// Return when the cache object is low on space (at once if it is), or after
     /// `timeout_ms` (at most [`MAX_WAIT_MS`], also the default). Reply: [`LowSpace`].
     WaitLowSpace {

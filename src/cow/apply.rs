@@ -36,6 +36,7 @@ impl Meta {
                 self.preserve(*chunk, *time, *entry)?;
             }
             Record::SetInoperative { dev } => self.make_inoperative(*dev)?,
+            Record::OriginLocal { chunk, entry } => self.origin_local(*chunk, *entry)?,
             Record::SetAttr { dev, key, value } => {
                 let d = self.dev_mut(*dev)?;
                 match value {
@@ -228,6 +229,27 @@ impl Meta {
         self.history_copies += 1;
         self.take_ref(entry);
         Ok(())
+    }
+
+    /// `OriginLocal`: the read-only origin's chunk is local from now on, in its device's own
+    /// table (a cache block, or zeros). Set once per chunk and never changed: the image never
+    /// changes, so the copy stays valid for as long as the cache object lives.
+    pub(super) fn origin_local(&mut self, chunk: u64, entry: u64) -> Result<(), MetaError> {
+        if !self.origin_copies {
+            return Err(MetaError::OriginLocal(
+                chunk,
+                "the origin is not copied on read",
+            ));
+        }
+        self.check_entry(chunk, entry)?;
+        if entry == ENTRY_UNMAPPED {
+            return Err(MetaError::OriginLocal(chunk, "no entry"));
+        }
+        let origin = self.dev(ORIGIN_ID).ok_or(MetaError::NoDevice(ORIGIN_ID))?;
+        if origin.table.get(chunk) != ENTRY_UNMAPPED {
+            return Err(MetaError::OriginLocal(chunk, "recorded twice"));
+        }
+        self.set_entry(ORIGIN_ID, chunk, entry)
     }
 
     /// The snapshot time of a new child of `parent`: a new tick of the clock for a snapshot

@@ -116,9 +116,7 @@ impl CacheObject {
         // rounded up within its block): direct I/O takes it as it is.
         let mut buf = AlignedBuf::zeroed(self.cache_io_len(clen));
         match old {
-            View::Origin => self
-                .origin
-                .read_at(&mut buf[..clen], c << self.chunk_shift)?,
+            View::Origin => self.read_origin_view(c, &mut buf[..clen])?,
             View::Zero => {}
             View::Block(b) => self.cache.read_at(&mut buf, self.block_offset(b))?,
         }
@@ -139,11 +137,25 @@ impl CacheObject {
         (n.div_ceil(block) * block).min(self.chunk_size as usize)
     }
 
+    /// The origin image's chunk `c`, whole: read from the image, or for an origin copied on
+    /// read, from its local copy (fetched if need be).
+    fn read_origin_view(&self, c: u64, buf: &mut [u8]) -> Result<()> {
+        match self.cor.as_deref() {
+            None => self.origin.read_at(buf, c << self.chunk_shift)?,
+            Some(cor) => {
+                if self.read_origin_chunk(cor, c, 0, buf)? {
+                    Self::count_local(cor, buf.len() as u64);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Copies the origin's chunk `c` into block `b`.
     pub(super) fn copy_origin_chunk(&self, c: u64, b: u64) -> Result<()> {
         let n = self.chunk_len(c);
         let mut buf = AlignedBuf::zeroed(self.cache_io_len(n));
-        self.origin.read_at(&mut buf[..n], c << self.chunk_shift)?;
+        self.read_origin_view(c, &mut buf[..n])?;
         self.write_block(&buf, b)?;
         self.counters.copies.fetch_add(1, Ordering::Relaxed);
         self.counters

@@ -46,15 +46,18 @@ impl Meta {
     /// Rebuilds the state from a checkpoint of format `version`. Parents precede children in
     /// the encoding only by accident, so links are made after all devices are read. Version 1
     /// has no snapshot times and no history: snapshots of the origin get times in id (that is,
-    /// creation) order.
+    /// creation) order. With `origin_copies` the origin device's own entries are its local
+    /// copies (copy-on-read of a read-only origin); without, it has none.
     pub fn decode_checkpoint(
         buf: &[u8],
         version: u32,
+        origin_copies: bool,
         nchunks: u64,
         max_blocks: u64,
     ) -> Result<Self, MetaError> {
         let v1 = version < 2;
         let mut m = Meta::new(nchunks, max_blocks);
+        m.origin_copies = origin_copies;
         m.devices.clear();
         let mut d = Dec::new(buf, "checkpoint");
         m.next_id = d.u64()?;
@@ -188,6 +191,11 @@ impl Meta {
                 for (c, ent) in entries.remove(&id).unwrap_or_default() {
                     self.set_entry(id, c, ent)?;
                 }
+            } else {
+                // The origin's local copies (refused unless the origin is copied on read).
+                for (c, ent) in entries.remove(&id).unwrap_or_default() {
+                    self.origin_local(c, ent)?;
+                }
             }
             if order.len() > self.devices.len() {
                 return Err(FormatError::Malformed("checkpoint device tree").into());
@@ -281,7 +289,7 @@ mod tests {
         })
         .unwrap();
         let v1 = encode_v1(&m);
-        let mut back = Meta::decode_checkpoint(&v1, 1, 8, 100).unwrap();
+        let mut back = Meta::decode_checkpoint(&v1, 1, false, 8, 100).unwrap();
         for id in 1..=3 {
             for c in 0..8 {
                 assert_eq!(
@@ -313,7 +321,7 @@ mod tests {
         }
         // And the version 2 checkpoint of that state round-trips.
         let v2 = back.encode_checkpoint();
-        let again = Meta::decode_checkpoint(&v2, 2, 8, 100).unwrap();
+        let again = Meta::decode_checkpoint(&v2, 2, false, 8, 100).unwrap();
         for id in 1..=3 {
             for c in 0..8 {
                 assert_eq!(again.resolve(id, c), back.resolve(id, c));
@@ -321,7 +329,7 @@ mod tests {
         }
         assert_eq!(again.refcount(1), 1);
         assert!(
-            Meta::decode_checkpoint(&v1, 2, 8, 100).is_err(),
+            Meta::decode_checkpoint(&v1, 2, false, 8, 100).is_err(),
             "layouts are told apart"
         );
     }

@@ -40,6 +40,7 @@ use super::history::OriginHistory;
 use super::hostroom::HostRoom;
 use super::meta::{Meta, ReadSide};
 use super::metaio::JournalTail;
+use super::origin_copies::CopyOnRead;
 use super::waitlist::SpaceWaits;
 use crate::storage::{Storage, SECTOR_SIZE};
 use arc_swap::ArcSwap;
@@ -179,6 +180,9 @@ pub struct CacheObject {
     /// Origin writes bypassing the engine, and snapshot creations holding them off
     /// (`gate.rs`, `direct.rs`).
     pub(super) direct_gate: Arc<DirectGate>,
+    /// Copy-on-read of a read-only origin (`cor.rs`): `None` for a local origin image, whose
+    /// reads go straight to it.
+    pub(super) cor: Option<Box<CopyOnRead>>,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

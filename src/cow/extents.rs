@@ -233,7 +233,7 @@ impl CacheObject {
     /// reads that send zero mappings as holes. Answers for a prefix, as runs, merged.
     pub fn zero_runs(&self, dev: DeviceId, offset: u64, len: u64) -> Result<Vec<(u64, u64, bool)>> {
         self.check_range(offset, len)?;
-        if dev == DeviceId::ORIGIN {
+        if dev == DeviceId::ORIGIN && self.cor.is_none() {
             return Ok(vec![(offset, len, false)]);
         }
         let registry = self.registry.load();
@@ -241,7 +241,15 @@ impl CacheObject {
         let mut runs = Vec::new();
         self.for_each_queried_chunk(offset, len, |c, pos, n| {
             Self::check_read_status(side, dev.0)?;
-            let zero = self.view(side, c) == View::Zero;
+            let zero = match self.view(side, c) {
+                View::Zero => true,
+                // Where a read-only origin is known to read as zeros.
+                View::Origin => self
+                    .cor
+                    .as_deref()
+                    .is_some_and(|cor| cor.local(c) == ENTRY_ZERO),
+                View::Block(_) => false,
+            };
             push_run(
                 &mut runs,
                 (pos, n, zero),
@@ -255,11 +263,15 @@ impl CacheObject {
     }
 
     /// What device `dev` (read side `side`) shows at `c`; the caller holds `c`'s stripe lock.
+    /// A block that is a read-only origin's local copy of `c` is the origin image itself (a
+    /// snapshot was given it when its parent changed the chunk: it still shows the image).
     fn view_of(&self, dev: DeviceId, side: &ReadSide, c: u64) -> View {
         if dev == DeviceId::ORIGIN {
-            View::Origin
-        } else {
-            self.view(side, c)
+            return View::Origin;
+        }
+        match (self.view(side, c), self.cor.as_deref()) {
+            (View::Block(b), Some(cor)) if cor.local(c) == View::Block(b).entry() => View::Origin,
+            (v, _) => v,
         }
     }
 
@@ -313,7 +325,7 @@ impl CacheObject {
         };
         while found.end < limit && found.holes.len() < MAX_HOLES {
             let pos = found.end;
-            let (hole, n) = self.origin.allocation(pos, limit - pos)?;
+            let (hole, n) = self.origin_allocation(pos, limit - pos)?;
             let n = n.clamp(1, limit - pos);
             // Holes shrink to whole sectors, data grows to whole sectors.
             let end = if hole {

@@ -22,8 +22,13 @@ pub const MIN_FORMAT_VERSION: u32 = 1;
 pub const HEADER_SLOT_SIZE: u64 = 4096;
 /// Offset of the journal.
 pub const JOURNAL_OFFSET: u64 = 2 * HEADER_SLOT_SIZE;
-/// Incompatible features this build understands (none yet).
-pub const KNOWN_INCOMPAT: u64 = 0;
+/// Incompatible feature: the origin is read-only (a remote image) and the cache object keeps
+/// local copies of its chunks (copy-on-read): `OriginLocal` records, and the origin device's
+/// own entries in checkpoints. A build that does not know it would read the origin's image
+/// where a local copy is meant, and would not know the record: it must refuse the file.
+pub const INCOMPAT_ORIGIN_COPIES: u64 = 1;
+/// Incompatible features this build understands.
+pub const KNOWN_INCOMPAT: u64 = INCOMPAT_ORIGIN_COPIES;
 /// Compatible feature: the growth limit also follows the host file system's free space (less
 /// a reserve); `max_size` only caps it. A build that does not know the flag uses `max_size`
 /// alone, which is safe: it only bounds block numbers.
@@ -291,6 +296,10 @@ pub enum Record {
     Preserve { chunk: u64, time: u64, entry: u64 },
     /// Marks `dev` inoperative and releases its mappings.
     SetInoperative { dev: u64 },
+    /// A read-only origin's chunk is local (with [`INCOMPAT_ORIGIN_COPIES`]): `entry` is the
+    /// cache block holding its data, or zero (the image reads as zeros there). Valid for
+    /// every device that reads the image at `chunk`, since the image never changes.
+    OriginLocal { chunk: u64, entry: u64 },
     /// Sets (or with `None` removes) a persistent per-device attribute.
     SetAttr {
         dev: u64,
@@ -340,6 +349,11 @@ impl Record {
                 e.u64(*time);
                 e.u64(*entry);
             }
+            Record::OriginLocal { chunk, entry } => {
+                e.u8(8);
+                e.u64(*chunk);
+                e.u64(*entry);
+            }
             Record::SetAttr { dev, key, value } => {
                 e.u8(6);
                 e.u64(*dev);
@@ -384,6 +398,10 @@ impl Record {
             7 => Record::Preserve {
                 chunk: d.u64()?,
                 time: d.u64()?,
+                entry: d.u64()?,
+            },
+            8 => Record::OriginLocal {
+                chunk: d.u64()?,
                 entry: d.u64()?,
             },
             _ => return Err(FormatError::Malformed("journal record")),
@@ -540,6 +558,12 @@ mod tests {
         bad[40] ^= 1;
         assert!(Header::decode(&bad).is_err());
         let mut inc = h.clone();
+        inc.incompat = INCOMPAT_ORIGIN_COPIES;
+        assert_eq!(
+            Header::decode(&inc.encode()).unwrap(),
+            inc,
+            "a known feature"
+        );
         inc.incompat = 4;
         assert_eq!(
             Header::decode(&inc.encode()),
@@ -595,6 +619,14 @@ mod tests {
                 chunk: 9,
                 time: 1 << 40,
                 entry: entry_block(3),
+            },
+            Record::OriginLocal {
+                chunk: 4,
+                entry: entry_block(8),
+            },
+            Record::OriginLocal {
+                chunk: 5,
+                entry: ENTRY_ZERO,
             },
             Record::DeleteDevice { id: 1 },
         ];

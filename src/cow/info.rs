@@ -13,6 +13,9 @@ pub enum DeviceState {
     Active,
     /// Its preserving copy could not be made for lack of space; reads and writes fail.
     Inoperative,
+    /// The origin only, when it is remote: its server does not answer; reads of chunks that
+    /// are not local fail after the origin's timeout, local ones are served.
+    Degraded,
 }
 
 /// A device as listed by [`CacheObject::devices`].
@@ -118,6 +121,62 @@ pub struct Stats {
     /// Checkpoints put off for lack of space (the journal keeps the records meanwhile).
     #[serde(default)]
     pub checkpoints_deferred: u64,
+    /// The origin is a remote image, read-only, copied on read into the cache object. The
+    /// `origin_*` fields below describe it (zero or empty otherwise).
+    #[serde(default)]
+    pub origin_remote: bool,
+    /// Where it is (its NBD URI).
+    #[serde(default)]
+    pub origin_uri: String,
+    /// Its server does not answer: chunks not local fail to read after the timeout.
+    #[serde(default)]
+    pub origin_degraded: bool,
+    /// Connections to its server open now; reconnections; requests that failed (retried).
+    #[serde(default)]
+    pub origin_connections: u64,
+    #[serde(default)]
+    pub origin_reconnects: u64,
+    #[serde(default)]
+    pub origin_failed_requests: u64,
+    /// The last failure talking to its server.
+    #[serde(default)]
+    pub origin_last_error: Option<String>,
+    /// Its chunks; those local (a cache block each); those known to read as zeros (kept as
+    /// zero mappings: neither fetched nor stored).
+    #[serde(default)]
+    pub origin_chunks: u64,
+    #[serde(default)]
+    pub origin_local_chunks: u64,
+    #[serde(default)]
+    pub origin_zero_chunks: u64,
+    /// Chunks fetched from its server, and bytes: each chunk at most once per cache object
+    /// (unless it could not be kept for lack of space).
+    #[serde(default)]
+    pub origin_fetches: u64,
+    #[serde(default)]
+    pub origin_bytes_fetched: u64,
+    /// Bytes read where a device's view is the origin, served by local copies or known zeros.
+    #[serde(default)]
+    pub origin_bytes_served_local: u64,
+    /// Chunks fetched and served but not kept (the cache low on space); fetches that failed;
+    /// reads that waited for another reader's fetch of their chunk.
+    #[serde(default)]
+    pub origin_fetches_not_kept: u64,
+    #[serde(default)]
+    pub origin_fetch_errors: u64,
+    #[serde(default)]
+    pub origin_fetch_waits: u64,
+    /// Hydration (`snapblk origin hydrate`): `off`, `running`, `done`, `stopped`, `paused`
+    /// or `stopped: REASON`; its rate (bytes/s, 0 = no limit); the origin byte it reached;
+    /// the percentage of the origin's chunks that are local (copies or known zeros).
+    #[serde(default)]
+    pub hydration: String,
+    #[serde(default)]
+    pub hydration_rate: u64,
+    #[serde(default)]
+    pub hydration_position: u64,
+    #[serde(default)]
+    pub hydrated_percent: u64,
 }
 
 /// Geometry of the cache object.
@@ -138,6 +197,7 @@ pub struct CacheInfo {
 impl CacheObject {
     /// All devices, origin first.
     pub fn devices(&self) -> Vec<DeviceInfo> {
+        let degraded = self.origin.remote_status().is_some_and(|r| r.degraded);
         let st = self.read_state();
         let m = &st.meta;
         // A snapshot of time t has a copy of chunk c iff c's newest copy is stamped >= t.
@@ -171,6 +231,8 @@ impl CacheObject {
                     writable: d.writable,
                     state: if d.inoperative {
                         DeviceState::Inoperative
+                    } else if d.id == ORIGIN_ID && degraded {
+                        DeviceState::Degraded
                     } else {
                         DeviceState::Active
                     },
@@ -203,7 +265,7 @@ impl CacheObject {
         let pending = (st.pending_free.len() + st.fenced_free.len()) as u64;
         let c = &self.counters;
         let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        Stats {
+        let mut stats = Stats {
             chunk_size: self.chunk_size,
             blocks_used,
             blocks_free: space.allocatable,
@@ -238,6 +300,46 @@ impl CacheObject {
             host_full: self.host_full.load(Ordering::Relaxed),
             blocks_quarantined: st.quarantined,
             checkpoints_deferred: l(&c.checkpoints_deferred),
+            ..Stats::default()
+        };
+        self.origin_stats(m, &mut stats);
+        stats
+    }
+
+    /// The `origin_*` and hydration fields: a remote origin's server, its local copies, the
+    /// fetches, hydration.
+    fn origin_stats(&self, m: &Meta, s: &mut Stats) {
+        if let Some(r) = self.origin.remote_status() {
+            s.origin_remote = true;
+            s.origin_uri = r.uri;
+            s.origin_degraded = r.degraded;
+            s.origin_connections = r.connections;
+            s.origin_reconnects = r.reconnects;
+            s.origin_failed_requests = r.failed_requests;
+            s.origin_last_error = r.last_error;
+        }
+        let Some(cor) = self.cor.as_deref() else {
+            return;
+        };
+        let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let n = &cor.counters;
+        let (blocks, entries) = m
+            .dev(ORIGIN_ID)
+            .map_or((0, 0), |d| (d.mapped_blocks, d.entries));
+        s.origin_chunks = m.nchunks;
+        s.origin_local_chunks = blocks;
+        s.origin_zero_chunks = entries - blocks;
+        s.origin_fetches = l(&n.fetches);
+        s.origin_bytes_fetched = l(&n.bytes_fetched);
+        s.origin_bytes_served_local = l(&n.bytes_local);
+        s.origin_fetches_not_kept = l(&n.not_kept);
+        s.origin_fetch_errors = l(&n.errors);
+        s.origin_fetch_waits = l(&n.waits);
+        s.hydrated_percent = (entries * 100).checked_div(m.nchunks).unwrap_or(0);
+        if let Some(h) = self.hydration() {
+            s.hydration = h.state;
+            s.hydration_rate = h.rate;
+            s.hydration_position = h.position;
         }
     }
 

@@ -108,6 +108,8 @@ pub enum MetaError {
     Origin,
     #[error("copy of chunk {0} stamped {1} is out of order or from the future")]
     History(u64, u64),
+    #[error("local copy of origin chunk {0}: {1}")]
+    OriginLocal(u64, &'static str),
     #[error("malformed checkpoint: {0}")]
     Format(#[from] FormatError),
 }
@@ -145,6 +147,10 @@ pub struct Meta {
     /// an operative device iff it has an entry here. A copy is kept while a time it serves
     /// has one.
     pub lineages: BTreeMap<u64, Vec<u64>>,
+    /// The origin is read-only and its chunks are copied on read
+    /// ([`INCOMPAT_ORIGIN_COPIES`](super::format::INCOMPAT_ORIGIN_COPIES)): the origin
+    /// device's own table holds its local copies (`OriginLocal` records).
+    pub origin_copies: bool,
 }
 
 impl Meta {
@@ -165,6 +171,7 @@ impl Meta {
             history_copies: 0,
             clock: 0,
             lineages: BTreeMap::new(),
+            origin_copies: false,
         }
     }
 

@@ -23,7 +23,10 @@
 //!   `metaio.rs` (the engine's own I/O aligned for direct I/O: header slots, journal blocks),
 //!   `direct.rs` (what a queue submitting its own direct I/O needs: the origin's descriptor,
 //!   leave for an origin write to bypass the engine) over `gate.rs` (the gate snapshot
-//!   creation closes on such writes).
+//!   creation closes on such writes),
+//!   `cor.rs` (copy-on-read of a read-only origin: its local copies, one fetch per chunk)
+//!   over `origin_copies.rs` (its state: the fetch table, counters), `hydrate.rs` (fetching
+//!   the rest in the background).
 //! - `error.rs`: [`CowError`], [`DeviceId`].
 //! - [`check`]: the offline checker behind `snapblk check`.
 //!
@@ -34,6 +37,7 @@ mod blockio;
 pub mod check;
 mod checkpoint;
 mod commit;
+mod cor;
 mod direct;
 mod engine;
 mod error;
@@ -42,11 +46,13 @@ pub mod format;
 mod gate;
 pub mod history;
 mod hostroom;
+mod hydrate;
 mod info;
 mod limit;
 pub mod meta;
 mod metaio;
 mod open;
+mod origin_copies;
 mod read;
 mod recovery;
 mod snapshots;
@@ -62,7 +68,9 @@ pub use engine::CacheObject;
 pub use error::{CowError, DeviceId, Result};
 pub use extents::{DiffRun, Extent, Holes, Source, MAX_HOLES, MAX_QUERY_CHUNKS};
 pub use gate::OriginWriteTicket;
+pub use hydrate::HYDRATE_ATTR;
 pub use info::{CacheInfo, DeviceInfo, DeviceState, Stats};
 pub use limit::{host_reserve, SizeLimit, AUTO_MAX_SIZE};
 pub use open::{CreateOptions, OpenOptions};
+pub use origin_copies::HydrationInfo;
 pub use waitlist::{OnFull, MAX_SPACE_WAITERS};

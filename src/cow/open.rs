@@ -4,13 +4,16 @@
 use super::engine::{CacheObject, Counters, Journal, State, CHUNK_EPOCH_SLOTS, STRIPES};
 use super::error::{CowError, Result};
 use super::format::{
-    Header, COMPAT_HOST_LIMIT, FORMAT_VERSION, JOURNAL_OFFSET, NO_BLOCK, TXN_ALIGN,
+    Header, COMPAT_HOST_LIMIT, FORMAT_VERSION, INCOMPAT_ORIGIN_COPIES, JOURNAL_OFFSET, NO_BLOCK,
+    TXN_ALIGN,
 };
 use super::hostroom::HostRoom;
+use super::meta::ORIGIN_ID;
 use super::metaio::{write_header, JournalTail};
+use super::origin_copies::CopyOnRead;
 use super::recovery::{read_header, recover};
 use super::waitlist::SpaceWaits;
-use crate::storage::{Storage, SECTOR_SIZE};
+use crate::storage::{Fingerprint, Storage, SECTOR_SIZE};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -32,6 +35,10 @@ pub struct CreateOptions {
     /// The host policy: the file grows while its file system keeps a reserve free
     /// (`limit.rs`); `max_size` then only caps it (e.g. [`AUTO_MAX_SIZE`](super::limit::AUTO_MAX_SIZE)).
     pub host_limit: bool,
+    /// The origin is read-only (a remote image) and its chunks are copied into the cache
+    /// object as they are read (`INCOMPAT_ORIGIN_COPIES`). Its identity is then its size and
+    /// a fingerprint of its content, which replaces `origin_tag`.
+    pub copy_on_read: bool,
 }
 
 impl Default for CreateOptions {
@@ -43,6 +50,7 @@ impl Default for CreateOptions {
             journal_size: 4 << 20,
             origin_tag: String::new(),
             host_limit: false,
+            copy_on_read: false,
         }
     }
 }
@@ -56,6 +64,9 @@ pub struct OpenOptions {
     pub low_space_threshold: Option<u64>,
     /// If set, must equal the tag given at create time.
     pub origin_tag: Option<String>,
+    /// The origin is read-only and copied on read: must match how the cache object was
+    /// made, and the origin's content must match its fingerprint (`origin_tag` is ignored).
+    pub copy_on_read: bool,
 }
 
 impl CacheObject {
@@ -65,7 +76,13 @@ impl CacheObject {
         cache: Arc<dyn Storage>,
         opts: CreateOptions,
     ) -> Result<Self> {
-        let header = new_header(origin.size(), &opts)?;
+        let mut header = new_header(origin.size(), &opts)?;
+        if opts.copy_on_read {
+            header.incompat |= INCOMPAT_ORIGIN_COPIES;
+            header.origin_tag = Fingerprint::of(origin.as_ref())
+                .map_err(|e| identity_unreadable(&e))?
+                .to_tag();
+        }
         let data_offset = header.data_offset;
         if cache.fixed_size() && cache.size() < data_offset + 4 * header.chunk_size {
             return Err(CowError::InvalidOption(format!(
@@ -82,14 +99,13 @@ impl CacheObject {
         cache.allocate(0, data_offset)?;
         write_header(cache.as_ref(), &header)?;
         cache.sync()?;
-        Self::open(
-            origin,
-            cache,
-            OpenOptions {
-                low_space_threshold: Some(opts.low_space_threshold),
-                ..Default::default()
-            },
-        )
+        let opts = OpenOptions {
+            low_space_threshold: Some(opts.low_space_threshold),
+            copy_on_read: opts.copy_on_read,
+            ..Default::default()
+        };
+        // The fingerprint was just taken: no need to sample the origin again.
+        Self::open_as(origin, cache, opts, false)
     }
 
     /// Opens an existing cache object and recovers its state from the latest checkpoint and
@@ -99,8 +115,18 @@ impl CacheObject {
         cache: Arc<dyn Storage>,
         opts: OpenOptions,
     ) -> Result<Self> {
+        Self::open_as(origin, cache, opts, true)
+    }
+
+    /// [`CacheObject::open`], checking the origin's content fingerprint or not.
+    fn open_as(
+        origin: Arc<dyn Storage>,
+        cache: Arc<dyn Storage>,
+        opts: OpenOptions,
+        fingerprint: bool,
+    ) -> Result<Self> {
         let mut header = read_header(cache.as_ref())?;
-        check_origin(origin.as_ref(), &header, &opts)?;
+        check_origin(origin.as_ref(), &header, &opts, fingerprint)?;
         // A cache object made before the journal was preallocated gets its space now.
         if let Err(e) = cache.allocate(0, header.data_offset) {
             log::warn!("cannot preallocate the cache object's journal ({e}): commits may fail if its file system fills up");
@@ -129,7 +155,12 @@ impl CacheObject {
         let stripes = (0..STRIPES).map(|_| RwLock::new(())).collect();
         let registry = Arc::new(ArcSwap::from_pointee(meta.read_sides()));
         let history = meta.history.clone();
+        let cor = meta.origin_copies.then(|| {
+            let origin_side = meta.dev(ORIGIN_ID).map(|d| d.table.read_side().clone());
+            origin_side.map(|side| Box::new(CopyOnRead::new(side)))
+        });
         Ok(Self {
+            cor: cor.flatten(),
             origin,
             cache,
             chunk_size: cs,
@@ -231,14 +262,55 @@ fn new_header(origin_size: u64, opts: &CreateOptions) -> Result<Header> {
     })
 }
 
-/// Refuses an origin of another size or, if the opener names one, another tag.
-fn check_origin(origin: &dyn Storage, header: &Header, opts: &OpenOptions) -> Result<()> {
+/// The origin could not be read to take its fingerprint.
+fn identity_unreadable(e: &std::io::Error) -> CowError {
+    CowError::WrongOrigin(format!("cannot read the origin to check its identity: {e}"))
+}
+
+/// Refuses an origin of another size or, if the opener names one, another tag; for a
+/// read-only origin copied on read, one whose content fingerprint differs, or a cache object
+/// not made for one (and the other way round).
+fn check_origin(
+    origin: &dyn Storage,
+    header: &Header,
+    opts: &OpenOptions,
+    fingerprint: bool,
+) -> Result<()> {
     if origin.size() != header.origin_size {
         return Err(CowError::WrongOrigin(format!(
             "origin is {} bytes, cache object was made for {} bytes",
             origin.size(),
             header.origin_size
         )));
+    }
+    let copies = header.incompat & INCOMPAT_ORIGIN_COPIES != 0;
+    match (opts.copy_on_read, copies) {
+        (true, false) => {
+            return Err(CowError::WrongOrigin(format!(
+                "the cache object was made for a local origin image ({:?}), not a remote one",
+                header.origin_tag
+            )))
+        }
+        (false, true) => {
+            return Err(CowError::WrongOrigin(
+                "the cache object was made for a remote (read-only) origin, not a local image"
+                    .into(),
+            ))
+        }
+        (true, true) if !fingerprint => return Ok(()),
+        (true, true) => {
+            let recorded = Fingerprint::from_tag(&header.origin_tag).ok_or_else(|| {
+                CowError::WrongOrigin("the cache object records no origin fingerprint".into())
+            })?;
+            let now = Fingerprint::of(origin).map_err(|e| identity_unreadable(&e))?;
+            return recorded.compare(&now).map_err(|what| {
+                CowError::WrongOrigin(format!(
+                    "the origin is not the image the cache object was made for: {what}; its \
+                     local copies would be mixed with the new image (use another cache object)"
+                ))
+            });
+        }
+        (false, false) => {}
     }
     if let Some(tag) = &opts.origin_tag {
         if *tag != header.origin_tag {

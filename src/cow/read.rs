@@ -14,7 +14,8 @@ impl CacheObject {
     ///
     /// The origin's view is always the origin image itself (restore copies data into it), so
     /// an origin read is one vectored read of the image, with no lock and no table lookup: a
-    /// read racing a write to the same range may see either, as on any disk.
+    /// read racing a write to the same range may see either, as on any disk. (A read-only
+    /// origin copied on read is read like a snapshot: its local copies, or fetched.)
     pub fn read_vectored(
         &self,
         dev: DeviceId,
@@ -23,7 +24,8 @@ impl CacheObject {
     ) -> Result<()> {
         let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         self.check_range(offset, len)?;
-        if dev == DeviceId::ORIGIN {
+        // An origin copied on read is read chunk by chunk, from its local copies.
+        if dev == DeviceId::ORIGIN && self.cor.is_none() {
             self.origin.read_vectored_at(bufs, offset)?;
             return Ok(());
         }
@@ -40,23 +42,37 @@ impl CacheObject {
     /// by lock-free loads (registry, then the device's page tree).
     pub fn read(&self, dev: DeviceId, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
+        if let (DeviceId::ORIGIN, Some(cor)) = (dev, self.cor.as_deref()) {
+            return self.read_origin_device(cor, offset, buf);
+        }
         // A guard, not an `Arc` clone: no shared counter for concurrent readers to contend on.
         let registry = self.registry.load();
         let side = Self::read_side(&registry, dev.0)?;
         let mut done = 0usize;
+        // Bytes a read-only origin's local copies served (counted once, at the end).
+        let mut local = 0u64;
         while done < buf.len() {
             let pos = offset + done as u64;
             let c = pos >> self.chunk_shift;
             let inoff = pos & (self.chunk_size - 1);
             let n = ((self.chunk_size - inoff) as usize).min(buf.len() - done);
             let piece = &mut buf[done..done + n];
-            let _stripe = self
+            let stripe = self
                 .stripe(c)
                 .read()
                 .unwrap_or_else(PoisonError::into_inner);
             Self::check_read_status(side, dev.0)?;
             match self.view(side, c) {
-                View::Origin => self.origin.read_at(piece, pos)?,
+                View::Origin => match self.cor.as_deref() {
+                    None => self.origin.read_at(piece, pos)?,
+                    Some(cor) => {
+                        // A read-only origin's data cannot change: no lock across the fetch.
+                        drop(stripe);
+                        if self.read_origin_chunk(cor, c, inoff as usize, piece)? {
+                            local += n as u64;
+                        }
+                    }
+                },
                 View::Zero => piece.fill(0),
                 View::Block(b) => self.cache.read_at(piece, self.block_offset(b) + inoff)?,
             }
@@ -69,6 +85,9 @@ impl CacheObject {
                 return Err(e);
             }
             done += n;
+        }
+        if let Some(cor) = self.cor.as_deref() {
+            Self::count_local(cor, local);
         }
         Ok(())
     }

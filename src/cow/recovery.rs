@@ -14,7 +14,8 @@
 use super::error::{corrupt, CowError, Result};
 use super::format::{
     decode_ckpt_block, parse_txn_header, txn_len, verify_txn, FormatError, Header, Record,
-    HEADER_SLOT_SIZE, JOURNAL_OFFSET, NO_BLOCK, TXN_ALIGN, TXN_HEADER, TXN_WRAP,
+    HEADER_SLOT_SIZE, INCOMPAT_ORIGIN_COPIES, JOURNAL_OFFSET, NO_BLOCK, TXN_ALIGN, TXN_HEADER,
+    TXN_WRAP,
 };
 use super::meta::Meta;
 use super::metaio::read_journal;
@@ -146,10 +147,13 @@ pub(crate) fn replay(cache: &dyn Storage, h: &Header, ckpt: Checkpoint) -> Resul
     let nchunks = h.origin_size.div_ceil(h.chunk_size);
     let max_blocks = (h.max_size - h.data_offset) / h.chunk_size;
     let Checkpoint { bytes, blocks } = ckpt;
+    let origin_copies = h.incompat & INCOMPAT_ORIGIN_COPIES != 0;
     let mut meta = if h.ckpt_block == NO_BLOCK {
-        Meta::new(nchunks, max_blocks)
+        let mut m = Meta::new(nchunks, max_blocks);
+        m.origin_copies = origin_copies;
+        m
     } else {
-        Meta::decode_checkpoint(&bytes, h.version, nchunks, max_blocks)?
+        Meta::decode_checkpoint(&bytes, h.version, origin_copies, nchunks, max_blocks)?
     };
     let js = h.journal_size;
     // The file always holds the whole journal (create sizes it to the data offset): a header

@@ -101,6 +101,11 @@ impl CacheObject {
         if from == DeviceId::ORIGIN {
             return Err(CowError::Origin("restored from itself"));
         }
+        if self.cor.is_some() {
+            return Err(CowError::Origin(
+                "restored: it is a read-only remote image (copied on read)",
+            ));
+        }
         let registry = self.registry.load_full();
         let side = Self::read_side(&registry, from.0)?;
         let mut buf = AlignedBuf::zeroed(self.chunk_size as usize);

@@ -145,6 +145,11 @@ impl CacheObject {
     /// writes spanning chunks are batched: their copies share one commit).
     fn change(&self, dev: DeviceId, offset: u64, len: u64, src: Src<'_>) -> Result<()> {
         self.check_range(offset, len)?;
+        if dev == DeviceId::ORIGIN && self.cor.is_some() {
+            // A remote origin is read-only: its local copies stand for an image that never
+            // changes.
+            return Err(CowError::ReadOnly(dev));
+        }
         if dev == DeviceId::ORIGIN && self.spans_chunks(offset, len) {
             return self.write_origin_batched(offset, len, src);
         }
@@ -230,6 +235,12 @@ impl CacheObject {
     }
 
     fn write_chunk(&self, dev: u64, c: u64, inoff: usize, len: usize, src: Src<'_>) -> Result<()> {
+        if let Some(cor) = self.cor.as_deref() {
+            if len < self.chunk_len(c) {
+                // The fill reads the origin's chunk: fetch it before taking the stripe.
+                self.prefetch_for_write(cor, dev, c);
+            }
+        }
         let _stripe = self
             .stripe(c)
             .write()
@@ -283,6 +294,20 @@ impl CacheObject {
             return Ok(Readers::Served(st, None));
         }
         let view = st.meta.resolve(dev, c);
+        if let (View::Origin, Some(cor)) = (view, self.cor.as_deref()) {
+            // A read-only origin's local copy is the old view itself: shared, not copied.
+            drop(st);
+            let entry = self.origin_entry_for_readers(cor, c)?;
+            let mut st = self.lock_for_write(dev)?;
+            if st.meta.view_shared(dev, c) {
+                st.log(Record::ShareDown {
+                    dev,
+                    chunk: c,
+                    entry,
+                })?;
+            }
+            return Ok(Readers::Served(st, None));
+        }
         if view != View::Origin {
             // Sharing a block or zeros: no data moves.
             st.log(Record::ShareDown {

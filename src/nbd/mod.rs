@@ -13,9 +13,16 @@
 //!   block-status answers from the engine's queries.
 //! - [`handshake`], [`transmission`]: one connection's two phases; [`socket`]: its stream.
 //! - [`server`]: listeners, connection threads, the connection limit.
+//! - [`client`] (with [`client_handshake`], [`client_stream`], [`client_error`]): a client
+//!   connection to another server's export, on the same codec, for a remote origin
+//!   (`storage::RemoteStorage`); [`uri`]: NBD URIs.
 //! - `error.rs`: [`NbdError`].
 
 pub mod chunks;
+pub mod client;
+pub mod client_error;
+pub mod client_handshake;
+pub mod client_stream;
 pub mod contexts;
 mod error;
 pub mod export;
@@ -26,6 +33,7 @@ pub mod registry;
 pub mod server;
 pub mod socket;
 pub mod transmission;
+pub mod uri;
 
 pub use error::NbdError;
 pub use registry::{Mode, Registry};

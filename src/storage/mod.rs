@@ -1,4 +1,6 @@
-//! The storage I/O layer: positional reads and writes on a byte store.
+//! The storage I/O layer: positional reads and writes on a byte store: files
+//! ([`FileStorage`]), a remote image on an NBD server ([`RemoteStorage`], read-only), and
+//! an image's content fingerprint ([`Fingerprint`]).
 //!
 //! Everything above this module (the virtio-blk data path, the copy-on-write engine) does I/O
 //! through [`Storage`], so tests can substitute an in-memory or crash-injecting store (`crate::testkit::storage`).
@@ -9,13 +11,17 @@
 
 mod direct;
 mod file;
+pub mod fingerprint;
 mod geometry;
 pub mod lock;
+pub mod remote;
 
 pub use crate::sys::aligned::AlignedBuf;
 pub use direct::Cursor;
 pub use file::{FileStorage, OpenFlags};
+pub use fingerprint::Fingerprint;
 pub use lock::{LockError, LockKind};
+pub use remote::{RemoteError, RemoteOptions, RemoteStorage};
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::RawFd;
@@ -144,6 +150,11 @@ pub trait Storage: Send + Sync {
     fn raw_fd(&self) -> Option<RawFd> {
         None
     }
+
+    /// How a store reached over the network is doing (`None` for a local one).
+    fn remote_status(&self) -> Option<RemoteStatus> {
+        None
+    }
 }
 
 /// What direct I/O (O_DIRECT) asks of a transfer: its memory aligned to `memory` bytes, its
@@ -189,6 +200,28 @@ impl IoAlign {
                 .into_iter()
                 .all(|(addr, n)| addr & mem == 0 && n & len == 0)
     }
+}
+
+/// How a store reached over the network (a remote origin) is doing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoteStatus {
+    /// Where it is, as the user named it.
+    pub uri: String,
+    /// Its server does not answer (requests fail, no connection can be made): reads that
+    /// need it fail after the timeout until it is back.
+    pub degraded: bool,
+    /// Connections open now, and the most it uses.
+    pub connections: u64,
+    pub max_connections: u64,
+    /// Connections made after the first, and requests that failed (each retried until its
+    /// timeout).
+    pub reconnects: u64,
+    pub failed_requests: u64,
+    /// Read requests answered, and their bytes.
+    pub reads: u64,
+    pub bytes_read: u64,
+    /// The last failure, for the operator.
+    pub last_error: Option<String>,
 }
 
 /// Space of a file system, as `statvfs` gives it.

@@ -1,6 +1,7 @@
 //! The engine fixture: a [`CacheObject`] over in-memory stores (or files), with the small
 //! chunks and journal that make tests reach checkpoints, wraps and full caches quickly.
 
+use super::remote::FakeRemote;
 use super::storage::{FaultyStorage, MemStorage};
 use crate::cow::{CacheObject, CreateOptions};
 use crate::storage::{FileStorage, Storage};
@@ -27,6 +28,14 @@ pub struct EngineSpec {
 pub struct FaultyEngine {
     pub origin: Arc<MemStorage>,
     pub cache: Arc<FaultyStorage>,
+    pub engine: CacheObject,
+}
+
+/// An engine whose origin is a [`FakeRemote`] (read-only, copied on read), over an in-memory
+/// cache.
+pub struct RemoteEngine {
+    pub origin: Arc<FakeRemote>,
+    pub cache: Arc<MemStorage>,
     pub engine: CacheObject,
 }
 
@@ -126,6 +135,20 @@ impl EngineSpec {
         let cache = FaultyStorage::new(self.data_offset() + blocks * self.opts.chunk_size);
         let engine = self.on(origin.clone(), cache.clone());
         FaultyEngine {
+            origin,
+            cache,
+            engine,
+        }
+    }
+
+    /// Creates the engine over a [`FakeRemote`] origin holding the origin content, copied on
+    /// read.
+    pub fn build_remote(mut self) -> RemoteEngine {
+        self.opts.copy_on_read = true;
+        let origin = Arc::new(FakeRemote::new(self.origin_content()));
+        let cache = Arc::new(MemStorage::new(0));
+        let engine = self.on(origin.clone(), cache.clone());
+        RemoteEngine {
             origin,
             cache,
             engine,

@@ -18,8 +18,9 @@
 //! - [`fuse_disk`]: a FUSE file system that can lose power, under the real daemon.
 //! - [`fuzz`]: case counts, an allocator that refuses unbounded allocations and a watchdog,
 //!   for the fuzz harnesses (`tests/fuzz_*.rs`).
-
 //! - [`frontend`]: a raw vhost-user frontend, message by message, to play a hostile one.
+//! - [`remote`]: remote origins: an in-memory stand-in (counting, slow, failing on demand)
+//!   and real NBD servers (qemu-nbd, nbdkit with its filters) as processes.
 
 pub mod aligned;
 pub mod blkio_client;
@@ -30,6 +31,7 @@ pub mod fuzz;
 pub mod gated;
 pub mod loopdev;
 pub mod nbd;
+pub mod remote;
 pub mod storage;
 pub mod tmpfs;
 pub mod tokens;
