@@ -51,9 +51,9 @@ pub(super) fn parse_engine(s: &str) -> Result<EngineChoice, String> {
     }
 }
 
-/// The engine the queues use, said in the log. On the page cache the synchronous engine wins
-/// (a preadv is a memory copy: docs/benchmarks.md); with direct I/O io_uring carries the
-/// guest's queue depth to the device. Without io_uring (an old kernel, `io_uring_disabled`, a
+/// The engine the queues use, said in the log. On the page cache the synchronous engine stays
+/// (faster for buffered writes and single requests; io_uring only for deep reads:
+/// docs/benchmarks.md); with direct I/O io_uring carries the guest's queue depth to the device. Without io_uring (an old kernel, `io_uring_disabled`, a
 /// seccomp filter) the synchronous engine runs slow requests side by side on the I/O pool.
 pub(super) fn choose_engine(choice: EngineChoice, direct: bool) -> IoEngine {
     if choice == EngineChoice::Sync || (choice == EngineChoice::Auto && !direct) {

@@ -52,7 +52,7 @@ pub enum ModeRule {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum IoEngine {
     /// Synchronous positional I/O on the queue's worker thread, slow requests as batches on
-    /// the I/O pool: best on the page cache (docs/benchmarks.md).
+    /// the I/O pool: the page cache's default (docs/benchmarks.md).
     #[default]
     Sync,
     /// Each queue submits its reads and writes to its own io_uring and keeps popping while
