@@ -79,7 +79,8 @@ pub struct ServeArgs {
     pub direct: bool,
 
     /// I/O engine of guest reads and writes: `auto` (io_uring with --direct, when the kernel
-    /// allows it; sync otherwise), `io_uring` or `sync`.
+    /// allows it; sync otherwise), `io_uring` or `sync`. SNAPBLK_NO_IO_URING=1 in the
+    /// environment makes io_uring unavailable (the fallback, logged).
     #[arg(long, value_name = "ENGINE", default_value = "auto", value_parser = parse_engine)]
     pub io_engine: EngineChoice,
 
