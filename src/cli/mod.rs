@@ -3,6 +3,7 @@
 //! ([`admin`]) or check a cache object offline.
 
 pub mod admin;
+mod disks;
 pub mod error;
 pub mod log_limit;
 pub mod origin;
