@@ -31,6 +31,10 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Set by SIGINT/SIGTERM: stop submitting, finish the current cell's cleanup, exit.
 static STOP: AtomicBool = AtomicBool::new(false);
 
+/// `--direct`: every backend bypasses the host's page cache (snapblk `--direct`, qsd
+/// `cache.direct=on`). Set once in `main`, before any daemon starts.
+static DIRECT: AtomicBool = AtomicBool::new(false);
+
 extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
@@ -49,6 +53,8 @@ enum Backend {
     SnapblkBase,
     QsdFast,
     QsdDefault,
+    /// qsd with Linux AIO (`aio=native`, which needs `cache.direct=on`) and an iothread.
+    QsdNative,
 }
 
 impl Backend {
@@ -58,6 +64,7 @@ impl Backend {
             Backend::SnapblkBase => "snapblk-base",
             Backend::QsdFast => "qsd-fast",
             Backend::QsdDefault => "qsd-default",
+            Backend::QsdNative => "qsd-native",
         }
     }
 
@@ -67,8 +74,10 @@ impl Backend {
             "snapblk-base" => Ok(Backend::SnapblkBase),
             "qsd-fast" => Ok(Backend::QsdFast),
             "qsd-default" => Ok(Backend::QsdDefault),
+            "qsd-native" => Ok(Backend::QsdNative),
             other => Err(format!(
-                "unknown backend {other:?} (expected snapblk, snapblk-base, qsd-fast, qsd-default)"
+                "unknown backend {other:?} (expected snapblk, snapblk-base, qsd-fast, \
+                 qsd-default, qsd-native)"
             )),
         }
     }
@@ -135,6 +144,11 @@ struct Config {
     suite: Suite,
     /// Rounds per cell (both suites).
     rounds: usize,
+    /// Direct I/O everywhere (`--direct`).
+    direct: bool,
+    /// A snapshot of snapblk's origin taken before each run, on a fresh cache object: its
+    /// writes are first touches, copying the old data out (`--snapshot`).
+    snapshot: bool,
     /// `cargo bench` passes `--bench`; `cargo test --benches`/`--all-targets` does not.
     bench_mode: bool,
 }
@@ -162,6 +176,11 @@ usage: cargo bench --bench vs_qsd -- [OPTIONS] [FILTER]
   --rounds N        rounds per cell, backends alternating within each; a cell shows each
                     backend's median round and the median of the rounds' ratios, and the
                     rounds' ratios follow the table (default 3; env VS_QSD_ROUNDS)
+  --direct          direct I/O: snapblk --direct; qsd cache.direct=on (qsd-fast: aio=io_uring,
+                    qsd-native: aio=native, both with an iothread) (env VS_QSD_DIRECT=1)
+  --snapshot        snapblk serves its origin with a snapshot taken just before each run, on
+                    a fresh cache object (writes are first touches: copy-out); qsd serves the
+                    raw image as always (env VS_QSD_SNAPSHOT=1)
 
 cells: 4k-randread-qd1, 4k-randread-qd32, 4k-randwrite-qd32, 1m-seqread-qd8, each /q1 and /q2
 env SNAPBLK_BIN overrides the snapblk binary (default: the one cargo built for this bench);
@@ -190,6 +209,8 @@ fn parse_config() -> Result<Config, String> {
     let mut keep = env_or("VS_QSD_KEEP", "") == "1";
     let mut suite = env_or("VS_QSD_SUITE", "backends");
     let mut rounds = env_or("VS_QSD_ROUNDS", "3");
+    let mut direct = env_or("VS_QSD_DIRECT", "") == "1";
+    let mut snapshot = env_or("VS_QSD_SNAPSHOT", "") == "1";
 
     let mut bench_mode = false;
     let mut args = std::env::args().skip(1);
@@ -210,6 +231,8 @@ fn parse_config() -> Result<Config, String> {
             "--keep" => keep = true,
             "--suite" => suite = value("--suite")?,
             "--rounds" => rounds = value("--rounds")?,
+            "--direct" => direct = true,
+            "--snapshot" => snapshot = true,
             s if s.starts_with('-') => return Err(format!("unknown option {s:?}\n\n{HELP}")),
             s => filter = s.to_string(),
         }
@@ -255,6 +278,8 @@ fn parse_config() -> Result<Config, String> {
         keep,
         suite,
         rounds,
+        direct,
+        snapshot,
         bench_mode,
     })
 }
@@ -326,6 +351,8 @@ fn snapblk_base_bin() -> Option<PathBuf> {
 fn daemon_command(backend: Backend, img: &Path, sock: &Path, nq: usize) -> Command {
     let img = img.display();
     let sock_s = sock.display();
+    let direct = DIRECT.load(Ordering::Relaxed);
+    let cache_direct = if direct { "on" } else { "off" };
     match backend {
         Backend::Snapblk | Backend::SnapblkBase => {
             let bin = match backend {
@@ -339,7 +366,12 @@ fn daemon_command(backend: Backend, img: &Path, sock: &Path, nq: usize) -> Comma
                 .arg("--socket")
                 .arg(sock)
                 .arg("--num-queues")
-                .arg(nq.to_string());
+                .arg(nq.to_string())
+                .arg("--control")
+                .arg(sock.with_extension("ctl"));
+            if direct {
+                c.arg("--direct");
+            }
             if let Ok(extra) = std::env::var("VS_QSD_SNAPBLK_ARGS") {
                 c.args(extra.split_whitespace());
             }
@@ -352,7 +384,22 @@ fn daemon_command(backend: Backend, img: &Path, sock: &Path, nq: usize) -> Comma
             c.args(["--object", "iothread,id=io0"])
                 .arg("--blockdev")
                 .arg(format!(
-                    "driver=file,node-name=f0,filename={img},aio=io_uring,cache.direct=off"
+                    "driver=file,node-name=f0,filename={img},aio=io_uring,\
+                     cache.direct={cache_direct}"
+                ))
+                .arg("--export")
+                .arg(format!(
+                    "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,\
+                     addr.path={sock_s},writable=on,num-queues={nq},iothread=io0"
+                ));
+            c
+        }
+        Backend::QsdNative => {
+            let mut c = Command::new("qemu-storage-daemon");
+            c.args(["--object", "iothread,id=io0"])
+                .arg("--blockdev")
+                .arg(format!(
+                    "driver=file,node-name=f0,filename={img},aio=native,cache.direct=on"
                 ))
                 .arg("--export")
                 .arg(format!(
@@ -365,7 +412,7 @@ fn daemon_command(backend: Backend, img: &Path, sock: &Path, nq: usize) -> Comma
             let mut c = Command::new("qemu-storage-daemon");
             c.arg("--blockdev")
                 .arg(format!(
-                    "driver=file,node-name=f0,filename={img},cache.direct=off"
+                    "driver=file,node-name=f0,filename={img},cache.direct={cache_direct}"
                 ))
                 .arg("--export")
                 .arg(format!(
@@ -815,7 +862,20 @@ fn run_one(
     cell: usize,
 ) -> Result<Measured, String> {
     let (cfg, img) = (ctx.cfg, ctx.img);
+    let snapblk = matches!(backend, Backend::Snapblk | Backend::SnapblkBase);
+    let cache = {
+        let mut name = img.file_name().unwrap_or_default().to_os_string();
+        name.push(".cache");
+        img.with_file_name(name)
+    };
+    if cfg.snapshot && snapblk {
+        // A fresh cache object each run: every chunk's first write copies it out.
+        let _ = std::fs::remove_file(&cache);
+    }
     let mut daemon = Daemon::start(backend, img, ctx.dir, nq, seq)?;
+    if cfg.snapshot && snapblk {
+        take_snapshot(&daemon).map_err(|e| format!("{e}\n{}", daemon.log_tail()))?;
+    }
     let read_only = w.pattern != Pattern::RandWrite;
     let mut client = connect(&mut daemon, nq, nq * w.qd * w.bs as usize, read_only)?;
     verify(&mut client).map_err(|e| format!("{e}\n{}", daemon.log_tail()))?;
@@ -896,6 +956,29 @@ fn run_one(
     })
 }
 
+/// Takes snapshot `s` of a snapblk daemon's origin (not served) over its control socket.
+fn take_snapshot(daemon: &Daemon) -> Result<(), String> {
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    loop {
+        let out = Command::new(snapblk_bin())
+            .args(["snapshot", "create", "s", "--control"])
+            .arg(daemon.sock.with_extension("ctl"))
+            .output()
+            .map_err(|e| format!("snapblk snapshot create: {e}"))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        // The control socket listens a moment after the vhost-user one.
+        if Instant::now() > deadline {
+            return Err(format!(
+                "snapblk snapshot create: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The median of `xs` (the mean of the middle two for an even count); `None` if empty.
 fn median(mut xs: Vec<f64>) -> Option<f64> {
     xs.sort_by(f64::total_cmp);
@@ -921,6 +1004,18 @@ fn iops_ratio(a: Option<Measured>, b: Option<Measured>) -> Option<f64> {
         (Some(a), Some(b)) if b.iops > 0.0 => Some(a.iops / b.iops),
         _ => None,
     }
+}
+
+/// Whether `path` is on tmpfs (direct I/O there measures memory, or is refused).
+fn is_tmpfs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut st = MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path and `st` is valid for writes of a statfs.
+    let rc = unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) };
+    // SAFETY: statfs filled it in when it returned 0.
+    rc == 0 && unsafe { st.assume_init() }.f_type == libc::TMPFS_MAGIC
 }
 
 fn command_version(cmd: &str, arg: &str) -> String {
@@ -958,6 +1053,7 @@ fn main() {
             std::process::exit(2);
         }
     };
+    DIRECT.store(cfg.direct, Ordering::Relaxed);
     if !cfg.bench_mode {
         // Built and run as a test (`cargo test --all-targets`): a 2-minute benchmark has no
         // place there.
@@ -1017,6 +1113,13 @@ fn main() {
         .prefix("vs_qsd.")
         .tempdir()
         .expect("create a temp dir (set TMPDIR to move it)");
+    if cfg.direct && is_tmpfs(dir.path()) {
+        eprintln!(
+            "vs_qsd: --direct needs a disk: {} is on tmpfs (set TMPDIR to a disk file system)",
+            dir.path().display()
+        );
+        std::process::exit(2);
+    }
     let img = dir.path().join("disk.raw");
     let size = cfg.image_mib << 20;
     let t = Instant::now();
@@ -1042,6 +1145,20 @@ fn main() {
     println!(
         "# qsd: {}",
         command_version("qemu-storage-daemon", "--version")
+    );
+    println!(
+        "# mode: {}{}",
+        if cfg.direct {
+            "direct I/O (snapblk --direct; qsd cache.direct=on, qsd-fast aio=io_uring, \
+             qsd-native aio=native)"
+        } else {
+            "page cache (cache.direct=off)"
+        },
+        if cfg.snapshot {
+            "; snapblk's origin has a snapshot taken just before each run (first-touch writes)"
+        } else {
+            ""
+        }
     );
     println!(
         "# host: {} CPUs, {}",

@@ -13,7 +13,7 @@
 use crate::cow::{CacheObject, CowError, DeviceId, DeviceInfo};
 use crate::device::CowDevice;
 use crate::nbd::{self, Mode};
-use crate::vhost::{DeviceServer, Scheduler, SchedulerConfig, ServeError, ServeOptions};
+use crate::vhost::{DeviceServer, IoEngine, Scheduler, SchedulerConfig, ServeError, ServeOptions};
 use log::{info, warn};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -47,6 +47,8 @@ pub struct ServeDefaults {
     pub origin_serial: String,
     /// Ring polling after each batch (see `ServeOptions::poll`).
     pub poll: std::time::Duration,
+    /// The engine of aligned reads and writes (io_uring for direct I/O).
+    pub io_engine: IoEngine,
 }
 
 /// Why a lifecycle call failed.
@@ -132,11 +134,15 @@ pub(crate) fn user_name(d: &DeviceInfo) -> String {
 impl Daemon {
     /// Takes over an opened engine; serve the devices with [`Daemon::serve_all`].
     pub fn new(engine: Arc<CacheObject>, defaults: ServeDefaults) -> Arc<Self> {
+        let io_engine = defaults.io_engine;
         Arc::new(Daemon {
             nbd: nbd::Registry::new(engine.clone()),
             engine,
             defaults,
-            scheduler: Arc::new(Scheduler::new(SchedulerConfig::default())),
+            scheduler: Arc::new(Scheduler::new(SchedulerConfig {
+                engine: io_engine,
+                ..SchedulerConfig::default()
+            })),
             registry: Mutex::new(HashMap::new()),
         })
     }

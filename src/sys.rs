@@ -2,8 +2,11 @@
 //!
 //! Each keeps its `unsafe` here, next to the reason it is sound, so that the modules calling
 //! them (the vhost server, backend and vrings, the socket helpers) need none. The fault
-//! containment for guest memory whose file shrinks lives in [`guest_faults`].
+//! containment for guest memory whose file shrinks lives in [`guest_faults`], the buffers
+//! aligned for direct I/O in [`aligned`], the block-device ioctls in [`blockdev`].
 
+pub mod aligned;
+pub mod blockdev;
 pub mod guest_faults;
 pub mod inherit;
 

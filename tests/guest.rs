@@ -24,13 +24,15 @@ const SERIAL: &str = "snapblk-guest-t1";
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Backend {
     Snapblk,
+    /// snapblk with `--direct` (O_DIRECT, the io_uring engine where the kernel allows it).
+    SnapblkDirect,
     QemuStorageDaemon,
 }
 
 /// The command line of the vhost-user-blk backend under test.
 fn backend_command(backend: Backend, img: &Path, sock: &Path, read_only: bool) -> Command {
     match backend {
-        Backend::Snapblk => {
+        Backend::Snapblk | Backend::SnapblkDirect => {
             let mut c = Command::new(env!("CARGO_BIN_EXE_snapblk"));
             c.arg("serve")
                 .arg("--origin")
@@ -41,6 +43,9 @@ fn backend_command(backend: Backend, img: &Path, sock: &Path, read_only: bool) -
                 .args(["--num-queues", &NUM_QUEUES.to_string()]);
             if read_only {
                 c.arg("--read-only");
+            }
+            if backend == Backend::SnapblkDirect {
+                c.arg("--direct");
             }
             c
         }
@@ -188,7 +193,13 @@ fn pattern() -> Pattern {
 fn guest_pattern(backend: Backend) {
     prepare_guest();
     let _one_guest = guest_lock();
-    let dir = tempfile::tempdir().expect("tempdir");
+    // Direct I/O on a disk file system, as deployed (tmpfs may refuse O_DIRECT).
+    let dir = match backend {
+        Backend::SnapblkDirect if Path::new("/var/tmp").is_dir() => {
+            tempfile::tempdir_in("/var/tmp").expect("tempdir")
+        }
+        _ => tempfile::tempdir().expect("tempdir"),
+    };
     let img = new_image(dir.path(), None);
     let sock = dir.path().join("vhost.sock");
     let daemon = Daemon::start(
@@ -219,7 +230,7 @@ fn guest_pattern(backend: Backend) {
         p.covered_sectors().to_string(),
         "sectors the guest wrote"
     );
-    if backend == Backend::Snapblk {
+    if backend != Backend::QemuStorageDaemon {
         assert_eq!(run.field("serial"), SERIAL, "serial seen by the guest");
         // (qemu-storage-daemon's export presents a write-through cache instead.)
         assert_eq!(
@@ -227,6 +238,10 @@ fn guest_pattern(backend: Backend) {
             "write_back",
             "snapblk should offer FLUSH, so that the guest's fsync reaches the backend"
         );
+    }
+    if backend == Backend::SnapblkDirect {
+        let log = daemon.log_text();
+        assert!(log.contains("I/O: direct"), "served with direct I/O: {log}");
     }
 
     let status = daemon.stop();
@@ -289,6 +304,16 @@ fn guest_pattern_snapblk() {
         return;
     }
     guest_pattern(Backend::Snapblk);
+}
+
+/// The guest's own driver and page cache over `--direct`: its writes and reads land where the
+/// pattern says, through the io_uring engine (or the logged fallback).
+#[test]
+fn guest_pattern_snapblk_direct() {
+    if skip_guest("guest_pattern_snapblk_direct") {
+        return;
+    }
+    guest_pattern(Backend::SnapblkDirect);
 }
 
 #[test]

@@ -375,5 +375,15 @@ pub fn stats(control: &Path, json: bool) -> Result<(), CliError> {
             io.errors
         );
     }
+    for (name, io) in &stats.devices {
+        if io.aligned + io.bounced + io.peak_in_flight > 0 {
+            outln!(
+                "{name}: direct I/O {} in place, {} bounced, up to {} in flight on a queue",
+                io.aligned,
+                io.bounced,
+                io.peak_in_flight
+            );
+        }
+    }
     Ok(())
 }

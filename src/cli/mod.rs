@@ -4,6 +4,7 @@
 
 pub mod activation;
 pub mod admin;
+mod disks;
 pub mod error;
 pub mod log_limit;
 pub mod origin;

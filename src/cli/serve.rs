@@ -1,19 +1,21 @@
 //! `snapblk serve`: its options, opening or creating the origin and the cache object,
 //! serving every device until SIGINT/SIGTERM, and the attach help it prints.
 
+use super::disks::{self, parse_engine, Disks, EngineChoice};
+pub use super::disks::{DEFAULT_CACHE, DEFAULT_ORIGIN};
 use super::error::CliError;
 use super::output::{outln, sayln};
 use super::remote::{self, RemoteArgs};
 use super::units::{human, parse_cache_size, parse_on_full, parse_size};
 use crate::control::ControlServer;
-use crate::cow::{self, CacheObject, CreateOptions, OnFull, SizeLimit, AUTO_MAX_SIZE};
-use crate::daemon::{self, Daemon, ServeDefaults};
+use crate::cow::{OnFull, SizeLimit};
+use crate::daemon::{Daemon, ServeDefaults};
 use crate::device::{BlockDevice, RawDevice};
 use crate::nbd::{NbdOptions, NbdServer, MAX_CONNECTIONS};
-use crate::storage::{FileStorage, LockKind, Storage};
+use crate::storage::{OpenFlags, Storage};
 use crate::vhost::{DeviceServer, Scheduler, SchedulerConfig, ServeOptions};
 use clap::Args;
-use log::{info, warn};
+use log::info;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use std::fs;
@@ -23,17 +25,16 @@ use std::time::Duration;
 
 /// Where the daemon keeps its files when no paths are given.
 pub const DEFAULT_DIR: &str = "snapblk-data";
-pub const DEFAULT_ORIGIN: &str = "snapblk-data/origin.img";
 pub const DEFAULT_SOCKET: &str = "snapblk-data/origin.sock";
 pub const DEFAULT_CONTROL: &str = "snapblk-data/control.sock";
-pub const DEFAULT_CACHE: &str = "snapblk-data/cache.obj";
 pub const DEFAULT_NBD: &str = "snapblk-data/nbd.sock";
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Raw origin image (the default one is created sparse if missing), or a remote image
-    /// on an NBD server: nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT,
-    /// served read-only, its chunks copied into the cache object as they are read.
+    /// Raw origin image: a file (the default one is created sparse if missing) or a block
+    /// device; or a remote image on an NBD server: nbd+unix:///EXPORT?socket=PATH or
+    /// nbd://HOST[:PORT]/EXPORT, served read-only, its chunks copied into the cache object as
+    /// they are read.
     #[arg(long, visible_alias = "blk-file", value_name = "PATH|URI", default_value = DEFAULT_ORIGIN)]
     pub origin: PathBuf,
 
@@ -75,18 +76,33 @@ pub struct ServeArgs {
     #[arg(long, value_name = "STR", default_value = "snapblk")]
     pub serial: String,
 
-    /// Logical block size reported to the guest.
-    #[arg(long, value_name = "BYTES", default_value_t = 512, value_parser = parse_block_size)]
-    pub logical_block_size: u32,
+    /// Logical block size reported to the guest (512 or 4096). Default: the origin's and the
+    /// cache object's (4096 on a device with 4 KiB sectors), else 512; a smaller one than
+    /// theirs is refused.
+    #[arg(long, value_name = "BYTES", value_parser = parse_block_size)]
+    pub logical_block_size: Option<u32>,
+
+    /// Direct I/O (like QEMU's cache=none): the origin and the cache object are opened with
+    /// O_DIRECT, so their data is not cached by the host as well as by the guest. FLUSH still
+    /// syncs them.
+    #[arg(long)]
+    pub direct: bool,
+
+    /// I/O engine of guest reads and writes: `auto` (io_uring with --direct, when the kernel
+    /// allows it; sync otherwise), `io_uring` or `sync`. SNAPBLK_NO_IO_URING=1 in the
+    /// environment makes io_uring unavailable (the fallback, logged).
+    #[arg(long, value_name = "ENGINE", default_value = "auto", value_parser = parse_engine)]
+    pub io_engine: EngineChoice,
 
     /// Permission bits of the vhost-user and control sockets, in octal (0600: only the
     /// owner may connect; 0660 lets the socket's group in).
     #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
     pub socket_mode: u32,
 
-    /// Cache object holding every snapshot's blocks; created if missing. Default:
+    /// Cache object holding every snapshot's blocks: a file (created if missing) or a block
+    /// device (made one if its first 8 KiB are zeros; its size is the limit). Default:
     /// snapblk-data/cache.obj for the default origin and for a remote one, ORIGIN.cache
-    /// beside any other.
+    /// beside any other file.
     #[arg(long, value_name = "PATH", conflicts_with = "no_cache")]
     pub cache: Option<PathBuf>,
 
@@ -254,28 +270,35 @@ pub fn serve(mut args: ServeArgs) -> Result<(), CliError> {
     if args.no_cache {
         return serve_raw(&args, &mut signals);
     }
+    let disks = Disks {
+        origin: &args.origin,
+        remote: uri.is_some(),
+        cache: args.cache.as_deref(),
+        read_only: args.read_only,
+        direct: args.direct,
+        chunk_size: args.chunk_size,
+        cache_size: args.cache_size,
+        low_space: args.low_space,
+    };
     let origin: Arc<dyn Storage> = match uri.clone() {
         Some(uri) => remote::connect(uri, &args.remote)?,
-        None => open_origin_file(&args)?,
+        None => disks::open_origin(&disks)?,
     };
-    let cache_path = args.cache.clone().unwrap_or_else(|| {
-        if defaults_here {
-            PathBuf::from(DEFAULT_CACHE)
-        } else {
-            daemon::default_cache_path(&args.origin)
-        }
-    });
+    let cache_path = disks::cache_path(&disks)?;
     let control_path = args
         .control
         .clone()
         .unwrap_or_else(|| beside_socket(&args.socket, DEFAULT_CONTROL, "control"));
-    let engine = Arc::new(open_cache(&args, origin, uri.is_some(), &cache_path)?);
+    let engine = Arc::new(disks::open_cache(&disks, origin, &cache_path)?);
     engine.set_on_full(args.on_full);
+    let logical_block_size = disks::block_size(args.logical_block_size, engine.block_sizes().0)?;
+    let io_engine = disks::choose_engine(args.io_engine, args.direct);
     engine.hydrate_resume();
     let defaults = ServeDefaults {
         num_queues: args.num_queues,
         queue_size: args.queue_size,
-        logical_block_size: args.logical_block_size,
+        logical_block_size,
+        io_engine,
         socket_mode: args.socket_mode,
         origin_read_only: args.read_only,
         poll: Duration::from_micros(args.poll_us.into()),
@@ -292,6 +315,11 @@ pub fn serve(mut args: ServeArgs) -> Result<(), CliError> {
         cache_path.display(),
         human(engine.chunk_size()),
         control.path().display()
+    );
+    sayln!(
+        "I/O: {}, {}, {logical_block_size}-byte logical blocks",
+        if args.direct { "direct" } else { "buffered" },
+        io_engine.name()
     );
     super::activation::notify_ready();
 
@@ -357,118 +385,31 @@ fn print_nbd_help(nbd: Option<&NbdServer>) {
     }
 }
 
-/// Opens the origin image file, locked: exclusively unless read-only (one daemon writes an
-/// origin at a time; readers may share it).
-fn open_origin_file(args: &ServeArgs) -> Result<Arc<dyn Storage>, CliError> {
-    let origin = FileStorage::open(&args.origin, args.read_only).map_err(|source| {
-        crate::device::DeviceError::Open {
-            path: args.origin.display().to_string(),
-            source,
-        }
-    })?;
-    let origin_lock = if args.read_only {
-        LockKind::Shared
-    } else {
-        LockKind::Exclusive
-    };
-    origin.lock(origin_lock, &args.origin)?;
-    Ok(Arc::new(origin))
-}
-
-/// Opens the cache object, or creates it for this origin if it does not exist (`remote`:
-/// the origin is a remote image, copied on read).
-fn open_cache(
-    args: &ServeArgs,
-    origin: Arc<dyn Storage>,
-    remote: bool,
-    path: &Path,
-) -> Result<CacheObject, CliError> {
-    let tag = fs::canonicalize(&args.origin)
-        .unwrap_or_else(|_| args.origin.clone())
-        .display()
-        .to_string();
-    let cow_err = |source| CliError::Cache {
-        path: path.into(),
-        source,
-    };
-    if path.exists() {
-        let cache = FileStorage::open(path, false).map_err(|source| CliError::Create {
-            path: path.into(),
-            source,
-        })?;
-        // Before anything is read: two daemons on one cache object would corrupt it.
-        cache.lock(LockKind::Exclusive, path)?;
-        let opts = cow::OpenOptions {
-            max_size: None,
-            low_space_threshold: args.low_space,
-            origin_tag: Some(tag),
-            copy_on_read: remote,
-        };
-        let engine = CacheObject::open(origin, Arc::new(cache), opts).map_err(cow_err)?;
-        if let Some(limit) = args.cache_size {
-            if let Err(e) = engine.resize(limit) {
-                warn!("--cache-size not applied, the limit stays as it was: {e}");
-            }
-        }
-        return Ok(engine);
-    }
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(|source| CliError::Create {
-            path: path.into(),
-            source,
-        })?;
-    let cache = FileStorage::from_file(file).map_err(|source| CliError::Create {
-        path: path.into(),
-        source,
-    })?;
-    cache.lock(LockKind::Exclusive, path)?;
-    let (max_size, host_limit) = match args.cache_size {
-        Some(SizeLimit::Fixed(bytes)) => (bytes, false),
-        Some(SizeLimit::Auto) | None => (AUTO_MAX_SIZE, true),
-    };
-    let opts = CreateOptions {
-        chunk_size: args.chunk_size,
-        max_size,
-        host_limit,
-        low_space_threshold: args.low_space.unwrap_or(0),
-        origin_tag: tag,
-        copy_on_read: remote,
-        ..CreateOptions::default()
-    };
-    match CacheObject::create(origin, Arc::new(cache), opts) {
-        Ok(c) => {
-            info!("created cache object {}", path.display());
-            Ok(c)
-        }
-        Err(e) => {
-            // Do not leave a half-made cache object that the next start would trip over.
-            let _ = fs::remove_file(path);
-            Err(cow_err(e))
-        }
-    }
-}
-
 /// `--no-cache`: the raw origin on its socket, nothing else.
 fn serve_raw(args: &ServeArgs, signals: &mut Signals) -> Result<(), CliError> {
-    let device = Arc::new(RawDevice::open(
-        &args.origin,
-        args.read_only,
+    let flags = OpenFlags {
+        read_only: args.read_only,
+        direct: args.direct,
+    };
+    let wanted = args.logical_block_size.unwrap_or(512);
+    let device = Arc::new(RawDevice::open(&args.origin, flags, wanted)?);
+    let logical_block_size = disks::block_size(
         args.logical_block_size,
-    )?);
+        device.storage().logical_block_size(),
+    )?;
     let opts = ServeOptions {
         num_queues: args.num_queues,
         queue_size: args.queue_size,
         serial: args.serial.clone(),
-        logical_block_size: args.logical_block_size,
+        logical_block_size,
         read_only: args.read_only,
         poll: Duration::from_micros(args.poll_us.into()),
     };
     let dev: Arc<dyn BlockDevice> = device.clone();
-    let sched = Arc::new(Scheduler::new(SchedulerConfig::default()));
+    let sched = Arc::new(Scheduler::new(SchedulerConfig {
+        engine: disks::choose_engine(args.io_engine, args.direct),
+        ..SchedulerConfig::default()
+    }));
     let server = DeviceServer::start("origin", &args.socket, args.socket_mode, dev, opts, sched)?;
     print_attach_help(args, device.capacity());
     super::activation::notify_ready();

@@ -68,6 +68,9 @@ impl From<&IoCounters> for IoStats {
             discards: l(&c.discards),
             write_zeroes: l(&c.write_zeroes),
             errors: l(&c.errors),
+            aligned: l(&c.aligned),
+            bounced: l(&c.bounced),
+            peak_in_flight: l(&c.peak_in_flight),
         }
     }
 }

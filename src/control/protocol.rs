@@ -211,6 +211,15 @@ pub struct IoStats {
     pub discards: u64,
     pub write_zeroes: u64,
     pub errors: u64,
+    /// With --direct: reads and writes done in the guest's buffers, and through a bounce
+    /// buffer (theirs were not aligned).
+    #[serde(default)]
+    pub aligned: u64,
+    #[serde(default)]
+    pub bounced: u64,
+    /// The most reads and writes one queue had in flight at once (io_uring engine).
+    #[serde(default)]
+    pub peak_in_flight: u64,
 }
 
 /// A device as `list` shows it.

@@ -12,7 +12,9 @@
 use super::engine::CacheObject;
 use super::error::{CowError, Result};
 use super::meta::View;
+use super::metaio::io_block;
 use super::write::{Piece, Src};
+use crate::storage::AlignedBuf;
 use std::io;
 use std::sync::atomic::Ordering;
 
@@ -110,9 +112,11 @@ impl CacheObject {
             return Ok(());
         }
         let clen = self.chunk_len(c);
-        let mut buf = vec![0u8; clen];
+        // Aligned memory, and the block written in whole I/O blocks (a short last chunk
+        // rounded up within its block): direct I/O takes it as it is.
+        let mut buf = AlignedBuf::zeroed(self.cache_io_len(clen));
         match old {
-            View::Origin => self.read_origin_view(c, &mut buf)?,
+            View::Origin => self.read_origin_view(c, &mut buf[..clen])?,
             View::Zero => {}
             View::Block(b) => self.cache.read_at(&mut buf, self.block_offset(b))?,
         }
@@ -124,6 +128,13 @@ impl CacheObject {
         self.write_block(&buf, nb)?;
         self.counters.cow_fills.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// `n` bytes of a data block rounded up to the cache's I/O block (within the chunk): the
+    /// length to read or write a short last chunk of the origin with (`metaio.rs`).
+    pub(super) fn cache_io_len(&self, n: usize) -> usize {
+        let block = io_block(self.cache.as_ref()) as usize;
+        (n.div_ceil(block) * block).min(self.chunk_size as usize)
     }
 
     /// The origin image's chunk `c`, whole: read from the image, or for an origin copied on
@@ -143,8 +154,8 @@ impl CacheObject {
     /// Copies the origin's chunk `c` into block `b`.
     pub(super) fn copy_origin_chunk(&self, c: u64, b: u64) -> Result<()> {
         let n = self.chunk_len(c);
-        let mut buf = vec![0u8; n];
-        self.read_origin_view(c, &mut buf)?;
+        let mut buf = AlignedBuf::zeroed(self.cache_io_len(n));
+        self.read_origin_view(c, &mut buf[..n])?;
         self.write_block(&buf, b)?;
         self.counters.copies.fetch_add(1, Ordering::Relaxed);
         self.counters

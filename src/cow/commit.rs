@@ -5,10 +5,12 @@
 use super::engine::{lock, CacheObject, Journal, State};
 use super::error::{CowError, DeviceId, Result};
 use super::format::{
-    encode_ckpt_block, encode_txn, txn_len, CKPT_BLOCK_HEADER, FORMAT_VERSION, HEADER_SLOT_SIZE,
-    JOURNAL_OFFSET, NO_BLOCK, TXN_ALIGN, TXN_WRAP,
+    encode_ckpt_block, encode_txn, txn_len, CKPT_BLOCK_HEADER, FORMAT_VERSION, NO_BLOCK, TXN_ALIGN,
+    TXN_WRAP,
 };
 use super::meta::META_REF;
+use super::metaio::write_header;
+use crate::storage::AlignedBuf;
 use std::sync::atomic::Ordering;
 use std::sync::PoisonError;
 
@@ -248,13 +250,16 @@ impl CacheObject {
         let len = txn_len(payload.len());
         if j.pos + len + TXN_ALIGN > js {
             let marker = encode_txn(j.next_seq, TXN_WRAP, &[]);
-            self.cache.write_at(&marker, JOURNAL_OFFSET + j.pos)?;
+            let pos = j.pos;
+            j.tail.append(self.cache.as_ref(), pos, &marker)?;
+            j.tail.restart();
             j.next_seq += 1;
             j.used += js - j.pos;
             j.pos = 0;
         }
         let txn = encode_txn(j.next_seq, 0, payload);
-        self.cache.write_at(&txn, JOURNAL_OFFSET + j.pos)?;
+        let pos = j.pos;
+        j.tail.append(self.cache.as_ref(), pos, &txn)?;
         j.next_seq += 1;
         j.pos += len;
         j.used += len;
@@ -331,7 +336,7 @@ impl CacheObject {
                 .unwrap_or(&[]);
             let next = blocks.get(i + 1).copied().unwrap_or(NO_BLOCK);
             let enc = encode_ckpt_block(i as u32, next, data, self.chunk_size as usize);
-            self.write_block(&enc, b)?;
+            self.write_block(&AlignedBuf::from_slice(&enc), b)?;
         }
         Ok(())
     }
@@ -360,8 +365,7 @@ impl CacheObject {
         h.ckpt_crc = crc32c::crc32c(bytes);
         h.ckpt_seq = j.next_seq - 1;
         h.journal_start = j.pos;
-        self.cache
-            .write_at(&h.encode(), (h.generation % 2) * HEADER_SLOT_SIZE)?;
+        write_header(self.cache.as_ref(), &h)?;
         self.cache.sync()?;
         j.header = h;
         j.used = 0;

@@ -35,9 +35,11 @@
 
 use super::error::{CowError, DeviceId, Result};
 use super::format::{entry_to_block, Enc, Header, Record, ENTRY_UNMAPPED};
+use super::gate::DirectGate;
 use super::history::OriginHistory;
 use super::hostroom::HostRoom;
 use super::meta::{Meta, ReadSide};
+use super::metaio::JournalTail;
 use super::origin_copies::CopyOnRead;
 use super::waitlist::SpaceWaits;
 use crate::storage::{Storage, SECTOR_SIZE};
@@ -112,6 +114,8 @@ pub(super) struct Journal {
     /// The journal passed half full but no checkpoint could be written (no blocks, or the
     /// host refused them): logged once, until a checkpoint succeeds.
     pub(super) ckpt_deferred: bool,
+    /// The written part of the I/O block the next transaction begins in (`metaio.rs`).
+    pub(super) tail: JournalTail,
 }
 
 #[derive(Default)]
@@ -173,6 +177,9 @@ pub struct CacheObject {
     pub(super) journal_pressed: AtomicBool,
     /// Serializes changes of the limit (`limit.rs`).
     pub(super) resizing: Mutex<()>,
+    /// Origin writes bypassing the engine, and snapshot creations holding them off
+    /// (`gate.rs`, `direct.rs`).
+    pub(super) direct_gate: Arc<DirectGate>,
     /// Copy-on-read of a read-only origin (`cor.rs`): `None` for a local origin image, whose
     /// reads go straight to it.
     pub(super) cor: Option<Box<CopyOnRead>>,

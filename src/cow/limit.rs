@@ -5,8 +5,9 @@
 
 use super::engine::{lock, CacheObject, Journal, State};
 use super::error::{CowError, Result};
-use super::format::{Header, COMPAT_HOST_LIMIT, HEADER_SLOT_SIZE};
+use super::format::{Header, COMPAT_HOST_LIMIT};
 use super::hostroom::HostRoom;
+use super::metaio::write_header;
 use crate::storage::HostSpace;
 use std::sync::atomic::Ordering;
 use std::sync::{MutexGuard, PoisonError};
@@ -119,10 +120,20 @@ impl CacheObject {
     /// allowed; a lower fixed limit is refused ([`CowError::LimitInUse`]) if blocks at or above
     /// it are in use (data, the checkpoint, or freed by a record not yet durable). Writes
     /// waiting for space are woken.
+    ///
+    /// A cache object on a block device has the device's size as its limit: `Auto` means all of
+    /// it (there is no file system whose free space to follow), and more is refused.
     pub fn resize(&self, limit: SizeLimit) -> Result<()> {
-        let (max_size, host) = match limit {
-            SizeLimit::Fixed(bytes) => (bytes, false),
-            SizeLimit::Auto => (AUTO_MAX_SIZE, true),
+        let device = self.cache.fixed_size().then(|| self.cache.size());
+        let (max_size, host) = match (limit, device) {
+            (SizeLimit::Fixed(bytes), Some(size)) if bytes > size => {
+                return Err(CowError::InvalidOption(format!(
+                    "the cache object is a block device of {size} bytes: no limit above that"
+                )))
+            }
+            (SizeLimit::Auto, Some(size)) => (size, false),
+            (SizeLimit::Fixed(bytes), _) => (bytes, false),
+            (SizeLimit::Auto, None) => (AUTO_MAX_SIZE, true),
         };
         let least = self.data_offset + 4 * self.chunk_size;
         if max_size < least {
@@ -162,8 +173,7 @@ impl CacheObject {
         set_header_limit(&mut h, max_size, host);
         h.generation += 1;
         // The other slot stays valid if this write is torn.
-        self.cache
-            .write_at(&h.encode(), (h.generation % 2) * HEADER_SLOT_SIZE)?;
+        write_header(self.cache.as_ref(), &h)?;
         self.cache.sync()?;
         j.header = h;
         let mut st = self.write_state();

@@ -20,6 +20,10 @@
 //!   `limit.rs` (the growth limit: fixed or following the host file system; resize),
 //!   `hostroom.rs` (what the host file system has room for), `waits.rs` (the on-full policy:
 //!   writes waiting for space; waiting for low space) over `waitlist.rs` (the waiting room),
+//!   `metaio.rs` (the engine's own I/O aligned for direct I/O: header slots, journal blocks),
+//!   `direct.rs` (what a queue submitting its own direct I/O needs: the origin's descriptor,
+//!   leave for an origin write to bypass the engine) over `gate.rs` (the gate snapshot
+//!   creation closes on such writes),
 //!   `cor.rs` (copy-on-read of a read-only origin: its local copies, one fetch per chunk)
 //!   over `origin_copies.rs` (its state: the fetch table, counters), `hydrate.rs` (fetching
 //!   the rest in the background).
@@ -34,16 +38,19 @@ pub mod check;
 mod checkpoint;
 mod commit;
 mod cor;
+mod direct;
 mod engine;
 mod error;
 mod extents;
 pub mod format;
+mod gate;
 pub mod history;
 mod hostroom;
 mod hydrate;
 mod info;
 mod limit;
 pub mod meta;
+mod metaio;
 mod open;
 mod origin_copies;
 mod read;
@@ -60,6 +67,7 @@ pub use check::{check_cache, check_cache_path, CheckReport};
 pub use engine::CacheObject;
 pub use error::{CowError, DeviceId, Result};
 pub use extents::{DiffRun, Extent, Holes, Source, MAX_HOLES, MAX_QUERY_CHUNKS};
+pub use gate::OriginWriteTicket;
 pub use hydrate::HYDRATE_ATTR;
 pub use info::{CacheInfo, DeviceInfo, DeviceState, Stats};
 pub use limit::{host_reserve, SizeLimit, AUTO_MAX_SIZE};

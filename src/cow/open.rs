@@ -4,11 +4,12 @@
 use super::engine::{CacheObject, Counters, Journal, State, CHUNK_EPOCH_SLOTS, STRIPES};
 use super::error::{CowError, Result};
 use super::format::{
-    Header, COMPAT_HOST_LIMIT, FORMAT_VERSION, HEADER_SLOT_SIZE, INCOMPAT_ORIGIN_COPIES,
-    JOURNAL_OFFSET, NO_BLOCK, TXN_ALIGN,
+    Header, COMPAT_HOST_LIMIT, FORMAT_VERSION, INCOMPAT_ORIGIN_COPIES, JOURNAL_OFFSET, NO_BLOCK,
+    TXN_ALIGN,
 };
 use super::hostroom::HostRoom;
 use super::meta::ORIGIN_ID;
+use super::metaio::{write_header, JournalTail};
 use super::origin_copies::CopyOnRead;
 use super::recovery::{read_header, recover};
 use super::waitlist::SpaceWaits;
@@ -83,13 +84,20 @@ impl CacheObject {
                 .to_tag();
         }
         let data_offset = header.data_offset;
-        // Truncating first makes the journal read as zeros: no stale transaction survives.
-        cache.set_size(0)?;
-        cache.set_size(data_offset)?;
+        if cache.fixed_size() && cache.size() < data_offset + 4 * header.chunk_size {
+            return Err(CowError::InvalidOption(format!(
+                "the cache device holds {} bytes: too small for a cache object (at least {})",
+                cache.size(),
+                data_offset + 4 * header.chunk_size
+            )));
+        }
+        // Truncating (on a block device: zeroing) first makes the journal read as zeros: no
+        // stale transaction survives.
+        cache.reset(data_offset)?;
         // The header slots and the journal get their space now: no commit ever needs new
         // space from the file system (docs/engine.md, "Cache full").
         cache.allocate(0, data_offset)?;
-        cache.write_at(&header.encode(), HEADER_SLOT_SIZE)?;
+        write_header(cache.as_ref(), &header)?;
         cache.sync()?;
         let opts = OpenOptions {
             low_space_threshold: Some(opts.low_space_threshold),
@@ -132,15 +140,23 @@ impl CacheObject {
             return Err(CowError::Corrupt(p));
         }
         let cs = header.chunk_size;
-        let host = (header.compat & COMPAT_HOST_LIMIT != 0).then(HostRoom::default);
+        let tail = JournalTail::new(cache.as_ref(), &recovered.journal, recovered.pos);
+        let mut meta = recovered.meta;
+        if cache.fixed_size() {
+            // A block device holds what it holds, whatever limit the header names: no block
+            // past its end is ever handed out.
+            let fits = cache.size().saturating_sub(header.data_offset) >> cs.trailing_zeros();
+            meta.alloc_limit = meta.alloc_limit.min(fits);
+        }
+        // The host policy follows a file system's free space: a block device has none to
+        // follow (its limit is its size).
+        let host =
+            (header.compat & COMPAT_HOST_LIMIT != 0 && !cache.fixed_size()).then(HostRoom::default);
         let stripes = (0..STRIPES).map(|_| RwLock::new(())).collect();
-        let registry = Arc::new(ArcSwap::from_pointee(recovered.meta.read_sides()));
-        let history = recovered.meta.history.clone();
-        let cor = recovered.meta.origin_copies.then(|| {
-            let origin_side = recovered
-                .meta
-                .dev(ORIGIN_ID)
-                .map(|d| d.table.read_side().clone());
+        let registry = Arc::new(ArcSwap::from_pointee(meta.read_sides()));
+        let history = meta.history.clone();
+        let cor = meta.origin_copies.then(|| {
+            let origin_side = meta.dev(ORIGIN_ID).map(|d| d.table.read_side().clone());
             origin_side.map(|side| Box::new(CopyOnRead::new(side)))
         });
         Ok(Self {
@@ -157,7 +173,7 @@ impl CacheObject {
             registry: registry.clone(),
             history,
             state: RwLock::new(State {
-                meta: recovered.meta,
+                meta,
                 registry,
                 records: Vec::new(),
                 epoch: 0,
@@ -180,6 +196,7 @@ impl CacheObject {
                 header,
                 ckpt_blocks: recovered.ckpt_blocks,
                 ckpt_deferred: false,
+                tail,
             }),
             durable_epoch: AtomicU64::new(0),
             data_durable_epoch: AtomicU64::new(0),
@@ -191,6 +208,7 @@ impl CacheObject {
             journal_pressed: AtomicBool::new(false),
             waits: SpaceWaits::default(),
             resizing: Mutex::new(()),
+            direct_gate: Arc::default(),
         })
     }
 }
@@ -312,7 +330,7 @@ fn raise_limit(cache: &dyn Storage, header: &mut Header, max_size: u64) -> Resul
     // range. The other header slot stays valid if this write is torn.
     header.max_size = max_size;
     header.generation += 1;
-    cache.write_at(&header.encode(), (header.generation % 2) * HEADER_SLOT_SIZE)?;
+    write_header(cache, header)?;
     cache.sync()?;
     Ok(())
 }

@@ -8,7 +8,8 @@
 //! 3. [`replay`]: the checkpoint decoded, then the journal replayed from the checkpoint's
 //!    position, then the journal scanned for damage the replay could not see.
 //!
-//! [`recover`] runs steps 2 and 3. Reads no data block.
+//! [`recover`] runs steps 2 and 3. Reads no data block. Every read is aligned for direct I/O
+//! (`metaio.rs`): the header slots whole, checkpoint blocks whole, the journal whole.
 
 use super::error::{corrupt, CowError, Result};
 use super::format::{
@@ -17,7 +18,8 @@ use super::format::{
     TXN_WRAP,
 };
 use super::meta::Meta;
-use crate::storage::Storage;
+use super::metaio::read_journal;
+use crate::storage::{AlignedBuf, Storage};
 
 /// What the two header slots hold.
 pub(crate) struct HeaderSlots {
@@ -37,7 +39,7 @@ pub(crate) fn read_header_slots(cache: &dyn Storage) -> HeaderSlots {
     let mut first_err = None;
     let mut notes = Vec::new();
     for slot in 0..2 {
-        let mut buf = vec![0u8; HEADER_SLOT_SIZE as usize];
+        let mut buf = AlignedBuf::zeroed(HEADER_SLOT_SIZE as usize);
         if cache.read_at(&mut buf, slot * HEADER_SLOT_SIZE).is_err() {
             continue;
         }
@@ -93,7 +95,7 @@ pub(crate) fn read_checkpoint(cache: &dyn Storage, h: &Header) -> Result<Checkpo
         return Ok(Checkpoint { bytes, blocks });
     }
     let max_blocks = (h.max_size - h.data_offset) / h.chunk_size;
-    let mut buf = vec![0u8; h.chunk_size as usize];
+    let mut buf = AlignedBuf::zeroed(h.chunk_size as usize);
     let mut b = h.ckpt_block;
     while b != NO_BLOCK {
         if b >= max_blocks || blocks.len() as u64 > max_blocks {
@@ -129,6 +131,8 @@ pub(crate) struct Recovered {
     /// The journal is damaged in the middle: a valid transaction lies beyond the point where
     /// the replay stopped (see [`journal_damage`]). `open` refuses such a cache object.
     pub damage: Option<String>,
+    /// The journal area as read (for the block the next transaction begins in).
+    pub journal: AlignedBuf,
 }
 
 /// Reads the checkpoint, then replays the journal ([`replay`]).
@@ -152,6 +156,17 @@ pub(crate) fn replay(cache: &dyn Storage, h: &Header, ckpt: Checkpoint) -> Resul
         Meta::decode_checkpoint(&bytes, h.version, origin_copies, nchunks, max_blocks)?
     };
     let js = h.journal_size;
+    // The file always holds the whole journal (create sizes it to the data offset): a header
+    // naming a journal past the end of the file is damaged, and its size must not size a
+    // buffer.
+    let journal = if JOURNAL_OFFSET
+        .checked_add(js)
+        .is_some_and(|e| e <= cache.size())
+    {
+        read_journal(cache, js)?
+    } else {
+        AlignedBuf::zeroed(0)
+    };
     let mut pos = h.journal_start;
     let mut used = 0u64;
     let mut seq = h
@@ -159,24 +174,22 @@ pub(crate) fn replay(cache: &dyn Storage, h: &Header, ckpt: Checkpoint) -> Resul
         .checked_add(1)
         .ok_or_else(|| corrupt("checkpoint sequence number out of range"))?;
     let mut txns = 0;
-    let mut hdr = vec![0u8; TXN_ALIGN as usize];
     loop {
         if pos + TXN_ALIGN > js || used >= js {
             break;
         }
-        cache.read_at(&mut hdr, JOURNAL_OFFSET + pos)?;
-        let Some(th) = parse_txn_header(&hdr) else {
+        let Some(th) = journal.get(pos as usize..).and_then(parse_txn_header) else {
             break;
         };
         let len = txn_len(th.payload_len);
-        // A transaction past the end of the journal or of the file was never written (and
-        // its length, up to 4 GiB, must not size a buffer).
-        if th.seq != seq || pos + len > js || JOURNAL_OFFSET + pos + len > cache.size() {
+        // A transaction past the end of the journal was never written.
+        if th.seq != seq || pos + len > js {
             break;
         }
-        let mut buf = vec![0u8; len as usize];
-        cache.read_at(&mut buf, JOURNAL_OFFSET + pos)?;
-        if !verify_txn(&th, &buf) {
+        let Some(buf) = journal.get(pos as usize..(pos + len) as usize) else {
+            break;
+        };
+        if !verify_txn(&th, buf) {
             break; // torn last transaction: it was never acknowledged as durable
         }
         let Some(next) = seq.checked_add(1) else {
@@ -212,27 +225,30 @@ pub(crate) fn replay(cache: &dyn Storage, h: &Header, ckpt: Checkpoint) -> Resul
         used,
         next_seq: seq,
         txns,
-        damage: journal_damage(cache, h, seq, pos),
+        damage: journal_damage(cache, &journal, h, seq, pos),
+        journal,
     })
 }
 
 /// Replay stops at the first transaction that is missing or fails its checksum; after a crash
 /// that is the torn last one. A valid transaction with a later sequence number anywhere in the
 /// journal means the replay stopped early: the journal is damaged in the middle.
-fn journal_damage(cache: &dyn Storage, h: &Header, next_seq: u64, end: u64) -> Option<String> {
-    // The file always holds the whole journal (create sizes it to the data offset): a header
-    // naming a journal past the end of the file is damaged, and its size must not size a
-    // buffer.
+fn journal_damage(
+    cache: &dyn Storage,
+    journal: &[u8],
+    h: &Header,
+    next_seq: u64,
+    end: u64,
+) -> Option<String> {
     if JOURNAL_OFFSET
         .checked_add(h.journal_size)
         .is_none_or(|e| e > cache.size())
     {
         return Some("journal area extends past the end of the file".into());
     }
-    let mut buf = vec![0u8; h.journal_size as usize];
-    if cache.read_at(&mut buf, JOURNAL_OFFSET).is_err() {
+    let Some(buf) = journal.get(..h.journal_size as usize) else {
         return Some("journal area unreadable".into());
-    }
+    };
     let mut pos = 0usize;
     while pos + TXN_HEADER <= buf.len() {
         if let Some(th) = parse_txn_header(&buf[pos..]) {

@@ -6,6 +6,7 @@ use super::error::{CowError, DeviceId, Result};
 use super::format::Record;
 use super::meta::{View, ORIGIN_ID};
 use super::write::Src;
+use crate::storage::AlignedBuf;
 use std::sync::PoisonError;
 
 impl CacheObject {
@@ -41,6 +42,9 @@ impl CacheObject {
             ));
         }
         self.check_journal_room()?;
+        // Origin writes bypassing the engine (direct I/O) finish first, and no more start
+        // until the snapshot exists (then none may: `direct.rs`).
+        let _gate = self.direct_gate.close();
         let (id, epoch) = {
             let mut st = self.write_state();
             Self::check_dev(&st.meta, parent.0)?;
@@ -104,7 +108,7 @@ impl CacheObject {
         }
         let registry = self.registry.load_full();
         let side = Self::read_side(&registry, from.0)?;
-        let mut buf = vec![0u8; self.chunk_size as usize];
+        let mut buf = AlignedBuf::zeroed(self.chunk_size as usize);
         for c in 0..self.nchunks {
             let _stripe = self
                 .stripe(c)
@@ -117,7 +121,9 @@ impl CacheObject {
                 View::Origin => {}
                 View::Zero => self.write_chunk_locked(ORIGIN_ID, c, 0, clen, Src::Zeroes)?,
                 View::Block(b) => {
-                    self.cache.read_at(&mut buf[..clen], self.block_offset(b))?;
+                    let io_len = self.cache_io_len(clen);
+                    self.cache
+                        .read_at(&mut buf[..io_len], self.block_offset(b))?;
                     // Made inoperative meanwhile (under another stripe), `from` may have lost
                     // that block to another user: never copy such data into the origin.
                     Self::check_read_status(side, from.0)?;

@@ -2,12 +2,15 @@
 //! [`BlockDevice`].
 //!
 //! The engine works in whole sectors; virtio only promises whole sectors per request, not per
-//! buffer, so buffers that split sectors go through a bounded bounce window.
+//! buffer, so buffers that split sectors go through a bounded bounce window. So do buffers
+//! that do not meet direct I/O's alignment (memory, or a length that splits the device's
+//! logical block): the window is aligned, so the engine gets nothing to bounce again.
 
-use super::{BlockDevice, IoCounters};
+use super::{BlockDevice, DirectTarget, IoCounters};
 use crate::cow::{CacheObject, CowError, DeviceId};
-use crate::storage::SECTOR_SIZE;
+use crate::storage::{AlignedBuf, Cursor, IoAlign, SECTOR_SIZE};
 use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 /// An engine error as an I/O error of the matching kind, keeping the engine error as its source.
@@ -21,50 +24,11 @@ fn cow_to_io(e: CowError) -> io::Error {
     io::Error::new(io::Error::from_raw_os_error(errno).kind(), e)
 }
 
-/// Bounce window for requests whose buffers split sectors (a multiple of 512).
+/// Bounce window for requests whose buffers split sectors or blocks (a multiple of 4 KiB).
 const BOUNCE_WINDOW: usize = 64 * 1024;
 
 fn total_len(lens: impl Iterator<Item = usize>) -> usize {
     lens.sum()
-}
-
-/// A position in a list of buffers, for copying a window at a time.
-#[derive(Default)]
-struct Cursor {
-    buf: usize,
-    at: usize,
-}
-
-impl Cursor {
-    /// Copies `src` into the buffers from the cursor on, advancing it.
-    fn scatter(&mut self, bufs: &mut [IoSliceMut<'_>], mut src: &[u8]) {
-        while !src.is_empty() && self.buf < bufs.len() {
-            let dst = &mut bufs[self.buf][self.at..];
-            let n = dst.len().min(src.len());
-            dst[..n].copy_from_slice(&src[..n]);
-            src = &src[n..];
-            self.advance(n, bufs[self.buf].len());
-        }
-    }
-
-    /// Fills `dst` from the buffers from the cursor on, advancing it.
-    fn gather(&mut self, bufs: &[IoSlice<'_>], mut dst: &mut [u8]) {
-        while !dst.is_empty() && self.buf < bufs.len() {
-            let src = &bufs[self.buf][self.at..];
-            let n = src.len().min(dst.len());
-            dst[..n].copy_from_slice(&src[..n]);
-            dst = &mut dst[n..];
-            self.advance(n, bufs[self.buf].len());
-        }
-    }
-
-    fn advance(&mut self, n: usize, len: usize) {
-        self.at += n;
-        if self.at == len {
-            self.buf += 1;
-            self.at = 0;
-        }
-    }
 }
 
 /// Whether every buffer is whole sectors (the engine's unit).
@@ -77,15 +41,30 @@ pub struct CowDevice {
     engine: Arc<CacheObject>,
     id: DeviceId,
     counters: IoCounters,
+    /// What direct I/O asks of the buffers ([`IoAlign::NONE`] without it).
+    align: IoAlign,
 }
 
 impl CowDevice {
     pub fn new(engine: Arc<CacheObject>, id: DeviceId) -> Self {
         CowDevice {
+            align: engine.io_align(),
             engine,
             id,
             counters: IoCounters::default(),
         }
+    }
+
+    /// Whether `bufs` at `offset` go to the engine as they are (whole sectors, and aligned for
+    /// direct I/O; counted when it applies) rather than through the bounce window.
+    fn in_place(&self, offset: u64, bufs: impl Iterator<Item = (usize, usize)> + Clone) -> bool {
+        let whole = sector_sized(bufs.clone().map(|b| b.1));
+        let ok = whole && self.align.fits(offset, bufs);
+        if !self.align.is_none() {
+            let c = &self.counters;
+            IoCounters::add(if ok { &c.aligned } else { &c.bounced }, 1);
+        }
+        ok
     }
 }
 
@@ -95,11 +74,13 @@ impl BlockDevice for CowDevice {
     }
 
     fn writes_may_wait(&self) -> bool {
-        self.engine.has_snapshots()
+        // A write may wait for a commit; with direct I/O every write waits for the device.
+        self.engine.has_snapshots() || !self.align.is_none()
     }
 
     fn read_vectored(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
-        if self.id == DeviceId::ORIGIN || sector_sized(bufs.iter().map(|b| b.len())) {
+        let fits = self.in_place(offset, bufs.iter().map(|b| (b.as_ptr() as usize, b.len())));
+        if fits || (self.id == DeviceId::ORIGIN && self.align.is_none()) {
             return self
                 .engine
                 .read_vectored(self.id, offset, bufs)
@@ -107,9 +88,9 @@ impl BlockDevice for CowDevice {
         }
         // virtio only requires whole sectors per request, not per buffer: go through a bounce
         // window of bounded size (the guest chooses the request size, not our memory use).
-        let mut window = vec![0u8; BOUNCE_WINDOW.min(total_len(bufs.iter().map(|b| b.len())))];
-        let mut cursor = Cursor::default();
         let total = total_len(bufs.iter().map(|b| b.len()));
+        let mut window = AlignedBuf::zeroed(BOUNCE_WINDOW.min(total));
+        let mut cursor = Cursor::default();
         let mut pos = 0usize;
         while pos < total {
             let n = window.len().min(total - pos);
@@ -123,7 +104,7 @@ impl BlockDevice for CowDevice {
     }
 
     fn write_vectored(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
-        if sector_sized(bufs.iter().map(|b| b.len())) {
+        if self.in_place(offset, bufs.iter().map(|b| (b.as_ptr() as usize, b.len()))) {
             let mut pos = offset;
             for buf in bufs {
                 self.engine.write(self.id, pos, buf).map_err(cow_to_io)?;
@@ -133,7 +114,7 @@ impl BlockDevice for CowDevice {
         }
         // As for reads: gather through a bounded window.
         let total = total_len(bufs.iter().map(|b| b.len()));
-        let mut window = vec![0u8; BOUNCE_WINDOW.min(total)];
+        let mut window = AlignedBuf::zeroed(BOUNCE_WINDOW.min(total));
         let mut cursor = Cursor::default();
         let mut pos = 0usize;
         while pos < total {
@@ -169,43 +150,38 @@ impl BlockDevice for CowDevice {
     fn counters(&self) -> &IoCounters {
         &self.counters
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+    fn io_align(&self) -> IoAlign {
+        self.align
+    }
 
-    #[test]
-    fn cursor_moves_windows_across_odd_buffers() {
-        let src: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
-        let (a, b, c) = (
-            src[..1000].to_vec(),
-            src[1000..4096].to_vec(),
-            src[4096..].to_vec(),
-        );
-        let bufs = [IoSlice::new(&a), IoSlice::new(&b), IoSlice::new(&c)];
-        // Gather in windows of 3000 bytes (straddling every boundary), then scatter back.
-        let mut cursor = Cursor::default();
-        let mut flat = Vec::new();
-        let mut window = [0u8; 3000];
-        let mut left = src.len();
-        while left > 0 {
-            let n = left.min(window.len());
-            cursor.gather(&bufs, &mut window[..n]);
-            flat.extend_from_slice(&window[..n]);
-            left -= n;
+    fn physical_block_size(&self) -> u32 {
+        self.engine.block_sizes().1
+    }
+
+    /// The origin image: the origin's reads (and, with no snapshot, its writes) need nothing
+    /// of the engine.
+    fn direct_files(&self) -> Vec<RawFd> {
+        match self.engine.origin_fd() {
+            Some(fd) if self.id == DeviceId::ORIGIN => vec![fd],
+            _ => Vec::new(),
         }
-        assert_eq!(flat, src);
-        let (mut x, mut y, mut z) = (vec![0u8; 1000], vec![0u8; 3096], vec![0u8; 5904]);
-        let mut out = [
-            IoSliceMut::new(&mut x),
-            IoSliceMut::new(&mut y),
-            IoSliceMut::new(&mut z),
-        ];
-        let mut cursor = Cursor::default();
-        for part in src.chunks(3000) {
-            cursor.scatter(&mut out, part);
+    }
+
+    fn direct_target(&self, write: bool, offset: u64, len: u64) -> Option<DirectTarget> {
+        let end = offset.checked_add(len)?;
+        if self.id != DeviceId::ORIGIN || end > self.engine.origin_size() {
+            return None;
         }
-        assert_eq!([x, y, z].concat(), src);
+        let hold = if write {
+            Some(self.engine.origin_write_ticket()?)
+        } else {
+            None
+        };
+        Some(DirectTarget {
+            file: 0,
+            offset,
+            hold,
+        })
     }
 }

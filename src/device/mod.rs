@@ -15,7 +15,10 @@ pub mod raw;
 pub use cow::CowDevice;
 pub use raw::RawDevice;
 
+use crate::cow::OriginWriteTicket;
+use crate::storage::IoAlign;
 use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use thiserror::Error;
 
@@ -53,6 +56,43 @@ pub trait BlockDevice: Send + Sync {
     fn writes_may_wait(&self) -> bool {
         false
     }
+
+    /// What direct I/O asks of the buffers of a read or write ([`IoAlign::NONE`] without
+    /// direct I/O). Aligned guest buffers are used in place; others go through a bounce buffer.
+    fn io_align(&self) -> IoAlign {
+        IoAlign::NONE
+    }
+
+    /// The device's physical block size, a hint for the guest (topology).
+    fn physical_block_size(&self) -> u32 {
+        512
+    }
+
+    /// The files a queue may submit reads and writes to itself (io_uring, with direct I/O),
+    /// open as long as the device lives; [`DirectTarget::file`] indexes them.
+    fn direct_files(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+
+    /// Where a read (or write) of `len` bytes at `offset` goes when it is one positional
+    /// transfer of the request's buffers to one of [`BlockDevice::direct_files`], which a
+    /// queue may then submit itself; `None` when it needs the device's own code
+    /// ([`BlockDevice::read_vectored`], [`BlockDevice::write_vectored`]).
+    fn direct_target(&self, write: bool, offset: u64, len: u64) -> Option<DirectTarget> {
+        let _ = (write, offset, len);
+        None
+    }
+}
+
+/// A read or write a queue submits itself (see [`BlockDevice::direct_target`]).
+#[derive(Debug)]
+pub struct DirectTarget {
+    /// Index into [`BlockDevice::direct_files`].
+    pub file: usize,
+    /// Offset in that file.
+    pub offset: u64,
+    /// Held until the transfer completes: an origin write's leave to bypass the engine.
+    pub hold: Option<OriginWriteTicket>,
 }
 
 /// Per-device I/O counters, updated with relaxed atomics (one cache line per device).
@@ -66,10 +106,37 @@ pub struct IoCounters {
     pub discards: AtomicU64,
     pub write_zeroes: AtomicU64,
     pub errors: AtomicU64,
+    /// With direct I/O: reads and writes whose guest buffers met the alignment and were used
+    /// in place, and those that went through a bounce buffer.
+    pub aligned: AtomicU64,
+    pub bounced: AtomicU64,
+    /// The most reads and writes one queue had in flight at once (its io_uring's depth).
+    pub peak_in_flight: AtomicU64,
 }
 
 impl IoCounters {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Raises `counter` to `n` if it is lower.
+    pub fn raise(counter: &AtomicU64, n: u64) {
+        counter.fetch_max(n, Ordering::Relaxed);
+    }
+
+    /// Whether a transfer at `offset` through `bufs` (address, length) meets `align`; counted
+    /// as aligned or bounced when there is a requirement.
+    pub fn classify(
+        &self,
+        align: IoAlign,
+        offset: u64,
+        bufs: impl IntoIterator<Item = (usize, usize)>,
+    ) -> bool {
+        if align.is_none() {
+            return true;
+        }
+        let fits = align.fits(offset, bufs);
+        Self::add(if fits { &self.aligned } else { &self.bounced }, 1);
+        fits
     }
 }

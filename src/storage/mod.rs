@@ -4,18 +4,27 @@
 //!
 //! Everything above this module (the virtio-blk data path, the copy-on-write engine) does I/O
 //! through [`Storage`], so tests can substitute an in-memory or crash-injecting store (`crate::testkit::storage`).
+//!
+//! [`FileStorage`] serves regular files and block devices, buffered or with direct I/O
+//! (O_DIRECT, see [`IoAlign`]); `direct.rs` holds what direct I/O needs of callers that do not
+//! meet its alignment (bounce buffers, read-modify-write of partial blocks).
 
+mod direct;
 mod file;
 pub mod fingerprint;
+mod geometry;
 pub mod lock;
 pub mod remote;
 
-pub use file::FileStorage;
+pub use crate::sys::aligned::AlignedBuf;
+pub use direct::Cursor;
+pub use file::{FileStorage, OpenFlags};
 pub use fingerprint::Fingerprint;
 pub use lock::{LockError, LockKind};
 pub use remote::{RemoteError, RemoteOptions, RemoteStorage};
 
 use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::RawFd;
 
 /// The sector: the unit every device's offsets and lengths are multiples of, here and in
 /// virtio-blk (whose sectors are 512 bytes whatever the logical block size).
@@ -89,9 +98,107 @@ pub trait Storage: Send + Sync {
         None
     }
 
+    /// What direct I/O asks of the memory, offsets and lengths given to this store;
+    /// [`IoAlign::NONE`] for a store that takes any (buffered files, memory). A store with a
+    /// requirement still serves unaligned calls correctly, through a bounce buffer (and, for
+    /// a write that covers part of a block, a read-modify-write of that block: callers must not
+    /// write into the same aligned block concurrently, which the engine's stripe and journal
+    /// locks ensure). [`Storage::unaligned_ios`] counts them.
+    fn io_align(&self) -> IoAlign {
+        IoAlign::NONE
+    }
+
+    /// The unit of I/O the store is to be served in: a block device's logical block size, a
+    /// direct-I/O file's offset alignment, 512 otherwise.
+    fn logical_block_size(&self) -> u32 {
+        SECTOR_SIZE as u32
+    }
+
+    /// The unit the device writes internally (a block device's physical block size), a hint
+    /// for the guest's I/O sizes.
+    fn physical_block_size(&self) -> u32 {
+        self.logical_block_size()
+    }
+
+    /// The store's size cannot change (a block device): its size is all the room it has.
+    fn fixed_size(&self) -> bool {
+        false
+    }
+
+    /// Lets the store deallocate `[offset, offset+len)`: what it reads afterwards is
+    /// unspecified (zeros or the old data). For space nobody reads before writing it again
+    /// (freed cache blocks); [`Storage::punch_hole`] where zeros must be read.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.punch_hole(offset, len)
+    }
+
+    /// Makes the store's first `len` bytes read as zeros, the store at least that long (and, if
+    /// it can change size, exactly that long): a fresh start for a new cache object.
+    fn reset(&self, len: u64) -> io::Result<()> {
+        self.set_size(0)?;
+        self.set_size(len)
+    }
+
+    /// Calls the store served through a bounce buffer since it was opened: memory, offsets or
+    /// lengths that did not meet [`Storage::io_align`].
+    fn unaligned_ios(&self) -> u64 {
+        0
+    }
+
+    /// The open file descriptor, for an engine that submits its own I/O (io_uring). It stays
+    /// open as long as the store lives. `None` for stores without one.
+    fn raw_fd(&self) -> Option<RawFd> {
+        None
+    }
+
     /// How a store reached over the network is doing (`None` for a local one).
     fn remote_status(&self) -> Option<RemoteStatus> {
         None
+    }
+}
+
+/// What direct I/O (O_DIRECT) asks of a transfer: its memory aligned to `memory` bytes, its
+/// offset and every buffer's length to `offset` bytes (the logical block size). Linux checks
+/// both per buffer of a vectored call (`iov_iter_is_aligned`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoAlign {
+    /// Alignment of each buffer's address.
+    pub memory: usize,
+    /// Alignment of the offset and of each buffer's length.
+    pub offset: usize,
+}
+
+impl IoAlign {
+    /// No requirement (buffered I/O, memory).
+    pub const NONE: IoAlign = IoAlign {
+        memory: 1,
+        offset: 1,
+    };
+
+    /// Whether there is no requirement.
+    pub fn is_none(self) -> bool {
+        self == Self::NONE
+    }
+
+    /// Both requirements at once.
+    pub fn max(self, other: IoAlign) -> IoAlign {
+        IoAlign {
+            memory: self.memory.max(other.memory),
+            offset: self.offset.max(other.offset),
+        }
+    }
+
+    /// Whether a transfer at `offset` through buffers of these addresses and lengths meets
+    /// the requirement.
+    pub fn fits(self, offset: u64, bufs: impl IntoIterator<Item = (usize, usize)>) -> bool {
+        if self.is_none() {
+            return true;
+        }
+        let (mem, len) = (self.memory - 1, self.offset - 1);
+        offset & len as u64 == 0
+            && bufs
+                .into_iter()
+                .all(|(addr, n)| addr & mem == 0 && n & len == 0)
     }
 }
 

@@ -279,7 +279,9 @@ impl BlkBackend {
             &self.limits,
             self.opts.num_queues,
             self.writeback.load(Ordering::Relaxed),
-            self.opts.logical_block_size,
+            self.device
+                .physical_block_size()
+                .max(self.opts.logical_block_size),
         )
     }
 

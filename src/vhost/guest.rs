@@ -98,6 +98,30 @@ impl GuestIovecs {
         }
     }
 
+    /// The buffers as iovecs (the first half once split), for a transfer the queue submits
+    /// itself (`uring.rs`): they point into the memory table this value holds.
+    pub(super) fn iovecs(&self) -> &[libc::iovec] {
+        &self.left
+    }
+
+    /// Drops the first `n` bytes of the buffers (a short transfer, to be submitted again for
+    /// the rest).
+    pub(super) fn consume(&mut self, mut n: usize) {
+        let mut skip = 0;
+        for v in self.left.iter_mut() {
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                skip += 1;
+            } else {
+                // Stays inside the same guest buffer: n < iov_len.
+                v.iov_base = (v.iov_base as *mut u8).wrapping_add(n) as *mut libc::c_void;
+                v.iov_len -= n;
+                break;
+            }
+        }
+        self.left.drain(..skip);
+    }
+
     /// Cuts the buffers (holding `total` bytes) in two halves at the sector boundary nearest
     /// their middle; returns the byte offset at which the second half starts.
     pub(super) fn split_in_two(&mut self, total: u64) -> u64 {

@@ -21,16 +21,19 @@ mod error;
 mod guest;
 mod handover;
 mod memory;
+mod pipeline;
 mod queue;
 mod request;
 mod sched;
 mod server;
 #[cfg(test)]
 mod test_rig;
+mod uring;
 mod vring;
 
 pub use backend::{BlkBackend, ServeOptions};
 pub use error::{DaemonError, ServeError};
 pub use guest::GuestMem;
-pub use sched::{ModeRule, Scheduler, SchedulerConfig, SplitRule};
+pub use sched::{IoEngine, ModeRule, Scheduler, SchedulerConfig, SplitRule};
 pub use server::{ConnectionStats, DeviceServer};
+pub use uring::probe as probe_io_uring;

@@ -10,8 +10,9 @@
 //! see `sys::guest_faults`) stops the queue and drops the connection.
 
 use super::guest::{GuestMem, GuestMemGuard, GuestMemTable};
+use super::pipeline::Pipeline;
 use super::request::RequestContext;
-use super::sched::{ActiveQueue, Batcher, Scheduler};
+use super::sched::{ActiveQueue, Batcher, IoEngine, Scheduler};
 use super::vring::Vring;
 use crate::sys::guest_faults;
 use log::warn;
@@ -61,6 +62,20 @@ pub(super) struct QueueWorker {
     /// The ring layout last found inside guest memory, and the table it was checked in (a
     /// weak reference: the address stays unique while it exists, and pins no memory).
     checked: Option<(RingLayout, Weak<GuestMemTable>)>,
+    /// The io_uring engine, under [`IoEngine::Uring`] for a device with files to submit to.
+    engine: EngineState,
+    /// Answers handed out by the pipeline, reused.
+    answered: Vec<(u16, u32)>,
+}
+
+/// Whether this queue has its io_uring engine.
+#[derive(Default)]
+enum EngineState {
+    #[default]
+    Untried,
+    Ready(Box<Pipeline>),
+    /// Not for this device, or io_uring refused (said once): the synchronous engine.
+    Unavailable,
 }
 
 /// Where a ring lies: (descriptor table, avail ring, used ring, size).
@@ -96,6 +111,9 @@ enum QueueFault {
     /// Guest memory vanished under a request (its file shrank): the connection is dropped.
     #[error("guest memory fault (the frontend shrank a memory region's file)")]
     MemoryFault,
+    /// The queue's io_uring failed (not a completion's error: the ring itself).
+    #[error("io_uring: {0}")]
+    Engine(#[source] io::Error),
 }
 
 /// What [`QueueWorker::serve_available`] did.
@@ -127,6 +145,33 @@ impl QueueWorker {
     /// table while this queue was idle).
     pub(super) fn release_stale_memory(&mut self, current: &GuestMemGuard) {
         self.batcher.release_stale_memory(current);
+        if let EngineState::Ready(p) = &mut self.engine {
+            p.release_stale_memory(current);
+        }
+    }
+
+    /// The queue's io_uring engine, built on first use; `None` for the synchronous engine.
+    fn pipeline(&mut self, ctx: &QueueContext<'_>, slots: u16) -> Option<&mut Pipeline> {
+        if matches!(self.engine, EngineState::Untried) {
+            self.engine = if ctx.sched.config().engine != IoEngine::Uring {
+                EngineState::Unavailable
+            } else if ctx.request.device.direct_files().is_empty() {
+                // Every request needs the device's own code (a snapshot): no ring.
+                EngineState::Unavailable
+            } else {
+                match Pipeline::new(ctx.request.device, usize::from(slots)) {
+                    Ok(p) => EngineState::Ready(Box::new(p)),
+                    Err(e) => {
+                        warn!("no io_uring for this queue, requests run synchronously: {e}");
+                        EngineState::Unavailable
+                    }
+                }
+            };
+        }
+        match &mut self.engine {
+            EngineState::Ready(p) => Some(p),
+            _ => None,
+        }
     }
 
     /// Drains the queue, notifying the driver if it wants it after each slow batch, every
@@ -272,6 +317,12 @@ impl QueueWorker {
         vring: &Vring,
         state: &mut VringStateGuard<'_>,
     ) -> Result<Drained, QueueFault> {
+        let slots = state.get_queue().max_size();
+        if self.pipeline(ctx, slots).is_some() {
+            if let EngineState::Ready(p) = &mut self.engine {
+                return serve_pipelined(p, &mut self.answered, ctx, vring, state);
+            }
+        }
         let mut used_any = false;
         // Used entries added since the driver was last told (or chose not to be).
         let mut since_signal = 0usize;
@@ -332,6 +383,57 @@ impl QueueWorker {
             self.poll = (self.poll * 2).max(POLL_START).min(max_poll);
         }
     }
+}
+
+/// [`QueueWorker::serve_available`] with the io_uring engine: pops and submits while requests
+/// are in flight, adds the answered ones at the front in pop order and signals the driver
+/// after each batch of them.
+fn serve_pipelined(
+    p: &mut Pipeline,
+    answered: &mut Vec<(u16, u32)>,
+    ctx: &QueueContext<'_>,
+    vring: &Vring,
+    state: &mut VringStateGuard<'_>,
+) -> Result<Drained, QueueFault> {
+    let mut used_any = false;
+    loop {
+        let guard = ctx.mem.memory();
+        let queue = state.get_queue_mut();
+        // Once the connection is closing, pop nothing more: finish what is in flight.
+        let popped = if ctx.quiescing() {
+            0
+        } else {
+            p.fill(ctx.sched, &ctx.request, queue, &guard)
+        };
+        if popped == 0 && p.is_empty() {
+            break;
+        }
+        p.progress(&ctx.request, &guard, popped == 0)
+            .map_err(QueueFault::Engine)?;
+        answered.clear();
+        p.answered(answered);
+        for &(head, len) in answered.iter() {
+            queue
+                .add_used(&*guard, head, len)
+                .map_err(QueueFault::Ring)?;
+        }
+        if !answered.is_empty() {
+            used_any = true;
+            if queue
+                .needs_notification(&*guard)
+                .map_err(QueueFault::Ring)?
+            {
+                vring.notify_driver(state);
+            }
+        }
+        if guest_faults::take_thread_fault() {
+            return Err(QueueFault::MemoryFault);
+        }
+    }
+    Ok(Drained {
+        used_any,
+        unsignaled: false,
+    })
 }
 
 /// Spins for at most `budget` until the driver makes a request available.

@@ -7,7 +7,7 @@
 
 use super::dirty::mark_buffers;
 use super::guest::{GuestIovecs, GuestMemGuard, GuestMemTable};
-use crate::device::{BlockDevice, IoCounters};
+use crate::device::{BlockDevice, DirectTarget, IoCounters};
 use crate::sys::guest_faults;
 use crate::virtio_blk::{
     Limits, ParseError, Request, RequestKind, StatusAddr, ID_BYTES, VIRTIO_BLK_S_IOERR,
@@ -62,6 +62,21 @@ pub(super) struct InFlight {
     used_len: u32,
     /// How long running it took.
     took: Duration,
+}
+
+/// How a request a queue may submit itself begins ([`InFlight::start_direct`]).
+pub(super) enum Start {
+    /// Submit it: its buffers are translated and aligned, and go to `target`.
+    Direct {
+        target: DirectTarget,
+        write: bool,
+        /// Bytes to transfer.
+        len: u64,
+    },
+    /// Run it through the device ([`InFlight::run`]).
+    Run,
+    /// It is answered already (its buffers could not be translated).
+    Answered,
 }
 
 /// How a request ended, for [`InFlight::finish`].
@@ -129,6 +144,76 @@ impl InFlight {
     /// Lets go of the guest memory its buffers pointed into, unless that is still `current`.
     pub(super) fn release_stale_memory(&mut self, current: &GuestMemGuard) {
         self.buffers.release_stale(current);
+    }
+
+    /// The buffers of a request [`InFlight::start_direct`] started, as iovecs.
+    pub(super) fn iovecs(&self) -> &[libc::iovec] {
+        self.buffers.iovecs()
+    }
+
+    /// Drops the first `n` bytes of a started request's buffers (a short transfer).
+    pub(super) fn consume(&mut self, n: usize) {
+        self.buffers.consume(n);
+    }
+
+    /// Starts a parsed read or write the queue may submit itself: its guest buffers used in
+    /// place when they meet the device's direct-I/O alignment and the device says where they
+    /// go ([`BlockDevice::direct_target`]); otherwise it is to be run.
+    pub(super) fn start_direct(&mut self, ctx: &RequestContext<'_>, mem: &GuestMemGuard) -> Start {
+        let (write, offset) = match self.pending() {
+            Some(RequestKind::Read { offset }) => (false, offset),
+            Some(RequestKind::Write { offset }) => (true, offset),
+            _ => return Start::Run,
+        };
+        let access = if write {
+            Permissions::Read
+        } else {
+            Permissions::Write
+        };
+        if let Err(e) = self.buffers.fill(&self.request.segments, mem, access) {
+            self.ready = false;
+            self.finish(ctx, mem, Outcome::Failed(e));
+            return Start::Answered;
+        }
+        let device = ctx.device;
+        let bufs = self.buffers.iovecs().iter();
+        if !device
+            .io_align()
+            .fits(offset, bufs.map(|v| (v.iov_base as usize, v.iov_len)))
+        {
+            return Start::Run;
+        }
+        let len = self.request.data_len;
+        let Some(target) = device.direct_target(write, offset, len) else {
+            return Start::Run;
+        };
+        IoCounters::add(&device.counters().aligned, 1);
+        self.ready = false;
+        Start::Direct { target, write, len }
+    }
+
+    /// Answers a request [`InFlight::start_direct`] started, once its transfer is over.
+    pub(super) fn complete_direct(
+        &mut self,
+        ctx: &RequestContext<'_>,
+        mem: &GuestMemGuard,
+        result: io::Result<()>,
+    ) {
+        // The data the engine read into guest memory, as in `run`.
+        if ctx.logging.load(Ordering::Relaxed)
+            && matches!(self.request.kind, RequestKind::Read { .. })
+        {
+            mark_buffers(mem, &self.request.segments);
+        }
+        let outcome = match (result, self.request.kind) {
+            // data_len <= seg_max * size_max fits in u32 for our limits.
+            (Ok(()), RequestKind::Read { .. }) => {
+                Outcome::Done(u32::try_from(self.request.data_len).unwrap_or(u32::MAX))
+            }
+            (Ok(()), _) => Outcome::Done(0),
+            (Err(e), _) => Outcome::Failed(e),
+        };
+        self.finish(ctx, mem, outcome);
     }
 
     /// Runs a prepared request and answers it; with `timed`, records how long it took.

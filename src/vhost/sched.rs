@@ -47,6 +47,30 @@ pub enum ModeRule {
     AlwaysInline,
 }
 
+/// Which engine does the I/O of aligned guest reads and writes, chosen when the daemon starts
+/// (`cli/serve.rs`: io_uring for direct I/O when the kernel allows it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IoEngine {
+    /// Synchronous positional I/O on the queue's worker thread, slow requests as batches on
+    /// the I/O pool: the page cache's default (docs/benchmarks.md).
+    #[default]
+    Sync,
+    /// Each queue submits its reads and writes to its own io_uring and keeps popping while
+    /// they are in flight, so the guest's queue depth reaches the device (`uring.rs`,
+    /// `pipeline.rs`); what the device must do itself still runs synchronously.
+    Uring,
+}
+
+impl IoEngine {
+    /// Its name in logs and stats.
+    pub fn name(self) -> &'static str {
+        match self {
+            IoEngine::Sync => "sync",
+            IoEngine::Uring => "io_uring",
+        }
+    }
+}
+
 /// How requests are scheduled, fixed when the daemon starts.
 #[derive(Clone, Debug)]
 pub struct SchedulerConfig {
@@ -59,6 +83,8 @@ pub struct SchedulerConfig {
     pub split: SplitRule,
     /// How a queue picks between inline and concurrent mode.
     pub mode: ModeRule,
+    /// The engine of aligned reads and writes.
+    pub engine: IoEngine,
 }
 
 /// Threads of the shared I/O pool. They mostly wait on the disk, so there are more of them
@@ -73,6 +99,7 @@ impl Default for SchedulerConfig {
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             split: SplitRule::default(),
             mode: ModeRule::default(),
+            engine: IoEngine::default(),
         }
     }
 }

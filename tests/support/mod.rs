@@ -31,7 +31,18 @@ impl Daemon {
 
     /// Starts `snapblk serve ARGS` in directory `dir` (where its default paths lie).
     pub fn start_in(dir: Option<&Path>, args: &[&str], socket: &Path) -> Daemon {
+        Self::start_with(dir, &[], args, socket)
+    }
+
+    /// [`Daemon::start_in`] with extra environment variables.
+    pub fn start_with(
+        dir: Option<&Path>,
+        env: &[(&str, &str)],
+        args: &[&str],
+        socket: &Path,
+    ) -> Daemon {
         let mut cmd = Command::new(BIN);
+        cmd.envs(env.iter().copied());
         if let Some(dir) = dir {
             cmd.current_dir(dir);
         }
@@ -101,8 +112,11 @@ impl Daemon {
             other => {
                 let _ = self.child.as_mut().unwrap().kill();
                 let out = self.child.take().unwrap().wait_with_output().unwrap();
+                // Give the drain thread a moment: stderr is usually in the log by now.
+                std::thread::sleep(Duration::from_millis(100));
                 panic!(
-                    "snapblk did not start serving ({other:?}): {}",
+                    "snapblk did not start serving ({other:?}): {}{}",
+                    self.log_text(),
                     String::from_utf8_lossy(&out.stderr)
                 );
             }

@@ -1,0 +1,303 @@
+//! The io_uring engine of one queue (direct I/O): requests stay in flight while the worker
+//! goes on popping, so a guest's queue depth reaches the device.
+//!
+//! A popped read or write whose buffers meet the device's alignment and which the device
+//! lets the queue do itself ([`BlockDevice::direct_target`](crate::device::BlockDevice::direct_target):
+//! origin reads; origin writes when no snapshot needs them preserved; a raw image) is
+//! submitted to the queue's [`Ring`] at once. Everything else runs through the device as
+//! before: inline, or several on the daemon's I/O pool. A flush waits until every request
+//! popped before it is done, and nothing is popped after it until it is. Completions arrive in
+//! any order; answers go to the used ring in the order the requests were popped (the reconnect
+//! rule, `queue.rs`): [`Pipeline::answered`] gives only the answered ones at the front.
+
+use super::guest::GuestMemGuard;
+use super::request::{InFlight, RequestContext, Start};
+use super::sched::Scheduler;
+use super::uring::{Op, Ring};
+use crate::cow::OriginWriteTicket;
+use crate::device::{BlockDevice, IoCounters};
+use crate::virtio_blk::RequestKind;
+use rayon::prelude::*;
+use std::collections::VecDeque;
+use std::io;
+use virtio_queue::{Queue, QueueT};
+
+/// Where a slot's request is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    Free,
+    /// Popped, to run through the device.
+    Run,
+    /// Its transfer is in the ring.
+    InRing,
+    /// A flush, waiting for the requests popped before it.
+    Flush,
+    /// Answered; its used entry not yet added.
+    Answered,
+}
+
+/// A transfer in flight: what is left of it, and what it holds until it completes.
+#[derive(Default)]
+struct Transfer {
+    op: Option<Op>,
+    left: u64,
+    /// Dropped when the transfer is over (it only needs to live until then).
+    _hold: Option<OriginWriteTicket>,
+}
+
+/// One queue's io_uring engine.
+pub(super) struct Pipeline {
+    ring: Ring<InFlight>,
+    stage: Vec<Stage>,
+    transfers: Vec<Transfer>,
+    /// Slots in the order their requests were popped, until their used entries are added.
+    order: VecDeque<usize>,
+    free: Vec<usize>,
+    /// A flush was popped: pop nothing more until it is answered.
+    flush_pending: bool,
+    /// Completions taken from the ring, reused (no allocation per batch).
+    reaped: Vec<(usize, i32)>,
+    /// The most transfers in the ring at once, as last raised in the device's counters
+    /// (`stats`: the queue depth reaching the device).
+    peak: usize,
+}
+
+impl Pipeline {
+    /// An engine for a queue of up to `slots` requests on `device`, or why there is none.
+    pub(super) fn new(device: &dyn BlockDevice, slots: usize) -> io::Result<Pipeline> {
+        let files = device.direct_files();
+        if files.is_empty() {
+            return Err(io::Error::other("the device has no file to submit to"));
+        }
+        let ring = Ring::new(slots, &files)?;
+        Ok(Pipeline {
+            stage: vec![Stage::Free; ring.len()],
+            transfers: (0..ring.len()).map(|_| Transfer::default()).collect(),
+            order: VecDeque::with_capacity(ring.len()),
+            free: (0..ring.len()).rev().collect(),
+            flush_pending: false,
+            reaped: Vec::with_capacity(ring.len()),
+            peak: 0,
+            ring,
+        })
+    }
+
+    /// Nothing popped and not yet added to the used ring.
+    pub(super) fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    /// Pops every available request (up to a flush), submits those it can and runs the rest
+    /// through the device (on the I/O pool when there are several). Returns how many it
+    /// popped.
+    pub(super) fn fill(
+        &mut self,
+        sched: &Scheduler,
+        ctx: &RequestContext<'_>,
+        queue: &mut Queue,
+        mem: &GuestMemGuard,
+    ) -> usize {
+        let mut popped = 0;
+        let mut to_run = 0;
+        while !self.flush_pending {
+            let Some(&i) = self.free.last() else { break };
+            let Some(chain) = queue.pop_descriptor_chain(&**mem) else {
+                break;
+            };
+            self.free.pop();
+            self.order.push_back(i);
+            popped += 1;
+            let Some(slot) = self.ring.slot_mut(i) else {
+                continue; // a free slot is never in flight
+            };
+            slot.prepare(ctx, chain, mem);
+            self.stage[i] = match slot.pending() {
+                None => Stage::Answered,
+                Some(RequestKind::Flush) => {
+                    self.flush_pending = true;
+                    Stage::Flush
+                }
+                Some(_) => match slot.start_direct(ctx, mem) {
+                    Start::Answered => Stage::Answered,
+                    Start::Run => {
+                        to_run += 1;
+                        Stage::Run
+                    }
+                    Start::Direct { target, write, len } => {
+                        let op = Op {
+                            file: target.file as u32,
+                            offset: target.offset,
+                            write,
+                        };
+                        self.transfers[i] = Transfer {
+                            op: Some(op),
+                            left: len,
+                            _hold: target.hold,
+                        };
+                        self.launch(ctx, mem, i)
+                    }
+                },
+            };
+        }
+        if to_run > 0 {
+            self.run_the_rest(sched, ctx, mem, to_run);
+        }
+        popped
+    }
+
+    /// Submits what is left of slot `i`'s transfer; its stage.
+    fn launch(&mut self, ctx: &RequestContext<'_>, mem: &GuestMemGuard, i: usize) -> Stage {
+        let t = &mut self.transfers[i];
+        let result = match t.op {
+            Some(_) if t.left == 0 => Ok(false),
+            Some(op) => self.ring.submit(i, op).map(|()| true),
+            None => Err(io::Error::other("no transfer")),
+        };
+        match result {
+            Ok(true) => Stage::InRing,
+            Ok(false) => self.finish(ctx, mem, i, Ok(())),
+            Err(e) => self.finish(ctx, mem, i, Err(e)),
+        }
+    }
+
+    /// Answers slot `i`'s transfer, over or failed.
+    fn finish(
+        &mut self,
+        ctx: &RequestContext<'_>,
+        mem: &GuestMemGuard,
+        i: usize,
+        result: io::Result<()>,
+    ) -> Stage {
+        self.transfers[i] = Transfer::default();
+        if let Some(slot) = self.ring.slot_mut(i) {
+            slot.complete_direct(ctx, mem, result);
+        }
+        Stage::Answered
+    }
+
+    /// Runs the popped requests that go through the device: one inline, several side by side
+    /// on the I/O pool (their waits overlap, their commits are shared).
+    fn run_the_rest(
+        &mut self,
+        sched: &Scheduler,
+        ctx: &RequestContext<'_>,
+        mem: &GuestMemGuard,
+        n: usize,
+    ) {
+        let stage = &self.stage;
+        let mut slots: Vec<(usize, &mut InFlight)> = self
+            .ring
+            .idle_slots_mut()
+            .filter(|(i, _)| stage[*i] == Stage::Run)
+            .collect();
+        match sched.io_pool() {
+            Some(pool) if n > 1 => pool.install(|| {
+                slots
+                    .par_iter_mut()
+                    .with_max_len(1)
+                    .for_each(|(_, slot)| slot.run(ctx, mem, false))
+            }),
+            _ => slots
+                .iter_mut()
+                .for_each(|(_, slot)| slot.run(ctx, mem, false)),
+        }
+        let done: Vec<usize> = slots.into_iter().map(|(i, _)| i).collect();
+        for i in done {
+            self.stage[i] = Stage::Answered;
+        }
+    }
+
+    /// Takes the completions there are, first waiting for one if `wait` and the request at the
+    /// front is not answered; then runs a flush whose predecessors are all done.
+    pub(super) fn progress(
+        &mut self,
+        ctx: &RequestContext<'_>,
+        mem: &GuestMemGuard,
+        wait: bool,
+    ) -> io::Result<()> {
+        if self.ring.in_flight() > 0 {
+            let front_answered = self
+                .order
+                .front()
+                .is_some_and(|&i| self.stage[i] == Stage::Answered);
+            self.ring.wait(usize::from(wait && !front_answered))?;
+            if self.ring.in_flight() > self.peak {
+                self.peak = self.ring.in_flight();
+                IoCounters::raise(&ctx.device.counters().peak_in_flight, self.peak as u64);
+            }
+            let mut reaped = std::mem::take(&mut self.reaped);
+            self.ring.reap(|i, _, res| reaped.push((i, res)));
+            for &(i, res) in &reaped {
+                self.stage[i] = self.completed(ctx, mem, i, res);
+            }
+            reaped.clear();
+            self.reaped = reaped;
+        }
+        if self.flush_pending && self.ring.in_flight() == 0 {
+            if let Some(&i) = self.order.back() {
+                if let Some(slot) = self.ring.slot_mut(i) {
+                    slot.run(ctx, mem, false);
+                }
+                self.stage[i] = Stage::Answered;
+            }
+            self.flush_pending = false;
+        }
+        Ok(())
+    }
+
+    /// Slot `i`'s transfer completed with `res` (bytes, or a negative errno): answered, or the
+    /// rest submitted again after a short transfer or an interruption.
+    fn completed(
+        &mut self,
+        ctx: &RequestContext<'_>,
+        mem: &GuestMemGuard,
+        i: usize,
+        res: i32,
+    ) -> Stage {
+        if res == -libc::EINTR || res == -libc::EAGAIN {
+            return self.launch(ctx, mem, i);
+        }
+        if res < 0 {
+            return self.finish(ctx, mem, i, Err(io::Error::from_raw_os_error(-res)));
+        }
+        let n = res as u64;
+        let t = &mut self.transfers[i];
+        if n == 0 || n > t.left {
+            let e = io::Error::new(io::ErrorKind::UnexpectedEof, "the transfer came up short");
+            return self.finish(ctx, mem, i, Err(e));
+        }
+        t.left -= n;
+        if let Some(op) = t.op.as_mut() {
+            op.offset += n;
+        }
+        if t.left > 0 {
+            if let Some(slot) = self.ring.slot_mut(i) {
+                slot.consume(n as usize);
+            }
+        }
+        self.launch(ctx, mem, i)
+    }
+
+    /// Hands out the answered requests at the front, in pop order (head, used length), and
+    /// frees their slots.
+    pub(super) fn answered(&mut self, out: &mut Vec<(u16, u32)>) {
+        while let Some(&i) = self.order.front() {
+            if self.stage[i] != Stage::Answered {
+                break;
+            }
+            self.order.pop_front();
+            self.stage[i] = Stage::Free;
+            self.free.push(i);
+            if let Some(slot) = self.ring.slot_mut(i) {
+                out.push((slot.head(), slot.used_len()));
+            }
+        }
+    }
+
+    /// Lets go of every guest memory table but `current` in the idle slots.
+    pub(super) fn release_stale_memory(&mut self, current: &GuestMemGuard) {
+        for (_, slot) in self.ring.idle_slots_mut() {
+            slot.release_stale_memory(current);
+        }
+    }
+}

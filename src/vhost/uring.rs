@@ -1,0 +1,324 @@
+//! A queue worker's io_uring: readv and writev of requests' buffers on the device's files,
+//! completed in any order (`pipeline.rs` puts the answers back in pop order).
+//!
+//! The module holds the engine's `unsafe`, and here is why it is sound. A submission hands
+//! the kernel raw pointers: an iovec array and the memory the iovecs name, both to be read or
+//! written until the completion arrives, long after the submitting call returned. So the
+//! [`Ring`] owns the values those pointers come from (its slots, each an [`IoBuffers`]) and
+//! gives no access to a slot while it is in flight: `slot_mut` and `idle_slots_mut` skip busy
+//! slots, `submit` refuses one, and nothing else reaches them. A slot's memory is therefore
+//! neither changed, moved nor freed by us between submission and completion. The ring waits
+//! for every submission before it drops (its slots drop after it), and should the kernel no
+//! longer answer, it leaks the slots rather than free memory the kernel may still write.
+//! Files are registered with the ring (fixed files): the kernel holds them, so a descriptor
+//! closed or reused meanwhile cannot redirect a transfer. They are unregistered when the ring
+//! drops (the kernel tears a ring down asynchronously; a daemon killed with SIGKILL may hold
+//! its origin's lock for a moment after it is gone).
+
+use super::request::InFlight;
+use io_uring::{opcode, types, IoUring};
+use std::io;
+use std::os::fd::RawFd;
+
+/// Values whose buffers a submission may transfer.
+///
+/// # Safety
+/// `iovecs` must return iovecs naming memory valid for reads and writes of their lengths, and
+/// both that memory and the iovec array itself must stay valid and in place for as long as the
+/// value lives and is not borrowed mutably (moving the value must not move them: they live on
+/// the heap or in memory the value keeps mapped).
+pub(super) unsafe trait IoBuffers {
+    /// The buffers, in order.
+    fn iovecs(&self) -> &[libc::iovec];
+}
+
+// SAFETY: a request's iovecs (`GuestIovecs`, which the `InFlight` owns) live in a `Vec` on
+// the heap, so moving the `InFlight` moves neither them nor what they name: guest memory,
+// checked against the memory table when they were made, which the `GuestIovecs` holds (an
+// `Arc` of the table keeps every region of it mapped, whatever the frontend does). They
+// change only through `&mut` (`fill`, `consume`, `release_stale`), never while in flight.
+unsafe impl IoBuffers for InFlight {
+    fn iovecs(&self) -> &[libc::iovec] {
+        InFlight::iovecs(self)
+    }
+}
+
+/// One transfer: all of a slot's buffers, from or to `offset` of registered file `file`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Op {
+    pub file: u32,
+    pub offset: u64,
+    pub write: bool,
+}
+
+/// An io_uring and the slots whose buffers it transfers.
+pub(super) struct Ring<T: IoBuffers> {
+    ring: IoUring,
+    slots: Vec<T>,
+    busy: Vec<bool>,
+    in_flight: usize,
+}
+
+/// Set (to anything but `0`), io_uring counts as unavailable: the fallback, on demand (tests,
+/// or a kernel whose io_uring misbehaves).
+pub const DISABLE_ENV: &str = "SNAPBLK_NO_IO_URING";
+
+/// Whether io_uring can be used here: a kernel that has it and lets this process use it
+/// (`/proc/sys/kernel/io_uring_disabled`, seccomp filters), tried with a no-op.
+pub fn probe() -> io::Result<()> {
+    if std::env::var_os(DISABLE_ENV).is_some_and(|v| v != "0") {
+        return Err(io::Error::other(format!("disabled by {DISABLE_ENV}")));
+    }
+    let mut ring = IoUring::new(2)?;
+    let nop = opcode::Nop::new().build().user_data(7);
+    // SAFETY: a no-op names no memory.
+    unsafe { ring.submission().push(&nop) }
+        .map_err(|_| io::Error::other("the submission queue is full"))?;
+    ring.submit_and_wait(1)?;
+    let done = ring.completion().next();
+    match done {
+        Some(c) if c.user_data() == 7 && c.result() >= 0 => Ok(()),
+        Some(c) => Err(io::Error::from_raw_os_error(-c.result())),
+        None => Err(io::Error::other("no completion for a no-op")),
+    }
+}
+
+impl<T: IoBuffers + Default> Ring<T> {
+    /// A ring for up to `slots` transfers at once on `files` (registered).
+    pub(super) fn new(slots: usize, files: &[RawFd]) -> io::Result<Self> {
+        let entries = u32::try_from(slots.max(1).next_power_of_two()).map_err(io::Error::other)?;
+        let ring = IoUring::builder()
+            .setup_cqsize(entries.saturating_mul(2))
+            .build(entries)?;
+        ring.submitter().register_files(files)?;
+        Ok(Ring {
+            ring,
+            slots: (0..slots).map(|_| T::default()).collect(),
+            busy: vec![false; slots],
+            in_flight: 0,
+        })
+    }
+}
+
+impl<T: IoBuffers> Ring<T> {
+    /// Number of slots.
+    pub(super) fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Transfers submitted and not yet reaped.
+    pub(super) fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Slot `i`, unless it is in flight.
+    pub(super) fn slot_mut(&mut self, i: usize) -> Option<&mut T> {
+        match self.busy.get(i) {
+            Some(false) => self.slots.get_mut(i),
+            _ => None,
+        }
+    }
+
+    /// Every slot not in flight, with its index.
+    pub(super) fn idle_slots_mut(&mut self) -> impl Iterator<Item = (usize, &mut T)> {
+        self.slots
+            .iter_mut()
+            .zip(&self.busy)
+            .enumerate()
+            .filter(|(_, (_, busy))| !**busy)
+            .map(|(i, (slot, _))| (i, slot))
+    }
+
+    /// Queues slot `i`'s transfer; the slot is out of reach until its completion is reaped.
+    /// Submitted to the kernel by the next [`Ring::wait`] (or at once if the queue is full).
+    pub(super) fn submit(&mut self, i: usize, op: Op) -> io::Result<()> {
+        if self.busy.get(i) != Some(&false) {
+            return Err(io::Error::other(format!("slot {i} is busy or missing")));
+        }
+        let iov = self.slots[i].iovecs();
+        let len = u32::try_from(iov.len()).map_err(io::Error::other)?;
+        let fd = types::Fixed(op.file);
+        let entry = if op.write {
+            opcode::Writev::new(fd, iov.as_ptr(), len)
+                .offset(op.offset)
+                .build()
+        } else {
+            opcode::Readv::new(fd, iov.as_ptr(), len)
+                .offset(op.offset)
+                .build()
+        }
+        .user_data(i as u64);
+        loop {
+            // SAFETY: the entry names slot i's iovec array and the memory its iovecs name,
+            // valid and in place while the slot lives and is not borrowed mutably
+            // (`IoBuffers`). From here the slot is busy: no method hands it out until its
+            // completion is reaped, and the ring outlives every submission (see `Drop`).
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                break;
+            }
+            // The submission queue is full: hand what it holds to the kernel.
+            self.enter(0)?;
+        }
+        self.busy[i] = true;
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Submits what is queued and waits until at least `min` completions are ready (fewer if
+    /// fewer are in flight).
+    pub(super) fn wait(&mut self, min: usize) -> io::Result<()> {
+        self.enter(min.min(self.in_flight))
+    }
+
+    fn enter(&mut self, min: usize) -> io::Result<()> {
+        loop {
+            match self.ring.submit_and_wait(min) {
+                Ok(_) => return Ok(()),
+                // Interrupted (a watchdog's signal), or the completion queue is full (reap
+                // first: the caller does, then waits again).
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    std::thread::yield_now();
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Takes every completion ready: its slot is idle again, and `f` gets the slot's index and
+    /// the result (bytes transferred, or a negative errno).
+    pub(super) fn reap(&mut self, mut f: impl FnMut(usize, &mut T, i32)) {
+        let mut cq = self.ring.completion();
+        cq.sync();
+        for c in &mut cq {
+            let i = c.user_data() as usize;
+            if self.busy.get(i) == Some(&true) {
+                self.busy[i] = false;
+                self.in_flight -= 1;
+                f(i, &mut self.slots[i], c.result());
+            }
+        }
+    }
+}
+
+impl<T: IoBuffers> Drop for Ring<T> {
+    /// Waits for every transfer in flight before the slots (and the memory they keep) go.
+    fn drop(&mut self) {
+        while self.in_flight > 0 {
+            if let Err(e) = self.wait(1) {
+                log::error!(
+                    "io_uring: cannot wait for {} transfers: {e}",
+                    self.in_flight
+                );
+                // The kernel may still write into the slots' memory: never free it.
+                std::mem::forget(std::mem::take(&mut self.slots));
+                return;
+            }
+            self.reap(|_, _, _| {});
+        }
+        // The kernel frees a ring (and lets go of its registered files) asynchronously, after
+        // close: unregistered now, the files are closed (their locks released) when their
+        // owner closes them, so a restarted daemon finds the origin free.
+        if let Err(e) = self.ring.submitter().unregister_files() {
+            log::warn!("io_uring: cannot unregister the files: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::AlignedBuf;
+
+    /// A test buffer: one aligned allocation and its iovec.
+    struct Buf {
+        mem: AlignedBuf,
+        iov: Vec<libc::iovec>,
+    }
+
+    impl Default for Buf {
+        fn default() -> Self {
+            let mut mem = AlignedBuf::zeroed(4096);
+            let iov = vec![libc::iovec {
+                iov_base: mem.as_mut_ptr() as *mut libc::c_void,
+                iov_len: mem.len(),
+            }];
+            Buf { mem, iov }
+        }
+    }
+
+    // SAFETY: the iovec names `mem`, a heap allocation owned by the value (it does not move
+    // when the value does), and both live as long as the value.
+    unsafe impl IoBuffers for Buf {
+        fn iovecs(&self) -> &[libc::iovec] {
+            &self.iov
+        }
+    }
+
+    #[test]
+    fn transfers_complete_and_slots_come_back() {
+        if let Err(e) = probe() {
+            eprintln!("skipped: no io_uring here: {e}");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![0u8; 16384]).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        let mut ring: Ring<Buf> = Ring::new(4, &[fd]).unwrap();
+        for i in 0..4 {
+            ring.slot_mut(i).unwrap().mem.fill(0x30 + i as u8);
+            let op = Op {
+                file: 0,
+                offset: 4096 * i as u64,
+                write: true,
+            };
+            ring.submit(i, op).unwrap();
+            assert!(ring.slot_mut(i).is_none(), "busy while in flight");
+        }
+        assert!(ring
+            .submit(
+                0,
+                Op {
+                    file: 0,
+                    offset: 0,
+                    write: false
+                }
+            )
+            .is_err());
+        assert_eq!(ring.idle_slots_mut().count(), 0);
+        let mut done = 0;
+        while ring.in_flight() > 0 {
+            ring.wait(1).unwrap();
+            ring.reap(|_, _, res| {
+                assert_eq!(res, 4096);
+                done += 1;
+            });
+        }
+        assert_eq!(done, 4);
+        let back = std::fs::read(&path).unwrap();
+        for i in 0..4 {
+            assert!(back[4096 * i..4096 * (i + 1)]
+                .iter()
+                .all(|&b| b == 0x30 + i as u8));
+        }
+        ring.slot_mut(2).unwrap().mem.fill(0);
+        ring.submit(
+            2,
+            Op {
+                file: 0,
+                offset: 4096,
+                write: false,
+            },
+        )
+        .unwrap();
+        drop(ring); // waits for the read in flight
+    }
+}

@@ -1,0 +1,413 @@
+//! Block devices and direct I/O through the real binary: loop devices as the origin and as the
+//! cache object, `--direct` with guest buffers in place or bounced (counted in `stats`), the
+//! io_uring engine (a guest's queue depth reaching the device) and its synchronous fallback.
+//! Loop-device tests need root (CI has it) and skip, saying so, without it.
+
+mod support;
+
+use serde_json::Value;
+use snapblk::testkit::blkio_client::{Client, REQUEST_TIMEOUT};
+use snapblk::testkit::loopdev::LoopDevice;
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use support::guest::snapblk_cli;
+use support::{make_image, pattern, Daemon};
+
+const MIB: usize = 1 << 20;
+
+/// A scratch directory on a disk file system (O_DIRECT works there; tmpfs may refuse it).
+fn disk_dir() -> tempfile::TempDir {
+    let base = if Path::new("/var/tmp").is_dir() {
+        "/var/tmp"
+    } else {
+        "/tmp"
+    };
+    tempfile::Builder::new()
+        .prefix("snapblk-direct")
+        .tempdir_in(base)
+        .unwrap()
+}
+
+struct Paths {
+    sock: PathBuf,
+    ctl: PathBuf,
+}
+
+impl Paths {
+    fn in_dir(dir: &Path) -> Paths {
+        Paths {
+            sock: dir.join("origin.sock"),
+            ctl: dir.join("ctl.sock"),
+        }
+    }
+
+    fn start(&self, origin: &Path, cache: Option<&Path>, extra: &[&str]) -> Daemon {
+        Daemon::start(&self.args(origin, cache, extra), &self.sock)
+    }
+
+    fn start_with_env(&self, env: (&str, &str), origin: &Path, extra: &[&str]) -> Daemon {
+        Daemon::start_with(None, &[env], &self.args(origin, None, extra), &self.sock)
+    }
+
+    fn args<'a>(
+        &'a self,
+        origin: &'a Path,
+        cache: Option<&'a Path>,
+        extra: &[&'a str],
+    ) -> Vec<&'a str> {
+        let mut args = vec![
+            "--origin",
+            origin.to_str().unwrap(),
+            "--socket",
+            self.sock.to_str().unwrap(),
+            "--control",
+            self.ctl.to_str().unwrap(),
+            "--num-queues",
+            "1",
+        ];
+        if let Some(c) = cache {
+            args.extend(["--cache", c.to_str().unwrap()]);
+        }
+        args.extend_from_slice(extra);
+        args
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let (ok, out, err) = snapblk_cli(&self.ctl, args);
+        assert!(ok, "snapblk {args:?} failed: {err}");
+        out
+    }
+
+    /// The origin's I/O counters from `stats --json`.
+    fn origin_io(&self) -> Value {
+        let v: Value = serde_json::from_str(&self.ok(&["stats", "--json"])).unwrap();
+        v["devices"]["origin"].clone()
+    }
+}
+
+/// The daemon's log once it holds `needle` (it is read from a pipe, a little behind), or as it
+/// is after 5 s.
+fn log_with(d: &Daemon, needle: &str) -> String {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let log = d.log_text();
+        if log.contains(needle) || std::time::Instant::now() > until {
+            return log;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn counter(io: &Value, name: &str) -> u64 {
+    io[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {name} in {io}"))
+}
+
+#[test]
+fn loop_devices_serve_as_origin_and_cache_object_with_their_block_size() {
+    let Some(origin) = LoopDevice::attach(32 * MIB as u64, 512) else {
+        return;
+    };
+    let Some(cache) = LoopDevice::attach(64 * MIB as u64, 4096) else {
+        return;
+    };
+    let golden = pattern(32 * MIB, 5);
+    std::fs::write(origin.backing(), &golden).unwrap();
+    let dir = disk_dir();
+    let p = Paths::in_dir(dir.path());
+    let d = p.start(origin.path(), Some(cache.path()), &[]);
+    let log = log_with(&d, "created cache object");
+    assert!(
+        log.contains("created cache object"),
+        "a blank device is made a cache object: {log}"
+    );
+    let mut c = Client::connect(&d.socket, 1);
+    assert_eq!(c.capacity(), 32 * MIB as u64, "BLKGETSIZE64, not 'empty'");
+    // The cache device's 4 KiB sectors are the unit the devices are served in.
+    assert_eq!(c.blkio.get_i32("request-alignment").unwrap(), 4096);
+    assert_eq!(
+        c.read(0, 3 * MIB as u64, 8192).unwrap(),
+        golden[3 * MIB..3 * MIB + 8192]
+    );
+
+    p.ok(&[
+        "snapshot",
+        "create",
+        "before",
+        "--socket",
+        dir.path().join("s.sock").to_str().unwrap(),
+    ]);
+    let new = pattern(MIB, 6);
+    assert_eq!(c.write(0, 3 * MIB as u64, &new), 0);
+    assert_eq!(c.write_zeroes(0, 8 * MIB as u64, MIB as u64, false), 0);
+    assert_eq!(c.discard(0, 12 * MIB as u64, MIB as u64), 0);
+    assert_eq!(c.flush(0), 0);
+    let mut s = Client::try_connect(&dir.path().join("s.sock"), 1, true).unwrap();
+    assert_eq!(
+        s.read(0, 3 * MIB as u64, MIB).unwrap(),
+        golden[3 * MIB..4 * MIB],
+        "snapshot keeps the old data"
+    );
+    assert_eq!(
+        s.read(0, 8 * MIB as u64, MIB).unwrap(),
+        golden[8 * MIB..9 * MIB]
+    );
+    assert_eq!(c.read(0, 3 * MIB as u64, MIB).unwrap(), new);
+    assert_eq!(
+        c.read(0, 8 * MIB as u64, MIB).unwrap(),
+        vec![0; MIB],
+        "BLKZEROOUT"
+    );
+    drop((c, s));
+    drop(d);
+
+    // Restarted on the same devices, the cache object is found again, the snapshot in it.
+    let d = p.start(origin.path(), Some(cache.path()), &[]);
+    assert!(
+        !d.log_text().contains("created cache object"),
+        "{}",
+        d.log_text()
+    );
+    let list = p.ok(&["snapshot", "list", "--json"]);
+    assert!(list.contains("\"before\""), "{list}");
+    let on_disk = std::fs::read(origin.backing()).unwrap();
+    assert_eq!(
+        on_disk[3 * MIB..4 * MIB],
+        new[..],
+        "written to the origin device"
+    );
+}
+
+#[test]
+fn a_block_device_origin_needs_a_cache_path_or_no_cache() {
+    let Some(origin) = LoopDevice::attach(8 * MIB as u64, 512) else {
+        return;
+    };
+    let dir = disk_dir();
+    let p = Paths::in_dir(dir.path());
+    let out = std::process::Command::new(support::BIN)
+        .arg("serve")
+        .args(p.args(origin.path(), None, &[]))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--cache"), "{err}");
+    // Alone, with direct I/O: the raw device as it is.
+    let args = [
+        "--origin",
+        origin.arg(),
+        "--socket",
+        p.sock.to_str().unwrap(),
+        "--no-cache",
+        "--direct",
+    ];
+    let d = Daemon::start(&args, &p.sock);
+    let mut c = Client::connect(&d.socket, 1);
+    assert_eq!(c.capacity(), 8 * MIB as u64);
+    let data = pattern(64 * 1024, 3);
+    assert_eq!(c.write(0, 4096, &data), 0);
+    assert_eq!(c.read(0, 4096, data.len()).unwrap(), data);
+    assert_eq!(c.flush(0), 0);
+    assert_eq!(
+        std::fs::read(origin.backing()).unwrap()[4096..4096 + data.len()],
+        data[..]
+    );
+}
+
+/// Reads `len` bytes at `offset` into queue 0's buffer space `shift` bytes in.
+fn read_at_shift(c: &mut Client, offset: u64, len: usize, shift: usize) -> Vec<u8> {
+    let p = c.buf(0).wrapping_add(shift);
+    c.queues[0].read(offset, p, len, 0, blkio::ReqFlags::empty());
+    assert_eq!(c.complete(0), 0);
+    c.buf_slice(0, shift + len)[shift..].to_vec()
+}
+
+/// Writes `data` at `offset` from queue 0's buffer space `shift` bytes in.
+fn write_at_shift(c: &mut Client, offset: u64, data: &[u8], shift: usize) {
+    c.buf_slice(0, shift + data.len())[shift..].copy_from_slice(data);
+    let p = c.buf(0).wrapping_add(shift);
+    c.queues[0].write(offset, p, data.len(), 0, blkio::ReqFlags::empty());
+    assert_eq!(c.complete(0), 0);
+}
+
+/// Unaligned guest buffers go through a bounce buffer, aligned ones are used in place; both
+/// engines, both counted; the data is right either way, also around a snapshot.
+#[test]
+fn direct_io_uses_aligned_guest_buffers_in_place_and_bounces_the_rest() {
+    for engine in ["io_uring", "sync"] {
+        let dir = disk_dir();
+        let img = dir.path().join("origin.img");
+        let golden = make_image(&img, 16 * MIB, 4);
+        let p = Paths::in_dir(dir.path());
+        let d = p.start(&img, None, &["--direct", "--io-engine", engine]);
+        let mut c = Client::connect(&d.socket, 1);
+        let before = p.origin_io();
+
+        // 4 aligned reads and writes, 3 that are not (the memory is off by a few bytes).
+        assert_eq!(
+            read_at_shift(&mut c, 0, 8192, 0),
+            golden[..8192],
+            "{engine}"
+        );
+        assert_eq!(
+            read_at_shift(&mut c, MIB as u64, 4096, 1),
+            golden[MIB..MIB + 4096],
+            "{engine}"
+        );
+        assert_eq!(
+            read_at_shift(&mut c, 2 * MIB as u64, 4096, 2),
+            golden[2 * MIB..2 * MIB + 4096]
+        );
+        let a = pattern(4096, 21);
+        let b = pattern(8192, 22);
+        write_at_shift(&mut c, 4 * MIB as u64, &a, 0);
+        write_at_shift(&mut c, 5 * MIB as u64, &b, 3);
+        assert_eq!(
+            read_at_shift(&mut c, 4 * MIB as u64, 4096, 0),
+            a,
+            "{engine}"
+        );
+        assert_eq!(
+            read_at_shift(&mut c, 5 * MIB as u64, 8192, 0),
+            b,
+            "{engine}"
+        );
+        let io = p.origin_io();
+        let aligned = counter(&io, "aligned") - counter(&before, "aligned");
+        let bounced = counter(&io, "bounced") - counter(&before, "bounced");
+        assert_eq!((aligned, bounced), (4, 3), "{engine}: {io}");
+        if engine == "io_uring" {
+            assert!(counter(&io, "peak_in_flight") >= 1, "{engine}: {io}");
+        } else {
+            assert_eq!(counter(&io, "peak_in_flight"), 0, "{engine}: no ring: {io}");
+        }
+
+        // With a snapshot, origin writes copy the old data out first (not through the ring).
+        let snap = dir.path().join("s.sock");
+        p.ok(&[
+            "snapshot",
+            "create",
+            "s",
+            "--socket",
+            snap.to_str().unwrap(),
+        ]);
+        write_at_shift(&mut c, 5 * MIB as u64, &pattern(8192, 23), 0);
+        write_at_shift(&mut c, 9 * MIB as u64, &pattern(4096, 24), 1);
+        assert_eq!(c.flush(0), 0);
+        let mut s = Client::try_connect(&snap, 1, true).unwrap();
+        assert_eq!(s.read(0, 5 * MIB as u64, 8192).unwrap(), b, "{engine}");
+        assert_eq!(
+            s.read(0, 9 * MIB as u64, 4096).unwrap(),
+            golden[9 * MIB..9 * MIB + 4096]
+        );
+        assert_eq!(c.read(0, 9 * MIB as u64, 4096).unwrap(), pattern(4096, 24));
+        drop((c, s));
+        drop(d);
+        let on_disk = std::fs::read(&img).unwrap();
+        assert_eq!(
+            on_disk[5 * MIB..5 * MIB + 8192],
+            pattern(8192, 23)[..],
+            "{engine}"
+        );
+    }
+}
+
+/// With `--direct` the daemon says which engine it chose; without io_uring (here: disabled by
+/// the environment, as seccomp or `io_uring_disabled` would) it says it falls back, and serves.
+#[test]
+fn the_engine_is_chosen_at_start_and_the_fallback_is_logged() {
+    let dir = disk_dir();
+    let img = dir.path().join("origin.img");
+    let golden = make_image(&img, 4 * MIB, 8);
+    let p = Paths::in_dir(dir.path());
+    let probe = snapblk::vhost::probe_io_uring();
+    let d = p.start(&img, None, &["--direct"]);
+    let log = log_with(&d, "I/O engine");
+    match &probe {
+        Ok(()) => assert!(log.contains("I/O engine: io_uring"), "{log}"),
+        Err(_) => assert!(log.contains("io_uring is not available"), "{log}"),
+    }
+    drop(d);
+    let d = p.start_with_env(("SNAPBLK_NO_IO_URING", "1"), &img, &["--direct"]);
+    let log = log_with(&d, "SNAPBLK_NO_IO_URING");
+    assert!(
+        log.contains("io_uring is not available") && log.contains("SNAPBLK_NO_IO_URING"),
+        "{log}"
+    );
+    let mut c = Client::connect(&d.socket, 1);
+    assert_eq!(
+        c.read(0, MIB as u64, 4096).unwrap(),
+        golden[MIB..MIB + 4096]
+    );
+    assert_eq!(
+        counter(&p.origin_io(), "peak_in_flight"),
+        0,
+        "the synchronous engine"
+    );
+    drop(c);
+    drop(d);
+    // Buffered, `auto` keeps the synchronous engine (the page cache's fastest).
+    let d = p.start(&img, None, &[]);
+    let log = log_with(&d, "I/O engine: sync");
+    assert!(log.contains("I/O engine: sync"), "{log}");
+}
+
+/// Submits `n` 4 KiB reads at once on queue 0 and waits for all of them.
+fn read_burst(c: &mut Client, n: usize, first: u64) {
+    for i in 0..n {
+        let p = c.buf(0).wrapping_add(i * 4096);
+        c.queues[0].read(
+            first + (i * 4096 * 7) as u64,
+            p,
+            4096,
+            0,
+            blkio::ReqFlags::empty(),
+        );
+    }
+    let mut done: Vec<_> = (0..n)
+        .map(|_| MaybeUninit::<blkio::Completion>::uninit())
+        .collect();
+    let mut got = 0;
+    while got < n {
+        let mut timeout = REQUEST_TIMEOUT;
+        let k = c.queues[0]
+            .do_io(&mut done[got..], n - got, Some(&mut timeout), None)
+            .expect("do_io");
+        assert!(k > 0, "the burst did not complete");
+        for slot in &done[got..got + k] {
+            // SAFETY: do_io initialized the first k completions from `got` on.
+            assert_eq!(unsafe { slot.assume_init_ref() }.ret, 0);
+        }
+        got += k;
+    }
+}
+
+/// A guest's queue depth reaches the device: 32 requests made available at once are in the
+/// queue's io_uring together (the synchronous engine never has more than its batch).
+#[test]
+fn thirty_two_requests_are_in_flight_at_once_with_io_uring() {
+    if let Err(e) = snapblk::vhost::probe_io_uring() {
+        eprintln!("skipped: no io_uring here: {e}");
+        return;
+    }
+    let dir = disk_dir();
+    let img = dir.path().join("origin.img");
+    make_image(&img, 32 * MIB, 2);
+    let p = Paths::in_dir(dir.path());
+    let mut d = p.start(&img, None, &["--direct"]);
+    let mut c = Client::connect(&d.socket, 1);
+    for round in 0..20u64 {
+        read_burst(&mut c, 32, round * 4096);
+    }
+    let peak = counter(&p.origin_io(), "peak_in_flight");
+    assert!(peak >= 24, "at most {peak} requests in flight at once");
+    // Stopped cleanly, its rings let go of the origin: a new daemon may lock it at once.
+    let (status, log) = d.signal_and_wait(libc::SIGTERM);
+    assert!(status.success(), "{log}");
+    drop(c);
+    let d = p.start(&img, None, &["--direct", "--io-engine", "sync"]);
+    let mut c = Client::connect(&d.socket, 1);
+    read_burst(&mut c, 32, 0);
+    assert_eq!(counter(&p.origin_io(), "peak_in_flight"), 0);
+}
