@@ -34,6 +34,9 @@ const REC_KIB: u64 = 16;
 /// memory for a few seconds while the guest writes and reads back at least [`DURING`] records.
 const MIGRATE_AT: u64 = 3;
 const DURING: usize = 5;
+/// Before this record the guest waits for a line on its console, which the host sends to
+/// the destination once the migration completed: the stream cannot end on the source.
+const HOLD_AT: u64 = RECORDS - 16;
 
 fn stream_args() -> Vec<String> {
     [
@@ -42,7 +45,8 @@ fn stream_args() -> Vec<String> {
         ("records", RECORDS.to_string()),
         ("slots", SLOTS.to_string()),
         ("rec_kib", REC_KIB.to_string()),
-        ("snap_at", "0".into()),
+        ("snap_at", HOLD_AT.to_string()),
+        ("snap_wait", "180".into()),
         ("readback", "1".into()),
     ]
     .iter()
@@ -185,7 +189,7 @@ impl Env {
             "stream",
             &args,
         );
-        let dst = BackgroundGuest::start(
+        let mut dst = BackgroundGuest::start(
             &opts("dst", Some(mig.clone())),
             &[socket],
             &self.p("dst.log"),
@@ -216,6 +220,7 @@ impl Env {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        dst.send_line("go");
         assert!(
             during >= started + DURING,
             "the guest wrote records while its memory was copied ({started} before, {during} \
