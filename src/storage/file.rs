@@ -607,9 +607,13 @@ mod tests {
         assert_eq!(&buf[..], &model[..8192]);
         assert_eq!(s.unaligned_ios(), 0, "aligned calls are not bounced");
 
-        // A piece smaller than the block, from a Vec, at an odd offset.
-        let piece = vec![0x22u8; 512];
-        s.write_at(&piece, 4096 + 512).unwrap();
+        // A piece smaller than the block, at an odd offset, from memory one byte past an
+        // aligned buffer (a `Vec` of its own is 512-aligned now and then, by chance, and on a
+        // file system with 512-byte blocks would then fit).
+        let mut backing = AlignedBuf::zeroed(4096);
+        backing.fill(0x22);
+        let piece = &backing[1..513];
+        s.write_at(piece, 4096 + 512).unwrap();
         model[4608..5120].fill(0x22);
         // A vectored write whose buffers split the blocks.
         let (x, y) = (vec![0x33u8; 1000], vec![0x44u8; 7192]);
