@@ -4,7 +4,9 @@
 //! source's are stopped). The guest finishes on the destination and checks every record
 //! there (qemu/guest-init.sh `stream`: each record read back through the page cache, whose
 //! pages the daemon wrote and the dirty log must have carried over; each slot holds its latest
-//! generation, no I/O error in the kernel log); the host checks the disk's content and the records announced.
+//! generation, no I/O error in the kernel log). Before its last records the guest waits for
+//! the host's word, sent to the destination once the migration completed, so the stream
+//! always ends there. The host checks the disk's content and the records announced.
 //!
 //! Needs what tests/guest.rs needs (qemu/install-host-deps.sh); `SNAPBLK_SKIP_GUEST=1` skips.
 
