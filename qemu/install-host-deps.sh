@@ -3,7 +3,8 @@
 # power-cut tests and benchmarks: QEMU 10 (bookworm-backports) with qemu-img/qemu-io/qemu-nbd,
 # qemu-storage-daemon, busybox-static, cpio, libnbd's nbdinfo and nbdcopy, nbdkit (with its
 # file plugin and delay/error/log filters, for the remote-origin tests and benchmark) and fuse3
-# (fusermount3, for the FUSE file system of tests/power_cut.rs).
+# (fusermount3, for the FUSE file system of tests/power_cut.rs), systemd-socket-activate
+# (systemd) and virt-xml-validate (libvirt-clients, libxml2-utils) for tests/activation.rs.
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
 
@@ -24,6 +25,11 @@ command -v nbdkit >/dev/null 2>&1 || need+=(nbdkit)
 [ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 || need+=(busybox)
 command -v cpio >/dev/null 2>&1 || need+=(cpio)
 command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
+# tests/activation.rs: systemd's socket activation helper, and libvirt's XML validator (which
+# runs xmllint).
+command -v systemd-socket-activate >/dev/null 2>&1 || need+=(systemd)
+command -v virt-xml-validate >/dev/null 2>&1 || need+=(libvirt)
+command -v xmllint >/dev/null 2>&1 || need+=(libvirt)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 SUDO=""
@@ -42,5 +48,6 @@ SRC
 fi
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils qemu-block-extra >/dev/null
-$SUDO apt-get install -y -qq busybox-static cpio xz-utils zstd libnbd-bin nbdkit fuse3 >/dev/null
+$SUDO apt-get install -y -qq busybox-static cpio xz-utils zstd libnbd-bin nbdkit fuse3 \
+    systemd libvirt-clients libxml2-utils >/dev/null
 qemu-system-x86_64 --version | head -1

@@ -30,6 +30,9 @@ pub enum SocketError {
 /// An existing socket nobody listens on (a daemon that crashed) is replaced; a live one is
 /// never stolen, and a path that is not a socket is never removed.
 pub fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, SocketError> {
+    if let Some(listener) = take_adopted(path) {
+        return Ok(listener);
+    }
     let bind_err = |source| SocketError::Bind {
         path: path.into(),
         source,
@@ -53,6 +56,33 @@ pub fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, SocketError> 
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(bind_err)?;
     keep_spare_fd();
     Ok(listener)
+}
+
+/// Listening sockets inherited from whoever started us (`--fd`, socket activation), by path:
+/// [`bind_socket`] hands the one at its path out (once) instead of binding, and the path is
+/// never removed at a stop ([`is_adopted`]): the socket is its owner's, who may start us again
+/// on it.
+static ADOPTED: Mutex<Vec<(PathBuf, Option<UnixListener>)>> = Mutex::new(Vec::new());
+
+fn adopted() -> std::sync::MutexGuard<'static, Vec<(PathBuf, Option<UnixListener>)>> {
+    ADOPTED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Registers `listener`, an inherited socket listening at `path`, for [`bind_socket`].
+pub fn adopt(path: &Path, listener: UnixListener) {
+    adopted().push((path.to_path_buf(), Some(listener)));
+}
+
+fn take_adopted(path: &Path) -> Option<UnixListener> {
+    adopted()
+        .iter_mut()
+        .find(|(p, l)| p == path && l.is_some())
+        .and_then(|(_, l)| l.take())
+}
+
+/// Whether the socket at `path` was inherited (and so is not ours to remove).
+pub fn is_adopted(path: &Path) -> bool {
+    adopted().iter().any(|(p, _)| p == path)
 }
 
 /// A descriptor kept open to be closed when the process runs out of them, so that a pending

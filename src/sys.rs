@@ -8,6 +8,7 @@
 pub mod aligned;
 pub mod blockdev;
 pub mod guest_faults;
+pub mod inherit;
 
 use std::cell::Cell;
 use std::io;

@@ -2,6 +2,7 @@
 //! ([`serve`]); the other commands talk to a running daemon over its control socket
 //! ([`admin`]) or check a cache object offline.
 
+pub mod activation;
 pub mod admin;
 mod disks;
 pub mod error;
@@ -34,8 +35,12 @@ snapblk serve --origin disk.img --socket /tmp/disk.sock --num-queues 4\n\n\
 Set RUST_LOG=debug for request-level logging."
 )]
 pub struct Cli {
+    /// Print the vhost-user backend capabilities (JSON: the device type and the options of
+    /// `snapblk serve` it accepts) and exit (vhost-user "backend program conventions").
+    #[arg(long)]
+    pub print_capabilities: bool,
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -130,7 +135,16 @@ pub fn main() -> ExitCode {
             .format_timestamp_millis()
             .build(),
     );
-    let result = match cli.command {
+    let Some(command) = cli.command else {
+        if cli.print_capabilities {
+            outln!("{}", activation::CAPABILITIES);
+            return ExitCode::SUCCESS;
+        }
+        use clap::CommandFactory;
+        let _ = Cli::command().print_help();
+        return ExitCode::from(2);
+    };
+    let result = match command {
         Command::Serve(args) => serve::serve(args),
         Command::Snapshot { control, command } => admin::snapshot(&control.control, command),
         Command::Stats { control, json } => admin::stats(&control.control, json),

@@ -4,7 +4,7 @@
 use super::disks::{self, parse_engine, Disks, EngineChoice};
 pub use super::disks::{DEFAULT_CACHE, DEFAULT_ORIGIN};
 use super::error::CliError;
-use super::output::sayln;
+use super::output::{outln, sayln};
 use super::remote::{self, RemoteArgs};
 use super::units::{human, parse_cache_size, parse_on_full, parse_size};
 use crate::control::ControlServer;
@@ -35,7 +35,7 @@ pub struct ServeArgs {
     /// device; or a remote image on an NBD server: nbd+unix:///EXPORT?socket=PATH or
     /// nbd://HOST[:PORT]/EXPORT, served read-only, its chunks copied into the cache object as
     /// they are read.
-    #[arg(long, value_name = "PATH|URI", default_value = DEFAULT_ORIGIN)]
+    #[arg(long, alias = "blk-file", value_name = "PATH|URI", default_value = DEFAULT_ORIGIN)]
     pub origin: PathBuf,
 
     #[command(flatten)]
@@ -47,8 +47,18 @@ pub struct ServeArgs {
     pub size: Option<u64>,
 
     /// Unix socket the VMM connects to. A stale socket is replaced; a live one is refused.
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    #[arg(long, alias = "socket-path", value_name = "PATH", default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
+
+    /// Serve the origin on this inherited listening unix socket instead of binding
+    /// --socket (its path takes --socket's place). Without it, a socket passed by systemd
+    /// socket activation (LISTEN_FDS) is served.
+    #[arg(long, value_name = "N")]
+    pub fd: Option<i32>,
+
+    /// Print the vhost-user backend capabilities (JSON) and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
 
     /// Number of virtqueues offered (each gets its own worker thread).
     #[arg(long, value_name = "N", default_value_t = default_queues(), value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -234,6 +244,13 @@ fn ensure_origin(args: &ServeArgs) -> Result<(), CliError> {
 
 /// Runs the daemon until SIGINT/SIGTERM.
 pub fn serve(mut args: ServeArgs) -> Result<(), CliError> {
+    if args.print_capabilities {
+        outln!("{}", super::activation::CAPABILITIES);
+        return Ok(());
+    }
+    if let Some(path) = super::activation::adopt_listener(args.fd)? {
+        args.socket = path;
+    }
     let uri = remote::remote_uri(&args.origin, args.size, args.no_cache)?;
     // A remote origin is read-only; its files go to the default directory.
     args.read_only |= uri.is_some();
@@ -304,6 +321,7 @@ pub fn serve(mut args: ServeArgs) -> Result<(), CliError> {
         if args.direct { "direct" } else { "buffered" },
         io_engine.name()
     );
+    super::activation::notify_ready();
 
     let signal = signals.forever().next();
     info!("received signal {signal:?}: finishing in-flight requests and shutting down");
@@ -394,6 +412,7 @@ fn serve_raw(args: &ServeArgs, signals: &mut Signals) -> Result<(), CliError> {
     }));
     let server = DeviceServer::start("origin", &args.socket, args.socket_mode, dev, opts, sched)?;
     print_attach_help(args, device.capacity());
+    super::activation::notify_ready();
     let signal = signals.forever().next();
     info!("received signal {signal:?}: finishing in-flight requests and shutting down");
     server.stop();

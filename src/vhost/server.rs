@@ -152,7 +152,9 @@ impl DeviceServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = fs::remove_file(&self.path);
+        if !sock::is_adopted(&self.path) {
+            let _ = fs::remove_file(&self.path);
+        }
     }
 
     pub fn path(&self) -> &Path {
