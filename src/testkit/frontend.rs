@@ -75,17 +75,38 @@ impl RawFrontend {
     /// Connects to `socket` and negotiates features (VERSION_1, protocol features: MQ, CONFIG,
     /// CONFIGURE_MEM_SLOTS and REPLY_ACK, every later message acked). No memory, no rings.
     pub fn connect(socket: &Path, num_queues: u64) -> io::Result<Self> {
-        let mut vu = Frontend::from_stream(UnixStream::connect(socket)?, num_queues);
+        Self::connect_with(socket, num_queues, VhostUserProtocolFeatures::empty(), 0)
+    }
+
+    /// [`RawFrontend::connect`], also asking for the protocol features `protocol` and the
+    /// features `features` (where the backend offers them).
+    pub fn connect_with(
+        socket: &Path,
+        num_queues: u64,
+        protocol: VhostUserProtocolFeatures,
+        features: u64,
+    ) -> io::Result<Self> {
+        let mut f = Self::connect_bare(socket, num_queues)?;
+        let vu = &mut f.vu;
         vu.set_owner().map_err(err)?;
-        let features = vu.get_features().map_err(err)?;
+        let offered_features = vu.get_features().map_err(err)?;
         let wanted = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::REPLY_ACK;
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | protocol;
         let offered = vu.get_protocol_features().map_err(err)?;
         vu.set_protocol_features(offered & wanted).map_err(err)?;
         vu.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        vu.set_features(features & FEATURES).map_err(err)?;
+        vu.set_features(offered_features & (FEATURES | features))
+            .map_err(err)?;
+        Ok(f)
+    }
+
+    /// Connects and maps its guest memory, sending nothing: the caller drives the handshake
+    /// (another frontend's message order).
+    pub fn connect_bare(socket: &Path, num_queues: u64) -> io::Result<Self> {
+        let vu = Frontend::from_stream(UnixStream::connect(socket)?, num_queues);
         let file = memory_file(MEM_SIZE)?;
         let region = MmapRegion::from_file(FileOffset::new(file.try_clone()?, 0), MEM_SIZE as _)
             .map_err(err)?;
@@ -154,6 +175,18 @@ impl RawFrontend {
     /// hostile frontend may point them anywhere), this frontend's call and kick eventfds, and
     /// enables it.
     pub fn setup_queue(&mut self, desc: u64, avail: u64, used: u64) -> io::Result<()> {
+        self.setup_queue_at(desc, avail, used, 0)
+    }
+
+    /// [`RawFrontend::setup_queue`], the ring's first request at `base` (where a migration's
+    /// source stopped: its GET_VRING_BASE).
+    pub fn setup_queue_at(
+        &mut self,
+        desc: u64,
+        avail: u64,
+        used: u64,
+        base: u16,
+    ) -> io::Result<()> {
         self.vu.set_vring_num(0, RING).map_err(err)?;
         let config = VringConfigData {
             queue_max_size: RING,
@@ -165,7 +198,7 @@ impl RawFrontend {
             log_addr: None,
         };
         self.vu.set_vring_addr(0, &config).map_err(err)?;
-        self.vu.set_vring_base(0, 0).map_err(err)?;
+        self.vu.set_vring_base(0, base).map_err(err)?;
         self.vu.set_vring_call(0, &self.call).map_err(err)?;
         self.vu.set_vring_kick(0, &self.kick).map_err(err)?;
         self.vu.set_vring_enable(0, true).map_err(err)
@@ -218,6 +251,20 @@ impl RawFrontend {
         self.mem
             .write_obj(self.avail, GuestAddress(AVAIL + 2))
             .map_err(err)
+    }
+
+    /// Takes over guest memory and its ring from `source` (a migration: the destination's
+    /// memory holds what the source's held), to offer requests after those it offered.
+    pub fn take_memory_of(&mut self, source: &RawFrontend) -> io::Result<()> {
+        self.file = source.file.try_clone()?;
+        self.mem = source.mem.clone();
+        self.avail = source.avail;
+        Ok(())
+    }
+
+    /// Chains offered so far.
+    pub fn avail(&self) -> u16 {
+        self.avail
     }
 
     /// The used index the daemon last wrote.

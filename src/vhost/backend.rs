@@ -278,6 +278,16 @@ impl MemoryFaults for BlkBackend {
     }
 }
 
+/// The config-space offset a GET_CONFIG or SET_CONFIG message means. QEMU counts from the
+/// start of the config space; cloud-hypervisor reads it at `VHOST_USER_CONFIG_OFFSET` (0x100),
+/// as the vhost crate's own backend example expects. No config space is that long, so an
+/// offset from 0x100 on is taken as counted from there.
+fn config_offset(offset: u32) -> u32 {
+    offset
+        .checked_sub(vhost::vhost_user::message::VHOST_USER_CONFIG_OFFSET)
+        .unwrap_or(offset)
+}
+
 impl VhostUserBackend for BlkBackend {
     type Bitmap = ();
     type Vring = Vring;
@@ -337,6 +347,7 @@ impl VhostUserBackend for BlkBackend {
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         // The frontend asks for exactly `size` bytes; bytes past our struct read as zero.
+        let offset = config_offset(offset);
         let config = self.config();
         let config = config.as_slice();
         let mut out = vec![0u8; size as usize];
@@ -350,6 +361,7 @@ impl VhostUserBackend for BlkBackend {
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
         // Only the writeback byte is driver-writable (CONFIG_WCE).
+        let offset = config_offset(offset);
         if offset as usize == ConfigSpace::WRITEBACK && buf.len() == 1 {
             let wb = buf[0] != 0;
             debug!("driver set writeback={wb}");
@@ -477,6 +489,10 @@ mod tests {
         assert!(r.backend.set_config(0, &[1]).is_err());
         assert!(r.backend.set_config(wce, &[1, 1]).is_err());
         assert_eq!(r.backend.get_config(wce, 1), vec![0]);
+        // cloud-hypervisor counts from VHOST_USER_CONFIG_OFFSET (0x100).
+        assert_eq!(r.backend.get_config(0x100, 96), r.backend.get_config(0, 96));
+        r.backend.set_config(0x100 + wce, &[1]).unwrap();
+        assert_eq!(r.backend.get_config(wce, 1), vec![1]);
     }
 
     #[test]
