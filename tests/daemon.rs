@@ -13,16 +13,7 @@ use support::{make_image, pattern, Daemon, BIN};
 const MIB: usize = 1 << 20;
 
 fn serve(dir: &Path, extra: &[&str]) -> Daemon {
-    let img = dir.join("origin.img");
-    let sock = dir.join("origin.sock");
-    let mut args = vec![
-        "--origin",
-        img.to_str().unwrap(),
-        "--socket",
-        sock.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    Daemon::start(&args, &sock)
+    support::serve_origin(dir, extra)
 }
 
 #[test]

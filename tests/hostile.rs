@@ -79,18 +79,9 @@ impl Attack {
 }
 
 fn serve(dir: &Path, extra: &[&str]) -> Daemon {
-    let img = dir.join("origin.img");
-    let sock = dir.join("origin.sock");
-    let mut args = vec![
-        "--origin",
-        img.to_str().unwrap(),
-        "--socket",
-        sock.to_str().unwrap(),
-        "--num-queues",
-        "2",
-    ];
+    let mut args = vec!["--num-queues", "2"];
     args.extend_from_slice(extra);
-    Daemon::start(&args, &sock)
+    support::serve_origin(dir, &args)
 }
 
 fn no_cache() -> Setup {

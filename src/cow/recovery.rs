@@ -278,11 +278,10 @@ mod tests {
     use crate::testkit::storage::MemStorage;
     use std::error::Error;
 
-    /// A record that does not apply fails recovery with the metadata's own error as the
-    /// source, and the message names the transaction.
-    #[test]
-    fn a_record_that_does_not_apply_keeps_its_error_as_the_source() {
-        let h = Header {
+    /// A valid header of a small cache object: 16 chunks of 4 KiB, a 16 KiB journal, no
+    /// checkpoint.
+    fn small_header() -> Header {
+        Header {
             version: FORMAT_VERSION,
             generation: 1,
             incompat: 0,
@@ -298,7 +297,14 @@ mod tests {
             ckpt_crc: 0,
             ckpt_seq: 0,
             journal_start: 0,
-        };
+        }
+    }
+
+    /// A record that does not apply fails recovery with the metadata's own error as the
+    /// source, and the message names the transaction.
+    #[test]
+    fn a_record_that_does_not_apply_keeps_its_error_as_the_source() {
+        let h = small_header();
         let cache = MemStorage::new(h.data_offset);
         cache
             .write_at(&h.encode(), (h.generation % 2) * HEADER_SLOT_SIZE)
@@ -332,21 +338,8 @@ mod tests {
     #[test]
     fn a_checkpoint_at_the_last_sequence_number_is_refused_without_overflow() {
         let h = Header {
-            version: FORMAT_VERSION,
-            generation: 1,
-            incompat: 0,
-            compat: 0,
-            chunk_size: 4096,
-            origin_size: 16 * 4096,
-            origin_tag: String::new(),
-            journal_size: 16 << 10,
-            data_offset: 24 << 10,
-            max_size: 1 << 20,
-            ckpt_block: NO_BLOCK,
-            ckpt_len: 0,
-            ckpt_crc: 0,
             ckpt_seq: u64::MAX,
-            journal_start: 0,
+            ..small_header()
         };
         let cache = MemStorage::new(h.data_offset);
         cache
@@ -361,21 +354,10 @@ mod tests {
     #[test]
     fn a_journal_past_the_end_of_the_file_is_damage_not_an_allocation() {
         let h = Header {
-            version: FORMAT_VERSION,
-            generation: 1,
-            incompat: 0,
-            compat: 0,
-            chunk_size: 4096,
-            origin_size: 16 * 4096,
-            origin_tag: String::new(),
             journal_size: 1 << 38,
             data_offset: (1 << 38) + 8192,
             max_size: 1 << 40,
-            ckpt_block: NO_BLOCK,
-            ckpt_len: 0,
-            ckpt_crc: 0,
-            ckpt_seq: 0,
-            journal_start: 0,
+            ..small_header()
         };
         let cache = MemStorage::new(64 << 10);
         cache

@@ -32,6 +32,16 @@ fn with_window<T>(f: impl FnOnce(&mut AlignedBuf) -> T) -> T {
     })
 }
 
+/// The end of a transfer of `lens` at `offset`, and the aligned range `[lo, hi)` covering it.
+fn span(offset: u64, lens: impl Iterator<Item = usize>, align: IoAlign) -> (u64, u64, u64) {
+    let end = offset + lens.map(|n| n as u64).sum::<u64>();
+    (
+        end,
+        align_down(offset, align.offset),
+        align_up(end, align.offset),
+    )
+}
+
 fn align_down(x: u64, a: usize) -> u64 {
     x - x % a as u64
 }
@@ -71,12 +81,7 @@ pub(super) fn read_bounced(
     bufs: &mut [IoSliceMut<'_>],
     offset: u64,
 ) -> io::Result<()> {
-    let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-    let end = offset + total;
-    let (lo, hi) = (
-        align_down(offset, align.offset),
-        align_up(end, align.offset),
-    );
+    let (end, lo, hi) = span(offset, bufs.iter().map(|b| b.len()), align);
     with_window(|win| {
         let mut cursor = Cursor::default();
         let mut pos = lo;
@@ -100,12 +105,7 @@ pub(super) fn write_bounced(
     bufs: &[IoSlice<'_>],
     offset: u64,
 ) -> io::Result<()> {
-    let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-    let end = offset + total;
-    let (lo, hi) = (
-        align_down(offset, align.offset),
-        align_up(end, align.offset),
-    );
+    let (end, lo, hi) = span(offset, bufs.iter().map(|b| b.len()), align);
     let block = align.offset;
     with_window(|win| {
         let mut cursor = Cursor::default();

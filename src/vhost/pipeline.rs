@@ -201,9 +201,10 @@ impl Pipeline {
                 .iter_mut()
                 .for_each(|(_, slot)| slot.run(ctx, mem, false)),
         }
-        let done: Vec<usize> = slots.into_iter().map(|(i, _)| i).collect();
-        for i in done {
-            self.stage[i] = Stage::Answered;
+        drop(slots);
+        // Every slot that was to run has run.
+        for stage in self.stage.iter_mut().filter(|s| **s == Stage::Run) {
+            *stage = Stage::Answered;
         }
     }
 

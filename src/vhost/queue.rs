@@ -266,13 +266,8 @@ impl QueueWorker {
             } = self.serve_available(ctx, vring, state)?;
             let guard = ctx.mem.memory();
             let mem = &*guard;
-            if unsignaled
-                && state
-                    .get_queue_mut()
-                    .needs_notification(mem)
-                    .map_err(QueueFault::Ring)?
-            {
-                vring.notify_driver(state);
+            if unsignaled {
+                signal_if_wanted(vring, state, mem)?;
             }
             if guest_faults::take_thread_fault() {
                 return Err(QueueFault::MemoryFault);
@@ -351,12 +346,7 @@ impl QueueWorker {
                 // the driver refills the ring while the next ones run instead of after the
                 // whole drain (which at a steady queue depth is all of it).
                 since_signal = 0;
-                if queue
-                    .needs_notification(&*guard)
-                    .map_err(QueueFault::Ring)?
-                {
-                    vring.notify_driver(state);
-                }
+                signal_if_wanted(vring, state, &*guard)?;
             }
             if guest_faults::take_thread_fault() {
                 return Err(QueueFault::MemoryFault);
@@ -419,12 +409,7 @@ fn serve_pipelined(
         }
         if !answered.is_empty() {
             used_any = true;
-            if queue
-                .needs_notification(&*guard)
-                .map_err(QueueFault::Ring)?
-            {
-                vring.notify_driver(state);
-            }
+            signal_if_wanted(vring, state, &*guard)?;
         }
         if guest_faults::take_thread_fault() {
             return Err(QueueFault::MemoryFault);
@@ -434,6 +419,22 @@ fn serve_pipelined(
         used_any,
         unsignaled: false,
     })
+}
+
+/// Signals the driver for the used entries added so far, if it wants a signal now (EVENT_IDX).
+fn signal_if_wanted<M: GuestMemory>(
+    vring: &Vring,
+    state: &mut VringStateGuard<'_>,
+    mem: &M,
+) -> Result<(), QueueFault> {
+    if state
+        .get_queue_mut()
+        .needs_notification(mem)
+        .map_err(QueueFault::Ring)?
+    {
+        vring.notify_driver(state);
+    }
+    Ok(())
 }
 
 /// Spins for at most `budget` until the driver makes a request available.

@@ -218,6 +218,20 @@ impl Drop for Daemon {
     }
 }
 
+/// `snapblk serve` of `dir/origin.img` on `dir/origin.sock`, with `extra` arguments.
+pub fn serve_origin(dir: &Path, extra: &[&str]) -> Daemon {
+    let img = dir.join("origin.img");
+    let sock = dir.join("origin.sock");
+    let mut args = vec![
+        "--origin",
+        img.to_str().unwrap(),
+        "--socket",
+        sock.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    Daemon::start(&args, &sock)
+}
+
 /// Makes a raw image of `len` bytes filled with a recognizable pattern.
 pub fn make_image(path: &Path, len: usize, seed: u8) -> Vec<u8> {
     let data = pattern(len, seed);
