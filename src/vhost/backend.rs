@@ -9,7 +9,7 @@
 //! blocking on them).
 
 use super::dirty::DirtyLog;
-use super::guest::GuestMem;
+use super::guest::{GuestMem, WorkerMem};
 use super::handover::{Entry, Handover, Rings};
 use super::memory::WorkerMemory;
 use super::queue::{QueueContext, QueueWorker};
@@ -115,7 +115,7 @@ impl BlkBackend {
     pub fn new(
         device: Arc<dyn BlockDevice>,
         opts: ServeOptions,
-        mem: GuestMem,
+        mem: WorkerMem,
         sched: Arc<Scheduler>,
         handover: &Arc<Handover>,
     ) -> io::Result<Self> {

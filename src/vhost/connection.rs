@@ -9,7 +9,7 @@
 
 use super::backend::{BlkBackend, ServeOptions};
 use super::error::ServeError;
-use super::guest::{GuestMem, GuestMemTable};
+use super::guest::{GuestMem, GuestMemTable, MemView, WorkerMem};
 use super::handover::Handover;
 use super::sched::Scheduler;
 use super::vring::collect_created;
@@ -50,7 +50,7 @@ impl Connection {
     pub(super) fn new(name: &str, service: &Service) -> Result<Self, ServeError> {
         // The workers' view of guest memory, and the library's: a table reaches the
         // workers only once the backend checked it (`vhost/memory.rs`).
-        let workers: GuestMem = GuestMemoryAtomic::new(GuestMemTable::new());
+        let workers: WorkerMem = GuestMemoryAtomic::new(MemView::empty());
         let frontend: GuestMem = GuestMemoryAtomic::new(GuestMemTable::new());
         let backend = BlkBackend::new(
             service.device.clone(),

@@ -4,10 +4,13 @@
 //! must learn every page the backend wrote meanwhile. It gives us a log (`SET_LOG_BASE`, a
 //! bitmap of 4 KiB guest pages in a memory file it shares with us) and turns logging on and off
 //! with the `VHOST_F_LOG_ALL` feature. vhost-user-backend maps the log and hands each memory
-//! region's part of it to that region's bitmap (`BitmapReplace::replace`); vm-memory marks the
-//! bitmap on every write it makes (status bytes, used ring entries, GET_ID), and the request
-//! path marks the buffers it fills with `preadv` itself (`request.rs`), which vm-memory does
-//! not see.
+//! region's part of it to that region's bitmap (`BitmapReplace::replace`). The queue workers
+//! do not write through those regions but through a view of the same mappings without the
+//! bitmap (`view.rs`: vm-memory's accessors cost more with one), so while the frontend logs
+//! they mark by hand, after the write, every byte they wrote: the data a read or GET_ID put in
+//! guest memory and the status byte ([`mark_buffers`], [`mark`]: `request.rs`), and the used
+//! ring, whose entries, index, flags and `avail_event` a drain writes ([`mark_used_ring`]:
+//! `queue.rs`, before the ring's lock goes).
 //!
 //! We do not use the library's `BitmapMmapRegion` because of what it costs when nobody
 //! migrates: every access to guest memory clones an `Arc` shared by every queue (`slice_at`)
@@ -27,11 +30,12 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use vhost_user_backend::bitmap::{AtomicBitmapMmap, BitmapReplace, MemRegionBitmap, MmapLogReg};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::bitmap::{Bitmap, RefSlice, WithBitmapSlice};
 use vm_memory::mmap::NewBitmap;
 use vm_memory::{
-    Address, GuestMemory, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
-    Permissions,
+    Address, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MmapRegion, Permissions,
 };
 
 /// Bytes of guest memory one bit of the log stands for (`VHOST_LOG_PAGE`).
@@ -108,18 +112,32 @@ impl BitmapReplace for DirtyLog {
     }
 }
 
-/// Marks the guest buffers `segments` dirty in their regions' logs: buffers a request filled
-/// with `preadv` (vm-memory only sees the writes it makes itself). Call it after the data is
-/// in place, so a page the frontend copies after it reads the mark has the data.
-pub(super) fn mark_buffers(mem: &GuestMemoryMmap<DirtyLog>, segments: &[Segment]) {
-    for seg in segments {
-        let Ok(slices) = mem.get_slices(seg.addr, seg.len as usize, Permissions::Write) else {
-            continue;
-        };
-        for slice in slices.flatten() {
-            slice.bitmap().mark_dirty(0, slice.len());
-        }
+/// Marks the guest memory `[addr, addr + len)` dirty in its regions' logs (as far as it is
+/// guest memory), if they log. The request path writes through a view without logs
+/// (`view.rs`) and marks by hand what it wrote: call it after the write, so a page the
+/// frontend copies after it reads the mark has the data.
+pub(super) fn mark(owner: &GuestMemoryMmap<DirtyLog>, addr: GuestAddress, len: usize) {
+    let Ok(slices) = owner.get_slices(addr, len, Permissions::Write) else {
+        return;
+    };
+    for slice in slices.flatten() {
+        slice.bitmap().mark_dirty(0, slice.len());
     }
+}
+
+/// Marks the guest buffers `segments` dirty (see [`mark`]).
+pub(super) fn mark_buffers(owner: &GuestMemoryMmap<DirtyLog>, segments: &[Segment]) {
+    for seg in segments {
+        mark(owner, seg.addr, seg.len as usize);
+    }
+}
+
+/// Marks the whole used ring of `queue` dirty (see [`mark`]): its flags, index, entries and
+/// `avail_event`, every field a queue worker writes (`add_used`, notification suppression).
+pub(super) fn mark_used_ring(owner: &GuestMemoryMmap<DirtyLog>, queue: &Queue) {
+    // flags and idx (2 bytes each), `size` entries of 8 bytes, avail_event (2 bytes).
+    let len = 6 + 8 * usize::from(queue.size());
+    mark(owner, GuestAddress(queue.used_ring()), len);
 }
 
 /// One region's part of the frontend's log.
@@ -241,13 +259,18 @@ fn contain(logmem: &Arc<MmapLogReg>, last_byte: usize) -> io::Result<()> {
 mod tests {
     use super::super::{DeviceServer, Scheduler, ServeOptions};
     use crate::device::mock::MemDevice;
-    use crate::testkit::frontend::{memory_file, RawFrontend, AVAIL, DATA, DESC, MEM_SIZE, USED};
+    use crate::testkit::frontend::{
+        memory_file, RawFrontend, AVAIL, DATA, DESC, MEM_SIZE, RING, USED,
+    };
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
     use std::sync::Arc;
     use std::time::Duration;
     use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
     use vhost::{VhostBackend, VhostUserDirtyLogRegion};
+    use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN};
+    use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+    use vm_memory::{Bytes, GuestAddress};
 
     /// The pages whose bits are set in `log`.
     fn dirty_pages(log: &std::fs::File) -> Vec<u64> {
@@ -258,10 +281,13 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn while_logging_every_page_the_backend_writes_is_marked_and_nothing_after() {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("dev.sock");
+    /// A daemon on a memory device and a frontend connected to it with LOG_ALL (and the
+    /// features `features`), its memory declared and its dirty log given (SET_LOG_BASE).
+    fn logging_frontend(
+        dir: &std::path::Path,
+        features: u64,
+    ) -> (DeviceServer, RawFrontend, std::fs::File) {
+        let socket = dir.join("dev.sock");
         let opts = ServeOptions {
             num_queues: 1,
             queue_size: 256,
@@ -272,11 +298,15 @@ mod tests {
         };
         let device = Arc::new(MemDevice::new(1 << 20));
         let sched = Arc::new(Scheduler::default());
-        let _server = DeviceServer::start("t", &socket, 0o600, device, opts, sched).unwrap();
+        let server = DeviceServer::start("t", &socket, 0o600, device, opts, sched).unwrap();
         let log_all = VhostUserVirtioFeatures::LOG_ALL.bits();
-        let mut f =
-            RawFrontend::connect_with(&socket, 1, VhostUserProtocolFeatures::LOG_SHMFD, log_all)
-                .unwrap();
+        let mut f = RawFrontend::connect_with(
+            &socket,
+            1,
+            VhostUserProtocolFeatures::LOG_SHMFD,
+            log_all | features,
+        )
+        .unwrap();
         f.set_memory().unwrap();
         let log = memory_file(MEM_SIZE / 4096 / 8).unwrap();
         let region = VhostUserDirtyLogRegion {
@@ -285,6 +315,19 @@ mod tests {
             mmap_handle: log.as_raw_fd(),
         };
         f.vu.set_log_base(0, Some(region)).unwrap();
+        (server, f, log)
+    }
+
+    fn clear(log: &std::fs::File) {
+        log.write_all_at(&vec![0u8; (MEM_SIZE / 4096 / 8) as usize], 0)
+            .unwrap();
+    }
+
+    #[test]
+    fn while_logging_every_page_the_backend_writes_is_marked_and_nothing_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_server, mut f, log) = logging_frontend(dir.path(), 0);
+        let log_all = VhostUserVirtioFeatures::LOG_ALL.bits();
         f.setup_queue(DESC, AVAIL, USED).unwrap();
         // A read of 3 pages of data: the data, the status byte and the used ring are written.
         assert_eq!(f.read(0, 24, Duration::from_secs(5)), Some(0));
@@ -296,13 +339,55 @@ mod tests {
             "the used ring, the status page and the data pages; not the descriptors, the \
              avail ring or the request header, which the backend only reads"
         );
+        // GET_ID writes the serial into its buffer.
+        clear(&log);
+        f.offer(VIRTIO_BLK_T_GET_ID, 0, 1).unwrap();
+        f.kick.write(1).unwrap();
+        assert!(f.wait_used(Duration::from_secs(5)));
+        assert_eq!(f.last_status(), 0);
+        assert_eq!(dirty_pages(&log), vec![USED / 4096, status, data]);
         // The migration is cancelled: LOG_ALL cleared, nothing is logged any more.
         let features = f.vu.get_features().unwrap();
         f.vu.set_features(features & !log_all & ((1 << 32) | (1 << 30)))
             .unwrap();
-        log.write_all_at(&vec![0u8; (MEM_SIZE / 4096 / 8) as usize], 0)
-            .unwrap();
+        clear(&log);
         assert_eq!(f.read(0, 24, Duration::from_secs(5)), Some(0));
         assert_eq!(dirty_pages(&log), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn with_event_idx_the_avail_event_after_the_used_entries_is_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_server, mut f, log) = logging_frontend(dir.path(), 1 << VIRTIO_RING_F_EVENT_IDX);
+        // The used ring ends at a page boundary: its avail_event is the next page's first.
+        let used = 0x4000 - 4 - 8 * u64::from(RING);
+        f.setup_queue(DESC, AVAIL, used).unwrap();
+        f.offer(VIRTIO_BLK_T_IN, 0, 1).unwrap();
+        f.kick.write(1).unwrap();
+        let start = std::time::Instant::now();
+        while f.mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap() != 1 {
+            assert!(start.elapsed() < Duration::from_secs(5), "never answered");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let avail_event = used + 4 + 8 * u64::from(RING);
+        // The worker re-enables notifications (writes avail_event) as it goes idle.
+        let start = std::time::Instant::now();
+        while f.mem.read_obj::<u16>(GuestAddress(avail_event)).unwrap() != 1 {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "avail_event never written"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let pages = dirty_pages(&log);
+        assert!(
+            pages.contains(&(used / 4096)),
+            "the used entries' page: {pages:?}"
+        );
+        assert!(
+            pages.contains(&(avail_event / 4096)),
+            "the avail_event's page: {pages:?}"
+        );
     }
 }

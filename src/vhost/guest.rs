@@ -1,27 +1,25 @@
 //! Guest buffers as host iovecs, for preadv/pwritev straight into guest memory.
 //!
-//! The only `unsafe` of the vhost module lives here. A [`GuestIovecs`] holds the iovecs of one
-//! request *and* a reference to the guest memory table they point into, so the memory they
-//! name stays mapped for as long as they exist: they may move to another thread (`Send`) by
-//! ownership, whatever the frontend does to its memory table meanwhile.
+//! Most raw-pointer code of the vhost module lives here (the rest: `view.rs`, `uring.rs`). A
+//! [`GuestIovecs`] holds the iovecs of one request *and* a reference to the guest memory table
+//! they point into, so the memory they name stays mapped for as long as they exist: they may
+//! move to another thread (`Send`) by ownership, whatever the frontend does to its memory
+//! table meanwhile.
 
-use super::dirty::DirtyLog;
+pub use super::view::{GuestMem, GuestMemTable, MemView};
 use crate::virtio_blk::{Segment, SECTOR_SIZE};
 use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::Arc;
-use vm_memory::{
-    GuestMemory, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap, Permissions,
-};
+use vm_memory::{GuestMemory, GuestMemoryAtomic, GuestMemoryLoadGuard, Permissions};
 
-/// One guest memory table: its regions, each with its dirty-page log (`dirty.rs`).
-pub type GuestMemTable = GuestMemoryMmap<DirtyLog>;
+/// Guest memory as the queue workers see it: the accepted tables, without their dirty logs
+/// (`view.rs`).
+pub(super) type WorkerMem = GuestMemoryAtomic<MemView>;
 
-/// Guest memory as the library hands it to us.
-pub type GuestMem = GuestMemoryAtomic<GuestMemTable>;
-
-/// The guest memory table at one moment (`GuestMem::memory()`), loaded once per batch: the
-/// frontend may add a region (ADD_MEM_REG) at any time and point its next request there.
-pub(super) type GuestMemGuard = GuestMemoryLoadGuard<GuestMemTable>;
+/// The workers' guest memory table at one moment (`WorkerMem::memory()`), loaded once per
+/// batch: the frontend may add a region (ADD_MEM_REG) at any time and point its next request
+/// there.
+pub(super) type GuestMemGuard = GuestMemoryLoadGuard<MemView>;
 
 /// The guest buffers of one request as host iovecs, and the memory table they point into.
 ///
@@ -36,7 +34,7 @@ pub(super) struct GuestIovecs {
     right: Vec<libc::iovec>,
     /// The table every iovec in `left` and `right` points into (`None` only while both are
     /// empty). Holding it keeps those regions mapped, even if the frontend removes them.
-    table: Option<Arc<GuestMemTable>>,
+    table: Option<Arc<MemView>>,
 }
 
 // SAFETY: the iovecs are the only non-`Send` part (raw pointers). They point into regions of
@@ -56,7 +54,7 @@ impl GuestIovecs {
         // Forget the old pointers before the table they point into may be let go.
         self.left.clear();
         self.right.clear();
-        let current: &GuestMemTable = mem;
+        let current: &MemView = mem;
         let held = self
             .table
             .as_ref()
@@ -86,7 +84,7 @@ impl GuestIovecs {
     /// that a region the frontend removed is not kept mapped. The current table is kept: it
     /// maps nothing the frontend has not, and the next fill would only take it again.
     pub(super) fn release_stale(&mut self, current: &GuestMemGuard) {
-        let current: &GuestMemTable = current;
+        let current: &MemView = current;
         if self
             .table
             .as_ref()
@@ -226,8 +224,12 @@ mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
-    fn guest_mem() -> GuestMem {
-        GuestMemoryAtomic::new(GuestMemTable::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap())
+    fn view(ranges: &[(GuestAddress, usize)]) -> MemView {
+        MemView::new(GuestMemTable::from_ranges(ranges).unwrap()).unwrap()
+    }
+
+    fn guest_mem() -> WorkerMem {
+        GuestMemoryAtomic::new(view(&[(GuestAddress(0), 0x10_0000)]))
     }
 
     fn segment(addr: u64, len: u32) -> Segment {
@@ -244,7 +246,7 @@ mod tests {
         iov.fill(&[segment(0x1000, 512)], &gm.memory(), Permissions::Write)
             .unwrap();
         // The frontend removes the region: the buffer stays mapped while the iovecs exist.
-        gm.lock().unwrap().replace(GuestMemTable::new());
+        gm.lock().unwrap().replace(MemView::empty());
         let buffers = iov.io_slices_mut();
         assert_eq!(buffers.len(), 1);
         buffers[0].fill(0xab);
@@ -275,7 +277,7 @@ mod tests {
         iov.release_stale(&gm.memory());
         assert_eq!(Arc::strong_count(&first), before + 1);
         // A new table replaces it on the next fill.
-        let second = GuestMemTable::from_ranges(&[(GuestAddress(0), 0x2000)]).unwrap();
+        let second = view(&[(GuestAddress(0), 0x2000)]);
         gm.lock().unwrap().replace(second);
         iov.fill(&[segment(0, 4096)], &gm.memory(), Permissions::Read)
             .unwrap();

@@ -16,7 +16,7 @@
 //! table and `update_memory` fails, on which the library ends the connection.
 
 use super::dirty::DirtyLog;
-use super::guest::{GuestMem, GuestMemGuard, GuestMemTable};
+use super::guest::{GuestMem, GuestMemGuard, GuestMemTable, MemView, WorkerMem};
 use crate::sys::guest_faults::GuestMappings;
 use log::warn;
 use std::collections::HashSet;
@@ -46,12 +46,14 @@ pub(super) enum MemoryError {
     },
     #[error("cannot register guest memory for fault containment: {0}")]
     Register(#[source] io::Error),
+    #[error("cannot map the workers' view of guest memory: {0}")]
+    View(#[source] io::Error),
 }
 
 /// The guest memory of one connection as its workers see it.
 pub(super) struct WorkerMemory {
-    /// What the workers load, batch after batch.
-    mem: GuestMem,
+    /// What the workers load, batch after batch: views of the accepted tables (`view.rs`).
+    mem: WorkerMem,
     state: Mutex<Accepted>,
 }
 
@@ -60,15 +62,15 @@ struct Accepted {
     table: GuestMemTable,
     /// Tables published to the workers that may still be alive (a worker's buffers hold
     /// the table they point into).
-    published: Vec<Weak<GuestMemTable>>,
+    published: Vec<Weak<MemView>>,
     /// The regions of all of them, registered for fault containment.
     mappings: GuestMappings,
 }
 
 impl WorkerMemory {
     /// Workers load `mem`; its current table counts as accepted.
-    pub(super) fn new(mem: GuestMem) -> Self {
-        let table = (*mem.memory()).clone();
+    pub(super) fn new(mem: WorkerMem) -> Self {
+        let table = mem.memory().owner().clone();
         WorkerMemory {
             mem,
             state: Mutex::new(Accepted {
@@ -80,7 +82,7 @@ impl WorkerMemory {
     }
 
     /// What the workers load.
-    pub(super) fn memory(&self) -> &GuestMem {
+    pub(super) fn memory(&self) -> &WorkerMem {
         &self.mem
     }
 
@@ -89,19 +91,24 @@ impl WorkerMemory {
     pub(super) fn update(&self, frontend: &GuestMem) -> Result<GuestMemGuard, MemoryError> {
         let table = (*frontend.memory()).clone();
         let mut state = self.lock();
-        if let Err(e) = check(&table, &mut state.mappings) {
-            frontend
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .replace(state.table.clone());
-            prune(&mut state);
-            warn!("refused the frontend's memory table: {e}");
-            return Err(e);
-        }
+        let view = check(&table, &mut state.mappings)
+            .and_then(|()| MemView::new(table.clone()).map_err(MemoryError::View));
+        let view = match view {
+            Ok(view) => view,
+            Err(e) => {
+                frontend
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .replace(state.table.clone());
+                prune(&mut state);
+                warn!("refused the frontend's memory table: {e}");
+                return Err(e);
+            }
+        };
         self.mem
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .replace(table.clone());
+            .replace(view);
         let published = self.mem.memory();
         state
             .published
@@ -169,7 +176,7 @@ fn prune(state: &mut Accepted) {
     let live_tables: Vec<_> = state.published.iter().filter_map(Weak::upgrade).collect();
     let live: HashSet<(usize, usize)> = live_tables
         .iter()
-        .map(|t| &**t)
+        .map(|t| t.owner())
         .chain([&state.table])
         .flat_map(|t| t.iter().map(|r| (r.as_ptr() as usize, r.size())))
         .collect();
@@ -201,7 +208,7 @@ mod tests {
     #[test]
     fn a_region_longer_than_its_file_is_refused_and_rolled_back() {
         let frontend = GuestMemoryAtomic::new(GuestMemTable::new());
-        let workers = WorkerMemory::new(GuestMemoryAtomic::new(GuestMemTable::new()));
+        let workers = WorkerMemory::new(GuestMemoryAtomic::new(MemView::empty()));
         add(&frontend, file_region(0, 8192, 8192));
         assert_eq!(workers.update(&frontend).unwrap().num_regions(), 1);
         add(&frontend, file_region(0x10000, 8192, 4096));
@@ -234,7 +241,7 @@ mod tests {
     #[test]
     fn no_more_regions_than_the_slots_advertised() {
         let frontend = GuestMemoryAtomic::new(GuestMemTable::new());
-        let workers = WorkerMemory::new(GuestMemoryAtomic::new(GuestMemTable::new()));
+        let workers = WorkerMemory::new(GuestMemoryAtomic::new(MemView::empty()));
         for i in 0..MAX_MEM_SLOTS as u64 {
             let r = GuestRegion::new(MmapRegion::new(4096).unwrap(), GuestAddress(i << 12));
             add(&frontend, Arc::new(r.unwrap()));
@@ -252,7 +259,7 @@ mod tests {
     #[test]
     fn removed_regions_stay_registered_while_a_worker_holds_their_table() {
         let frontend = GuestMemoryAtomic::new(GuestMemTable::new());
-        let workers = WorkerMemory::new(GuestMemoryAtomic::new(GuestMemTable::new()));
+        let workers = WorkerMemory::new(GuestMemoryAtomic::new(MemView::empty()));
         add(&frontend, file_region(0, 4096, 4096));
         add(&frontend, file_region(0x10000, 4096, 4096));
         let held = workers.update(&frontend).unwrap().into_inner();

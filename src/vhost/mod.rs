@@ -3,8 +3,12 @@
 //! connections.
 //!
 //! Files depend downwards only: `server` → `connection` → `backend` → `queue` → `sched` →
-//! `request` → `guest`; `backend` also uses `memory`, and `backend` and `queue` use `vring`.
-//! - `guest`: guest buffers as host iovecs that own their memory (the only raw-pointer code).
+//! `request` → `guest` → `view` → `dirty`; `backend` also uses `memory`, and `backend` and
+//! `queue` use `vring`.
+//! - `guest`: guest buffers as host iovecs that own their memory.
+//! - `view`: the workers' view of guest memory, the frontend's mappings without the dirty log.
+//! - `dirty`: the dirty-page log of a live migration, and the marks the workers make in it.
+//! - `handover`: which connection's rings run (a migration's source, then its destination).
 //! - `request`: one request, from parse to its single completion step.
 //! - `sched`: the batching policy and the thread pools, owned by the daemon ([`Scheduler`]).
 //! - `vring`: the vrings, whose kick and call fds a frontend cannot make us block on.
@@ -29,6 +33,7 @@ mod server;
 #[cfg(test)]
 mod test_rig;
 mod uring;
+mod view;
 mod vring;
 
 pub use backend::{BlkBackend, ServeOptions};

@@ -9,7 +9,8 @@
 //! said once, never a spinning or dead worker thread; a guest memory fault (its file shrank,
 //! see `sys::guest_faults`) stops the queue and drops the connection.
 
-use super::guest::{GuestMem, GuestMemGuard, GuestMemTable};
+use super::dirty::mark_used_ring;
+use super::guest::{GuestMem, GuestMemGuard, MemView, WorkerMem};
 use super::pipeline::Pipeline;
 use super::request::RequestContext;
 use super::sched::{ActiveQueue, Batcher, IoEngine, Scheduler};
@@ -33,7 +34,7 @@ pub(super) struct QueueContext<'a> {
     pub request: RequestContext<'a>,
     pub sched: &'a Arc<Scheduler>,
     /// Guest memory; its table is loaded again for every batch.
-    pub mem: &'a GuestMem,
+    pub mem: &'a WorkerMem,
     /// The connection is about to be closed: pop no more requests.
     pub quiescing: &'a AtomicBool,
     /// The longest the worker keeps watching its ring after a drain (0: never poll).
@@ -61,7 +62,7 @@ pub(super) struct QueueWorker {
     active: Option<ActiveQueue>,
     /// The ring layout last found inside guest memory, and the table it was checked in (a
     /// weak reference: the address stays unique while it exists, and pins no memory).
-    checked: Option<(RingLayout, Weak<GuestMemTable>)>,
+    checked: Option<(RingLayout, Weak<MemView>)>,
     /// The io_uring engine, under [`IoEngine::Uring`] for a device with files to submit to.
     engine: EngineState,
     /// Answers handed out by the pipeline, reused.
@@ -200,7 +201,15 @@ impl QueueWorker {
             // whoever starts it next, from the position reported then.
             return Ok(());
         }
-        if let Err(fault) = self.drain(ctx, vring, &mut state, poll) {
+        let drained = self.drain(ctx, vring, &mut state, poll);
+        if ctx.request.logging.load(Ordering::Relaxed) {
+            // The frontend logs our writes (a migration) and the workers' view of guest
+            // memory has none (`view.rs`): mark the used ring the drain wrote, before the
+            // ring's lock goes, which GET_VRING_BASE waits for before the frontend's last
+            // pass over the log.
+            mark_used_ring(ctx.mem.memory().owner(), state.get_queue());
+        }
+        if let Err(fault) = drained {
             // Never let a guest's ring corruption end the worker thread (the queue would
             // die silently) or loop forever: stop serving this queue, say why, once.
             warn!("virtqueue broken by the driver, no longer served until reset: {fault}");
@@ -222,7 +231,7 @@ impl QueueWorker {
             queue.used_ring(),
             queue.size(),
         );
-        let table: &GuestMemTable = mem;
+        let table: &MemView = mem;
         if let Some((l, t)) = &self.checked {
             if *l == layout && std::ptr::eq(t.as_ptr(), table) {
                 return Ok(());
@@ -646,7 +655,7 @@ mod tests {
     /// The rig's ring (`ring`) as a driver fills it: descriptors in the table at 0x1000,
     /// heads in the avail ring at 0x2000.
     struct Driver<'a> {
-        mem: &'a GuestMemTable,
+        mem: &'a super::super::guest::GuestMemTable,
         avail: u16,
     }
 

@@ -5,8 +5,8 @@
 //! preadv/pwritev ([`GuestIovecs`]), with no bounce buffer. An [`InFlight`] is reused from
 //! request to request, so the steady state allocates nothing.
 
-use super::dirty::mark_buffers;
-use super::guest::{GuestIovecs, GuestMemGuard, GuestMemTable};
+use super::dirty::{mark, mark_buffers};
+use super::guest::{GuestIovecs, GuestMemGuard, MemView};
 use crate::device::{BlockDevice, DirectTarget, IoCounters};
 use crate::sys::guest_faults;
 use crate::virtio_blk::{
@@ -95,7 +95,7 @@ impl InFlight {
     pub(super) fn prepare(
         &mut self,
         ctx: &RequestContext<'_>,
-        chain: DescriptorChain<&GuestMemTable>,
+        chain: DescriptorChain<&MemView>,
         mem: &GuestMemGuard,
     ) {
         self.head = chain.head_index();
@@ -199,12 +199,6 @@ impl InFlight {
         mem: &GuestMemGuard,
         result: io::Result<()>,
     ) {
-        // The data the engine read into guest memory, as in `run`.
-        if ctx.logging.load(Ordering::Relaxed)
-            && matches!(self.request.kind, RequestKind::Read { .. })
-        {
-            mark_buffers(mem, &self.request.segments);
-        }
         let outcome = match (result, self.request.kind) {
             // data_len <= seg_max * size_max fits in u32 for our limits.
             (Ok(()), RequestKind::Read { .. }) => {
@@ -227,13 +221,6 @@ impl InFlight {
             Ok(n) => Outcome::Done(n),
             Err(e) => Outcome::Failed(e),
         };
-        // The data a read put in guest memory (vm-memory logs its own writes: the status byte,
-        // the used ring, GET_ID). Even a failed read may have written some.
-        if ctx.logging.load(Ordering::Relaxed)
-            && matches!(self.request.kind, RequestKind::Read { .. })
-        {
-            mark_buffers(mem, &self.request.segments);
-        }
         self.finish(ctx, mem, outcome);
         if let Some(start) = start {
             self.took = start.elapsed();
@@ -327,6 +314,7 @@ impl InFlight {
             },
             outcome => outcome,
         };
+        let ran = !matches!(outcome, Outcome::Refused(_));
         let (status, data_written) = match outcome {
             Outcome::Done(n) => {
                 count(c, kind, self.request.data_len);
@@ -349,6 +337,25 @@ impl InFlight {
             }
         };
         self.used_len = data_written.saturating_add(write_status(mem, self.request.status, status));
+        if ctx.logging.load(Ordering::Relaxed) {
+            self.log_writes(mem, ran);
+        }
+    }
+
+    /// Marks in the frontend's dirty log what answering this request wrote into guest memory
+    /// (the workers' view of it has no log: `view.rs`): the data of a read or GET_ID that ran
+    /// (even a failed read may have written some) and the status byte. Called once they are
+    /// written, so a page the frontend copies after it saw the mark has them.
+    fn log_writes(&self, mem: &GuestMemGuard, ran: bool) {
+        if ran
+            && matches!(
+                self.request.kind,
+                RequestKind::Read { .. } | RequestKind::GetId
+            )
+        {
+            mark_buffers(mem.owner(), &self.request.segments);
+        }
+        mark(mem.owner(), self.request.status.addr, 1);
     }
 }
 

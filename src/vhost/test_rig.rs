@@ -3,7 +3,7 @@
 //! requests served by a device that holds them until enough are in flight ([`Gated`]).
 
 use super::backend::{BlkBackend, ServeOptions};
-use super::guest::{GuestMem, GuestMemTable};
+use super::guest::{GuestMem, GuestMemTable, MemView, WorkerMem};
 use super::request::InFlight;
 use super::sched::{Scheduler, SchedulerConfig};
 use super::vring::Vring;
@@ -28,7 +28,7 @@ pub(super) const STATUS: u64 = 0x30_0000;
 /// One connection's backend over a [`MemDevice`], with its guest memory.
 pub(super) struct Rig {
     pub mem: GuestMemTable,
-    pub gm: GuestMem,
+    pub gm: WorkerMem,
     pub device: Arc<MemDevice>,
     pub backend: BlkBackend,
 }
@@ -48,7 +48,7 @@ pub(super) fn rig_sized(read_only: bool, device_len: usize) -> Rig {
         read_only,
         poll: std::time::Duration::ZERO,
     };
-    let gm = GuestMemoryAtomic::new(mem.clone());
+    let gm = GuestMemoryAtomic::new(MemView::new(mem.clone()).unwrap());
     let sched = Arc::new(Scheduler::default());
     let backend =
         BlkBackend::new(device.clone(), opts, gm.clone(), sched, &Arc::default()).unwrap();
@@ -76,9 +76,9 @@ impl Rig {
     /// Runs one chain as a queue worker does; returns (used length, status byte).
     pub fn run(&mut self, descs: &[RawDescriptor]) -> (u32, u8) {
         self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-        let q = MockSplitQueue::new(&self.mem, 16);
-        let chain = q.build_desc_chain(descs).unwrap();
         let guard = self.gm.memory();
+        let q = MockSplitQueue::new(&*guard, 16);
+        let chain = q.build_desc_chain(descs).unwrap();
         let ctx = self.backend.queue_context();
         let mut slot = InFlight::default();
         slot.prepare(&ctx.request, chain, &guard);
@@ -228,7 +228,7 @@ pub(super) fn gated_with(
         read_only: false,
         poll: Duration::ZERO,
     };
-    let gm = GuestMemoryAtomic::new(mem.clone());
+    let gm = GuestMemoryAtomic::new(MemView::new(mem.clone()).unwrap());
     let sched = Arc::new(Scheduler::new(sched));
     let backend = BlkBackend::new(
         device.clone(),
@@ -240,7 +240,7 @@ pub(super) fn gated_with(
     .unwrap();
     let q = MockSplitQueue::create(&mem, GuestAddress(0x1000), ring);
     q.add_desc_chains(&chains(&mem, writes, reads), 0).unwrap();
-    let vring = Vring::new(gm, ring).unwrap();
+    let vring = Vring::new(GuestMemoryAtomic::new(mem.clone()), ring).unwrap();
     vring.set_queue_size(ring);
     vring
         .set_queue_info(q.desc_table_addr().0, q.avail_addr().0, USED_RING)

@@ -1,0 +1,141 @@
+//! The workers' view of guest memory: the frontend's regions without their dirty-page log.
+//!
+//! vhost-user-backend hands the frontend's log (SET_LOG_BASE) to the bitmap of each region, so
+//! the memory it maps must carry our bitmap type ([`DirtyLog`]). But vm-memory's accessors are
+//! generic over that type: with a bitmap other than `()` every descriptor, header and status
+//! access carries a bitmap slice, and the accessors (`read_slice`, `write_slice`,
+//! `stop_on_error`) were measured out of line on the request path, which lost 10-28% of
+//! 4 KiB reads at depth 32 on one queue while nobody migrated (docs/benchmarks.md). So the
+//! workers see each accepted table as a [`MemView`]: the very same mappings as regions of unit
+//! bitmap type, which cost what they cost without a dirty log, and the owning table, which
+//! keeps them mapped and whose logs the request path marks by hand while the frontend logs
+//! (`dirty::Marks`): read data, status bytes, GET_ID answers and the used ring.
+
+use super::dirty::DirtyLog;
+use std::io;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MmapRegion,
+};
+
+/// One guest memory table as vhost-user-backend maps it: its regions, each with its dirty-page
+/// log (`dirty.rs`).
+pub type GuestMemTable = GuestMemoryMmap<DirtyLog>;
+
+/// Guest memory as the library hands it to us.
+pub type GuestMem = GuestMemoryAtomic<GuestMemTable>;
+
+/// One accepted memory table as the workers see it.
+#[derive(Debug)]
+pub struct MemView {
+    /// The owner's regions again, as unit-bitmap regions that do not own their mappings.
+    plain: GuestMemoryMmap<()>,
+    /// The table vhost-user-backend mapped: it owns the mappings, and its regions hold the
+    /// dirty logs.
+    owner: GuestMemTable,
+}
+
+impl MemView {
+    /// The view of `owner`'s regions.
+    pub(super) fn new(owner: GuestMemTable) -> io::Result<Self> {
+        let mut regions = Vec::with_capacity(owner.num_regions());
+        for region in owner.iter() {
+            regions.push(plain_region(region)?);
+        }
+        let plain = GuestMemoryMmap::from_regions(regions).map_err(io::Error::other)?;
+        Ok(MemView { plain, owner })
+    }
+
+    /// An empty table.
+    pub(super) fn empty() -> Self {
+        MemView {
+            plain: GuestMemoryMmap::new(),
+            owner: GuestMemTable::new(),
+        }
+    }
+
+    /// The table that owns the mappings and holds their dirty logs.
+    pub(super) fn owner(&self) -> &GuestMemTable {
+        &self.owner
+    }
+}
+
+/// `region` as a region of unit bitmap type over the same mapping.
+fn plain_region(region: &GuestRegionMmap<DirtyLog>) -> io::Result<GuestRegionMmap<()>> {
+    let mapping: &MmapRegion<DirtyLog> = region;
+    let mut builder = MmapRegionBuilder::new_with_bitmap(mapping.size(), ())
+        .with_mmap_prot(mapping.prot())
+        .with_mmap_flags(mapping.flags());
+    if let Some(file) = mapping.file_offset() {
+        builder = builder.with_file_offset(file.clone());
+    }
+    // SAFETY: `as_ptr()` and `size()` are the mapping `region` owns, present in the process
+    // for as long as `region` exists; the view's region is built with the same protection
+    // and flags and never unmaps it (a raw-pointer region does not own its mapping). Every
+    // view region lives in a `MemView` whose `owner` holds `region` (its table holds an
+    // `Arc` of it), so the mapping outlives the view region.
+    let builder = unsafe { builder.with_raw_mmap_pointer(mapping.as_ptr()) };
+    let plain = builder.build().map_err(io::Error::other)?;
+    GuestRegionMmap::new(plain, region.start_addr())
+        .ok_or_else(|| io::Error::other("guest region wraps around the address space"))
+}
+
+impl GuestMemoryBackend for MemView {
+    type R = GuestRegionMmap<()>;
+
+    #[inline]
+    fn num_regions(&self) -> usize {
+        self.plain.num_regions()
+    }
+
+    #[inline]
+    fn find_region(&self, addr: GuestAddress) -> Option<&Self::R> {
+        self.plain.find_region(addr)
+    }
+
+    #[inline]
+    fn iter(&self) -> impl Iterator<Item = &Self::R> {
+        self.plain.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemory};
+
+    #[test]
+    fn the_view_reads_and_writes_the_owners_memory() {
+        let owner = GuestMemTable::from_ranges(&[
+            (GuestAddress(0), 0x4000),
+            (GuestAddress(0x10_0000), 0x2000),
+        ])
+        .unwrap();
+        let view = MemView::new(owner.clone()).unwrap();
+        assert_eq!(view.num_regions(), 2);
+        view.write_obj(0xabcd_u16, GuestAddress(0x10_0ffe)).unwrap();
+        assert_eq!(
+            owner.read_obj::<u16>(GuestAddress(0x10_0ffe)).unwrap(),
+            0xabcd
+        );
+        owner.write_obj(0x5a_u8, GuestAddress(0x3fff)).unwrap();
+        assert_eq!(view.read_obj::<u8>(GuestAddress(0x3fff)).unwrap(), 0x5a);
+        assert!(
+            view.write_obj(0u8, GuestAddress(0x4000)).is_err(),
+            "a hole stays a hole"
+        );
+        // The mappings stay with the view once the frontend's table is gone.
+        drop(owner);
+        assert_eq!(
+            view.read_obj::<u16>(GuestAddress(0x10_0ffe)).unwrap(),
+            0xabcd
+        );
+        let range = (
+            GuestAddress(0x10_0000),
+            0x2000,
+            vm_memory::Permissions::Write,
+        );
+        assert!(GuestMemory::check_range(&view, range.0, range.1, range.2));
+    }
+}
