@@ -448,7 +448,7 @@ impl VhostUserBackend for BlkBackend {
         let current = self.memory.update(&mem).map_err(io::Error::other)?;
         debug!(
             "guest memory table now has {} regions",
-            current.num_regions()
+            current.owner().num_regions()
         );
         // Idle queues let go of the old table now, so a removed region is unmapped at once; a
         // queue busy right now does so when it goes idle.

@@ -210,7 +210,7 @@ mod tests {
         let frontend = GuestMemoryAtomic::new(GuestMemTable::new());
         let workers = WorkerMemory::new(GuestMemoryAtomic::new(MemView::empty()));
         add(&frontend, file_region(0, 8192, 8192));
-        assert_eq!(workers.update(&frontend).unwrap().num_regions(), 1);
+        assert_eq!(workers.update(&frontend).unwrap().owner().num_regions(), 1);
         add(&frontend, file_region(0x10000, 8192, 4096));
         let e = workers.update(&frontend).unwrap_err();
         assert!(matches!(
@@ -227,7 +227,7 @@ mod tests {
             "the frontend's table rolled back"
         );
         assert_eq!(
-            workers.memory().memory().num_regions(),
+            workers.memory().memory().owner().num_regions(),
             1,
             "workers never saw it"
         );

@@ -13,10 +13,12 @@
 
 use super::dirty::DirtyLog;
 use std::io;
+use vm_memory::bitmap::BS;
+use vm_memory::guest_memory::GuestMemorySliceIterator;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap, MmapRegion,
+    GuestAddress, GuestMemory, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion, GuestRegionMmap, MmapRegion, Permissions,
 };
 
 /// One guest memory table as vhost-user-backend maps it: its regions, each with its dirty-page
@@ -81,29 +83,39 @@ fn plain_region(region: &GuestRegionMmap<DirtyLog>) -> io::Result<GuestRegionMma
         .ok_or_else(|| io::Error::other("guest region wraps around the address space"))
 }
 
-impl GuestMemoryBackend for MemView {
-    type R = GuestRegionMmap<()>;
+// `GuestMemory` itself, not `GuestMemoryBackend`: every access then goes straight to the
+// unit-bitmap table's own code (its slice iterator, its `Bytes`), the very functions a table
+// without a dirty log uses, rather than to copies of them made for a wrapper type, which the
+// compiler may inline differently.
+impl GuestMemory for MemView {
+    type PhysicalMemory = GuestMemoryMmap<()>;
+    type Bitmap = ();
 
     #[inline]
-    fn num_regions(&self) -> usize {
-        self.plain.num_regions()
+    fn check_range(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
+        GuestMemory::check_range(&self.plain, addr, count, access)
     }
 
     #[inline]
-    fn find_region(&self, addr: GuestAddress) -> Option<&Self::R> {
-        self.plain.find_region(addr)
+    fn get_slices<'a>(
+        &'a self,
+        addr: GuestAddress,
+        count: usize,
+        access: Permissions,
+    ) -> vm_memory::guest_memory::Result<impl GuestMemorySliceIterator<'a, BS<'a, ()>>> {
+        GuestMemory::get_slices(&self.plain, addr, count, access)
     }
 
     #[inline]
-    fn iter(&self) -> impl Iterator<Item = &Self::R> {
-        self.plain.iter()
+    fn physical_memory(&self) -> Option<&Self::PhysicalMemory> {
+        Some(&self.plain)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestMemory};
+    use vm_memory::Bytes;
 
     #[test]
     fn the_view_reads_and_writes_the_owners_memory() {
@@ -113,7 +125,7 @@ mod tests {
         ])
         .unwrap();
         let view = MemView::new(owner.clone()).unwrap();
-        assert_eq!(view.num_regions(), 2);
+        assert_eq!(view.physical_memory().map(|m| m.num_regions()), Some(2));
         view.write_obj(0xabcd_u16, GuestAddress(0x10_0ffe)).unwrap();
         assert_eq!(
             owner.read_obj::<u16>(GuestAddress(0x10_0ffe)).unwrap(),
