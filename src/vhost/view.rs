@@ -9,7 +9,7 @@
 //! workers see each accepted table as a [`MemView`]: the very same mappings as regions of unit
 //! bitmap type, which cost what they cost without a dirty log, and the owning table, which
 //! keeps them mapped and whose logs the request path marks by hand while the frontend logs
-//! (`dirty::Marks`): read data, status bytes, GET_ID answers and the used ring.
+//! (`dirty.rs`: read data, status bytes, GET_ID answers and the used ring).
 
 use super::dirty::DirtyLog;
 use std::io;
