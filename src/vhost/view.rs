@@ -31,7 +31,9 @@ pub type GuestMem = GuestMemoryAtomic<GuestMemTable>;
 /// One accepted memory table as the workers see it.
 #[derive(Debug)]
 pub struct MemView {
-    /// The owner's regions again, as unit-bitmap regions that do not own their mappings.
+    /// The owner's regions again, as unit-bitmap regions that do not own their mappings:
+    /// valid only while `owner` lives, so never cloned out of the view (a borrow through
+    /// `physical_memory()` is fine; a clone of it would outlive the mappings).
     plain: GuestMemoryMmap<()>,
     /// The table vhost-user-backend mapped: it owns the mappings, and its regions hold the
     /// dirty logs.
