@@ -112,9 +112,10 @@ impl CacheObject {
             return Ok(());
         }
         let clen = self.chunk_len(c);
-        // Aligned memory, and the block written in whole I/O blocks (a short last chunk
-        // rounded up within its block): direct I/O takes it as it is.
-        let mut buf = AlignedBuf::zeroed(self.cache_io_len(clen));
+        // Aligned memory, and the block written whole: past the origin image's end (its
+        // short last chunk, or a device grown past it) the block holds zeros, never what a
+        // freed block held before (a device grown later shows it: `resize.rs`).
+        let mut buf = AlignedBuf::zeroed(self.chunk_size as usize);
         match old {
             View::Origin => self.read_origin_view(c, &mut buf[..clen])?,
             View::Zero => {}
@@ -154,7 +155,8 @@ impl CacheObject {
     /// Copies the origin's chunk `c` into block `b`.
     pub(super) fn copy_origin_chunk(&self, c: u64, b: u64) -> Result<()> {
         let n = self.chunk_len(c);
-        let mut buf = AlignedBuf::zeroed(self.cache_io_len(n));
+        // The whole block: zeros past the image's end (see `fill_new_block`).
+        let mut buf = AlignedBuf::zeroed(self.chunk_size as usize);
         self.read_origin_view(c, &mut buf[..n])?;
         self.write_block(&buf, b)?;
         self.counters.copies.fetch_add(1, Ordering::Relaxed);

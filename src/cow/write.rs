@@ -144,7 +144,19 @@ impl CacheObject {
     /// Changes `[offset, offset+len)` of `dev` to what `src` says, chunk by chunk (origin
     /// writes spanning chunks are batched: their copies share one commit).
     fn change(&self, dev: DeviceId, offset: u64, len: u64, src: Src<'_>) -> Result<()> {
-        self.check_range(offset, len)?;
+        self.check_range(self.device_size(dev)?, offset, len)?;
+        self.change_unchecked(dev, offset, len, src)
+    }
+
+    /// [`Self::change`] without the bounds check: a resize zeroes what lies past a device's
+    /// end before the new size is recorded (`resize.rs`).
+    pub(super) fn change_unchecked(
+        &self,
+        dev: DeviceId,
+        offset: u64,
+        len: u64,
+        src: Src<'_>,
+    ) -> Result<()> {
         if dev == DeviceId::ORIGIN && self.cor.is_some() {
             // A remote origin is read-only: its local copies stand for an image that never
             // changes.
@@ -422,7 +434,9 @@ impl CacheObject {
     /// them: after a commit that frees blocks (once) or makes durable a record an in-place
     /// write must wait for, or when a child appears while the state lock is dropped.
     fn write_snapshot_chunk(&self, dev: u64, piece: Piece<'_>) -> Result<()> {
-        let full = piece.inoff == 0 && piece.len == self.chunk_len(piece.c);
+        // A whole chunk: a device's short last chunk takes the fill, so that what lies past its
+        // end in the block is its old view (zeros past the image), never a freed block's data.
+        let full = piece.inoff == 0 && piece.len as u64 == self.chunk_size;
         let mut space_retried = false;
         loop {
             let st = self.lock_for_write(dev)?;
