@@ -88,6 +88,7 @@ fn view(s: &DeviceStatus, chunk: u64) -> DeviceView {
             DeviceState::Inoperative => "inoperative".into(),
             DeviceState::Degraded => "degraded".into(),
         },
+        size: d.size,
         owned_bytes: d.owned_chunks * chunk,
         shared_bytes: d.mapped_chunks.saturating_sub(d.owned_chunks) * chunk,
         zero_chunks: d.zero_chunks,
@@ -160,6 +161,26 @@ fn resize(daemon: &Daemon, size: Option<u64>, auto: bool) -> Reply {
     }
 }
 
+/// `resize`: a new size, or the size now plus `grow_by`.
+fn resize_device(
+    daemon: &Daemon,
+    name: &str,
+    size: Option<u64>,
+    grow_by: Option<u64>,
+    force: bool,
+) -> Reply {
+    let size = match (size, grow_by) {
+        (Some(s), None) => Ok(s),
+        (None, Some(add)) => daemon.find(name).and_then(|d| {
+            d.size
+                .checked_add(add)
+                .ok_or_else(|| DaemonError::Invalid(format!("{name}: size + {add} overflows")))
+        }),
+        _ => return Reply::err(ErrorCode::BadRequest, "give either \"size\" or \"grow_by\""),
+    };
+    reply(size.and_then(|s| daemon.resize(name, s, force)))
+}
+
 /// Starts (or stops) hydrating a remote origin; replies with where it is.
 fn hydrate(daemon: &Daemon, rate: Option<u64>, stop: bool) -> Reply {
     let engine = daemon.engine();
@@ -221,6 +242,12 @@ impl ControlHandler for Daemon {
                 offset,
                 max_extents,
             } => diff(self, from, to, offset, max_extents),
+            Command::Resize {
+                name,
+                size,
+                grow_by,
+                force,
+            } => resize_device(self, &name, size, grow_by, force),
             Command::Stats => Reply::ok(stats(self)),
             Command::CacheInfo => Reply::ok(self.engine().cache_info()),
             Command::CacheResize { size, auto } => resize(self, size, auto),

@@ -32,6 +32,8 @@ pub(super) struct Service {
     pub device: Arc<dyn BlockDevice>,
     pub opts: ServeOptions,
     pub sched: Arc<Scheduler>,
+    /// The socket it is served on.
+    pub socket: Option<std::path::PathBuf>,
 }
 
 /// One connection: dropping it makes sure no worker is, or will be, blocked on a frontend fd,
@@ -56,6 +58,9 @@ impl Connection {
             service.sched.clone(),
         );
         let backend = Arc::new(backend.map_err(ServeError::Setup)?);
+        if let Some(path) = &service.socket {
+            backend.attach_socket(path.clone());
+        }
         let (daemon, vrings) =
             collect_created(|| VhostUserDaemon::new(name.to_string(), backend.clone(), frontend));
         let daemon = match daemon {

@@ -105,6 +105,7 @@ impl DeviceServer {
         let stats = Arc::new(ConnectionStats::default());
         let thread = {
             let (stop, stats, name) = (stop.clone(), stats.clone(), name.to_string());
+            let socket = path.to_path_buf();
             std::thread::Builder::new()
                 .name(format!("serve-{name}"))
                 .spawn(move || {
@@ -112,6 +113,7 @@ impl DeviceServer {
                         device,
                         opts,
                         sched,
+                        socket: Some(socket),
                     };
                     serve_loop(&name, Listener::from(listener), &service, &stop, &stats)
                 })
@@ -159,6 +161,15 @@ impl DeviceServer {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Tells the connected frontend, if any, that the device's config space changed (its
+    /// size). Whether one was told.
+    pub fn config_changed(&self) -> bool {
+        let connection = self.stop.lock();
+        connection
+            .as_ref()
+            .is_some_and(|(_, backend)| backend.config_changed())
     }
 }
 
