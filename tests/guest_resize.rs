@@ -96,7 +96,9 @@ fn a_running_guest_sees_its_disk_grow_and_uses_the_new_end() {
     let old_end = (OLD_MIB * MIB) as usize;
     assert!(bytes[..old_end].iter().all(|&b| b == 0x77), "old data kept");
     assert!(
-        bytes[old_end..(end as usize) * SECTOR].iter().all(|&b| b == 0),
+        bytes[old_end..(end as usize) * SECTOR]
+            .iter()
+            .all(|&b| b == 0),
         "the rest of the new range reads zeros"
     );
 }

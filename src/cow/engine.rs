@@ -263,15 +263,6 @@ impl CacheObject {
         self.origin_size.load(Ordering::Acquire)
     }
 
-    /// Size of device `dev`, bytes (each device has its own: `resize.rs`).
-    pub fn device_size(&self, dev: DeviceId) -> Result<u64> {
-        if dev == DeviceId::ORIGIN {
-            return Ok(self.origin_size());
-        }
-        let registry = self.registry.load();
-        Ok(super::read::side_of(&registry, dev.0)?.size())
-    }
-
     /// Chunks of the origin image.
     pub(super) fn origin_chunks(&self) -> u64 {
         self.origin_size().div_ceil(self.chunk_size)

@@ -93,6 +93,15 @@ impl CacheObject {
         Ok(())
     }
 
+    /// Size of device `dev`, bytes (each device has its own: `resize.rs`).
+    pub fn device_size(&self, dev: DeviceId) -> Result<u64> {
+        if dev == DeviceId::ORIGIN {
+            return Ok(self.origin_size());
+        }
+        let registry = self.registry.load();
+        Ok(side_of(&registry, dev.0)?.size())
+    }
+
     /// The read side of `dev` in a loaded registry.
     #[inline]
     pub(super) fn read_side(registry: &[Option<Arc<ReadSide>>], dev: u64) -> Result<&ReadSide> {

@@ -147,6 +147,7 @@ mod tests {
                 poll: Duration::ZERO,
             },
             sched: Arc::new(Scheduler::default()),
+            socket: None,
         }
     }
 
