@@ -270,11 +270,23 @@ impl Meta {
         }
     }
 
-    /// The read rule walked the slow way, to verify the flattened tables and the history.
+    /// The least `through` of `id` and its ancestors: below it, every device on the way up
+    /// reads through where it is unmapped, and [`Meta::resolve_by_walk`] is the whole rule.
+    /// (From it on a device's view depends on when it grew or shrank, which the flattened
+    /// table records and a walk cannot know: `resize.rs`.)
+    pub fn walk_through(&self, mut id: u64) -> u64 {
+        let mut least = u64::MAX;
+        while let Some(d) = self.dev(id).filter(|_| id != ORIGIN_ID) {
+            least = least.min(d.table.through());
+            id = d.parent;
+        }
+        least
+    }
+
+    /// The read rule walked the slow way, to verify the flattened tables and the history
+    /// (below [`Meta::walk_through`]).
     pub fn resolve_by_walk(&self, mut id: u64, chunk: u64) -> View {
         let otime = self.dev(id).map_or(NO_OTIME, |d| d.otime);
-        // Past where the device reads through, an unmapped chunk reads zeros.
-        let through = self.dev(id).map_or(u64::MAX, |d| d.table.through());
         while id != ORIGIN_ID {
             let Some(d) = self.dev(id) else {
                 return View::Origin;
@@ -287,9 +299,6 @@ impl Meta {
                 };
             }
             id = d.parent;
-        }
-        if chunk >= through {
-            return View::Zero;
         }
         // Copies made since the snapshot time are the origin as it was then, oldest first.
         View::of_entry(self.history.lookup(chunk, otime))

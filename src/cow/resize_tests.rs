@@ -22,10 +22,13 @@ fn all(v: &[u8], b: u8) -> bool {
     v.iter().all(|&x| x == b)
 }
 
+/// Checks the cache object offline, reopens it and verifies the reopened state.
 fn reopen(origin: &Arc<MemStorage>, cache: &Arc<MemStorage>) -> CacheObject {
     let report = check_cache(&**cache);
     assert!(report.is_clean(), "{report}");
-    CacheObject::open(origin.clone(), cache.clone(), OpenOptions::default()).unwrap()
+    let eng = CacheObject::open(origin.clone(), cache.clone(), OpenOptions::default()).unwrap();
+    eng.verify_in_memory().unwrap();
+    eng
 }
 
 /// A snapshot grown past its parent reads zeros in the new range, keeps its data, takes
@@ -68,6 +71,7 @@ fn grow_origin_and_snapshots_and_reopen() {
     eng.write(DeviceId::ORIGIN, 8 * C, &[6u8; C as usize])
         .unwrap();
     assert!(all(&read(eng, s, 8 * C, 2 * C + 512), 0));
+    eng.verify_in_memory().unwrap();
     eng.flush().unwrap();
     let eng = reopen(&m.origin, &m.cache);
     assert_eq!(eng.device_size(s).unwrap(), 12 * C);
@@ -129,6 +133,7 @@ fn shrink_keeps_childrens_views_and_regrows_to_zeros() {
         0
     ));
     assert!(all(&read(eng, o, 0, 8 * C), 7));
+    eng.verify_in_memory().unwrap();
     eng.flush().unwrap();
     let eng = reopen(&m.origin, &m.cache);
     assert!(all(&read(&eng, o, 0, 8 * C), 7));
@@ -243,4 +248,32 @@ fn a_resize_is_old_or_new_after_a_crash_at_any_point() {
             }
         }
     }
+}
+
+/// A child that stopped reading through where its parent still does (shrunk, then grown
+/// again) keeps reading zeros there when the parent, or the origin, is written: it does not
+/// share the parent's view, so it is not given it.
+#[test]
+fn a_child_regrown_past_its_parents_view_keeps_its_zeros() {
+    let m = mem_engine(8).origin(vec![7u8; (8 * C) as usize]).build();
+    let eng = &m.engine;
+    let p = eng.create_snapshot(DeviceId::ORIGIN, "p", true).unwrap();
+    let c = eng.create_snapshot(p, "c", true).unwrap();
+    eng.resize_device(c, 4 * C, true).unwrap();
+    eng.resize_device(c, 8 * C, false).unwrap();
+    assert!(all(&read(eng, c, 4 * C, 4 * C), 0));
+    eng.write(p, 6 * C, &[1u8; 512]).unwrap();
+    eng.write(DeviceId::ORIGIN, 5 * C, &[2u8; 512]).unwrap();
+    assert!(all(&read(eng, c, 4 * C, 4 * C), 0), "c keeps its zeros");
+    assert!(
+        all(&read(eng, p, 6 * C + 512, C - 512), 7),
+        "p reads the origin's old data"
+    );
+    assert!(all(&read(eng, p, 5 * C, 512), 7));
+    assert!(all(&read(eng, c, 0, 4 * C), 7));
+    eng.verify_in_memory().unwrap();
+    eng.flush().unwrap();
+    let eng = reopen(&m.origin, &m.cache);
+    assert!(all(&read(&eng, c, 4 * C, 4 * C), 0));
+    assert!(all(&read(&eng, p, 6 * C, 512), 1));
 }
