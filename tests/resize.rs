@@ -8,6 +8,7 @@ mod support;
 use serde_json::Value;
 use snapblk::testkit::blkio_client::Client;
 use snapblk::testkit::frontend::RawFrontend;
+use snapblk::testkit::loopdev::LoopDevice;
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -238,4 +239,67 @@ fn grown_devices_read_zeros_take_writes_and_keep_their_size_across_a_restart() {
     );
     let list = s.ok(&["snapshot", "list"]);
     assert!(list.contains("SIZE") && list.contains("12.0 MiB"), "{list}");
+    // A new NBD connection sees the new size.
+    let uri = format!(
+        "nbd+unix:///vm1?socket={}",
+        s.p("origin.nbd.sock").display()
+    );
+    let out = Command::new("nbdinfo")
+        .args(["--size", &uri])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        (12 * MIB).to_string()
+    );
+}
+
+/// A block-device origin: the daemon cannot grow it, so a size beyond the device is refused
+/// (saying to grow it first); after `losetup -c` the new size is accepted and served.
+#[test]
+fn a_block_device_origin_grows_only_as_far_as_the_device() {
+    let Some(origin) = LoopDevice::attach(4 * MIB, 512) else {
+        return;
+    };
+    let s = Setup::new();
+    let (sock, ctl, cache) = (s.p("origin.sock"), s.p("ctl.sock"), s.p("cache.obj"));
+    let args = [
+        "--origin",
+        origin.arg(),
+        "--cache",
+        cache.to_str().unwrap(),
+        "--socket",
+        sock.to_str().unwrap(),
+        "--control",
+        ctl.to_str().unwrap(),
+        "--num-queues",
+        "1",
+    ];
+    let _d = Daemon::start(&args, &sock);
+    let (ok, _, err) = s.cli(&["resize", "origin", "8M"]);
+    assert!(!ok && err.contains("grow it first"), "{err}");
+    std::fs::File::options()
+        .write(true)
+        .open(origin.backing())
+        .and_then(|f| f.set_len(8 * MIB))
+        .unwrap();
+    let st = Command::new("losetup")
+        .arg("-c")
+        .arg(origin.path())
+        .status()
+        .unwrap();
+    assert!(st.success(), "losetup -c");
+    s.ok(&["resize", "origin", "8M"]);
+    assert_eq!(s.size("origin"), 8 * MIB);
+    let mut c = client(&sock);
+    assert_eq!(c.capacity(), 8 * MIB);
+    assert_eq!(c.write(0, 7 * MIB, &[0x33u8; 4096]), 0);
+    assert_eq!(c.read(0, 7 * MIB, 4096).unwrap(), vec![0x33u8; 4096]);
+    let (ok, _, err) = s.cli(&["resize", "origin", "16M"]);
+    assert!(!ok && err.contains("8388608"), "{err}");
 }
