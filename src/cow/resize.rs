@@ -21,6 +21,12 @@
 //!   first: shared blocks, or one copy of an origin chunk), the device stops reading through
 //!   past its new last chunk, the size is committed, and only then is an origin file cut.
 //!
+//! Locking: a shrink lowers `through` under the state lock but without the stripes (the one
+//! change of resolved entries made so): it changes only chunks past the new end, which no
+//! request checked against the new size reaches; one admitted before it (against the old
+//! size) reads the old view or zeros there, and a write there is past the end once the size is
+//! committed, its block zeroed before the device grows again.
+//!
 //! Crash safety: the size is one record, committed like the others; an origin file longer
 //! than its recorded size at open is cut back to it (`open.rs`). After a crash the device has
 //! its old size or its new one; an interrupted shrink may leave the old size with the cut
