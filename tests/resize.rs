@@ -239,6 +239,10 @@ fn grown_devices_read_zeros_take_writes_and_keep_their_size_across_a_restart() {
     );
     let list = s.ok(&["snapshot", "list"]);
     assert!(list.contains("SIZE") && list.contains("12.0 MiB"), "{list}");
+    // Devices of different sizes compare where both reach.
+    let diff: Value =
+        serde_json::from_str(&s.ok(&["snapshot", "diff", "origin", "vm1", "--json"])).unwrap();
+    assert_eq!(diff["size"].as_u64(), Some(5 * MIB), "{diff}");
     // A new NBD connection sees the new size.
     let uri = format!(
         "nbd+unix:///vm1?socket={}",

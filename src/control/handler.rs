@@ -113,7 +113,7 @@ fn view(s: &DeviceStatus, chunk: u64) -> DeviceView {
 fn diff(daemon: &Daemon, from: String, to: String, offset: u64, max: Option<usize>) -> Reply {
     let max = max.unwrap_or(MAX_DIFF_EXTENTS).clamp(1, MAX_DIFF_EXTENTS);
     let found = daemon.diff(&from, &to, offset, max).map(|d| DiffView {
-        size: daemon.engine().origin_size(),
+        size: d.size,
         chunk_size: daemon.engine().chunk_size(),
         extents: d
             .extents
