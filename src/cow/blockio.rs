@@ -78,7 +78,7 @@ impl CacheObject {
     pub(super) fn write_origin(&self, pos: u64, len: u64, src: Src<'_>) -> Result<()> {
         match src {
             Src::Data(buf) => self.origin.write_at(buf, pos)?,
-            Src::Zeroes => self.origin.write_zeroes(pos, len)?,
+            Src::Zeroes | Src::Trim => self.origin.write_zeroes(pos, len)?,
             Src::Discard => self.origin.punch_hole(pos, len)?,
         }
         Ok(())
@@ -90,7 +90,9 @@ impl CacheObject {
         let pos = self.block_offset(b) + piece.inoff as u64;
         let written = match piece.src {
             Src::Data(buf) => self.cache.write_at(buf, pos),
-            Src::Zeroes | Src::Discard => self.cache.write_zeroes(pos, piece.len as u64),
+            Src::Zeroes | Src::Discard | Src::Trim => {
+                self.cache.write_zeroes(pos, piece.len as u64)
+            }
         };
         written.map_err(|e| self.cache_write_failed(e))
     }
@@ -124,7 +126,7 @@ impl CacheObject {
         let range = piece.inoff..piece.inoff + piece.len;
         match piece.src {
             Src::Data(d) => buf[range].copy_from_slice(d),
-            Src::Zeroes | Src::Discard => buf[range].fill(0),
+            Src::Zeroes | Src::Discard | Src::Trim => buf[range].fill(0),
         }
         self.write_block(&buf, nb)?;
         self.counters.cow_fills.fetch_add(1, Ordering::Relaxed);

@@ -163,7 +163,7 @@ impl CacheObject {
             }
             self.origin.sync()?;
         } else if tail_end > old {
-            self.change_unchecked(dev, old, tail_end - old, Src::Zeroes)?;
+            self.change_unchecked(dev, old, tail_end - old, Src::Trim)?;
         }
         self.commit_size(dev, old, size)
     }
@@ -212,7 +212,7 @@ impl CacheObject {
                 } else {
                     drop(st);
                     for c in stray {
-                        self.change_unchecked(dev, c * cs, cs, Src::Zeroes)?;
+                        self.change_unchecked(dev, c * cs, cs, Src::Trim)?;
                     }
                     None
                 }

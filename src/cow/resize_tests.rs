@@ -277,3 +277,33 @@ fn a_child_regrown_past_its_parents_view_keeps_its_zeros() {
     assert!(all(&read(&eng, c, 4 * C, 4 * C), 0));
     assert!(all(&read(&eng, p, 6 * C, 512), 1));
 }
+
+/// A read-only snapshot grows and shrinks too: the zeroes a resize writes past its end are
+/// not a write to it (its short last chunk and the blocks it inherited past its end).
+#[test]
+fn a_read_only_snapshot_is_resized() {
+    let m = mem_engine(8)
+        .origin(vec![7u8; (8 * C - 1024) as usize])
+        .build();
+    let eng = &m.engine;
+    let s = eng.create_snapshot(DeviceId::ORIGIN, "s", true).unwrap();
+    eng.write(s, 0, &[5u8; (8 * C - 1024) as usize]).unwrap();
+    let r = eng.create_snapshot(s, "r", false).unwrap();
+    assert!(matches!(
+        eng.write(r, 0, &[1u8; 512]),
+        Err(CowError::ReadOnly(_))
+    ));
+    eng.resize_device(r, 6 * C + 512, true).unwrap();
+    eng.resize_device(r, 10 * C, false).unwrap();
+    assert!(all(&read(eng, r, 0, 6 * C + 512), 5));
+    assert!(all(&read(eng, r, 6 * C + 512, 4 * C - 512), 0));
+    assert!(
+        all(&read(eng, s, 0, 8 * C - 1024), 5),
+        "the parent keeps its data"
+    );
+    assert!(matches!(
+        eng.write(r, 0, &[1u8; 512]),
+        Err(CowError::ReadOnly(_))
+    ));
+    eng.verify_in_memory().unwrap();
+}
