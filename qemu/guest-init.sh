@@ -467,6 +467,60 @@ test_stream() {
     pass "$fields written=$records verified_slots=$used"
 }
 
+# test resize: the host grows the disk while the guest runs (snapblk resize). The guest says
+# SNAPBLK-RESIZE-NOW, polls /sys/block/DISK/size until it reads want_sectors (no reboot, no
+# rescan: the config-change interrupt), then reads zeros in the last 4 KiB of the new end,
+# writes a pattern record there and reads it back past the page cache.
+test_resize() {
+    disk=$(arg disk vda)
+    want=$(arg want_sectors 0)
+    wait_s=$(arg wait 30)
+    seed=$(arg seed 4242)
+    require_disk "$disk" || return 0
+    dev=/dev/$disk
+    old=$(disk_size "$disk")
+    fields="disk=$disk old_sectors=$old want_sectors=$want"
+    say "SNAPBLK-RESIZE-NOW: size_sectors=$old"
+    i=0
+    while [ "$(disk_size "$disk")" != "$want" ]; do
+        i=$((i + 1))
+        if [ $i -gt $((wait_s * 10)) ]; then
+            fail no-resize "$fields now_sectors=$(disk_size "$disk")"
+            return 0
+        fi
+        sleep 0.1
+    done
+    info "resize: $dev has $want sectors after $((i / 10)).$((i % 10)) s"
+    end=$((want - 8))
+    drop_caches "$dev"
+    if ! dd if="$dev" of=/tmp/tail bs=512 skip="$end" count=8 iflag=direct 2>/tmp/dd.err; then
+        fail read-error "$fields err=$(tr -c 'A-Za-z0-9' '_' </tmp/dd.err | head -c 80)"
+        return 0
+    fi
+    nonzero=$(tr -d '\000' </tmp/tail | wc -c)
+    if [ "$nonzero" -ne 0 ]; then
+        fail not-zeros "$fields nonzero=$nonzero"
+        return 0
+    fi
+    pattern_gen "$seed" "$end" 8 >/tmp/rec
+    if ! dd if=/tmp/rec of="$dev" bs=512 seek="$end" count=8 oflag=direct conv=notrunc 2>/tmp/dd.err; then
+        fail write-error "$fields err=$(tr -c 'A-Za-z0-9' '_' </tmp/dd.err | head -c 80)"
+        return 0
+    fi
+    flush_disk "$dev"
+    drop_caches "$dev"
+    dd if="$dev" of=/tmp/back bs=512 skip="$end" count=8 iflag=direct 2>/dev/null
+    if [ "$(md5sum </tmp/rec)" != "$(md5sum </tmp/back)" ]; then
+        fail mismatch "$fields"
+        return 0
+    fi
+    if dmesg | grep -i -E 'I/O error|blk_update_request' >/tmp/ioerr; then
+        fail kernel-io-error "$fields"
+        return 0
+    fi
+    pass "$fields new_sectors=$(disk_size "$disk") waited_ds=$i record_sector=$end"
+}
+
 # test info: just report the disks
 test_info() {
     pass "disks=$(echo "$DISKS" | tr ' ' ',')"
@@ -479,7 +533,8 @@ run_test() {
     info) test_info ;;
     overlay) test_overlay ;;
     stream) test_stream ;;
-    *) fail unknown-test "known=pattern,readonly,info,overlay,stream" ;;
+    resize) test_resize ;;
+    *) fail unknown-test "known=pattern,readonly,info,overlay,stream,resize" ;;
     esac
 }
 

@@ -300,6 +300,18 @@ impl Daemon {
             .ok_or_else(|| DaemonError::NotFound(name.to_string()))
     }
 
+    /// Tells the frontend connected to device `id`, if any, that its config space changed.
+    pub(crate) fn config_changed(&self, id: DeviceId) -> bool {
+        let reg = self.registry();
+        let server = reg.get(&id.0).and_then(|s| s.server.as_ref());
+        server.is_some_and(|srv| srv.config_changed())
+    }
+
+    /// The daemon's serving defaults.
+    pub(crate) fn defaults(&self) -> &ServeDefaults {
+        &self.defaults
+    }
+
     /// Stops serving device `id` (if it is served): with `force` whatever is connected, else
     /// only if no frontend is connected (`Err` then, and it stays served). Its requests
     /// waiting for space fail first (a stop waits for the requests in flight), unless a

@@ -17,6 +17,8 @@ const MAX_DIFF_CHUNKS: u64 = 1 << 20;
 pub struct Diff {
     pub extents: Vec<(u64, u64)>,
     pub next: Option<u64>,
+    /// The bytes compared: where both devices reach.
+    pub size: u64,
 }
 
 impl Daemon {
@@ -76,7 +78,8 @@ impl Daemon {
     /// `max_extents` extents and 2^20 chunks scanned per call.
     pub fn diff(&self, from: &str, to: &str, offset: u64, max_extents: usize) -> Outcome<Diff> {
         let (a, b) = (self.find(from)?, self.find(to)?);
-        let size = self.engine().origin_size();
+        // Where both devices reach (their sizes differ once one was resized).
+        let size = a.size.min(b.size);
         if offset > size || !offset.is_multiple_of(512) {
             return Err(DaemonError::Invalid(format!(
                 "offset {offset} is not a multiple of 512 within the {size}-byte device"
@@ -95,6 +98,7 @@ impl Daemon {
                     return Ok(Diff {
                         extents,
                         next: Some(r.offset),
+                        size,
                     });
                 } else {
                     extents.push((r.offset, r.len));
@@ -103,6 +107,10 @@ impl Daemon {
             pos = runs.last().map_or(size, |r| r.offset + r.len);
         }
         let next = (pos < size).then_some(pos);
-        Ok(Diff { extents, next })
+        Ok(Diff {
+            extents,
+            next,
+            size,
+        })
     }
 }

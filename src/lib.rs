@@ -24,6 +24,7 @@ pub mod control;
 pub mod cow;
 pub mod daemon;
 pub mod daemon_nbd;
+pub mod daemon_resize;
 pub mod device;
 pub mod nbd;
 pub mod sock;

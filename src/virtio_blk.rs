@@ -55,6 +55,13 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// These limits for a device of `capacity_bytes` (resized since they were made).
+    pub fn with_capacity(mut self, capacity_bytes: u64) -> Self {
+        let lbs = u64::from(self.logical_block_size);
+        self.capacity_sectors = (capacity_bytes / lbs) * lbs / SECTOR_SIZE;
+        self
+    }
+
     /// Sensible limits for a device of `capacity_bytes`.
     pub fn new(
         capacity_bytes: u64,

@@ -288,10 +288,11 @@ pub fn unexport(control: &Path, name: &str, force: bool) -> Result<(), CliError>
 /// Prints devices as an indented tree, children under their parent, then the NBD URIs.
 fn print_tree(devices: &[DeviceView]) {
     outln!(
-        "{:<24} {:<4} {:<11} {:>10} {:>10} {:>10} {:<10} {:<6} SOCKET",
+        "{:<24} {:<4} {:<11} {:>10} {:>10} {:>10} {:>10} {:<10} {:<6} SOCKET",
         "NAME",
         "MODE",
         "STATE",
+        "SIZE",
         "OWNED",
         "SHARED",
         "PRESERVED",
@@ -310,10 +311,11 @@ fn print_tree(devices: &[DeviceView]) {
                 (Some(e), n) => format!("{}+{n}", if e == "writable" { "rw" } else { "ro" }),
             };
             outln!(
-                "{:<24} {:<4} {:<11} {:>10} {:>10} {:>10} {:<10} {:<6} {}",
+                "{:<24} {:<4} {:<11} {:>10} {:>10} {:>10} {:>10} {:<10} {:<6} {}",
                 name,
                 mode,
                 d.state,
+                human(d.size),
                 human(d.owned_bytes),
                 human(d.shared_bytes),
                 human(d.preserved_bytes),

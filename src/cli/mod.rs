@@ -10,6 +10,7 @@ pub mod log_limit;
 pub mod origin;
 pub mod output;
 pub mod remote;
+pub mod resize;
 pub mod serve;
 pub mod space;
 pub mod units;
@@ -83,6 +84,30 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Change a device's size while it runs: the origin (its image file grows, or shrinks)
+    /// or a snapshot (which may grow past its parent: the new range reads zeros). A VM
+    /// connected over vhost-user sees the new size at once; NBD clients when they connect
+    /// next. Growing copies no data. Shrinking discards the end of the device (snapshots of
+    /// it keep their data) and needs --force.
+    ///
+    /// SIZE is the new size (8G, 512M, 1048576) or +SIZE to grow by that much; a multiple of
+    /// the logical block size the devices are served with (512 or 4096 bytes). A block-device
+    /// origin must be grown first (lvextend, losetup -c); a remote origin cannot be resized.
+    ///
+    /// Examples: `snapblk resize origin 20G`, `snapblk resize vm1 +10G`,
+    /// `snapblk resize vm1 8G --force`.
+    Resize {
+        #[command(flatten)]
+        control: admin::ControlArg,
+        /// The device: "origin" or a snapshot's name.
+        name: String,
+        /// The new size, or +SIZE to grow by that much.
+        #[arg(value_name = "[+]SIZE", value_parser = resize::parse_new_size, allow_hyphen_values = true)]
+        size: resize::NewSize,
+        /// Allow shrinking: the data past the new end is lost to this device.
+        #[arg(long)]
+        force: bool,
+    },
     /// I/O, copy-on-write and cache-space counters of a running daemon.
     Stats {
         #[command(flatten)]
@@ -148,6 +173,12 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve::serve(args),
         Command::Snapshot { control, command } => admin::snapshot(&control.control, command),
         Command::Stats { control, json } => admin::stats(&control.control, json),
+        Command::Resize {
+            control,
+            name,
+            size,
+            force,
+        } => resize::resize(&control.control, &name, size, force),
         Command::Cache { control, command } => space::cache(&control.control, command),
         Command::Origin { control, command } => origin::origin(&control.control, command),
         Command::Wait { control, command } => match space::wait(&control.control, command) {

@@ -88,6 +88,7 @@ fn view(s: &DeviceStatus, chunk: u64) -> DeviceView {
             DeviceState::Inoperative => "inoperative".into(),
             DeviceState::Degraded => "degraded".into(),
         },
+        size: d.size,
         owned_bytes: d.owned_chunks * chunk,
         shared_bytes: d.mapped_chunks.saturating_sub(d.owned_chunks) * chunk,
         zero_chunks: d.zero_chunks,
@@ -112,7 +113,7 @@ fn view(s: &DeviceStatus, chunk: u64) -> DeviceView {
 fn diff(daemon: &Daemon, from: String, to: String, offset: u64, max: Option<usize>) -> Reply {
     let max = max.unwrap_or(MAX_DIFF_EXTENTS).clamp(1, MAX_DIFF_EXTENTS);
     let found = daemon.diff(&from, &to, offset, max).map(|d| DiffView {
-        size: daemon.engine().origin_size(),
+        size: d.size,
         chunk_size: daemon.engine().chunk_size(),
         extents: d
             .extents
@@ -158,6 +159,26 @@ fn resize(daemon: &Daemon, size: Option<u64>, auto: bool) -> Reply {
         Ok(()) => Reply::ok(engine.stats()),
         Err(e) => Reply::err(engine_code(&e), e.to_string()),
     }
+}
+
+/// `resize`: a new size, or the size now plus `grow_by`.
+fn resize_device(
+    daemon: &Daemon,
+    name: &str,
+    size: Option<u64>,
+    grow_by: Option<u64>,
+    force: bool,
+) -> Reply {
+    let size = match (size, grow_by) {
+        (Some(s), None) => Ok(s),
+        (None, Some(add)) => daemon.find(name).and_then(|d| {
+            d.size
+                .checked_add(add)
+                .ok_or_else(|| DaemonError::Invalid(format!("{name}: size + {add} overflows")))
+        }),
+        _ => return Reply::err(ErrorCode::BadRequest, "give either \"size\" or \"grow_by\""),
+    };
+    reply(size.and_then(|s| daemon.resize(name, s, force)))
 }
 
 /// Starts (or stops) hydrating a remote origin; replies with where it is.
@@ -221,6 +242,12 @@ impl ControlHandler for Daemon {
                 offset,
                 max_extents,
             } => diff(self, from, to, offset, max_extents),
+            Command::Resize {
+                name,
+                size,
+                grow_by,
+                force,
+            } => resize_device(self, &name, size, grow_by, force),
             Command::Stats => Reply::ok(stats(self)),
             Command::CacheInfo => Reply::ok(self.engine().cache_info()),
             Command::CacheResize { size, auto } => resize(self, size, auto),

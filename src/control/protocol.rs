@@ -88,6 +88,18 @@ pub enum Command {
         #[serde(default)]
         max_extents: Option<usize>,
     },
+    /// Set a device's size: `size` bytes, or its size now plus `grow_by` bytes (one of the
+    /// two). A smaller size is refused unless `force` (it discards the cut range). Reply:
+    /// `daemon_resize::ResizeOutcome`.
+    Resize {
+        name: String,
+        #[serde(default)]
+        size: Option<u64>,
+        #[serde(default)]
+        grow_by: Option<u64>,
+        #[serde(default)]
+        force: bool,
+    },
     /// I/O and copy-on-write counters, cache use.
     Stats,
     /// Geometry and limits of the cache object.
@@ -232,6 +244,9 @@ pub struct DeviceView {
     pub writable: bool,
     /// "active" or "inoperative".
     pub state: String,
+    /// The device's size, bytes (each device has its own: `resize`).
+    #[serde(default)]
+    pub size: u64,
     /// Bytes of cache blocks only this device uses.
     pub owned_bytes: u64,
     /// Bytes of cache blocks this device maps and shares with others.

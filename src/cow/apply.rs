@@ -36,6 +36,7 @@ impl Meta {
                 self.preserve(*chunk, *time, *entry)?;
             }
             Record::SetInoperative { dev } => self.make_inoperative(*dev)?,
+            Record::Resize { dev, size } => self.resize_device(*dev, *size)?,
             Record::OriginLocal { chunk, entry } => self.origin_local(*chunk, *entry)?,
             Record::SetAttr { dev, key, value } => {
                 let d = self.dev_mut(*dev)?;
@@ -166,7 +167,11 @@ impl Meta {
     /// before it changes, a deleted snapshot's blocks, or, in version 1 journals, the origin's
     /// copy): one pass, reference count added once.
     fn share_down(&mut self, id: u64, chunk: u64, entry: u64) -> Result<(), MetaError> {
-        let n = self.dev(id).ok_or(MetaError::NoDevice(id))?.children.len();
+        let p = self.dev(id).ok_or(MetaError::NoDevice(id))?;
+        let n = p.children.len();
+        // What the children that share `id`'s view read (a child that stopped reading
+        // through where `id` did not, or the other way round, has a view of its own).
+        let shared = p.table.resolved(chunk);
         let mut added = 0u64;
         let is_block = entry_to_block(entry).is_some() as u64;
         for i in 0..n {
@@ -177,7 +182,10 @@ impl Meta {
             let Some(d) = self.devices.get_mut(c as usize).and_then(Option::as_mut) else {
                 continue;
             };
-            if d.inoperative || d.table.get(chunk) != ENTRY_UNMAPPED {
+            if d.inoperative
+                || d.table.get(chunk) != ENTRY_UNMAPPED
+                || d.table.resolved(chunk) != shared
+            {
                 continue;
             }
             // Unmapped -> mapped: the inherited value is irrelevant.
@@ -186,7 +194,7 @@ impl Meta {
             d.mapped_blocks += is_block;
             added += 1;
             if !d.children.is_empty() {
-                self.propagate(c, chunk, entry);
+                self.propagate(c, chunk, entry, shared);
             }
         }
         self.total_entries += added;
@@ -204,13 +212,18 @@ impl Meta {
     /// that read through `id` there must resolve to the new entry. That changes something only
     /// where they resolved "origin" before: a copy of the origin chunk shared down by a
     /// snapshot about to change its view, or the origin's `ShareDown` in version 1 journals.
-    fn propagate(&mut self, id: u64, chunk: u64, value: u64) {
+    /// `before` is what `id` resolved to before: descendants that resolved to something else
+    /// (they stopped reading through elsewhere than `id`) keep their view.
+    fn propagate(&mut self, id: u64, chunk: u64, value: u64, before: u64) {
         let mut stack: Vec<u64> = self.dev(id).map(|d| d.children.clone()).unwrap_or_default();
         while let Some(e) = stack.pop() {
             let Some(d) = self.devices.get_mut(e as usize).and_then(Option::as_mut) else {
                 continue;
             };
-            if d.inoperative || d.table.get(chunk) != ENTRY_UNMAPPED {
+            if d.inoperative
+                || d.table.get(chunk) != ENTRY_UNMAPPED
+                || d.table.resolved(chunk) != before
+            {
                 continue;
             }
             d.table.set(chunk, ENTRY_UNMAPPED, value);
@@ -267,10 +280,37 @@ impl Meta {
     /// the origin's history, or sharing its parent's.
     pub(super) fn child_table(&mut self, parent: u64, otime: u64) -> Result<Table, MetaError> {
         Ok(if parent == ORIGIN_ID {
-            Table::for_origin_snapshot(otime)
+            // It reads through to the origin image as far as the origin reaches now.
+            let size = self.origin_size();
+            let through = match size {
+                0 => u64::MAX, // opening: sizes are set once the tree is built
+                s => self.chunks_of(s),
+            };
+            Table::for_origin_snapshot(otime, through, size)
         } else {
             self.dev_mut(parent)?.table.share()
         })
+    }
+
+    /// `Resize`: the device's new size. A smaller one also stops it reading through to the
+    /// origin past its new last chunk (what it read there was given to its children first,
+    /// and its blocks there were released: `resize.rs`). Records never name a chunk past
+    /// the largest size any device had.
+    fn resize_device(&mut self, dev: u64, size: u64) -> Result<(), MetaError> {
+        if size == 0 || !size.is_multiple_of(512) || size > 1 << 56 {
+            return Err(FormatError::Malformed("device size").into());
+        }
+        let chunks = self.chunks_of(size);
+        let d = self.dev_mut(dev)?;
+        let limit = if dev != ORIGIN_ID && size < d.table.size() {
+            chunks
+        } else {
+            u64::MAX
+        };
+        d.table.set_size(size, limit);
+        self.nchunks = self.nchunks.max(chunks);
+        self.sized = true;
+        Ok(())
     }
 
     pub(super) fn lineage_gained(&mut self, otime: u64, id: u64) {

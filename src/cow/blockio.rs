@@ -78,7 +78,7 @@ impl CacheObject {
     pub(super) fn write_origin(&self, pos: u64, len: u64, src: Src<'_>) -> Result<()> {
         match src {
             Src::Data(buf) => self.origin.write_at(buf, pos)?,
-            Src::Zeroes => self.origin.write_zeroes(pos, len)?,
+            Src::Zeroes | Src::Trim => self.origin.write_zeroes(pos, len)?,
             Src::Discard => self.origin.punch_hole(pos, len)?,
         }
         Ok(())
@@ -90,7 +90,9 @@ impl CacheObject {
         let pos = self.block_offset(b) + piece.inoff as u64;
         let written = match piece.src {
             Src::Data(buf) => self.cache.write_at(buf, pos),
-            Src::Zeroes | Src::Discard => self.cache.write_zeroes(pos, piece.len as u64),
+            Src::Zeroes | Src::Discard | Src::Trim => {
+                self.cache.write_zeroes(pos, piece.len as u64)
+            }
         };
         written.map_err(|e| self.cache_write_failed(e))
     }
@@ -112,9 +114,10 @@ impl CacheObject {
             return Ok(());
         }
         let clen = self.chunk_len(c);
-        // Aligned memory, and the block written in whole I/O blocks (a short last chunk
-        // rounded up within its block): direct I/O takes it as it is.
-        let mut buf = AlignedBuf::zeroed(self.cache_io_len(clen));
+        // Aligned memory, and the block written whole: past the origin image's end (its
+        // short last chunk, or a device grown past it) the block holds zeros, never what a
+        // freed block held before (a device grown later shows it: `resize.rs`).
+        let mut buf = AlignedBuf::zeroed(self.chunk_size as usize);
         match old {
             View::Origin => self.read_origin_view(c, &mut buf[..clen])?,
             View::Zero => {}
@@ -123,7 +126,7 @@ impl CacheObject {
         let range = piece.inoff..piece.inoff + piece.len;
         match piece.src {
             Src::Data(d) => buf[range].copy_from_slice(d),
-            Src::Zeroes | Src::Discard => buf[range].fill(0),
+            Src::Zeroes | Src::Discard | Src::Trim => buf[range].fill(0),
         }
         self.write_block(&buf, nb)?;
         self.counters.cow_fills.fetch_add(1, Ordering::Relaxed);
@@ -154,7 +157,8 @@ impl CacheObject {
     /// Copies the origin's chunk `c` into block `b`.
     pub(super) fn copy_origin_chunk(&self, c: u64, b: u64) -> Result<()> {
         let n = self.chunk_len(c);
-        let mut buf = AlignedBuf::zeroed(self.cache_io_len(n));
+        // The whole block: zeros past the image's end (see `fill_new_block`).
+        let mut buf = AlignedBuf::zeroed(self.chunk_size as usize);
         self.read_origin_view(c, &mut buf[..n])?;
         self.write_block(&buf, b)?;
         self.counters.copies.fetch_add(1, Ordering::Relaxed);

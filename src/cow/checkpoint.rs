@@ -9,6 +9,17 @@ impl Meta {
     /// Serializes the state for a checkpoint (format version 2).
     pub fn encode_checkpoint(&self) -> Vec<u8> {
         let mut e = Enc::default();
+        if self.sized {
+            // INCOMPAT_DEVICE_SIZES: the chunk bound and every device's size first.
+            e.u64(self.nchunks);
+            let devs: Vec<&Dev> = self.devices.iter().flatten().collect();
+            e.u64(devs.len() as u64);
+            for d in devs {
+                e.u64(d.id);
+                e.u64(d.table.size());
+                e.u64(d.table.through());
+            }
+        }
         e.u64(self.next_id);
         e.u64(self.clock);
         let devs: Vec<&Dev> = self.devices.iter().flatten().collect();
@@ -55,11 +66,32 @@ impl Meta {
         nchunks: u64,
         max_blocks: u64,
     ) -> Result<Self, MetaError> {
+        Self::decode_checkpoint_sized(buf, version, origin_copies, false, nchunks, max_blocks)
+    }
+
+    /// [`Meta::decode_checkpoint`] of a cache object whose devices may have sizes of their
+    /// own (`sized`: the checkpoint begins with them). Without, sizes are left for the caller
+    /// to set ([`Meta::init_sizes`]).
+    pub fn decode_checkpoint_sized(
+        buf: &[u8],
+        version: u32,
+        origin_copies: bool,
+        sized: bool,
+        nchunks: u64,
+        max_blocks: u64,
+    ) -> Result<Self, MetaError> {
         let v1 = version < 2;
         let mut m = Meta::new(nchunks, max_blocks);
         m.origin_copies = origin_copies;
+        m.sized = sized;
         m.devices.clear();
         let mut d = Dec::new(buf, "checkpoint");
+        let sizes = if sized {
+            m.nchunks = m.nchunks.max(d.u64()?);
+            decode_sizes(&mut d)?
+        } else {
+            Vec::new()
+        };
         m.next_id = d.u64()?;
         if !v1 {
             m.clock = d.u64()?;
@@ -78,6 +110,10 @@ impl Meta {
         }
         m.link_children()?;
         m.build_tables(v1, own_entries)?;
+        for (id, size, through) in sizes {
+            let dev = m.dev_mut(id)?;
+            dev.table.init_size(size, through);
+        }
         for (c, time, entry) in history {
             m.check_entry(c, entry)?;
             if entry_to_block(entry).is_none() {
@@ -211,6 +247,20 @@ impl Meta {
 
 /// Each device's own (chunk, entry) list, in checkpoint order.
 type OwnEntries = Vec<(u64, Vec<(u64, u64)>)>;
+
+/// Reads the devices' sizes: (id, size, first chunk not read through).
+fn decode_sizes(d: &mut Dec<'_>) -> Result<Vec<(u64, u64, u64)>, MetaError> {
+    let n = d.u64()?;
+    let mut v = Vec::new();
+    for _ in 0..n {
+        let (id, size, through) = (d.u64()?, d.u64()?, d.u64()?);
+        if size == 0 || !size.is_multiple_of(512) || size > 1 << 56 {
+            return Err(FormatError::Malformed("checkpoint device size").into());
+        }
+        v.push((id, size, through));
+    }
+    Ok(v)
+}
 
 /// Reads the origin's history: (chunk, stamp, entry) of every copy, in checkpoint order.
 fn decode_history(d: &mut Dec<'_>) -> Result<Vec<(u64, u64, u64)>, MetaError> {

@@ -143,8 +143,8 @@ pub struct CacheObject {
     pub(super) cache: Arc<dyn Storage>,
     pub(super) chunk_size: u64,
     pub(super) chunk_shift: u32,
-    pub(super) origin_size: u64,
-    pub(super) nchunks: u64,
+    /// The origin's size (its device's, kept here too for the origin's hot path).
+    pub(super) origin_size: AtomicU64,
     pub(super) data_offset: u64,
     pub(super) journal_size: u64,
     /// Warn below this many free bytes; `None`: 10% of the limit.
@@ -257,14 +257,24 @@ impl CacheObject {
         self.chunk_size
     }
 
-    /// Size of the origin and of every device, bytes.
+    /// Size of the origin, bytes.
+    #[inline]
     pub fn origin_size(&self) -> u64 {
-        self.origin_size
+        self.origin_size.load(Ordering::Acquire)
     }
 
+    /// Chunks of the origin image.
+    pub(super) fn origin_chunks(&self) -> u64 {
+        self.origin_size().div_ceil(self.chunk_size)
+    }
+
+    /// Bytes of the origin image in chunk `c` (0 past its end).
     #[inline]
     pub(super) fn chunk_len(&self, c: u64) -> usize {
-        (self.origin_size - (c << self.chunk_shift)).min(self.chunk_size) as usize
+        let start = c << self.chunk_shift;
+        self.origin_size()
+            .saturating_sub(start)
+            .min(self.chunk_size) as usize
     }
 
     #[inline]
@@ -287,13 +297,12 @@ impl CacheObject {
         self.state.write().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Checks a request's range against `size`, the device's size.
     #[inline]
-    pub(super) fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+    pub(super) fn check_range(&self, size: u64, offset: u64, len: u64) -> Result<()> {
         let ok = offset.is_multiple_of(SECTOR_SIZE)
             && len.is_multiple_of(SECTOR_SIZE)
-            && offset
-                .checked_add(len)
-                .is_some_and(|end| end <= self.origin_size);
+            && offset.checked_add(len).is_some_and(|end| end <= size);
         if ok && !self.failed.load(Ordering::Relaxed) {
             Ok(())
         } else if ok {

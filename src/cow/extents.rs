@@ -98,7 +98,7 @@ impl CacheObject {
     /// [`Source`] and depth, merged. Answers for a prefix of the range (all of it for the
     /// origin, whose view is its image; at most [`MAX_QUERY_CHUNKS`] chunks otherwise).
     pub fn extents(&self, dev: DeviceId, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        self.check_range(offset, len)?;
+        self.check_range(self.device_size(dev)?, offset, len)?;
         if len == 0 {
             return Ok(Vec::new());
         }
@@ -232,7 +232,7 @@ impl CacheObject {
     /// than [`CacheObject::extents`] (no depth, so no ancestors: lock-free loads only), for
     /// reads that send zero mappings as holes. Answers for a prefix, as runs, merged.
     pub fn zero_runs(&self, dev: DeviceId, offset: u64, len: u64) -> Result<Vec<(u64, u64, bool)>> {
-        self.check_range(offset, len)?;
+        self.check_range(self.device_size(dev)?, offset, len)?;
         if dev == DeviceId::ORIGIN && self.cor.is_none() {
             return Ok(vec![(offset, len, false)]);
         }
@@ -282,7 +282,9 @@ impl CacheObject {
     /// last shared it, and a snapshot reading a preserved copy differs from the origin image
     /// the copy was taken from. Answers for a prefix, as runs, merged.
     pub fn changed(&self, a: DeviceId, b: DeviceId, offset: u64, len: u64) -> Result<Vec<DiffRun>> {
-        self.check_range(offset, len)?;
+        // Within both devices (sizes may differ once one was resized).
+        let size = self.device_size(a)?.min(self.device_size(b)?);
+        self.check_range(size, offset, len)?;
         let registry = self.registry.load();
         let (sa, sb) = (
             Self::read_side(&registry, a.0)?,
@@ -317,7 +319,7 @@ impl CacheObject {
     /// write first gives every snapshot reading the image its own copy). Answers for a
     /// prefix: at most [`MAX_QUERY_CHUNKS`] chunks and [`MAX_HOLES`] holes.
     pub fn origin_holes(&self, dev: DeviceId, offset: u64, len: u64) -> Result<Holes> {
-        self.check_range(offset, len)?;
+        self.check_range(self.device_size(dev)?, offset, len)?;
         let limit = self.query_end(offset, len);
         let mut found = Holes {
             holes: Vec::new(),

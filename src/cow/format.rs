@@ -27,8 +27,12 @@ pub const JOURNAL_OFFSET: u64 = 2 * HEADER_SLOT_SIZE;
 /// own entries in checkpoints. A build that does not know it would read the origin's image
 /// where a local copy is meant, and would not know the record: it must refuse the file.
 pub const INCOMPAT_ORIGIN_COPIES: u64 = 1;
+/// Incompatible feature: devices have sizes of their own (`snapblk resize`). Journals may
+/// hold `Resize` records and checkpoints end with every device's size; an older build must
+/// refuse such a cache object rather than serve every device at the header's origin size.
+pub const INCOMPAT_DEVICE_SIZES: u64 = 2;
 /// Incompatible features this build understands.
-pub const KNOWN_INCOMPAT: u64 = INCOMPAT_ORIGIN_COPIES;
+pub const KNOWN_INCOMPAT: u64 = INCOMPAT_ORIGIN_COPIES | INCOMPAT_DEVICE_SIZES;
 /// Compatible feature: the growth limit also follows the host file system's free space (less
 /// a reserve); `max_size` only caps it. A build that does not know the flag uses `max_size`
 /// alone, which is safe: it only bounds block numbers.
@@ -300,6 +304,8 @@ pub enum Record {
     /// cache block holding its data, or zero (the image reads as zeros there). Valid for
     /// every device that reads the image at `chunk`, since the image never changes.
     OriginLocal { chunk: u64, entry: u64 },
+    /// The device's size is now `size` bytes (with [`INCOMPAT_DEVICE_SIZES`]).
+    Resize { dev: u64, size: u64 },
     /// Sets (or with `None` removes) a persistent per-device attribute.
     SetAttr {
         dev: u64,
@@ -354,6 +360,11 @@ impl Record {
                 e.u64(*chunk);
                 e.u64(*entry);
             }
+            Record::Resize { dev, size } => {
+                e.u8(9);
+                e.u64(*dev);
+                e.u64(*size);
+            }
             Record::SetAttr { dev, key, value } => {
                 e.u8(6);
                 e.u64(*dev);
@@ -403,6 +414,10 @@ impl Record {
             8 => Record::OriginLocal {
                 chunk: d.u64()?,
                 entry: d.u64()?,
+            },
+            9 => Record::Resize {
+                dev: d.u64()?,
+                size: d.u64()?,
             },
             _ => return Err(FormatError::Malformed("journal record")),
         })
@@ -627,6 +642,10 @@ mod tests {
             Record::OriginLocal {
                 chunk: 5,
                 entry: ENTRY_ZERO,
+            },
+            Record::Resize {
+                dev: 1,
+                size: 3 << 30,
             },
             Record::DeleteDevice { id: 1 },
         ];

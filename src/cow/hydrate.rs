@@ -186,11 +186,11 @@ fn hydrate_thread(engine: Weak<CacheObject>, stop: Arc<AtomicBool>, rate: u64) {
         let Some(cor) = eng.cor.as_deref() else {
             break Walked::Stopped;
         };
-        while c < eng.nchunks && cor.local(c) != ENTRY_UNMAPPED {
+        while c < eng.origin_chunks() && cor.local(c) != ENTRY_UNMAPPED {
             c += 1;
         }
-        eng.hydration_note(|i| i.position = (c << eng.chunk_shift).min(eng.origin_size));
-        if c >= eng.nchunks {
+        eng.hydration_note(|i| i.position = (c << eng.chunk_shift).min(eng.origin_size()));
+        if c >= eng.origin_chunks() {
             break Walked::Done;
         }
         match eng.hydrate_chunk(cor, c) {

@@ -27,6 +27,9 @@ pub struct DeviceInfo {
     pub parent: Option<u64>,
     pub writable: bool,
     pub state: DeviceState,
+    /// The device's size, bytes (each device has its own: `snapblk resize`).
+    #[serde(default)]
+    pub size: u64,
     /// Chunks whose data this device maps to a cache block (shared or not).
     pub mapped_chunks: u64,
     /// Chunks mapped to a block only this device uses.
@@ -229,6 +232,7 @@ impl CacheObject {
                     name: d.name.clone(),
                     parent: (d.parent != NO_PARENT).then_some(d.parent),
                     writable: d.writable,
+                    size: d.table.size(),
                     state: if d.inoperative {
                         DeviceState::Inoperative
                     } else if d.id == ORIGIN_ID && degraded {
@@ -326,7 +330,7 @@ impl CacheObject {
         let (blocks, entries) = m
             .dev(ORIGIN_ID)
             .map_or((0, 0), |d| (d.mapped_blocks, d.entries));
-        s.origin_chunks = m.nchunks;
+        s.origin_chunks = m.chunks_of(m.origin_size());
         s.origin_local_chunks = blocks;
         s.origin_zero_chunks = entries - blocks;
         s.origin_fetches = l(&n.fetches);
@@ -335,7 +339,7 @@ impl CacheObject {
         s.origin_fetches_not_kept = l(&n.not_kept);
         s.origin_fetch_errors = l(&n.errors);
         s.origin_fetch_waits = l(&n.waits);
-        s.hydrated_percent = (entries * 100).checked_div(m.nchunks).unwrap_or(0);
+        s.hydrated_percent = (entries * 100).checked_div(s.origin_chunks).unwrap_or(0);
         if let Some(h) = self.hydration() {
             s.hydration = h.state;
             s.hydration_rate = h.rate;
@@ -361,7 +365,7 @@ impl CacheObject {
         let j = lock(&self.journal);
         CacheInfo {
             chunk_size: self.chunk_size,
-            origin_size: self.origin_size,
+            origin_size: self.origin_size(),
             origin_tag: j.header.origin_tag.clone(),
             max_size: j.header.max_size,
             journal_size: self.journal_size,

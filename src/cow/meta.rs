@@ -59,7 +59,9 @@ impl Dev {
     pub(super) fn set_inoperative(&mut self) {
         self.inoperative = true;
         self.table.retire(ReadStatus::Inoperative);
+        let size = self.table.size();
         self.table = Table::default();
+        self.table.set_size(size, u64::MAX);
         self.table.retire(ReadStatus::Inoperative);
         self.mapped_blocks = 0;
         self.entries = 0;
@@ -117,7 +119,15 @@ pub enum MetaError {
 /// The whole metadata state.
 #[derive(Debug)]
 pub struct Meta {
+    /// Chunks a record may name: the most any device's size has needed (`resize.rs`).
     pub nchunks: u64,
+    /// The copy-on-write unit (0 in tests that build a `Meta` alone: sizes never change
+    /// there, and every device reads through everywhere).
+    pub chunk_size: u64,
+    /// Devices have sizes of their own
+    /// ([`INCOMPAT_DEVICE_SIZES`](super::format::INCOMPAT_DEVICE_SIZES)): checkpoints
+    /// carry them.
+    pub sized: bool,
     /// Blocks below the header's limit: records naming a block at or above it are refused.
     pub max_blocks: u64,
     /// Blocks below this may be allocated: `max_blocks`, except while a lower limit is being
@@ -158,6 +168,8 @@ impl Meta {
         let origin = Dev::new(ORIGIN_ID, NO_PARENT, "origin".into(), true, NO_OTIME);
         Self {
             nchunks,
+            chunk_size: 0,
+            sized: false,
             max_blocks,
             alloc_limit: max_blocks,
             devices: vec![Some(origin)],
@@ -235,7 +247,44 @@ impl Meta {
         View::of_entry(e)
     }
 
-    /// The read rule walked the slow way, to verify the flattened tables and the history.
+    /// Chunks of a device of `size` bytes.
+    pub fn chunks_of(&self, size: u64) -> u64 {
+        match self.chunk_size {
+            0 => self.nchunks,
+            cs => size.div_ceil(cs),
+        }
+    }
+
+    /// The origin's size, bytes.
+    pub fn origin_size(&self) -> u64 {
+        self.dev(ORIGIN_ID).map_or(0, |d| d.table.size())
+    }
+
+    /// Gives every device the origin's size, `origin_size`: a cache object whose devices have
+    /// no sizes of their own (made before resize, or never resized).
+    pub fn init_sizes(&mut self, origin_size: u64) {
+        let through = self.chunks_of(origin_size);
+        for d in self.devices.iter_mut().flatten() {
+            let t = if d.id == ORIGIN_ID { u64::MAX } else { through };
+            d.table.init_size(origin_size, t);
+        }
+    }
+
+    /// The least `through` of `id` and its ancestors: below it, every device on the way up
+    /// reads through where it is unmapped, and [`Meta::resolve_by_walk`] is the whole rule.
+    /// (From it on a device's view depends on when it grew or shrank, which the flattened
+    /// table records and a walk cannot know: `resize.rs`.)
+    pub fn walk_through(&self, mut id: u64) -> u64 {
+        let mut least = u64::MAX;
+        while let Some(d) = self.dev(id).filter(|_| id != ORIGIN_ID) {
+            least = least.min(d.table.through());
+            id = d.parent;
+        }
+        least
+    }
+
+    /// The read rule walked the slow way, to verify the flattened tables and the history
+    /// (below [`Meta::walk_through`]).
     pub fn resolve_by_walk(&self, mut id: u64, chunk: u64) -> View {
         let otime = self.dev(id).map_or(NO_OTIME, |d| d.otime);
         while id != ORIGIN_ID {
@@ -266,14 +315,25 @@ impl Meta {
         self.has_unmapped_child(id, chunk)
     }
 
-    /// Whether some operative child of `id` is unmapped at `chunk`.
+    /// Whether some operative child of `id` is unmapped at `chunk` and reads what `id` reads
+    /// there ([`Meta::shares_view`]).
     pub fn has_unmapped_child(&self, id: u64, chunk: u64) -> bool {
         self.dev(id).is_some_and(|d| {
             d.children.iter().any(|&c| {
                 self.dev(c)
-                    .is_some_and(|cd| !cd.inoperative && cd.table.get(chunk) == ENTRY_UNMAPPED)
+                    .is_some_and(|cd| Self::shares_view(d, cd, chunk))
             })
         })
+    }
+
+    /// Whether `child`, operative and unmapped at `chunk`, reads there what its parent reads.
+    /// It may not where one of them stops reading through to the origin below `chunk` and the
+    /// other does not (a device grown or shrunk since the child was taken): its view then is
+    /// its own, and a change of the parent's leaves it alone.
+    pub fn shares_view(parent: &Dev, child: &Dev, chunk: u64) -> bool {
+        !child.inoperative
+            && child.table.get(chunk) == ENTRY_UNMAPPED
+            && child.table.resolved(chunk) == parent.table.resolved(chunk)
     }
 
     pub fn refcount(&self, b: u64) -> u32 {

@@ -24,6 +24,7 @@
 //!   `direct.rs` (what a queue submitting its own direct I/O needs: the origin's descriptor,
 //!   leave for an origin write to bypass the engine) over `gate.rs` (the gate snapshot
 //!   creation closes on such writes),
+//!   `resize.rs` (device sizes at run time: grow, shrink, the origin image with them),
 //!   `cor.rs` (copy-on-read of a read-only origin: its local copies, one fetch per chunk)
 //!   over `origin_copies.rs` (its state: the fetch table, counters), `hydrate.rs` (fetching
 //!   the rest in the background).
@@ -55,6 +56,7 @@ mod open;
 mod origin_copies;
 mod read;
 mod recovery;
+mod resize;
 mod snapshots;
 mod space;
 mod table;
@@ -73,4 +75,5 @@ pub use info::{CacheInfo, DeviceInfo, DeviceState, Stats};
 pub use limit::{host_reserve, SizeLimit, AUTO_MAX_SIZE};
 pub use open::{CreateOptions, OpenOptions};
 pub use origin_copies::HydrationInfo;
+pub use resize::{Resized, MAX_DEVICE_SIZE};
 pub use waitlist::{OnFull, MAX_SPACE_WAITERS};

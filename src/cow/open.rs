@@ -4,8 +4,8 @@
 use super::engine::{CacheObject, Counters, Journal, State, CHUNK_EPOCH_SLOTS, STRIPES};
 use super::error::{CowError, Result};
 use super::format::{
-    Header, COMPAT_HOST_LIMIT, FORMAT_VERSION, INCOMPAT_ORIGIN_COPIES, JOURNAL_OFFSET, NO_BLOCK,
-    TXN_ALIGN,
+    Header, COMPAT_HOST_LIMIT, FORMAT_VERSION, INCOMPAT_DEVICE_SIZES, INCOMPAT_ORIGIN_COPIES,
+    JOURNAL_OFFSET, NO_BLOCK, TXN_ALIGN,
 };
 use super::hostroom::HostRoom;
 use super::meta::ORIGIN_ID;
@@ -142,6 +142,7 @@ impl CacheObject {
         let cs = header.chunk_size;
         let tail = JournalTail::new(cache.as_ref(), &recovered.journal, recovered.pos);
         let mut meta = recovered.meta;
+        let origin_size = settle_origin_size(origin.as_ref(), &header, meta.origin_size())?;
         if cache.fixed_size() {
             // A block device holds what it holds, whatever limit the header names: no block
             // past its end is ever handed out.
@@ -165,8 +166,7 @@ impl CacheObject {
             cache,
             chunk_size: cs,
             chunk_shift: cs.trailing_zeros(),
-            origin_size: header.origin_size,
-            nchunks: header.origin_size.div_ceil(cs),
+            origin_size: AtomicU64::new(origin_size),
             data_offset: header.data_offset,
             journal_size: header.journal_size,
             low_space_setting: opts.low_space_threshold.filter(|&t| t != 0),
@@ -276,7 +276,10 @@ fn check_origin(
     opts: &OpenOptions,
     fingerprint: bool,
 ) -> Result<()> {
-    if origin.size() != header.origin_size {
+    // A resized origin's size is in the metadata: checked once it is recovered
+    // (`settle_origin_size`).
+    let sized = header.incompat & INCOMPAT_DEVICE_SIZES != 0;
+    if !sized && origin.size() != header.origin_size {
         return Err(CowError::WrongOrigin(format!(
             "origin is {} bytes, cache object was made for {} bytes",
             origin.size(),
@@ -321,6 +324,36 @@ fn check_origin(
         }
     }
     Ok(())
+}
+
+/// The origin's size as recorded, `recorded`, against the image's: an image file longer than
+/// recorded was being grown or shrunk by a resize that a crash interrupted (the file grows
+/// before the bigger size is committed, and is cut after the smaller one is): the recorded
+/// size stands and the file is cut back to it (what lies past it was never part of the
+/// device). A block device may be larger (grown before a resize); a shorter image is refused.
+fn settle_origin_size(origin: &dyn Storage, header: &Header, recorded: u64) -> Result<u64> {
+    let now = origin.size();
+    if header.incompat & INCOMPAT_DEVICE_SIZES == 0 || now == recorded {
+        return Ok(recorded);
+    }
+    if now < recorded {
+        return Err(CowError::WrongOrigin(format!(
+            "origin is {now} bytes, the cache object records it as {recorded} bytes"
+        )));
+    }
+    if !origin.fixed_size() {
+        match origin.set_size(recorded) {
+            Ok(()) => log::info!(
+                "origin image cut back from {now} to its recorded size, {recorded} bytes \
+                 (a resize was interrupted)"
+            ),
+            Err(e) => log::warn!(
+                "origin image is {now} bytes, recorded as {recorded}: serving {recorded} \
+                 bytes (cannot cut it back: {e})"
+            ),
+        }
+    }
+    Ok(recorded)
 }
 
 /// Raises the growth limit to `max_size` in the header, durably.

@@ -22,10 +22,10 @@ impl CacheObject {
         offset: u64,
         bufs: &mut [std::io::IoSliceMut<'_>],
     ) -> Result<()> {
-        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-        self.check_range(offset, len)?;
         // An origin copied on read is read chunk by chunk, from its local copies.
         if dev == DeviceId::ORIGIN && self.cor.is_none() {
+            let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+            self.check_range(self.origin_size(), offset, len)?;
             self.origin.read_vectored_at(bufs, offset)?;
             return Ok(());
         }
@@ -41,13 +41,14 @@ impl CacheObject {
     /// chunk's stripe lock shared and no engine-wide lock: the device and its mapping are found
     /// by lock-free loads (registry, then the device's page tree).
     pub fn read(&self, dev: DeviceId, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.check_range(offset, buf.len() as u64)?;
         if let (DeviceId::ORIGIN, Some(cor)) = (dev, self.cor.as_deref()) {
+            self.check_range(self.origin_size(), offset, buf.len() as u64)?;
             return self.read_origin_device(cor, offset, buf);
         }
         // A guard, not an `Arc` clone: no shared counter for concurrent readers to contend on.
         let registry = self.registry.load();
         let side = Self::read_side(&registry, dev.0)?;
+        self.check_range(side.size(), offset, buf.len() as u64)?;
         let mut done = 0usize;
         // Bytes a read-only origin's local copies served (counted once, at the end).
         let mut local = 0u64;
@@ -92,13 +93,19 @@ impl CacheObject {
         Ok(())
     }
 
+    /// Size of device `dev`, bytes (each device has its own: `resize.rs`).
+    pub fn device_size(&self, dev: DeviceId) -> Result<u64> {
+        if dev == DeviceId::ORIGIN {
+            return Ok(self.origin_size());
+        }
+        let registry = self.registry.load();
+        Ok(side_of(&registry, dev.0)?.size())
+    }
+
     /// The read side of `dev` in a loaded registry.
     #[inline]
     pub(super) fn read_side(registry: &[Option<Arc<ReadSide>>], dev: u64) -> Result<&ReadSide> {
-        registry
-            .get(dev as usize)
-            .and_then(Option::as_deref)
-            .ok_or(CowError::NoDevice(DeviceId(dev)))
+        side_of(registry, dev)
     }
 
     #[inline]
@@ -120,6 +127,15 @@ impl CacheObject {
             e => View::of_entry(e),
         }
     }
+}
+
+/// The read side of `dev` in a loaded registry.
+#[inline]
+pub(super) fn side_of(registry: &[Option<Arc<ReadSide>>], dev: u64) -> Result<&ReadSide> {
+    registry
+        .get(dev as usize)
+        .and_then(Option::as_deref)
+        .ok_or(CowError::NoDevice(DeviceId(dev)))
 }
 
 #[cfg(test)]

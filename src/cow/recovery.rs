@@ -14,8 +14,8 @@
 use super::error::{corrupt, CowError, Result};
 use super::format::{
     decode_ckpt_block, parse_txn_header, txn_len, verify_txn, FormatError, Header, Record,
-    HEADER_SLOT_SIZE, INCOMPAT_ORIGIN_COPIES, JOURNAL_OFFSET, NO_BLOCK, TXN_ALIGN, TXN_HEADER,
-    TXN_WRAP,
+    HEADER_SLOT_SIZE, INCOMPAT_DEVICE_SIZES, INCOMPAT_ORIGIN_COPIES, JOURNAL_OFFSET, NO_BLOCK,
+    TXN_ALIGN, TXN_HEADER, TXN_WRAP,
 };
 use super::meta::Meta;
 use super::metaio::read_journal;
@@ -148,13 +148,19 @@ pub(crate) fn replay(cache: &dyn Storage, h: &Header, ckpt: Checkpoint) -> Resul
     let max_blocks = (h.max_size - h.data_offset) / h.chunk_size;
     let Checkpoint { bytes, blocks } = ckpt;
     let origin_copies = h.incompat & INCOMPAT_ORIGIN_COPIES != 0;
+    // The flag is set together with a checkpoint that holds the sizes (`resize.rs`).
+    let sized = h.incompat & INCOMPAT_DEVICE_SIZES != 0;
     let mut meta = if h.ckpt_block == NO_BLOCK {
         let mut m = Meta::new(nchunks, max_blocks);
         m.origin_copies = origin_copies;
         m
     } else {
-        Meta::decode_checkpoint(&bytes, h.version, origin_copies, nchunks, max_blocks)?
+        Meta::decode_checkpoint_sized(&bytes, h.version, origin_copies, sized, nchunks, max_blocks)?
     };
+    meta.chunk_size = h.chunk_size;
+    if !meta.sized {
+        meta.init_sizes(h.origin_size);
+    }
     let js = h.journal_size;
     // The file always holds the whole journal (create sizes it to the data offset): a header
     // naming a journal past the end of the file is damaged, and its size must not size a

@@ -108,8 +108,16 @@ impl CacheObject {
         }
         let registry = self.registry.load_full();
         let side = Self::read_side(&registry, from.0)?;
+        if side.size() != self.origin_size() {
+            return Err(CowError::InvalidOption(format!(
+                "the snapshot is {} bytes and the origin {}: resize the origin to the \
+                 snapshot's size first",
+                side.size(),
+                self.origin_size()
+            )));
+        }
         let mut buf = AlignedBuf::zeroed(self.chunk_size as usize);
-        for c in 0..self.nchunks {
+        for c in 0..self.origin_chunks() {
             let _stripe = self
                 .stripe(c)
                 .write()

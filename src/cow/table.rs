@@ -1,7 +1,7 @@
 //! The lock-free page tree of a remap table: [`Table`] (what the engine's state changes) and
 //! [`ReadSide`] (what readers load without any engine-wide lock).
 
-use super::format::ENTRY_UNMAPPED;
+use super::format::{ENTRY_UNMAPPED, ENTRY_ZERO};
 use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -105,14 +105,44 @@ pub struct ReadSide {
     /// The device's snapshot time: which of the origin's preserved copies it reads where it
     /// reads through to the origin (see [`super::history`]).
     otime: u64,
+    /// Chunks from this one on never read through to the origin: where the device maps
+    /// nothing there it reads zeros (its size grew past what it inherited; `resize.rs`). Only
+    /// lowered, by a shrink.
+    through: AtomicU64,
+    /// The device's size in bytes, loaded by every request's bounds check.
+    size: AtomicU64,
 }
 
 impl ReadSide {
-    fn new(tree: Arc<Tree>, otime: u64) -> Self {
+    fn new(tree: Arc<Tree>, otime: u64, through: u64, size: u64) -> Self {
         Self {
             tree: ArcSwap::new(tree),
             status: AtomicU8::new(ReadStatus::Active as u8),
             otime,
+            through: AtomicU64::new(through),
+            size: AtomicU64::new(size),
+        }
+    }
+
+    /// The device's size, bytes.
+    #[inline]
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// The first chunk that no longer reads through to the origin.
+    #[inline]
+    pub fn through(&self) -> u64 {
+        self.through.load(Ordering::Relaxed)
+    }
+
+    /// `entry` as read at `chunk`: unmapped past `through` reads zeros.
+    #[inline]
+    fn clamp(&self, chunk: u64, entry: u64) -> u64 {
+        if entry == ENTRY_UNMAPPED && chunk >= self.through() {
+            ENTRY_ZERO
+        } else {
+            entry
         }
     }
 
@@ -126,7 +156,7 @@ impl ReadSide {
     /// sound only while the caller holds `chunk`'s stripe lock (see [`Table`]).
     #[inline]
     pub fn resolved(&self, chunk: u64) -> u64 {
-        self.tree.load().entry(chunk)
+        self.clamp(chunk, self.tree.load().entry(chunk))
     }
 
     /// Whether the device may be read. Once not active, a read side never changes again.
@@ -173,7 +203,7 @@ pub struct Table {
 
 impl Default for Table {
     fn default() -> Self {
-        Self::with_tree(Arc::default(), NO_OTIME)
+        Self::with_tree(Arc::default(), NO_OTIME, u64::MAX, 0)
     }
 }
 
@@ -204,9 +234,9 @@ fn set_bit(bits: &mut Vec<u64>, i: u64) {
 }
 
 impl Table {
-    fn with_tree(tree: Arc<Tree>, otime: u64) -> Self {
+    fn with_tree(tree: Arc<Tree>, otime: u64, through: u64, size: u64) -> Self {
         Self {
-            side: Arc::new(ReadSide::new(tree.clone(), otime)),
+            side: Arc::new(ReadSide::new(tree.clone(), otime, through, size)),
             tree,
             own: Vec::new(),
             writable: Vec::new(),
@@ -217,12 +247,64 @@ impl Table {
     /// page before changing it: the other one reads it too.
     pub fn share(&mut self) -> Self {
         self.writable.clear();
-        Self::with_tree(self.tree.clone(), self.side.otime)
+        let side = &self.side;
+        Self::with_tree(self.tree.clone(), side.otime, side.through(), side.size())
     }
 
-    /// An empty table of a snapshot of the origin taken at snapshot time `otime`.
-    pub fn for_origin_snapshot(otime: u64) -> Self {
-        Self::with_tree(Arc::default(), otime)
+    /// An empty table of a snapshot of the origin taken at snapshot time `otime`, of `size`
+    /// bytes, reading through to the origin below chunk `through`.
+    pub fn for_origin_snapshot(otime: u64, through: u64, size: u64) -> Self {
+        Self::with_tree(Arc::default(), otime, through, size)
+    }
+
+    /// The device's size, bytes.
+    #[inline]
+    pub fn size(&self) -> u64 {
+        self.side.size()
+    }
+
+    /// Sets the device's size; a smaller one also stops it reading through to the origin from
+    /// chunk `through_limit` on.
+    pub fn set_size(&mut self, size: u64, through_limit: u64) {
+        self.side.size.store(size, Ordering::Release);
+        self.side
+            .through
+            .fetch_min(through_limit, Ordering::Relaxed);
+    }
+
+    /// The first chunk that no longer reads through to the origin.
+    #[inline]
+    pub fn through(&self) -> u64 {
+        self.side.through()
+    }
+
+    /// Sets size and `through` as recorded (opening a cache object).
+    pub fn init_size(&mut self, size: u64, through: u64) {
+        self.side.size.store(size, Ordering::Release);
+        self.side.through.store(through, Ordering::Relaxed);
+    }
+
+    /// The chunks from `from` on whose resolved entries (own or inherited) are cache blocks.
+    pub fn blocks_from(&self, from: u64) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (gi, g) in self.tree.0.iter().enumerate() {
+            let Some(g) = g else { continue };
+            for (si, p) in g.0.iter().enumerate() {
+                let Some(p) = p else { continue };
+                let base = (((gi << GROUP_SHIFT) + si) << PAGE_SHIFT) as u64;
+                if base + PAGE as u64 <= from {
+                    continue;
+                }
+                for i in 0..PAGE {
+                    let c = base + i as u64;
+                    let e = p.get(i);
+                    if c >= from && e != ENTRY_UNMAPPED && e != ENTRY_ZERO {
+                        out.push(c);
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// The snapshot time of the device.
@@ -245,7 +327,7 @@ impl Table {
     /// What a read of this device at `chunk` returns (ENTRY_UNMAPPED = the origin image).
     #[inline]
     pub fn resolved(&self, chunk: u64) -> u64 {
-        self.tree.entry(chunk)
+        self.side.clamp(chunk, self.tree.entry(chunk))
     }
 
     /// The device's own entry at `chunk` (ENTRY_UNMAPPED if it reads through).
@@ -272,7 +354,7 @@ impl Table {
         } else {
             entry
         };
-        if self.resolved(chunk) == value {
+        if self.tree.entry(chunk) == value {
             return;
         }
         let pi = chunk >> PAGE_SHIFT;

@@ -58,7 +58,11 @@ impl CacheObject {
             }
         }
         for d in m.devices.iter().flatten().filter(|d| !d.inoperative) {
-            for c in 0..m.nchunks {
+            // Within the device (what it resolves past its end is never shown: a resize
+            // zeroes it first) and where the walk is the whole rule (`Meta::walk_through`):
+            // all of it for a cache object never resized.
+            let end = m.chunks_of(d.table.size()).min(m.nchunks);
+            for c in 0..end.min(m.walk_through(d.id)) {
                 if m.resolve(d.id, c) != m.resolve_by_walk(d.id, c) {
                     return Err(corrupt(format!(
                         "device {} chunk {c}: flattened table {:?}, walk {:?}",

@@ -34,6 +34,9 @@ pub(super) enum Src<'a> {
     Data(&'a [u8]),
     Zeroes,
     Discard,
+    /// Zeroes a resize writes where the device's old end left data it must not show
+    /// (`resize.rs`): allowed on a read-only device, whose view past its end is not data.
+    Trim,
 }
 
 impl<'a> Src<'a> {
@@ -144,7 +147,19 @@ impl CacheObject {
     /// Changes `[offset, offset+len)` of `dev` to what `src` says, chunk by chunk (origin
     /// writes spanning chunks are batched: their copies share one commit).
     fn change(&self, dev: DeviceId, offset: u64, len: u64, src: Src<'_>) -> Result<()> {
-        self.check_range(offset, len)?;
+        self.check_range(self.device_size(dev)?, offset, len)?;
+        self.change_unchecked(dev, offset, len, src)
+    }
+
+    /// [`Self::change`] without the bounds check: a resize zeroes what lies past a device's
+    /// end before the new size is recorded (`resize.rs`).
+    pub(super) fn change_unchecked(
+        &self,
+        dev: DeviceId,
+        offset: u64,
+        len: u64,
+        src: Src<'_>,
+    ) -> Result<()> {
         if dev == DeviceId::ORIGIN && self.cor.is_some() {
             // A remote origin is read-only: its local copies stand for an image that never
             // changes.
@@ -266,10 +281,12 @@ impl CacheObject {
     }
 
     /// The state lock, for a change of `dev`'s view: `dev` exists, is operative and writable.
-    fn lock_for_write(&self, dev: u64) -> Result<StateGuard<'_>> {
+    /// The state lock for a write to `dev`: refused for a read-only device unless `trim`
+    /// (a resize's zeroes past its end).
+    fn lock_for_write(&self, dev: u64, trim: bool) -> Result<StateGuard<'_>> {
         let st = self.write_state();
         Self::check_dev(&st.meta, dev)?;
-        if st.meta.dev(dev).is_some_and(|d| !d.writable) {
+        if !trim && st.meta.dev(dev).is_some_and(|d| !d.writable) {
             return Err(CowError::ReadOnly(DeviceId(dev)));
         }
         Ok(st)
@@ -298,7 +315,8 @@ impl CacheObject {
             // A read-only origin's local copy is the old view itself: shared, not copied.
             drop(st);
             let entry = self.origin_entry_for_readers(cor, c)?;
-            let mut st = self.lock_for_write(dev)?;
+            // Writability was checked when the write began, and never changes.
+            let mut st = self.lock_for_write(dev, true)?;
             if st.meta.view_shared(dev, c) {
                 st.log(Record::ShareDown {
                     dev,
@@ -391,7 +409,7 @@ impl CacheObject {
     fn plan_origin_chunk(&self, c: u64) -> Result<OriginPlan> {
         let mut space_retried = false;
         loop {
-            let st = self.lock_for_write(ORIGIN_ID)?;
+            let st = self.lock_for_write(ORIGIN_ID, false)?;
             match self.preserve_for_readers(st, ORIGIN_ID, c, &mut space_retried)? {
                 Readers::Served(st, preserved) => {
                     // Also wait for any delete or inoperative marking not yet durable: it may
@@ -422,10 +440,12 @@ impl CacheObject {
     /// them: after a commit that frees blocks (once) or makes durable a record an in-place
     /// write must wait for, or when a child appears while the state lock is dropped.
     fn write_snapshot_chunk(&self, dev: u64, piece: Piece<'_>) -> Result<()> {
-        let full = piece.inoff == 0 && piece.len == self.chunk_len(piece.c);
+        // A whole chunk: a device's short last chunk takes the fill, so that what lies past its
+        // end in the block is its old view (zeros past the image), never a freed block's data.
+        let full = piece.inoff == 0 && piece.len as u64 == self.chunk_size;
         let mut space_retried = false;
         loop {
-            let st = self.lock_for_write(dev)?;
+            let st = self.lock_for_write(dev, matches!(piece.src, Src::Trim))?;
             // A snapshot's own change needs none of step 1's records durable first: it never
             // writes in place into a block its readers were just given (that block has another
             // user now), and records become durable in the order they were logged.

@@ -69,8 +69,9 @@ impl CowDevice {
 }
 
 impl BlockDevice for CowDevice {
+    /// The device's size now: a resize changes it (an atomic load).
     fn capacity(&self) -> u64 {
-        self.engine.origin_size()
+        self.engine.device_size(self.id).unwrap_or(0)
     }
 
     fn writes_may_wait(&self) -> bool {

@@ -340,6 +340,14 @@ impl Storage for FileStorage {
         self.file.sync_data()
     }
 
+    fn refresh_size(&self) -> io::Result<u64> {
+        if self.geometry.block_device {
+            let size = crate::sys::blockdev::size(self.file.as_fd())?;
+            self.size.store(size, Ordering::Relaxed);
+        }
+        Ok(self.size())
+    }
+
     fn set_size(&self, size: u64) -> io::Result<()> {
         if self.geometry.block_device {
             return self.within_device(size);

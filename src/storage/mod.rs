@@ -120,6 +120,12 @@ pub trait Storage: Send + Sync {
         self.logical_block_size()
     }
 
+    /// Reads the size again (a block device grown or shrunk by its administrator since it was
+    /// opened: `lvextend`, `losetup -c`) and returns it.
+    fn refresh_size(&self) -> io::Result<u64> {
+        Ok(self.size())
+    }
+
     /// The store's size cannot change (a block device): its size is all the room it has.
     fn fixed_size(&self) -> bool {
         false

@@ -11,6 +11,7 @@
 use super::dirty::DirtyLog;
 use super::guest::{GuestMem, WorkerMem};
 use super::handover::{Entry, Handover, Rings};
+use super::backend_channel::BackendChannel;
 use super::memory::WorkerMemory;
 use super::queue::{QueueContext, QueueWorker};
 use super::request::{MemoryFaults, RequestContext};
@@ -22,6 +23,7 @@ use crate::virtio_blk::{self, ConfigSpace, Limits};
 use log::{debug, warn};
 use std::io;
 use std::mem::ManuallyDrop;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -91,6 +93,10 @@ pub struct BlkBackend {
     /// Which of this connection's rings run; the rings of only one connection of the device
     /// run at a time (`handover.rs`).
     rings: Rings,
+    /// The socket the connection came in on (to find its backend request channel).
+    socket: OnceLock<PathBuf>,
+    /// The backend request channel, once the frontend gave one (`BACKEND_REQ`).
+    channel: Mutex<Option<BackendChannel>>,
 }
 
 /// A counter on cache lines of its own: every queue's worker writes `busy` at every event, and
@@ -154,12 +160,38 @@ impl BlkBackend {
             memory_faulted: AtomicBool::new(false),
             quiescing: AtomicBool::new(false),
             busy: OwnLine::default(),
+            socket: OnceLock::new(),
+            channel: Mutex::new(None),
         })
     }
 
     /// Gives the backend its connection's vrings (see `vring::collect_created`).
     pub(super) fn attach_vrings(&self, vrings: Vec<Arc<VringLink>>) {
         let _ = self.vrings.set(vrings);
+    }
+
+    /// Tells the backend the socket its connection came in on.
+    pub(super) fn attach_socket(&self, path: PathBuf) {
+        let _ = self.socket.set(path);
+    }
+
+    /// The device's size changed: tells the frontend (config-change message on the backend
+    /// request channel), which reads the config space again. Whether it could be told.
+    pub fn config_changed(&self) -> bool {
+        let channel = self.channel.lock().unwrap_or_else(|p| p.into_inner());
+        match channel.as_ref().map(BackendChannel::config_changed) {
+            Some(Ok(())) => true,
+            Some(Err(e)) => {
+                warn!("cannot tell the frontend the device changed size: {e}");
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// The limits with the device's size now (a resize changes it while connected).
+    fn live_limits(&self) -> Limits {
+        self.limits.with_capacity(self.device.capacity())
     }
 
     /// Gives the backend the means to end its connection.
@@ -276,7 +308,7 @@ impl BlkBackend {
 
     fn config(&self) -> ConfigSpace {
         virtio_blk::config_space(
-            &self.limits,
+            &self.live_limits(),
             self.opts.num_queues,
             self.writeback.load(Ordering::Relaxed),
             self.device
@@ -290,7 +322,7 @@ impl BlkBackend {
         QueueContext {
             request: RequestContext {
                 device: &*self.device,
-                limits: &self.limits,
+                limits: self.live_limits(),
                 id: &self.id,
                 writeback: &self.writeback,
                 logging: &self.logging,
@@ -388,6 +420,27 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    fn set_backend_req_fd(&self, backend: vhost::vhost_user::Backend) {
+        // `backend` keeps the channel's socket open while we look for it; we keep our own
+        // duplicate (see `backend_channel.rs`).
+        let found = match self.socket.get() {
+            Some(path) => BackendChannel::find(path),
+            None => Err(io::Error::other("no socket path")),
+        };
+        drop(backend);
+        match found {
+            Ok(ch) => {
+                debug!("backend request channel set up");
+                *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = Some(ch);
+            }
+            Err(e) => warn!(
+                "backend request channel not usable ({e}): the frontend will not be told of a \
+                 resize until it reconnects"
+            ),
+        }
     }
 
     fn reset_device(&self) {

@@ -35,6 +35,8 @@ pub(super) struct Service {
     pub sched: Arc<Scheduler>,
     /// Which connection's rings run (shared by the device's connections).
     pub handover: Arc<Handover>,
+    /// The socket it is served on.
+    pub socket: Option<std::path::PathBuf>,
 }
 
 /// One connection: dropping it makes sure no worker is, or will be, blocked on a frontend fd,
@@ -60,6 +62,9 @@ impl Connection {
             &service.handover,
         );
         let backend = Arc::new(backend.map_err(ServeError::Setup)?);
+        if let Some(path) = &service.socket {
+            backend.attach_socket(path.clone());
+        }
         let (daemon, vrings) =
             collect_created(|| VhostUserDaemon::new(name.to_string(), backend.clone(), frontend));
         let daemon = match daemon {
@@ -147,6 +152,7 @@ mod tests {
             },
             sched: Arc::new(Scheduler::default()),
             handover: Arc::default(),
+            socket: None,
         }
     }
 

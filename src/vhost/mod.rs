@@ -14,11 +14,13 @@
 //! - `vring`: the vrings, whose kick and call fds a frontend cannot make us block on.
 //! - `memory`: the guest memory the workers see, once a frontend's table passed its checks.
 //! - `queue`: draining a ring and notifying the driver.
-//! - `backend`: the `VhostUserBackend` of one connection.
+//! - `backend`: the `VhostUserBackend` of one connection; `backend_channel`: its backend
+//!   request channel, for config-change messages (a resize).
 //! - `connection`: one connection built, watched and torn down, releasing all it made.
 //! - `server`: the listener loop, connection after connection.
 
 mod backend;
+mod backend_channel;
 mod connection;
 mod dirty;
 mod error;

@@ -24,7 +24,8 @@ use vm_memory::{Bytes, Permissions};
 #[derive(Clone, Copy)]
 pub(super) struct RequestContext<'a> {
     pub device: &'a dyn BlockDevice,
-    pub limits: &'a Limits,
+    /// The limits, with the device's size when the batch began (a resize changes it).
+    pub limits: Limits,
     /// The GET_ID answer.
     pub id: &'a [u8; ID_BYTES],
     /// Write-back cache enabled; the driver may turn it off at any time (config space).
@@ -100,7 +101,7 @@ impl InFlight {
     ) {
         self.head = chain.head_index();
         self.took = Duration::ZERO;
-        let parsed = self.request.parse(chain, &**mem, ctx.limits);
+        let parsed = self.request.parse(chain, &**mem, &ctx.limits);
         // What the parse read may be garbage: guest memory vanished under it.
         let faulted = guest_faults::take_thread_fault();
         match parsed {

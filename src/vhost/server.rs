@@ -155,6 +155,7 @@ impl DeviceServer {
         let stats = Arc::new(ConnectionStats::default());
         let thread = {
             let (stop, stats, name) = (stop.clone(), stats.clone(), name.to_string());
+            let socket = path.to_path_buf();
             std::thread::Builder::new()
                 .name(format!("serve-{name}"))
                 .spawn(move || {
@@ -163,6 +164,7 @@ impl DeviceServer {
                         opts,
                         sched,
                         handover: Arc::new(Handover::default()),
+                        socket: Some(socket),
                     };
                     serve_loop(&name, Listener::from(listener), &service, &stop, &stats)
                 })
@@ -210,6 +212,15 @@ impl DeviceServer {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Tells the connected frontends, if any (two during a migration's handover), that the
+    /// device's config space changed (its size). Whether one was told.
+    pub fn config_changed(&self) -> bool {
+        let connections = self.stop.lock();
+        connections
+            .iter()
+            .fold(false, |told, f| f.backend.config_changed() | told)
     }
 }
 
