@@ -33,6 +33,7 @@
 //! - `journal` (a `Mutex`) serializes commits; waiters for a commit that covers their change
 //!   return without doing I/O (group commit, `commit.rs`).
 
+use super::copyouts::CopyOuts;
 use super::error::{CowError, DeviceId, Result};
 use super::format::{entry_to_block, Enc, Header, Record, ENTRY_UNMAPPED};
 use super::gate::DirectGate;
@@ -180,6 +181,8 @@ pub struct CacheObject {
     /// Origin writes bypassing the engine, and snapshot creations holding them off
     /// (`gate.rs`, `direct.rs`).
     pub(super) direct_gate: Arc<DirectGate>,
+    /// Origin copy-outs in flight, which a commit waits (briefly) to gather (`copyouts.rs`).
+    pub(super) copy_outs: CopyOuts,
     /// Copy-on-read of a read-only origin (`cor.rs`): `None` for a local origin image, whose
     /// reads go straight to it.
     pub(super) cor: Option<Box<CopyOnRead>>,

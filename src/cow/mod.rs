@@ -12,7 +12,8 @@
 //!   `open.rs` (create, open), `recovery.rs` (header slots, checkpoint chain, journal replay,
 //!   damage detection: shared with the checker), `read.rs` (the read path), `write.rs` (the
 //!   write rule), `space.rs` (block allocation, the cache-full rule), `commit.rs` (group
-//!   commit, checkpoints, flush), `snapshots.rs` (create, delete, restore, attributes),
+//!   commit, checkpoints, flush) over `copyouts.rs` (the copy-outs a commit waits to gather),
+//!   `snapshots.rs` (create, delete, restore, attributes),
 //!   `info.rs` (device listings, stats), `extents.rs` (block-status queries: sources and
 //!   depths of a device's chunks, where two devices differ, the origin's holes),
 //!   `verify.rs` (the in-memory verifier), `blockio.rs`
@@ -37,6 +38,7 @@ mod blockio;
 pub mod check;
 mod checkpoint;
 mod commit;
+mod copyouts;
 mod cor;
 mod direct;
 mod engine;

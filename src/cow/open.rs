@@ -1,6 +1,7 @@
 //! Creating and opening a cache object: option validation, the first header, the origin's
 //! identity check, raising the growth limit, and the engine built from what recovery found.
 
+use super::copyouts::CopyOuts;
 use super::engine::{CacheObject, Counters, Journal, State, CHUNK_EPOCH_SLOTS, STRIPES};
 use super::error::{CowError, Result};
 use super::format::{
@@ -209,6 +210,7 @@ impl CacheObject {
             waits: SpaceWaits::default(),
             resizing: Mutex::new(()),
             direct_gate: Arc::default(),
+            copy_outs: CopyOuts::default(),
         })
     }
 }
