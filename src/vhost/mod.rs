@@ -6,7 +6,8 @@
 //! `request` → `guest`; `backend` also uses `memory`, and `backend` and `queue` use `vring`.
 //! - `guest`: guest buffers as host iovecs that own their memory (the only raw-pointer code).
 //! - `request`: one request, from parse to its single completion step.
-//! - `sched`: the batching policy and the thread pools, owned by the daemon ([`Scheduler`]).
+//! - `sched`: the batching policy and the thread pools, owned by the daemon ([`Scheduler`]);
+//!   `iopool`: the I/O pool its batches run on (threads that park when idle).
 //! - `vring`: the vrings, whose kick and call fds a frontend cannot make us block on.
 //! - `memory`: the guest memory the workers see, once a frontend's table passed its checks.
 //! - `queue`: draining a ring and notifying the driver.
@@ -18,6 +19,7 @@ mod backend;
 mod connection;
 mod error;
 mod guest;
+mod iopool;
 mod memory;
 mod pipeline;
 mod queue;

@@ -17,7 +17,6 @@ use super::uring::{Op, Ring};
 use crate::cow::OriginWriteTicket;
 use crate::device::{BlockDevice, IoCounters};
 use crate::virtio_blk::RequestKind;
-use rayon::prelude::*;
 use std::collections::VecDeque;
 use std::io;
 use virtio_queue::{Queue, QueueT};
@@ -191,12 +190,9 @@ impl Pipeline {
             .filter(|(i, _)| stage[*i] == Stage::Run)
             .collect();
         match sched.io_pool() {
-            Some(pool) if n > 1 => pool.install(|| {
-                slots
-                    .par_iter_mut()
-                    .with_max_len(1)
-                    .for_each(|(_, slot)| slot.run(ctx, mem, false))
-            }),
+            Some(pool) if n > 1 => {
+                pool.for_each_mut(&mut slots, |(_, slot)| slot.run(ctx, mem, false))
+            }
             _ => slots
                 .iter_mut()
                 .for_each(|(_, slot)| slot.run(ctx, mem, false)),
