@@ -42,6 +42,7 @@ use super::hostroom::HostRoom;
 use super::meta::{Meta, ReadSide};
 use super::metaio::JournalTail;
 use super::origin_copies::CopyOnRead;
+use super::prealloc::Prealloc;
 use super::waitlist::SpaceWaits;
 use crate::storage::{Storage, SECTOR_SIZE};
 use arc_swap::ArcSwap;
@@ -183,6 +184,8 @@ pub struct CacheObject {
     pub(super) direct_gate: Arc<DirectGate>,
     /// Origin copy-outs in flight, which a commit waits (briefly) to gather (`copyouts.rs`).
     pub(super) copy_outs: CopyOuts,
+    /// Space for new data blocks taken ahead of their writes, under direct I/O (`prealloc.rs`).
+    pub(super) prealloc: Prealloc,
     /// Copy-on-read of a read-only origin (`cor.rs`): `None` for a local origin image, whose
     /// reads go straight to it.
     pub(super) cor: Option<Box<CopyOnRead>>,

@@ -18,6 +18,7 @@
 //!   depths of a device's chunks, where two devices differ, the origin's holes),
 //!   `verify.rs` (the in-memory verifier), `blockio.rs`
 //!   (data-block I/O of the write path; the host refusing a write is a space failure),
+//!   `prealloc.rs` (space for new blocks taken ahead of their writes under direct I/O),
 //!   `limit.rs` (the growth limit: fixed or following the host file system; resize),
 //!   `hostroom.rs` (what the host file system has room for), `waits.rs` (the on-full policy:
 //!   writes waiting for space; waiting for low space) over `waitlist.rs` (the waiting room),
@@ -55,6 +56,7 @@ pub mod meta;
 mod metaio;
 mod open;
 mod origin_copies;
+mod prealloc;
 mod read;
 mod recovery;
 mod snapshots;

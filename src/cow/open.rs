@@ -12,6 +12,7 @@ use super::hostroom::HostRoom;
 use super::meta::ORIGIN_ID;
 use super::metaio::{write_header, JournalTail};
 use super::origin_copies::CopyOnRead;
+use super::prealloc::Prealloc;
 use super::recovery::{read_header, recover};
 use super::waitlist::SpaceWaits;
 use crate::storage::{Fingerprint, Storage, SECTOR_SIZE};
@@ -211,6 +212,7 @@ impl CacheObject {
             resizing: Mutex::new(()),
             direct_gate: Arc::default(),
             copy_outs: CopyOuts::default(),
+            prealloc: Prealloc::default(),
         })
     }
 }
