@@ -38,9 +38,13 @@ struct Batch {
     panicked: bool,
 }
 
+/// A job run on its own, its caller not waiting for it (`IoPool::spawn`).
+pub(super) type Detached = Box<dyn FnOnce() + Send>;
+
 #[derive(Default)]
 struct Jobs {
     batches: Vec<Batch>,
+    detached: std::collections::VecDeque<Detached>,
     next_id: u64,
     shutdown: bool,
 }
@@ -105,6 +109,18 @@ impl Shared {
                     drop(jobs);
                     self.run_item(id, work, i)
                 }
+                None if !jobs.detached.is_empty() => {
+                    let job = jobs.detached.pop_front();
+                    drop(jobs);
+                    if let Some(job) = job {
+                        let was = IN_BATCH.with(|b| b.replace(true));
+                        if catch_unwind(AssertUnwindSafe(job)).is_err() {
+                            log::error!("a job on the I/O pool panicked");
+                        }
+                        IN_BATCH.with(|b| b.set(was));
+                    }
+                    self.lock()
+                }
                 None => self.work.wait(jobs).unwrap_or_else(PoisonError::into_inner),
             };
         }
@@ -133,6 +149,12 @@ impl IoPool {
             pool.threads.push(t);
         }
         Ok(pool)
+    }
+
+    /// Runs `job` on a thread of the pool, not waiting for it (it says itself when it is done).
+    pub(super) fn spawn(&self, job: Detached) {
+        self.shared.lock().detached.push_back(job);
+        self.shared.work.notify_one();
     }
 
     /// Runs `f` on every item, side by side on the pool's threads and this one; returns when

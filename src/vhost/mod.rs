@@ -22,6 +22,7 @@ mod guest;
 mod iopool;
 mod memory;
 mod pipeline;
+mod pooled;
 mod queue;
 mod request;
 mod sched;
