@@ -55,6 +55,15 @@ enum Backend {
     QsdDefault,
     /// qsd with Linux AIO (`aio=native`, which needs `cache.direct=on`) and an iothread.
     QsdNative,
+    /// The `-raw` twins of the three qsd backends: the raw image itself even under
+    /// `--snapshot` (where the others serve a qcow2 overlay), so the cost of a snapshot shows.
+    QsdFastRaw,
+    QsdDefaultRaw,
+    QsdNativeRaw,
+    /// snapblk serving a writable snapshot of the origin, taken just before each run on a
+    /// fresh cache object (its writes are first touches: fill a new block from the origin),
+    /// the like-for-like of a qcow2 overlay.
+    SnapblkWsnap,
 }
 
 impl Backend {
@@ -65,7 +74,39 @@ impl Backend {
             Backend::QsdFast => "qsd-fast",
             Backend::QsdDefault => "qsd-default",
             Backend::QsdNative => "qsd-native",
+            Backend::QsdFastRaw => "qsd-fast-raw",
+            Backend::QsdDefaultRaw => "qsd-default-raw",
+            Backend::QsdNativeRaw => "qsd-native-raw",
+            Backend::SnapblkWsnap => "snapblk-wsnap",
         }
+    }
+
+    /// A snapblk daemon (any build, origin or writable snapshot).
+    fn is_snapblk(self) -> bool {
+        matches!(
+            self,
+            Backend::Snapblk | Backend::SnapblkBase | Backend::SnapblkWsnap
+        )
+    }
+
+    /// The qsd configuration behind a `-raw` twin (itself for the others).
+    fn qsd_kind(self) -> Backend {
+        match self {
+            Backend::QsdFastRaw => Backend::QsdFast,
+            Backend::QsdDefaultRaw => Backend::QsdDefault,
+            Backend::QsdNativeRaw => Backend::QsdNative,
+            other => other,
+        }
+    }
+
+    /// Whether this qsd backend serves a qcow2 overlay of the image when `snapshot` is asked
+    /// (`--snapshot`): qsd-fast, qsd-default and qsd-native, not their `-raw` twins.
+    fn qsd_overlay(self, snapshot: bool) -> bool {
+        snapshot
+            && matches!(
+                self,
+                Backend::QsdFast | Backend::QsdDefault | Backend::QsdNative
+            )
     }
 
     fn parse(s: &str) -> Result<Backend, String> {
@@ -75,9 +116,14 @@ impl Backend {
             "qsd-fast" => Ok(Backend::QsdFast),
             "qsd-default" => Ok(Backend::QsdDefault),
             "qsd-native" => Ok(Backend::QsdNative),
+            "qsd-fast-raw" => Ok(Backend::QsdFastRaw),
+            "qsd-default-raw" => Ok(Backend::QsdDefaultRaw),
+            "qsd-native-raw" => Ok(Backend::QsdNativeRaw),
+            "snapblk-wsnap" => Ok(Backend::SnapblkWsnap),
             other => Err(format!(
-                "unknown backend {other:?} (expected snapblk, snapblk-base, qsd-fast, \
-                 qsd-default, qsd-native)"
+                "unknown backend {other:?} (expected snapblk, snapblk-base, snapblk-wsnap, \
+                 qsd-fast, qsd-default, qsd-native, qsd-fast-raw, qsd-default-raw, \
+                 qsd-native-raw)"
             )),
         }
     }
@@ -178,9 +224,24 @@ usage: cargo bench --bench vs_qsd -- [OPTIONS] [FILTER]
                     rounds' ratios follow the table (default 3; env VS_QSD_ROUNDS)
   --direct          direct I/O: snapblk --direct; qsd cache.direct=on (qsd-fast: aio=io_uring,
                     qsd-native: aio=native, both with an iothread) (env VS_QSD_DIRECT=1)
-  --snapshot        snapblk serves its origin with a snapshot taken just before each run, on
-                    a fresh cache object (writes are first touches: copy-out); qsd serves the
-                    raw image as always (env VS_QSD_SNAPSHOT=1)
+  --snapshot        a snapshot present, taken just before each run (writes are first
+                    touches): snapblk serves its origin with a fresh read-only snapshot of it
+                    (fresh cache object; an origin write copies the old 64 KiB chunk out,
+                    syncs it and its mapping, then overwrites the origin); qsd-fast,
+                    qsd-native and qsd-default serve a fresh qcow2 overlay of the image
+                    (cluster_size 64 KiB, same aio and cache mode for both files; a write
+                    copies the cluster from the image into the overlay, metadata written
+                    back lazily, synced on FLUSH), the external-snapshot equivalent; the
+                    qsd-*-raw backends keep serving the raw image (the cost of a snapshot)
+                    (env VS_QSD_SNAPSHOT=1)
+
+backends: snapblk, snapblk-base (env SNAPBLK_BASE_BIN), snapblk-wsnap (snapblk serving a
+  writable snapshot of the origin taken just before each run on a fresh cache object, with or
+  without --snapshot: its first writes fill a new block from the origin, the like-for-like of
+  a qcow2 overlay), qsd-fast (aio=io_uring, iothread), qsd-native (aio=native, iothread,
+  always cache.direct=on), qsd-default (thread pool AIO, no iothread), and
+  qsd-fast-raw, qsd-native-raw, qsd-default-raw (the same on the raw image even under
+  --snapshot)
 
 cells: 4k-randread-qd1, 4k-randread-qd32, 4k-randwrite-qd32, 1m-seqread-qd8, each /q1 and /q2
 env SNAPBLK_BIN overrides the snapblk binary (default: the one cargo built for this bench);
@@ -348,80 +409,113 @@ fn snapblk_base_bin() -> Option<PathBuf> {
     std::env::var_os("SNAPBLK_BASE_BIN").map(PathBuf::from)
 }
 
-fn daemon_command(backend: Backend, img: &Path, sock: &Path, nq: usize) -> Command {
-    let img = img.display();
-    let sock_s = sock.display();
+/// The command that starts `backend` serving `img` (or, for a qsd backend given `overlay`,
+/// that qcow2 overlay of `img`) on `sock` with `nq` queues.
+fn daemon_command(
+    backend: Backend,
+    img: &Path,
+    sock: &Path,
+    nq: usize,
+    overlay: Option<&Path>,
+) -> Command {
+    let direct = DIRECT.load(Ordering::Relaxed);
+    if !backend.is_snapblk() {
+        return qsd_command(backend.qsd_kind(), img, sock, nq, overlay);
+    }
+    let bin = match backend {
+        Backend::SnapblkBase => snapblk_base_bin().unwrap_or_default(),
+        _ => snapblk_bin(),
+    };
+    let mut c = Command::new(bin);
+    c.arg("serve")
+        .arg("--origin")
+        .arg(img)
+        .arg("--socket")
+        .arg(sock)
+        .arg("--num-queues")
+        .arg(nq.to_string())
+        .arg("--control")
+        .arg(sock.with_extension("ctl"));
+    if direct {
+        c.arg("--direct");
+    }
+    if let Ok(extra) = std::env::var("VS_QSD_SNAPBLK_ARGS") {
+        c.args(extra.split_whitespace());
+    }
+    c
+}
+
+/// qemu-storage-daemon as `kind` (qsd-fast, qsd-native or qsd-default) serving `img`, or a
+/// qcow2 `overlay` backed by it (both files opened alike: same AIO engine and cache mode).
+fn qsd_command(
+    kind: Backend,
+    img: &Path,
+    sock: &Path,
+    nq: usize,
+    overlay: Option<&Path>,
+) -> Command {
     let direct = DIRECT.load(Ordering::Relaxed);
     let cache_direct = if direct { "on" } else { "off" };
-    match backend {
-        Backend::Snapblk | Backend::SnapblkBase => {
-            let bin = match backend {
-                Backend::SnapblkBase => snapblk_base_bin().unwrap_or_default(),
-                _ => snapblk_bin(),
-            };
-            let mut c = Command::new(bin);
-            c.arg("serve")
-                .arg("--origin")
-                .arg(img.to_string())
-                .arg("--socket")
-                .arg(sock)
-                .arg("--num-queues")
-                .arg(nq.to_string())
-                .arg("--control")
-                .arg(sock.with_extension("ctl"));
-            if direct {
-                c.arg("--direct");
-            }
-            if let Ok(extra) = std::env::var("VS_QSD_SNAPBLK_ARGS") {
-                c.args(extra.split_whitespace());
-            }
-            c
-        }
-        Backend::QsdFast => {
-            // qsd 10's vhost-user-blk export takes a single `iothread` (a string in the QMP
-            // schema; the `iothread.N=` list syntax is rejected), so all queues share io0.
-            let mut c = Command::new("qemu-storage-daemon");
-            c.args(["--object", "iothread,id=io0"])
-                .arg("--blockdev")
-                .arg(format!(
-                    "driver=file,node-name=f0,filename={img},aio=io_uring,\
-                     cache.direct={cache_direct}"
-                ))
-                .arg("--export")
-                .arg(format!(
-                    "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,\
-                     addr.path={sock_s},writable=on,num-queues={nq},iothread=io0"
-                ));
-            c
-        }
-        Backend::QsdNative => {
-            let mut c = Command::new("qemu-storage-daemon");
-            c.args(["--object", "iothread,id=io0"])
-                .arg("--blockdev")
-                .arg(format!(
-                    "driver=file,node-name=f0,filename={img},aio=native,cache.direct=on"
-                ))
-                .arg("--export")
-                .arg(format!(
-                    "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,\
-                     addr.path={sock_s},writable=on,num-queues={nq},iothread=io0"
-                ));
-            c
-        }
-        Backend::QsdDefault => {
-            let mut c = Command::new("qemu-storage-daemon");
+    // qsd 10's vhost-user-blk export takes a single `iothread` (a string in the QMP schema;
+    // the `iothread.N=` list syntax is rejected), so all queues share io0.
+    let (opts, iothread) = match kind {
+        Backend::QsdFast => (format!("aio=io_uring,cache.direct={cache_direct}"), true),
+        // Linux AIO needs cache.direct=on.
+        Backend::QsdNative => ("aio=native,cache.direct=on".to_string(), true),
+        _ => (format!("cache.direct={cache_direct}"), false),
+    };
+    let mut c = Command::new("qemu-storage-daemon");
+    if iothread {
+        c.args(["--object", "iothread,id=io0"]);
+    }
+    let img = img.display();
+    match overlay {
+        Some(ovl) => {
             c.arg("--blockdev")
                 .arg(format!(
-                    "driver=file,node-name=f0,filename={img},cache.direct={cache_direct}"
+                    "driver=file,node-name=base-file,filename={img},{opts},read-only=on"
                 ))
-                .arg("--export")
+                .arg("--blockdev")
+                .arg("driver=raw,node-name=base,file=base-file,read-only=on")
+                .arg("--blockdev")
                 .arg(format!(
-                    "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,\
-                     addr.path={sock_s},writable=on,num-queues={nq}"
-                ));
-            c
+                    "driver=file,node-name=ovl-file,filename={},{opts}",
+                    ovl.display()
+                ))
+                .arg("--blockdev")
+                .arg("driver=qcow2,node-name=f0,file=ovl-file,backing=base");
+        }
+        None => {
+            c.arg("--blockdev")
+                .arg(format!("driver=file,node-name=f0,filename={img},{opts}"));
         }
     }
+    let iothread = if iothread { ",iothread=io0" } else { "" };
+    c.arg("--export").arg(format!(
+        "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on,\
+         num-queues={nq}{iothread}",
+        sock.display()
+    ));
+    c
+}
+
+/// A fresh qcow2 overlay of `img` at `ovl`, its clusters as large as snapblk's chunks.
+fn create_overlay(img: &Path, ovl: &Path) -> Result<(), String> {
+    let _ = std::fs::remove_file(ovl);
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-b"])
+        .arg(img)
+        .args(["-F", "raw", "-o", "cluster_size=65536"])
+        .arg(ovl)
+        .output()
+        .map_err(|e| format!("qemu-img: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "qemu-img create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
 }
 
 fn tail(path: &Path, lines: usize) -> String {
@@ -467,10 +561,11 @@ impl Daemon {
         dir: &Path,
         nq: usize,
         seq: usize,
+        overlay: Option<&Path>,
     ) -> Result<Daemon, String> {
         let sock = dir.join(format!("{}-{seq}.sock", backend.name()));
         let log = dir.join(format!("{}-{seq}.log", backend.name()));
-        spawn_daemon(daemon_command(backend, img, &sock, nq), sock, log)
+        spawn_daemon(daemon_command(backend, img, &sock, nq, overlay), sock, log)
     }
 
     /// utime + stime of the whole daemon process (all threads), in seconds.
@@ -862,19 +957,38 @@ fn run_one(
     cell: usize,
 ) -> Result<Measured, String> {
     let (cfg, img) = (ctx.cfg, ctx.img);
-    let snapblk = matches!(backend, Backend::Snapblk | Backend::SnapblkBase);
+    let wsnap = backend == Backend::SnapblkWsnap;
+    let snap = backend.is_snapblk() && (cfg.snapshot || wsnap);
     let cache = {
         let mut name = img.file_name().unwrap_or_default().to_os_string();
         name.push(".cache");
         img.with_file_name(name)
     };
-    if cfg.snapshot && snapblk {
+    if snap {
         // A fresh cache object each run: every chunk's first write copies it out.
         let _ = std::fs::remove_file(&cache);
     }
-    let mut daemon = Daemon::start(backend, img, ctx.dir, nq, seq)?;
-    if cfg.snapshot && snapblk {
-        take_snapshot(&daemon).map_err(|e| format!("{e}\n{}", daemon.log_tail()))?;
+    // qsd's snapshot: a fresh qcow2 overlay each run (first writes copy clusters from the
+    // image), removed after the run.
+    let overlay = RemoveOnDrop(
+        backend
+            .qsd_overlay(cfg.snapshot)
+            .then(|| ctx.dir.join(format!("overlay-{seq}.qcow2"))),
+    );
+    if let Some(ovl) = &overlay.0 {
+        create_overlay(img, ovl)?;
+    }
+    let mut daemon = Daemon::start(backend, img, ctx.dir, nq, seq, overlay.0.as_deref())?;
+    let ctl = daemon.sock.with_extension("ctl");
+    if snap {
+        // snapblk-wsnap drives its writable snapshot; the others their origin.
+        let serve = wsnap.then(|| ctx.dir.join(format!("wsnap-{seq}.sock")));
+        take_snapshot(&daemon, serve.as_deref())
+            .map_err(|e| format!("{e}\n{}", daemon.log_tail()))?;
+        if let Some(sock) = serve {
+            // Stopping the daemon removes this socket.
+            daemon.sock = sock;
+        }
     }
     let read_only = w.pattern != Pattern::RandWrite;
     let mut client = connect(&mut daemon, nq, nq * w.qd * w.bs as usize, read_only)?;
@@ -941,6 +1055,14 @@ fn run_one(
     // Disconnect before the daemon goes away, then check it did not die under us.
     drop(client);
     daemon.check_alive()?;
+    if snap && w.pattern == Pattern::RandWrite {
+        println!(
+            "# run {seq} ({}, {}/q{nq}): {}",
+            backend.name(),
+            w.name,
+            cow_counters(&ctl)
+        );
+    }
     daemon.stop();
     if w.pattern == Pattern::RandWrite {
         // Flush the dirtied page cache now, outside any measured window, so that writeback
@@ -956,13 +1078,51 @@ fn run_one(
     })
 }
 
-/// Takes snapshot `s` of a snapblk daemon's origin (not served) over its control socket.
-fn take_snapshot(daemon: &Daemon) -> Result<(), String> {
+/// A snapblk daemon's copy-on-write counters (warm-up included): how many chunks were copied
+/// out or filled, and in how many commits.
+fn cow_counters(ctl: &Path) -> String {
+    let out = Command::new(snapblk_bin())
+        .args(["stats", "--json", "--control"])
+        .arg(ctl)
+        .output();
+    let stats: Option<serde_json::Value> = out
+        .ok()
+        .and_then(|o| serde_json::from_slice(&o.stdout).ok());
+    match stats {
+        Some(st) => {
+            let k = &st["cache"];
+            format!(
+                "copies {} cow_fills {} commits {} data_syncs_skipped {}",
+                k["copies"], k["cow_fills"], k["commits"], k["data_syncs_skipped"]
+            )
+        }
+        None => "no stats".to_string(),
+    }
+}
+
+/// A file removed when this goes (a run's qcow2 overlay).
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Takes snapshot `s` of a snapblk daemon's origin over its control socket: read-only and
+/// not served, or writable and served on `serve`.
+fn take_snapshot(daemon: &Daemon, serve: Option<&Path>) -> Result<(), String> {
     let deadline = Instant::now() + CONNECT_TIMEOUT;
     loop {
-        let out = Command::new(snapblk_bin())
-            .args(["snapshot", "create", "s", "--control"])
-            .arg(daemon.sock.with_extension("ctl"))
+        let mut cmd = Command::new(snapblk_bin());
+        cmd.args(["snapshot", "create", "s", "--control"])
+            .arg(daemon.sock.with_extension("ctl"));
+        if let Some(sock) = serve {
+            cmd.arg("--writable").arg("--socket").arg(sock);
+        }
+        let out = cmd
             .output()
             .map_err(|e| format!("snapblk snapshot create: {e}"))?;
         if out.status.success() {
@@ -1066,7 +1226,11 @@ fn main() {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
 
-    if cfg.backends.contains(&Backend::Snapblk) && !snapblk_bin().is_file() {
+    let uses_snapblk_bin = cfg
+        .backends
+        .iter()
+        .any(|b| matches!(b, Backend::Snapblk | Backend::SnapblkWsnap));
+    if uses_snapblk_bin && !snapblk_bin().is_file() {
         eprintln!(
             "vs_qsd: snapblk binary {} not found (cargo bench builds it; or set SNAPBLK_BIN)",
             snapblk_bin().display()
@@ -1079,10 +1243,7 @@ fn main() {
         eprintln!("vs_qsd: backend snapblk-base needs SNAPBLK_BASE_BIN, the other snapblk binary");
         std::process::exit(2);
     }
-    let uses_qsd = cfg
-        .backends
-        .iter()
-        .any(|b| !matches!(b, Backend::Snapblk | Backend::SnapblkBase));
+    let uses_qsd = cfg.backends.iter().any(|b| !b.is_snapblk());
     if uses_qsd
         && Command::new("qemu-storage-daemon")
             .arg("--version")
@@ -1133,7 +1294,7 @@ fn main() {
         cfg.secs,
         cfg.warmup
     );
-    if cfg.backends.contains(&Backend::Snapblk) {
+    if uses_snapblk_bin {
         println!("# snapblk: {}", snapblk_bin().display());
     }
     if let (true, Some(base)) = (
@@ -1155,7 +1316,9 @@ fn main() {
             "page cache (cache.direct=off)"
         },
         if cfg.snapshot {
-            "; snapblk's origin has a snapshot taken just before each run (first-touch writes)"
+            "; snapshot before each run (first-touch writes): snapblk's origin has a fresh \
+             read-only snapshot, qsd-fast/-native/-default serve a fresh qcow2 overlay \
+             (64 KiB clusters) of the image, qsd-*-raw the raw image"
         } else {
             ""
         }

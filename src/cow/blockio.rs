@@ -13,6 +13,7 @@ use super::engine::CacheObject;
 use super::error::{CowError, Result};
 use super::meta::View;
 use super::metaio::io_block;
+use super::prealloc::WINDOW_BYTES;
 use super::write::{Piece, Src};
 use crate::storage::AlignedBuf;
 use std::io;
@@ -55,6 +56,14 @@ impl CacheObject {
 
     /// Writes `buf` at the start of block `b`.
     pub(super) fn write_block(&self, buf: &[u8], b: u64) -> Result<()> {
+        if !self.cache.io_align().is_none() {
+            // Direct I/O: space for new blocks taken a window ahead (`prealloc.rs`).
+            let window = WINDOW_BYTES / self.chunk_size;
+            self.prealloc.prepare(b, window, |from, upto| {
+                let len = (upto - from) * self.chunk_size;
+                self.cache.allocate(self.block_offset(from), len)
+            });
+        }
         match self.cache.write_at(buf, self.block_offset(b)) {
             Ok(()) => {
                 self.cache_write_ok();

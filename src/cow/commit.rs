@@ -2,6 +2,7 @@
 //! the header after them), releasing the blocks whose unmapping became durable, and FLUSH.
 //! The ordering argument is in docs/engine.md, "Durability: ordering and group commit".
 
+use super::copyouts::GROUP_WAIT;
 use super::engine::{lock, CacheObject, Journal, State};
 use super::error::{CowError, DeviceId, Result};
 use super::format::{
@@ -41,6 +42,8 @@ impl CacheObject {
         if !sync_data && self.durable_epoch.load(Ordering::Acquire) >= epoch {
             return Ok(());
         }
+        // Copy-outs running beside this one join this commit rather than the next one.
+        self.copy_outs.wait_idle(GROUP_WAIT);
         let (released, _) = self.commit_with(&mut j, false)?;
         drop(j);
         self.release_blocks(released);

@@ -33,6 +33,7 @@
 //! - `journal` (a `Mutex`) serializes commits; waiters for a commit that covers their change
 //!   return without doing I/O (group commit, `commit.rs`).
 
+use super::copyouts::CopyOuts;
 use super::error::{CowError, DeviceId, Result};
 use super::format::{entry_to_block, Enc, Header, Record, ENTRY_UNMAPPED};
 use super::gate::DirectGate;
@@ -41,6 +42,7 @@ use super::hostroom::HostRoom;
 use super::meta::{Meta, ReadSide};
 use super::metaio::JournalTail;
 use super::origin_copies::CopyOnRead;
+use super::prealloc::Prealloc;
 use super::waitlist::SpaceWaits;
 use crate::storage::{Storage, SECTOR_SIZE};
 use arc_swap::ArcSwap;
@@ -180,6 +182,10 @@ pub struct CacheObject {
     /// Origin writes bypassing the engine, and snapshot creations holding them off
     /// (`gate.rs`, `direct.rs`).
     pub(super) direct_gate: Arc<DirectGate>,
+    /// Origin copy-outs in flight, which a commit waits (briefly) to gather (`copyouts.rs`).
+    pub(super) copy_outs: CopyOuts,
+    /// Space for new data blocks taken ahead of their writes, under direct I/O (`prealloc.rs`).
+    pub(super) prealloc: Prealloc,
     /// Copy-on-read of a read-only origin (`cor.rs`): `None` for a local origin image, whose
     /// reads go straight to it.
     pub(super) cor: Option<Box<CopyOnRead>>,

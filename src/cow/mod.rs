@@ -12,11 +12,13 @@
 //!   `open.rs` (create, open), `recovery.rs` (header slots, checkpoint chain, journal replay,
 //!   damage detection: shared with the checker), `read.rs` (the read path), `write.rs` (the
 //!   write rule), `space.rs` (block allocation, the cache-full rule), `commit.rs` (group
-//!   commit, checkpoints, flush), `snapshots.rs` (create, delete, restore, attributes),
+//!   commit, checkpoints, flush) over `copyouts.rs` (the copy-outs a commit waits to gather),
+//!   `snapshots.rs` (create, delete, restore, attributes),
 //!   `info.rs` (device listings, stats), `extents.rs` (block-status queries: sources and
 //!   depths of a device's chunks, where two devices differ, the origin's holes),
 //!   `verify.rs` (the in-memory verifier), `blockio.rs`
 //!   (data-block I/O of the write path; the host refusing a write is a space failure),
+//!   `prealloc.rs` (space for new blocks taken ahead of their writes under direct I/O),
 //!   `limit.rs` (the growth limit: fixed or following the host file system; resize),
 //!   `hostroom.rs` (what the host file system has room for), `waits.rs` (the on-full policy:
 //!   writes waiting for space; waiting for low space) over `waitlist.rs` (the waiting room),
@@ -38,6 +40,7 @@ mod blockio;
 pub mod check;
 mod checkpoint;
 mod commit;
+mod copyouts;
 mod cor;
 mod direct;
 mod engine;
@@ -54,6 +57,7 @@ pub mod meta;
 mod metaio;
 mod open;
 mod origin_copies;
+mod prealloc;
 mod read;
 mod recovery;
 mod resize;

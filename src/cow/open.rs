@@ -1,6 +1,7 @@
 //! Creating and opening a cache object: option validation, the first header, the origin's
 //! identity check, raising the growth limit, and the engine built from what recovery found.
 
+use super::copyouts::CopyOuts;
 use super::engine::{CacheObject, Counters, Journal, State, CHUNK_EPOCH_SLOTS, STRIPES};
 use super::error::{CowError, Result};
 use super::format::{
@@ -11,6 +12,7 @@ use super::hostroom::HostRoom;
 use super::meta::ORIGIN_ID;
 use super::metaio::{write_header, JournalTail};
 use super::origin_copies::CopyOnRead;
+use super::prealloc::Prealloc;
 use super::recovery::{read_header, recover};
 use super::waitlist::SpaceWaits;
 use crate::storage::{Fingerprint, Storage, SECTOR_SIZE};
@@ -209,6 +211,8 @@ impl CacheObject {
             waits: SpaceWaits::default(),
             resizing: Mutex::new(()),
             direct_gate: Arc::default(),
+            copy_outs: CopyOuts::default(),
+            prealloc: Prealloc::default(),
         })
     }
 }

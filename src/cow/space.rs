@@ -25,6 +25,7 @@ impl CacheObject {
             return None;
         };
         Self::took_block(st);
+        self.prealloc.note_cap(st.meta.max_blocks);
         if std::mem::take(&mut st.full_logged) {
             log::info!("cache object has free space again");
         }

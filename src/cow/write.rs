@@ -362,6 +362,8 @@ impl CacheObject {
         nb: u64,
         space_retried: &mut bool,
     ) -> Result<Readers<'a>> {
+        // Counted until its record is logged: a commit meanwhile waits to take it along.
+        let _in_flight = self.copy_outs.begin();
         drop(st);
         let copied = self.copy_origin_chunk(c, nb);
         let mut st = self.write_state();

@@ -10,7 +10,8 @@
 //! - `dirty`: the dirty-page log of a live migration, and the marks the workers make in it.
 //! - `handover`: which connection's rings run (a migration's source, then its destination).
 //! - `request`: one request, from parse to its single completion step.
-//! - `sched`: the batching policy and the thread pools, owned by the daemon ([`Scheduler`]).
+//! - `sched`: the batching policy and the thread pools, owned by the daemon ([`Scheduler`]);
+//!   `iopool`: the I/O pool its batches run on (threads that park when idle).
 //! - `vring`: the vrings, whose kick and call fds a frontend cannot make us block on.
 //! - `memory`: the guest memory the workers see, once a frontend's table passed its checks.
 //! - `queue`: draining a ring and notifying the driver.
@@ -26,8 +27,10 @@ mod dirty;
 mod error;
 mod guest;
 mod handover;
+mod iopool;
 mod memory;
 mod pipeline;
+mod pooled;
 mod queue;
 mod request;
 mod sched;

@@ -11,15 +11,16 @@
 //! rule, `queue.rs`): [`Pipeline::answered`] gives only the answered ones at the front.
 
 use super::guest::GuestMemGuard;
+use super::pooled::{PoolRuns, Settle};
 use super::request::{InFlight, RequestContext, Start};
 use super::sched::Scheduler;
 use super::uring::{Op, Ring};
 use crate::cow::OriginWriteTicket;
 use crate::device::{BlockDevice, IoCounters};
 use crate::virtio_blk::RequestKind;
-use rayon::prelude::*;
 use std::collections::VecDeque;
 use std::io;
+use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 
 /// Where a slot's request is.
@@ -28,6 +29,8 @@ enum Stage {
     Free,
     /// Popped, to run through the device.
     Run,
+    /// Running through the device on the I/O pool (`pooled.rs`): not to be touched.
+    Pooled,
     /// Its transfer is in the ring.
     InRing,
     /// A flush, waiting for the requests popped before it.
@@ -60,6 +63,12 @@ pub(super) struct Pipeline {
     /// The most transfers in the ring at once, as last raised in the device's counters
     /// (`stats`: the queue depth reaching the device).
     peak: usize,
+    /// Requests running through the device on the I/O pool.
+    pooled: Arc<PoolRuns>,
+    /// Their slots once done, reused.
+    pool_done: Vec<usize>,
+    /// Slots on the pool, done or not, not yet answered.
+    on_pool: usize,
 }
 
 impl Pipeline {
@@ -78,6 +87,9 @@ impl Pipeline {
             flush_pending: false,
             reaped: Vec::with_capacity(ring.len()),
             peak: 0,
+            pooled: PoolRuns::new()?,
+            pool_done: Vec::with_capacity(ring.len()),
+            on_pool: 0,
             ring,
         })
     }
@@ -85,6 +97,12 @@ impl Pipeline {
     /// Nothing popped and not yet added to the used ring.
     pub(super) fn is_empty(&self) -> bool {
         self.order.is_empty()
+    }
+
+    /// What waits, when dropped, for the requests this pipeline has on the I/O pool: the loop
+    /// serving the queue holds it while it lends them their slots and context (`pooled.rs`).
+    pub(super) fn settle_guard(&self) -> Settle {
+        Settle(self.pooled.clone())
     }
 
     /// Pops every available request (up to a flush), submits those it can and runs the rest
@@ -175,37 +193,56 @@ impl Pipeline {
         Stage::Answered
     }
 
-    /// Runs the popped requests that go through the device: one inline, several side by side
-    /// on the I/O pool (their waits overlap, their commits are shared).
+    /// Runs the popped requests that go through the device: on the I/O pool, without waiting
+    /// for them (`pooled.rs`: they say when they are done, and [`Pipeline::progress`] answers
+    /// them), or one by one here when there is no pool.
     fn run_the_rest(
         &mut self,
         sched: &Scheduler,
         ctx: &RequestContext<'_>,
         mem: &GuestMemGuard,
-        n: usize,
+        _n: usize,
     ) {
-        let stage = &self.stage;
-        let mut slots: Vec<(usize, &mut InFlight)> = self
-            .ring
-            .idle_slots_mut()
-            .filter(|(i, _)| stage[*i] == Stage::Run)
-            .collect();
-        match sched.io_pool() {
-            Some(pool) if n > 1 => pool.install(|| {
-                slots
-                    .par_iter_mut()
-                    .with_max_len(1)
-                    .for_each(|(_, slot)| slot.run(ctx, mem, false))
-            }),
-            _ => slots
-                .iter_mut()
-                .for_each(|(_, slot)| slot.run(ctx, mem, false)),
+        let pool = sched.io_pool();
+        for i in 0..self.stage.len() {
+            if self.stage[i] != Stage::Run {
+                continue;
+            }
+            let Some(slot) = self.ring.slot_mut(i) else {
+                continue; // a request to run is never in the ring
+            };
+            match pool {
+                Some(pool) => {
+                    let slot: *mut InFlight = slot;
+                    self.stage[i] = Stage::Pooled;
+                    self.on_pool += 1;
+                    // SAFETY: the slot lives in the ring's slots, which neither move nor go
+                    // while the pipeline lives (it settles before it drops); its stage keeps
+                    // the pipeline off it until its index comes back done; the context and
+                    // memory outlive it because the loop serving the queue holds a
+                    // `settle_guard` (queue.rs).
+                    unsafe { self.pooled.spawn(pool, i, slot, ctx, mem) };
+                }
+                None => {
+                    slot.run(ctx, mem, false);
+                    self.stage[i] = Stage::Answered;
+                }
+            }
         }
-        drop(slots);
-        // Every slot that was to run has run.
-        for stage in self.stage.iter_mut().filter(|s| **s == Stage::Run) {
-            *stage = Stage::Answered;
+    }
+
+    /// Answers the requests done on the I/O pool.
+    fn reap_pooled(&mut self) {
+        let mut done = std::mem::take(&mut self.pool_done);
+        self.pooled.take_done(&mut done);
+        for &i in &done {
+            if self.stage.get(i) == Some(&Stage::Pooled) {
+                self.stage[i] = Stage::Answered;
+                self.on_pool -= 1;
+            }
         }
+        done.clear();
+        self.pool_done = done;
     }
 
     /// Takes the completions there are, first waiting for one if `wait` and the request at the
@@ -216,12 +253,22 @@ impl Pipeline {
         mem: &GuestMemGuard,
         wait: bool,
     ) -> io::Result<()> {
-        if self.ring.in_flight() > 0 {
+        if self.on_pool > 0 {
+            self.reap_pooled();
+        }
+        if self.ring.in_flight() > 0 || self.on_pool > 0 {
             let front_answered = self
                 .order
                 .front()
                 .is_some_and(|&i| self.stage[i] == Stage::Answered);
-            self.ring.wait(usize::from(wait && !front_answered))?;
+            let wait = wait && !front_answered;
+            if wait && self.on_pool > 0 {
+                self.ring.arm_wake(self.pooled.wake_fd())?;
+            }
+            self.ring.wait(usize::from(wait))?;
+            if self.on_pool > 0 {
+                self.reap_pooled();
+            }
             if self.ring.in_flight() > self.peak {
                 self.peak = self.ring.in_flight();
                 IoCounters::raise(&ctx.device.counters().peak_in_flight, self.peak as u64);
@@ -234,7 +281,7 @@ impl Pipeline {
             reaped.clear();
             self.reaped = reaped;
         }
-        if self.flush_pending && self.ring.in_flight() == 0 {
+        if self.flush_pending && self.ring.in_flight() == 0 && self.on_pool == 0 {
             if let Some(&i) = self.order.back() {
                 if let Some(slot) = self.ring.slot_mut(i) {
                     slot.run(ctx, mem, false);
@@ -297,8 +344,20 @@ impl Pipeline {
 
     /// Lets go of every guest memory table but `current` in the idle slots.
     pub(super) fn release_stale_memory(&mut self, current: &GuestMemGuard) {
-        for (_, slot) in self.ring.idle_slots_mut() {
-            slot.release_stale_memory(current);
+        for i in 0..self.stage.len() {
+            if self.stage[i] == Stage::Pooled {
+                continue; // not ours to touch until it is done
+            }
+            if let Some(slot) = self.ring.slot_mut(i) {
+                slot.release_stale_memory(current);
+            }
         }
+    }
+}
+
+impl Drop for Pipeline {
+    /// Waits for the requests on the I/O pool before their slots (in the ring) go.
+    fn drop(&mut self) {
+        self.pooled.settle();
     }
 }

@@ -395,6 +395,9 @@ fn serve_pipelined(
     state: &mut VringStateGuard<'_>,
 ) -> Result<Drained, QueueFault> {
     let mut used_any = false;
+    // Requests on the I/O pool borrow the context: this returns (or unwinds) only once they
+    // are done (`pooled.rs`).
+    let _settle = p.settle_guard();
     loop {
         let guard = ctx.mem.memory();
         let queue = state.get_queue_mut();

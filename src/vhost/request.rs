@@ -7,6 +7,7 @@
 
 use super::dirty::{mark, mark_buffers};
 use super::guest::{GuestIovecs, GuestMemGuard, MemView};
+use super::iopool::in_batch;
 use crate::device::{BlockDevice, DirectTarget, IoCounters};
 use crate::sys::guest_faults;
 use crate::virtio_blk::{
@@ -400,7 +401,7 @@ const PARALLEL_MIN: u64 = 256 * 1024;
 /// batch is already parallel, and a pool thread waiting for its other half would run other
 /// queues' stolen requests meanwhile, tying this batch's latency to theirs.
 fn split_in_two(len: u64) -> bool {
-    len >= PARALLEL_MIN && rayon::current_thread_index().is_none()
+    len >= PARALLEL_MIN && rayon::current_thread_index().is_none() && !in_batch()
 }
 
 /// Writes the status byte; returns 1 if it was written, 0 if the address was bad.

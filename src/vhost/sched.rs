@@ -15,10 +15,10 @@
 //! or without a shared pool. Each queue keeps its own [`Batcher`].
 
 use super::guest::GuestMemGuard;
+use super::iopool::IoPool;
 use super::request::{InFlight, RequestContext};
 use crate::virtio_blk::RequestKind;
 use log::warn;
-use rayon::prelude::*;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -114,7 +114,7 @@ struct OwnLine(AtomicUsize);
 pub struct Scheduler {
     config: SchedulerConfig,
     /// Runs concurrent batches, for every queue of every device; built on first use.
-    io_pool: OnceLock<Option<rayon::ThreadPool>>,
+    io_pool: OnceLock<Option<IoPool>>,
     /// Takes the second half of split batches; built on first use.
     split_pool: OnceLock<Option<rayon::ThreadPool>>,
     /// Queue workers polling right now.
@@ -157,9 +157,13 @@ impl Scheduler {
     }
 
     /// The pool that runs concurrent batches, shared by every queue of every device.
-    pub(super) fn io_pool(&self) -> Option<&rayon::ThreadPool> {
+    pub(super) fn io_pool(&self) -> Option<&IoPool> {
         self.io_pool
-            .get_or_init(|| build_pool(self.config.io_threads, "io"))
+            .get_or_init(|| {
+                IoPool::new(self.config.io_threads, "io")
+                    .map_err(|e| warn!("no io thread pool, its requests run one by one: {e}"))
+                    .ok()
+            })
             .as_ref()
     }
 
@@ -375,12 +379,9 @@ impl Batcher {
             };
             let group = &mut self.slots[start..end];
             match sched.io_pool() {
-                Some(pool) if group.len() > 1 => pool.install(|| {
-                    group
-                        .par_iter_mut()
-                        .with_max_len(1)
-                        .for_each(|slot| slot.run(ctx, mem, true))
-                }),
+                Some(pool) if group.len() > 1 => {
+                    pool.for_each_mut(group, |slot| slot.run(ctx, mem, true))
+                }
                 _ => group.iter_mut().for_each(|slot| slot.run(ctx, mem, true)),
             }
             start = end;
@@ -635,20 +636,24 @@ mod tests {
             std::sync::Mutex::new((0usize, false)),
             std::sync::Condvar::new(),
         ));
-        let pool = g.sched.io_pool().expect("the I/O pool");
-        let io_threads = g.sched.config().io_threads;
-        for _ in 0..io_threads {
+        let sched = g.sched.clone();
+        // The pool's threads and the thread that hands the batch over (it runs items too).
+        let io_threads = g.sched.config().io_threads + 1;
+        let blocker = {
             let gate = gate.clone();
-            pool.spawn(move || {
-                let (m, cv) = &*gate;
-                let mut g = m.lock().unwrap();
-                g.0 += 1;
-                cv.notify_all();
-                let _ = cv
-                    .wait_timeout_while(g, Duration::from_secs(5), |g| !g.1)
-                    .unwrap();
-            });
-        }
+            std::thread::spawn(move || {
+                let pool = sched.io_pool().expect("the I/O pool");
+                pool.for_each_mut(&mut vec![(); io_threads], |_| {
+                    let (m, cv) = &*gate;
+                    let mut g = m.lock().unwrap();
+                    g.0 += 1;
+                    cv.notify_all();
+                    let _ = cv
+                        .wait_timeout_while(g, Duration::from_secs(5), |g| !g.1)
+                        .unwrap();
+                });
+            })
+        };
         {
             let (m, cv) = &*gate;
             let g = m.lock().unwrap();
@@ -667,6 +672,7 @@ mod tests {
             m.lock().unwrap().1 = true;
             cv.notify_all();
         }
+        blocker.join().unwrap();
         assert_eq!(
             g.device.most.load(Ordering::Relaxed),
             2,

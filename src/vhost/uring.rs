@@ -5,7 +5,7 @@
 //! the kernel raw pointers: an iovec array and the memory the iovecs name, both to be read or
 //! written until the completion arrives, long after the submitting call returned. So the
 //! [`Ring`] owns the values those pointers come from (its slots, each an [`IoBuffers`]) and
-//! gives no access to a slot while it is in flight: `slot_mut` and `idle_slots_mut` skip busy
+//! gives no access to a slot while it is in flight: `slot_mut` (and `idle_slots_mut`) skip busy
 //! slots, `submit` refuses one, and nothing else reaches them. A slot's memory is therefore
 //! neither changed, moved nor freed by us between submission and completion. The ring waits
 //! for every submission before it drops (its slots drop after it), and should the kernel no
@@ -57,7 +57,12 @@ pub(super) struct Ring<T: IoBuffers> {
     slots: Vec<T>,
     busy: Vec<bool>,
     in_flight: usize,
+    /// A poll for readability of a wake-up descriptor is in the ring ([`Ring::arm_wake`]).
+    wake_armed: bool,
 }
+
+/// The `user_data` of the wake-up poll (slots use their index).
+const WAKE: u64 = u64::MAX;
 
 /// Set (to anything but `0`), io_uring counts as unavailable: the fallback, on demand (tests,
 /// or a kernel whose io_uring misbehaves).
@@ -96,6 +101,7 @@ impl<T: IoBuffers + Default> Ring<T> {
             slots: (0..slots).map(|_| T::default()).collect(),
             busy: vec![false; slots],
             in_flight: 0,
+            wake_armed: false,
         })
     }
 }
@@ -120,6 +126,7 @@ impl<T: IoBuffers> Ring<T> {
     }
 
     /// Every slot not in flight, with its index.
+    #[cfg(test)]
     pub(super) fn idle_slots_mut(&mut self) -> impl Iterator<Item = (usize, &mut T)> {
         self.slots
             .iter_mut()
@@ -165,9 +172,31 @@ impl<T: IoBuffers> Ring<T> {
     }
 
     /// Submits what is queued and waits until at least `min` completions are ready (fewer if
-    /// fewer are in flight).
+    /// fewer are in flight; the wake-up poll counts as one).
     pub(super) fn wait(&mut self, min: usize) -> io::Result<()> {
-        self.enter(min.min(self.in_flight))
+        self.enter(min.min(self.in_flight + usize::from(self.wake_armed)))
+    }
+
+    /// Has the ring complete (and so [`Ring::wait`] return) once `fd` is readable, unless
+    /// such a poll is in the ring already: how work done outside the ring (the I/O pool)
+    /// wakes the thread waiting on it. The poll names no memory.
+    pub(super) fn arm_wake(&mut self, fd: RawFd) -> io::Result<()> {
+        if self.wake_armed {
+            return Ok(());
+        }
+        let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .build()
+            .user_data(WAKE);
+        loop {
+            // SAFETY: a poll names a descriptor, no memory; a descriptor closed while it is
+            // in the ring only cancels it.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                break;
+            }
+            self.enter(0)?;
+        }
+        self.wake_armed = true;
+        Ok(())
     }
 
     fn enter(&mut self, min: usize) -> io::Result<()> {
@@ -193,6 +222,10 @@ impl<T: IoBuffers> Ring<T> {
         let mut cq = self.ring.completion();
         cq.sync();
         for c in &mut cq {
+            if c.user_data() == WAKE {
+                self.wake_armed = false;
+                continue;
+            }
             let i = c.user_data() as usize;
             if self.busy.get(i) == Some(&true) {
                 self.busy[i] = false;
