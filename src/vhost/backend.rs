@@ -8,10 +8,10 @@
 //! [`WorkerMemory`] (checked tables only) and its kick and call fds through [`Vring`] (never
 //! blocking on them).
 
+use super::backend_channel::BackendChannel;
 use super::dirty::DirtyLog;
 use super::guest::{GuestMem, WorkerMem};
 use super::handover::{Entry, Handover, Rings};
-use super::backend_channel::BackendChannel;
 use super::memory::WorkerMemory;
 use super::queue::{QueueContext, QueueWorker};
 use super::request::{MemoryFaults, RequestContext};
