@@ -623,3 +623,55 @@ fn the_checker_sees_what_it_checks() {
     let krate = Crate::new(files);
     assert_eq!(cycles(&krate.edges()).len(), 1, "a <-> b is a cycle");
 }
+
+/// README.md's "Architecture" section names every production file under `src/` (by its file
+/// name in backquotes, or its path), so the section stays true as files are added. The crate
+/// roots and the test kit (compiled only for tests) are exempt.
+#[test]
+fn the_architecture_section_names_every_file() {
+    let readme = fs::read_to_string("README.md").expect("read README.md");
+    let section = readme
+        .split("\n## Architecture")
+        .nth(1)
+        .expect("README.md has an Architecture section");
+    let section = section.split("\n## ").next().unwrap_or(section);
+    let mut files = Vec::new();
+    rust_files(Path::new("src"), &mut files);
+    let mut unnamed: Vec<String> = files
+        .iter()
+        .filter(|p| !p.starts_with("src/testkit"))
+        .filter(|p| !matches!(p.to_str(), Some("src/lib.rs" | "src/main.rs")))
+        .filter(|p| !declared_for_tests_only(p))
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let path = p.to_str().unwrap_or_default();
+            !section.contains(&format!("`{name}`")) && !section.contains(path)
+        })
+        .map(|p| p.display().to_string())
+        .collect();
+    unnamed.sort();
+    assert!(
+        unnamed.is_empty(),
+        "README.md's Architecture section does not name: {unnamed:?}"
+    );
+}
+
+/// Whether `file`'s module is declared `#[cfg(test)] mod NAME;` in its parent (`mod.rs` of its
+/// folder, or `lib.rs`): test fixtures, not part of the architecture.
+fn declared_for_tests_only(file: &Path) -> bool {
+    let Some(name) = file.file_stem().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let dir = file.parent().unwrap_or(Path::new("src"));
+    let parent = if dir == Path::new("src") {
+        dir.join("lib.rs")
+    } else {
+        dir.join("mod.rs")
+    };
+    let text = fs::read_to_string(parent).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    lines.windows(2).any(|w| {
+        w[0] == "#[cfg(test)]"
+            && (w[1] == format!("mod {name};") || w[1] == format!("pub mod {name};"))
+    })
+}
