@@ -14,7 +14,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use support::{make_image, Daemon, BIN};
+use support::{make_image, Daemon};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::VhostUserFrontend;
 
@@ -36,37 +36,13 @@ impl Setup {
     }
 
     fn serve(&self) -> Daemon {
-        let (img, sock, ctl) = (
-            self.p("origin.img"),
-            self.p("origin.sock"),
-            self.p("ctl.sock"),
-        );
-        let args = [
-            "--origin",
-            img.to_str().unwrap(),
-            "--socket",
-            sock.to_str().unwrap(),
-            "--control",
-            ctl.to_str().unwrap(),
-            "--num-queues",
-            "1",
-        ];
-        Daemon::start(&args, &sock)
+        let ctl = self.p("ctl.sock");
+        let extra = ["--control", ctl.to_str().unwrap(), "--num-queues", "1"];
+        support::serve_origin(self.dir.path(), &extra)
     }
 
-    /// Runs the CLI: (success, stdout, stderr).
     fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(BIN)
-            .args(args)
-            .arg("--control")
-            .arg(self.p("ctl.sock"))
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        support::cli(&self.p("ctl.sock"), args)
     }
 
     fn ok(&self, args: &[&str]) -> String {

@@ -49,17 +49,7 @@ impl Setup {
 
     /// Runs the CLI against this daemon; returns (success, stdout, stderr).
     fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(BIN)
-            .args(args)
-            .arg("--control")
-            .arg(self.p("ctl.sock"))
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        support::cli(&self.p("ctl.sock"), args)
     }
 
     /// Runs the CLI against this daemon with standard output going to `stdout`.

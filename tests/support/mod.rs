@@ -232,6 +232,21 @@ pub fn serve_origin(dir: &Path, extra: &[&str]) -> Daemon {
     Daemon::start(&args, &sock)
 }
 
+/// Runs the CLI against the daemon whose control socket is `ctl`: (success, stdout, stderr).
+pub fn cli(ctl: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .arg("--control")
+        .arg(ctl)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Makes a raw image of `len` bytes filled with a recognizable pattern.
 pub fn make_image(path: &Path, len: usize, seed: u8) -> Vec<u8> {
     let data = pattern(len, seed);
