@@ -7,11 +7,16 @@ use snapblk::testkit::engine::{file_stores, mem_engine, MemEngine, CHUNK};
 use snapblk::testkit::storage::MemStorage;
 use std::sync::Arc;
 
+/// Snapshot "a" of [`build`]: the first device created (id counter 1, table slot 1; see
+/// `snapblk::cow::devids`).
+const A: u64 = 1 << 32 | 1;
+
 fn build(journal_size: u64, writes: u64) -> Arc<MemStorage> {
     let MemEngine {
         cache, engine: eng, ..
     } = mem_engine(64).journal(journal_size).build();
     let a = eng.create_snapshot(DeviceId::ORIGIN, "a", true).unwrap();
+    assert_eq!(a, DeviceId(A));
     let _b = eng.create_snapshot(a, "b", false).unwrap();
     for i in 0..writes {
         let c = i % 64;
@@ -83,11 +88,11 @@ fn bad_mapping_in_a_valid_transaction_is_caught() {
     let before = check_cache(cache.as_ref());
     assert!(before.is_clean(), "{before}");
     let h = header(&cache);
-    // Append a well-formed, correctly checksummed transaction that maps chunk 0 of device 1
+    // Append a well-formed, correctly checksummed transaction that maps chunk 0 of device A
     // to a block far outside the cache object.
     let mut e = Enc::default();
     Record::SetEntry {
-        dev: 1,
+        dev: A,
         chunk: 0,
         entry: 1 << 40,
     }
@@ -102,7 +107,7 @@ fn bad_mapping_in_a_valid_transaction_is_caught() {
     // Within the limit but never written: also caught.
     let mut e = Enc::default();
     Record::SetEntry {
-        dev: 1,
+        dev: A,
         chunk: 0,
         entry: 5000,
     }

@@ -2,7 +2,9 @@
 //!
 //! Every failure message carries the seed; rerun one case with `COW_SEED=<seed>`.
 
-use snapblk::cow::{check_cache, CacheObject, CowError, DeviceId, DeviceState, OpenOptions};
+use snapblk::cow::{
+    check_cache, devids, CacheObject, CowError, DeviceId, DeviceState, OpenOptions,
+};
 use snapblk::storage::Storage;
 use snapblk::testkit::engine::{EngineSpec, CHUNK};
 use snapblk::testkit::storage::{CrashController, MemStorage};
@@ -447,7 +449,8 @@ fn run_crash_case(seed: u64) {
     // A create whose completion is unknown: (expected id, possible content per sector).
     let mut maybe_created: Option<(u64, Vec<Vec<u64>>)> = None;
     let mut maybe_deleted: Option<u64> = None;
-    let mut max_id = 0u64;
+    // The id counter after the last create (`snapblk::cow::devids`).
+    let mut id_counter = 1u64;
     let mut log = Vec::new();
     for _step in 0..60 {
         if ctl.crashed() {
@@ -514,8 +517,12 @@ fn run_crash_case(seed: u64) {
             63..=74 if model.len() < 6 => {
                 let writable = rng.u8(0..3) != 0;
                 let parent_cands = model[&dev].cands.clone();
-                // Ids are never reused: the next one follows the last one handed out.
-                let expected_id = max_id + 1;
+                // Ids are never reused: the next one has the counter after the last one
+                // handed out, and the lowest table slot no device holds.
+                let slot = (1..)
+                    .find(|s| !model.keys().any(|&id| devids::slot(id) == Some(*s)))
+                    .unwrap();
+                let expected_id = devids::compose(id_counter, slot).unwrap();
                 log.push(format!("create snapshot of {dev}"));
                 let res = eng.create_snapshot(DeviceId(dev), &format!("s{next_token}"), writable);
                 next_token += 1;
@@ -528,7 +535,8 @@ fn run_crash_case(seed: u64) {
                     Err(CowError::Inoperative(_)) => continue,
                     Err(e) => panic!("seed {seed}: create: {e}"),
                 };
-                max_id = id.0;
+                assert_eq!(id.0, expected_id, "seed {seed}: new id");
+                id_counter = devids::counter_after(id.0);
                 // Create does not flush: the snapshot may lose exactly what its parent may.
                 let cur = model[&dev].cur.clone();
                 let cands = parent_cands;

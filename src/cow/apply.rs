@@ -1,6 +1,7 @@
 //! Record application: [`Meta::apply`], the one function that changes the metadata, live and
 //! during journal replay, and the helpers it shares with the checkpoint decoder.
 
+use super::devids;
 use super::format::{entry_to_block, FormatError, Record, ENTRY_UNMAPPED};
 use super::history::Preserved;
 use super::meta::{Dev, Meta, MetaError, NO_PARENT, ORIGIN_ID};
@@ -64,19 +65,20 @@ impl Meta {
         if p.inoperative {
             return Err(MetaError::NoDevice(parent));
         }
-        p.children.push(id);
-        let slot = id as usize;
-        if self.devices.len() <= slot {
-            self.devices.resize_with(slot + 1, || None);
+        // A free slot within bounds, before anything changes.
+        let slot = devids::slot(id).ok_or(MetaError::DeviceRange(id))?;
+        if self.devices.get(slot).is_some_and(Option::is_some) {
+            return Err(MetaError::DuplicateDevice(id));
         }
         let otime = self.child_otime(parent)?;
         let mut dev = Dev::new(id, parent, name.to_owned(), writable, otime);
         dev.table = self.child_table(parent, otime)?;
-        self.devices[slot] = Some(dev);
+        self.put_device(dev)?;
+        self.dev_mut(parent)?.children.push(id);
         if parent == ORIGIN_ID {
             self.lineage_gained(otime, id);
         }
-        self.next_id = self.next_id.max(id + 1);
+        self.next_id = self.next_id.max(devids::counter_after(id));
         Ok(())
     }
 
@@ -104,7 +106,7 @@ impl Meta {
         let p = self.dev_mut(parent)?;
         p.children.retain(|&c| c != id);
         p.children.extend_from_slice(&children);
-        if let Some(d) = self.devices[id as usize].take() {
+        if let Some(d) = self.take_device(id) {
             d.table.retire(ReadStatus::Deleted);
         }
         if let Some(t) = lost {
@@ -179,7 +181,7 @@ impl Meta {
                 Some(d) => d.children[i],
                 None => break,
             };
-            let Some(d) = self.devices.get_mut(c as usize).and_then(Option::as_mut) else {
+            let Ok(d) = self.dev_mut(c) else {
                 continue;
             };
             if d.inoperative
@@ -217,7 +219,7 @@ impl Meta {
     fn propagate(&mut self, id: u64, chunk: u64, value: u64, before: u64) {
         let mut stack: Vec<u64> = self.dev(id).map(|d| d.children.clone()).unwrap_or_default();
         while let Some(e) = stack.pop() {
-            let Some(d) = self.devices.get_mut(e as usize).and_then(Option::as_mut) else {
+            let Ok(d) = self.dev_mut(e) else {
                 continue;
             };
             if d.inoperative

@@ -146,7 +146,7 @@ pub fn check_cache(cache: &dyn Storage) -> CheckReport {
 }
 
 fn check_meta(m: &Meta, h: &Header, file_size: u64, ckpt: &[u64], r: &mut CheckReport) {
-    let devs: Vec<_> = m.devices.iter().flatten().collect();
+    let devs: Vec<_> = m.devs().collect();
     r.devices = devs.len() as u64;
     check_tree(m, &devs, r);
     // Every block's users: how many, and at which chunk index (the first one seen).

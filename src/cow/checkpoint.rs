@@ -1,6 +1,7 @@
 //! The checkpoint codec: the whole metadata state serialized (format version 2) and rebuilt,
 //! also from version 1 checkpoints.
 
+use super::devids;
 use super::format::{entry_to_block, Dec, Enc, FormatError, ENTRY_UNMAPPED};
 use super::meta::{Dev, Meta, MetaError, NO_OTIME, ORIGIN_ID};
 use std::collections::BTreeMap;
@@ -12,7 +13,7 @@ impl Meta {
         if self.sized {
             // INCOMPAT_DEVICE_SIZES: the chunk bound and every device's size first.
             e.u64(self.nchunks);
-            let devs: Vec<&Dev> = self.devices.iter().flatten().collect();
+            let devs: Vec<&Dev> = self.devs().collect();
             e.u64(devs.len() as u64);
             for d in devs {
                 e.u64(d.id);
@@ -22,7 +23,7 @@ impl Meta {
         }
         e.u64(self.next_id);
         e.u64(self.clock);
-        let devs: Vec<&Dev> = self.devices.iter().flatten().collect();
+        let devs: Vec<&Dev> = self.devs().collect();
         e.u64(devs.len() as u64);
         for d in devs {
             e.u64(d.id);
@@ -146,14 +147,10 @@ impl Meta {
                 let v = d.str()?;
                 dev.attrs.insert(k, v);
             }
-            let slot = usize::try_from(id).map_err(|_| MetaError::NoDevice(id))?;
-            if id >= self.next_id || self.devices.get(slot).is_some_and(Option::is_some) {
+            if !devids::issued_before(id, self.next_id) {
                 return Err(MetaError::DuplicateDevice(id));
             }
-            if self.devices.len() <= slot {
-                self.devices.resize_with(slot + 1, || None);
-            }
-            self.devices[slot] = Some(dev);
+            self.put_device(dev)?;
             let nent = d.u64()?;
             let mut list = Vec::new();
             for _ in 0..nent {
@@ -172,12 +169,7 @@ impl Meta {
 
     /// Lists every device as a child of its parent.
     fn link_children(&mut self) -> Result<(), MetaError> {
-        let ids: Vec<(u64, u64)> = self
-            .devices
-            .iter()
-            .flatten()
-            .map(|d| (d.id, d.parent))
-            .collect();
+        let ids: Vec<(u64, u64)> = self.devs().map(|d| (d.id, d.parent)).collect();
         for (id, parent) in ids {
             if id != ORIGIN_ID {
                 self.dev_mut(parent)?.children.push(id);
@@ -290,7 +282,7 @@ mod tests {
     fn encode_v1(m: &Meta) -> Vec<u8> {
         let mut e = Enc::default();
         e.u64(m.next_id);
-        let devs: Vec<&Dev> = m.devices.iter().flatten().collect();
+        let devs: Vec<&Dev> = m.devs().collect();
         e.u64(devs.len() as u64);
         for d in devs {
             e.u64(d.id);

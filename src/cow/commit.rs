@@ -9,7 +9,7 @@ use super::format::{
     encode_ckpt_block, encode_txn, txn_len, CKPT_BLOCK_HEADER, FORMAT_VERSION, NO_BLOCK, TXN_ALIGN,
     TXN_WRAP,
 };
-use super::meta::META_REF;
+use super::meta::{Meta, META_REF};
 use super::metaio::write_header;
 use crate::storage::AlignedBuf;
 use std::sync::atomic::Ordering;
@@ -292,6 +292,46 @@ impl CacheObject {
             st.meta.refcounts[b as usize] = META_REF;
         }
         Some((bytes, blocks))
+    }
+
+    /// Sets the incompatible feature `flag` in the header with a checkpoint (the header is
+    /// written with one), before the first record that needs it: an older build then
+    /// refuses the file. `on_meta(meta, true)` runs first (what the checkpoint must carry),
+    /// `on_meta(meta, false)` if no checkpoint could be written (no space: refused).
+    pub(super) fn enable_incompat(
+        &self,
+        flag: u64,
+        on_meta: impl Fn(&mut Meta, bool),
+    ) -> Result<()> {
+        let mut j = lock(&self.journal);
+        if self.failed.load(Ordering::Relaxed) {
+            return Err(CowError::Failed);
+        }
+        if j.header.incompat & flag != 0 {
+            return Ok(());
+        }
+        let before = j.header.clone();
+        j.header.incompat |= flag;
+        on_meta(&mut self.write_state().meta, true);
+        let (released, checkpointed) = match self.commit_with(&mut j, true) {
+            Ok(r) => r,
+            Err(e) => {
+                j.header = before;
+                on_meta(&mut self.write_state().meta, false);
+                return Err(e);
+            }
+        };
+        if !checkpointed {
+            j.header = before;
+            on_meta(&mut self.write_state().meta, false);
+        }
+        drop(j);
+        self.release_blocks(released);
+        if checkpointed {
+            Ok(())
+        } else {
+            Err(CowError::NoSpace)
+        }
     }
 
     /// Refuses a control-plane change (its records free no space) while checkpoints are put

@@ -55,9 +55,9 @@ pub(super) const STRIPES: usize = 1024;
 /// Slots of [`State::chunk_epochs`].
 pub(super) const CHUNK_EPOCH_SLOTS: usize = 1 << 16;
 
-/// Each device's [`ReadSide`] by id: how a read finds a device's mapping without the state
+/// Each device's id and [`ReadSide`] by slot (`devids.rs`): how a read finds a device's mapping without the state
 /// lock. Replaced (under the state lock) when a device is created, deleted or made inoperative.
-pub(super) type Registry = ArcSwap<Vec<Option<Arc<ReadSide>>>>;
+pub(super) type Registry = ArcSwap<Vec<Option<(u64, Arc<ReadSide>)>>>;
 
 /// The state lock held for writing.
 pub(super) type StateGuard<'a> = RwLockWriteGuard<'a, State>;

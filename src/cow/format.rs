@@ -31,8 +31,11 @@ pub const INCOMPAT_ORIGIN_COPIES: u64 = 1;
 /// hold `Resize` records and checkpoints end with every device's size; an older build must
 /// refuse such a cache object rather than serve every device at the header's origin size.
 pub const INCOMPAT_DEVICE_SIZES: u64 = 2;
+/// Incompatible feature: device ids carry a table slot (`devids.rs`: `serial << 32 | slot`,
+/// slots reused, ids never). An older build would size its device table from such an id.
+pub const INCOMPAT_SLOT_IDS: u64 = 4;
 /// Incompatible features this build understands.
-pub const KNOWN_INCOMPAT: u64 = INCOMPAT_ORIGIN_COPIES | INCOMPAT_DEVICE_SIZES;
+pub const KNOWN_INCOMPAT: u64 = INCOMPAT_ORIGIN_COPIES | INCOMPAT_DEVICE_SIZES | INCOMPAT_SLOT_IDS;
 /// Compatible feature: the growth limit also follows the host file system's free space (less
 /// a reserve); `max_size` only caps it. A build that does not know the flag uses `max_size`
 /// alone, which is safe: it only bounds block numbers.
@@ -579,10 +582,10 @@ mod tests {
             inc,
             "a known feature"
         );
-        inc.incompat = 4;
+        inc.incompat = 8;
         assert_eq!(
             Header::decode(&inc.encode()),
-            Err(FormatError::IncompatFeatures(4))
+            Err(FormatError::IncompatFeatures(8))
         );
     }
 

@@ -198,7 +198,7 @@ pub struct CacheInfo {
 }
 
 impl CacheObject {
-    /// All devices, origin first.
+    /// All devices in creation order, origin first.
     pub fn devices(&self) -> Vec<DeviceInfo> {
         let degraded = self.origin.remote_status().is_some_and(|r| r.degraded);
         let st = self.read_state();
@@ -209,9 +209,8 @@ impl CacheObject {
             newest.extend(copies.last().map(|p| p.time));
         });
         newest.sort_unstable();
-        m.devices
-            .iter()
-            .flatten()
+        let mut list = m
+            .devs()
             .map(|d| {
                 let preserved = if d.id == ORIGIN_ID || d.inoperative {
                     0
@@ -247,7 +246,10 @@ impl CacheObject {
                     attrs: d.attrs.clone(),
                 }
             })
-            .collect()
+            .collect::<Vec<_>>();
+        // Ids grow with each create: id order is creation order (slots are reused).
+        list.sort_unstable_by_key(|d| d.id);
+        list
     }
 
     /// Information about one device.
@@ -284,9 +286,8 @@ impl CacheObject {
             data_syncs_skipped: l(&c.data_syncs_skipped),
             commits: l(&c.commits),
             checkpoints: l(&c.checkpoints),
-            devices: m.devices.iter().flatten().count() as u64,
-            inoperative_devices: m.devices.iter().flatten().filter(|d| d.inoperative).count()
-                as u64,
+            devices: m.devs().count() as u64,
+            inoperative_devices: m.devs().filter(|d| d.inoperative).count() as u64,
             table_memory_bytes: Self::table_memory(m),
             preserved_copies: m.history_copies,
             limit_bytes: space.limit_bytes,
@@ -351,7 +352,7 @@ impl CacheObject {
     fn table_memory(m: &Meta) -> u64 {
         let mut pages = std::collections::HashSet::new();
         let mut bytes = 0u64;
-        for d in m.devices.iter().flatten() {
+        for d in m.devs() {
             let (p, b) = d.table.memory();
             pages.extend(p);
             bytes += b as u64;

@@ -5,6 +5,7 @@
 //! file holds the types and the queries; the remap tables' page tree is in `table.rs`, the
 //! checkpoint codec in `checkpoint.rs`.
 
+use super::devids;
 use super::format::{entry_block, entry_to_block, FormatError, ENTRY_UNMAPPED, ENTRY_ZERO};
 use super::history::OriginHistory;
 pub use super::table::{ReadSide, ReadStatus, Table, NO_OTIME, PAGE_BYTES};
@@ -102,6 +103,8 @@ pub enum MetaError {
     NoDevice(u64),
     #[error("device id {0} already exists")]
     DuplicateDevice(u64),
+    #[error("device id {0} is out of range (at most {max} devices at once)", max = super::devids::MAX_SLOTS)]
+    DeviceRange(u64),
     #[error("chunk {0} out of range")]
     ChunkRange(u64),
     #[error("block {0} out of range")]
@@ -134,7 +137,8 @@ pub struct Meta {
     /// put in place (`CacheObject::resize`).
     pub alloc_limit: u64,
     /// Slot `id` holds device `id` (ids are never reused).
-    pub devices: Vec<Option<Dev>>,
+    /// By slot ([`super::devids`]); boxed so that a slot costs a pointer.
+    pub devices: Vec<Option<Box<Dev>>>,
     pub next_id: u64,
     pub refcounts: Vec<u32>,
     /// Blocks below `high_water` that are free for reuse now (lowest last, popped first).
@@ -172,7 +176,7 @@ impl Meta {
             sized: false,
             max_blocks,
             alloc_limit: max_blocks,
-            devices: vec![Some(origin)],
+            devices: vec![Some(Box::new(origin))],
             next_id: 1,
             refcounts: Vec::new(),
             free: Vec::new(),
@@ -211,24 +215,63 @@ impl Meta {
             })
     }
 
-    /// Every device's read side, indexed by id, for the engine's lock-free registry.
-    pub fn read_sides(&self) -> Vec<Option<Arc<ReadSide>>> {
+    /// Every device's id and read side, by slot, for the engine's lock-free registry.
+    pub fn read_sides(&self) -> Vec<Option<(u64, Arc<ReadSide>)>> {
         self.devices
             .iter()
-            .map(|d| d.as_ref().map(|d| d.table.read_side().clone()))
+            .map(|d| d.as_ref().map(|d| (d.id, d.table.read_side().clone())))
             .collect()
+    }
+
+    /// Every device, in slot order.
+    pub fn devs(&self) -> impl Iterator<Item = &Dev> {
+        self.devices.iter().flatten().map(|d| &**d)
     }
 
     #[inline]
     pub fn dev(&self, id: u64) -> Option<&Dev> {
-        self.devices.get(id as usize).and_then(Option::as_ref)
+        let d = self.devices.get(devids::slot(id)?)?.as_deref()?;
+        (d.id == id).then_some(d)
     }
 
     pub(super) fn dev_mut(&mut self, id: u64) -> Result<&mut Dev, MetaError> {
-        self.devices
-            .get_mut(id as usize)
-            .and_then(Option::as_mut)
+        devids::slot(id)
+            .and_then(|s| self.devices.get_mut(s))
+            .and_then(Option::as_deref_mut)
+            .filter(|d| d.id == id)
             .ok_or(MetaError::NoDevice(id))
+    }
+
+    /// Puts a new device in the slot its id names (free, and within [`devids::MAX_SLOTS`]).
+    pub(super) fn put_device(&mut self, dev: Dev) -> Result<(), MetaError> {
+        let id = dev.id;
+        let slot = devids::slot(id).ok_or(MetaError::DeviceRange(id))?;
+        if self.devices.len() <= slot {
+            self.devices.resize_with(slot + 1, || None);
+        }
+        if self.devices[slot].is_some() {
+            return Err(MetaError::DuplicateDevice(id));
+        }
+        self.devices[slot] = Some(Box::new(dev));
+        Ok(())
+    }
+
+    /// Takes device `id` out of its slot.
+    pub(super) fn take_device(&mut self, id: u64) -> Option<Box<Dev>> {
+        let slot = self.devices.get_mut(devids::slot(id)?)?;
+        if slot.as_ref().is_some_and(|d| d.id == id) {
+            slot.take()
+        } else {
+            None
+        }
+    }
+
+    /// The id for the next device: the lowest free slot, with the id counter (`devids.rs`).
+    pub(super) fn new_device_id(&self) -> Result<u64, MetaError> {
+        let slot = (1..self.devices.len())
+            .find(|&s| self.devices[s].is_none())
+            .unwrap_or(self.devices.len().max(1));
+        devids::compose(self.next_id, slot).ok_or(MetaError::DeviceRange(self.next_id))
     }
 
     /// The read rule: walk up until a mapping is found.

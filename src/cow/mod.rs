@@ -42,6 +42,7 @@ mod checkpoint;
 mod commit;
 mod copyouts;
 mod cor;
+pub mod devids;
 mod direct;
 mod engine;
 mod error;

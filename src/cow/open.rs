@@ -6,7 +6,7 @@ use super::engine::{CacheObject, Counters, Journal, State, CHUNK_EPOCH_SLOTS, ST
 use super::error::{CowError, Result};
 use super::format::{
     Header, COMPAT_HOST_LIMIT, FORMAT_VERSION, INCOMPAT_DEVICE_SIZES, INCOMPAT_ORIGIN_COPIES,
-    JOURNAL_OFFSET, NO_BLOCK, TXN_ALIGN,
+    INCOMPAT_SLOT_IDS, JOURNAL_OFFSET, NO_BLOCK, TXN_ALIGN,
 };
 use super::hostroom::HostRoom;
 use super::meta::ORIGIN_ID;
@@ -79,6 +79,9 @@ impl CacheObject {
         opts: CreateOptions,
     ) -> Result<Self> {
         let mut header = new_header(origin.size(), &opts)?;
+        // Device ids name a slot from the start (`devids.rs`); a cache object of an earlier
+        // build gets the flag at its first snapshot here.
+        header.incompat |= INCOMPAT_SLOT_IDS;
         if opts.copy_on_read {
             header.incompat |= INCOMPAT_ORIGIN_COPIES;
             header.origin_tag = Fingerprint::of(origin.as_ref())

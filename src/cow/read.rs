@@ -3,6 +3,7 @@
 //! read side (registry), its entry (page tree) and, where it reads through, the origin's copy
 //! for its snapshot time (history). See the locking comment in `engine.rs`.
 
+use super::devids;
 use super::engine::CacheObject;
 use super::error::{CowError, DeviceId, Result};
 use super::format::ENTRY_UNMAPPED;
@@ -104,7 +105,10 @@ impl CacheObject {
 
     /// The read side of `dev` in a loaded registry.
     #[inline]
-    pub(super) fn read_side(registry: &[Option<Arc<ReadSide>>], dev: u64) -> Result<&ReadSide> {
+    pub(super) fn read_side(
+        registry: &[Option<(u64, Arc<ReadSide>)>],
+        dev: u64,
+    ) -> Result<&ReadSide> {
         side_of(registry, dev)
     }
 
@@ -131,10 +135,12 @@ impl CacheObject {
 
 /// The read side of `dev` in a loaded registry.
 #[inline]
-pub(super) fn side_of(registry: &[Option<Arc<ReadSide>>], dev: u64) -> Result<&ReadSide> {
-    registry
-        .get(dev as usize)
-        .and_then(Option::as_deref)
+pub(super) fn side_of(registry: &[Option<(u64, Arc<ReadSide>)>], dev: u64) -> Result<&ReadSide> {
+    devids::slot(dev)
+        .and_then(|s| registry.get(s))
+        .and_then(Option::as_ref)
+        .filter(|(id, _)| *id == dev)
+        .map(|(_, side)| &**side)
         .ok_or(CowError::NoDevice(DeviceId(dev)))
 }
 

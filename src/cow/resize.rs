@@ -32,7 +32,7 @@
 //! its old size or its new one; an interrupted shrink may leave the old size with the cut
 //! range already zeroed.
 
-use super::engine::{lock, CacheObject};
+use super::engine::CacheObject;
 use super::error::{CowError, DeviceId, Result};
 use super::format::{Record, INCOMPAT_DEVICE_SIZES};
 use super::write::Src;
@@ -115,35 +115,7 @@ impl CacheObject {
     /// Sets [`INCOMPAT_DEVICE_SIZES`] in the header, with a checkpoint that holds every
     /// device's size, before the first `Resize` record: an older build then refuses the file.
     fn enable_device_sizes(&self) -> Result<()> {
-        let mut j = lock(&self.journal);
-        if self.failed.load(Ordering::Relaxed) {
-            return Err(CowError::Failed);
-        }
-        if j.header.incompat & INCOMPAT_DEVICE_SIZES != 0 {
-            return Ok(());
-        }
-        let before = j.header.clone();
-        j.header.incompat |= INCOMPAT_DEVICE_SIZES;
-        self.write_state().meta.sized = true;
-        let (released, checkpointed) = match self.commit_with(&mut j, true) {
-            Ok(r) => r,
-            Err(e) => {
-                j.header = before;
-                self.write_state().meta.sized = false;
-                return Err(e);
-            }
-        };
-        if !checkpointed {
-            j.header = before;
-            self.write_state().meta.sized = false;
-        }
-        drop(j);
-        self.release_blocks(released);
-        if checkpointed {
-            Ok(())
-        } else {
-            Err(CowError::NoSpace)
-        }
+        self.enable_incompat(INCOMPAT_DEVICE_SIZES, |m, on| m.sized = on)
     }
 
     fn grow(&self, dev: DeviceId, old: u64, size: u64) -> Result<()> {

@@ -3,7 +3,7 @@
 
 use super::engine::CacheObject;
 use super::error::{CowError, DeviceId, Result};
-use super::format::Record;
+use super::format::{Record, INCOMPAT_SLOT_IDS};
 use super::meta::{View, ORIGIN_ID};
 use super::write::Src;
 use crate::storage::AlignedBuf;
@@ -42,16 +42,18 @@ impl CacheObject {
             ));
         }
         self.check_journal_room()?;
+        // New ids name a slot (`devids.rs`): the file says so before the first one.
+        self.enable_incompat(INCOMPAT_SLOT_IDS, |_, _| {})?;
         // Origin writes bypassing the engine (direct I/O) finish first, and no more start
         // until the snapshot exists (then none may: `direct.rs`).
         let _gate = self.direct_gate.close();
         let (id, epoch) = {
             let mut st = self.write_state();
             Self::check_dev(&st.meta, parent.0)?;
-            if st.meta.devices.iter().flatten().any(|d| d.name == name) {
+            if st.meta.devs().any(|d| d.name == name) {
                 return Err(CowError::NameInUse(name.to_string()));
             }
-            let id = st.meta.next_id;
+            let id = st.meta.new_device_id()?;
             let mut e = st.log(Record::CreateDevice {
                 id,
                 parent: parent.0,

@@ -96,9 +96,7 @@ impl CacheObject {
     pub(super) fn fail_unpreservable(&self, st: &mut State, c: u64) -> Result<u64> {
         let m = &st.meta;
         let mut todo: Vec<u64> = m
-            .devices
-            .iter()
-            .flatten()
+            .devs()
             .filter(|d| d.id != ORIGIN_ID && !d.inoperative && m.resolve(d.id, c) == View::Origin)
             .map(|d| d.id)
             .collect();

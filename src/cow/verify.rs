@@ -1,5 +1,6 @@
 //! The in-memory verifier, for tests and debugging.
 
+use super::devids;
 use super::engine::CacheObject;
 use super::error::{corrupt, Result};
 use super::format::entry_to_block;
@@ -14,7 +15,7 @@ impl CacheObject {
         let st = self.read_state();
         let m = &st.meta;
         let mut counts: HashMap<u64, u32> = HashMap::new();
-        for d in m.devices.iter().flatten() {
+        for d in m.devs() {
             for (_, e) in d.table.mapped() {
                 if let Some(b) = entry_to_block(e) {
                     *counts.entry(b).or_default() += 1;
@@ -41,11 +42,13 @@ impl CacheObject {
         }
         // Lock-free readers must find exactly the tables the state holds.
         let registry = self.registry.load();
-        for (id, d) in m.devices.iter().enumerate() {
-            let published = registry.get(id).and_then(Option::as_ref);
+        for (slot, d) in m.devices.iter().enumerate() {
+            let published = registry.get(slot).and_then(Option::as_ref);
             let ok = match (d, published) {
-                (Some(d), Some(p)) => {
-                    Arc::ptr_eq(d.table.read_side(), p)
+                (Some(d), Some((id, p))) => {
+                    *id == d.id
+                        && devids::slot(d.id) == Some(slot)
+                        && Arc::ptr_eq(d.table.read_side(), p)
                         && (p.status() == ReadStatus::Inoperative) == d.inoperative
                 }
                 (None, None) => true,
@@ -53,11 +56,11 @@ impl CacheObject {
             };
             if !ok {
                 return Err(corrupt(format!(
-                    "device {id}: registry differs from the state"
+                    "device slot {slot}: registry differs from the state"
                 )));
             }
         }
-        for d in m.devices.iter().flatten().filter(|d| !d.inoperative) {
+        for d in m.devs().filter(|d| !d.inoperative) {
             // Within the device (what it resolves past its end is never shown: a resize
             // zeroes it first) and where the walk is the whole rule (`Meta::walk_through`):
             // all of it for a cache object never resized.

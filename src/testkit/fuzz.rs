@@ -181,61 +181,6 @@ impl Drop for Watchdog {
     }
 }
 
-/// Device ids above this are taken as the open finding documented in docs/testing.md (the
-/// device table is a vector indexed by id, sized from the id a checkpoint or journal record
-/// names) and skipped by the harnesses, which would otherwise stop at it every time.
-pub const PLAUSIBLE_DEVICE_IDS: u64 = 1 << 20;
-
-/// Whether every device id a checkpoint's device records name (and its `next_id`) is below
-/// [`PLAUSIBLE_DEVICE_IDS`]; `true` when the bytes end before the device records do (the
-/// decoder then fails before allocating).
-pub fn checkpoint_ids_plausible(buf: &[u8], version: u32) -> bool {
-    use crate::cow::format::Dec;
-    let mut d = Dec::new(buf, "checkpoint");
-    let walk = |d: &mut Dec<'_>| -> Result<bool, crate::cow::format::FormatError> {
-        if d.u64()? >= PLAUSIBLE_DEVICE_IDS {
-            return Ok(false);
-        }
-        if version >= 2 {
-            d.u64()?;
-        }
-        let ndev = d.u64()?;
-        for _ in 0..ndev {
-            if d.u64()? >= PLAUSIBLE_DEVICE_IDS {
-                return Ok(false);
-            }
-            d.u64()?;
-            d.u8()?;
-            if version >= 2 {
-                d.u64()?;
-            }
-            d.str()?;
-            for _ in 0..d.u64()? {
-                d.str()?;
-                d.str()?;
-            }
-            for _ in 0..d.u64()? {
-                d.u64()?;
-                d.u64()?;
-            }
-        }
-        Ok(true)
-    };
-    walk(&mut d).unwrap_or(true)
-}
-
-/// Whether every `CreateDevice` record of a journal transaction payload names an id below
-/// [`PLAUSIBLE_DEVICE_IDS`] (see there); `true` if the payload does not decode.
-pub fn records_ids_plausible(payload: &[u8]) -> bool {
-    use crate::cow::format::Record;
-    Record::decode_all(payload).map_or(true, |recs| {
-        recs.iter().all(|r| match r {
-            Record::CreateDevice { id, .. } => *id < PLAUSIBLE_DEVICE_IDS,
-            _ => true,
-        })
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
