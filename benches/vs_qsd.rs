@@ -964,8 +964,10 @@ fn run_one(
         name.push(".cache");
         img.with_file_name(name)
     };
-    if snap {
-        // A fresh cache object each run: every chunk's first write copies it out.
+    if backend.is_snapblk() {
+        // A fresh cache object each run: every chunk's first write copies it out, and the
+        // two builds of an A/B run never share one (a newer build's format flags make an
+        // older one refuse it).
         let _ = std::fs::remove_file(&cache);
     }
     // qsd's snapshot: a fresh qcow2 overlay each run (first writes copy clusters from the

@@ -10,8 +10,7 @@ use snapblk::testkit::blkio_client::{Client, REQUEST_TIMEOUT};
 use snapblk::testkit::loopdev::LoopDevice;
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
-use support::guest::snapblk_cli;
-use support::{make_image, pattern, Daemon};
+use support::{cli_ok, make_image, path_str, pattern, serve_args, Daemon};
 
 const MIB: usize = 1 << 20;
 
@@ -49,33 +48,17 @@ impl Paths {
         Daemon::start_with(None, &[env], &self.args(origin, None, extra), &self.sock)
     }
 
-    fn args<'a>(
-        &'a self,
-        origin: &'a Path,
-        cache: Option<&'a Path>,
-        extra: &[&'a str],
-    ) -> Vec<&'a str> {
-        let mut args = vec![
-            "--origin",
-            origin.to_str().unwrap(),
-            "--socket",
-            self.sock.to_str().unwrap(),
-            "--control",
-            self.ctl.to_str().unwrap(),
-            "--num-queues",
-            "1",
-        ];
+    fn args(&self, origin: &Path, cache: Option<&Path>, extra: &[&str]) -> Vec<String> {
+        let mut args = serve_args(path_str(origin), &self.sock, &self.ctl, 1, &[]);
         if let Some(c) = cache {
-            args.extend(["--cache", c.to_str().unwrap()]);
+            args.extend(["--cache".to_string(), path_str(c).to_string()]);
         }
-        args.extend_from_slice(extra);
+        args.extend(extra.iter().map(|s| s.to_string()));
         args
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let (ok, out, err) = snapblk_cli(&self.ctl, args);
-        assert!(ok, "snapblk {args:?} failed: {err}");
-        out
+        cli_ok(&self.ctl, args)
     }
 
     /// The origin's I/O counters from `stats --json`.
@@ -365,6 +348,11 @@ fn read_burst(c: &mut Client, n: usize, first: u64) {
             blkio::ReqFlags::empty(),
         );
     }
+    wait_burst(c, n, "a read failed");
+}
+
+/// Waits until the `n` requests submitted on queue 0 completed, each successfully.
+fn wait_burst(c: &mut Client, n: usize, failed: &str) {
     let mut done: Vec<_> = (0..n)
         .map(|_| MaybeUninit::<blkio::Completion>::uninit())
         .collect();
@@ -377,7 +365,7 @@ fn read_burst(c: &mut Client, n: usize, first: u64) {
         assert!(k > 0, "the burst did not complete");
         for slot in &done[got..got + k] {
             // SAFETY: do_io initialized the first k completions from `got` on.
-            assert_eq!(unsafe { slot.assume_init_ref() }.ret, 0);
+            assert_eq!(unsafe { slot.assume_init_ref() }.ret, 0, "{failed}");
         }
         got += k;
     }
@@ -422,23 +410,7 @@ fn write_burst(c: &mut Client, writes: &[(u64, Vec<u8>)]) {
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
         c.queues[0].write(*off, p, data.len(), 0, blkio::ReqFlags::empty());
     }
-    let n = writes.len();
-    let mut done: Vec<_> = (0..n)
-        .map(|_| MaybeUninit::<blkio::Completion>::uninit())
-        .collect();
-    let mut got = 0;
-    while got < n {
-        let mut timeout = REQUEST_TIMEOUT;
-        let k = c.queues[0]
-            .do_io(&mut done[got..], n - got, Some(&mut timeout), None)
-            .expect("do_io");
-        assert!(k > 0, "the burst did not complete");
-        for slot in &done[got..got + k] {
-            // SAFETY: do_io initialized the first k completions from `got` on.
-            assert_eq!(unsafe { slot.assume_init_ref() }.ret, 0, "a write failed");
-        }
-        got += k;
-    }
+    wait_burst(c, writes.len(), "a write failed");
 }
 
 /// 32 first-touch 4 KiB origin writes, one in each chunk from `first` on, with data of `seed`.

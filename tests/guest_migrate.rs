@@ -133,20 +133,15 @@ impl Env {
     fn new() -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
         let initial = support::pattern((IMG_MIB * MIB) as usize, 5);
-        let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+        let p = |n: &str| dir.path().join(n);
         fs::write(p("golden.img"), &initial).expect("write image");
-        let args = [
-            "--origin",
-            &p("golden.img"),
-            "--socket",
+        let args = support::serve_args(
+            support::path_str(&p("golden.img")),
             &p("origin.sock"),
-            "--control",
             &p("ctl.sock"),
-            "--num-queues",
-            &NUM_QUEUES.to_string(),
-            "--no-nbd",
-        ]
-        .map(str::to_string);
+            NUM_QUEUES,
+            &["--no-nbd"],
+        );
         let daemon = Serve::start(&args, &dir.path().join("snapblk.log"));
         Env {
             dir,
@@ -160,9 +155,7 @@ impl Env {
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let (ok, out, err) = support::guest::snapblk_cli(&self.p("ctl.sock"), args);
-        assert!(ok, "snapblk {args:?} failed: {err}{out}");
-        out
+        support::cli_ok(&self.p("ctl.sock"), args)
     }
 
     fn connected(&self, name: &str) -> bool {

@@ -12,8 +12,7 @@ mod support;
 use std::fs;
 use std::time::Duration;
 use support::guest::{
-    pattern_sector, snapblk_cli, start_guest_test, tail, BackgroundGuest, GuestOpts, Serve, MIB,
-    SECTOR,
+    pattern_sector, start_guest_test, tail, BackgroundGuest, GuestOpts, Serve, MIB, SECTOR,
 };
 
 const OLD_MIB: u64 = 16;
@@ -30,19 +29,7 @@ fn a_running_guest_sees_its_disk_grow_and_uses_the_new_end() {
     let img = p("origin.img");
     fs::write(&img, vec![0x77u8; (OLD_MIB * MIB) as usize]).unwrap();
     let (sock, ctl) = (p("origin.sock"), p("ctl.sock"));
-    let args: Vec<String> = [
-        "--origin",
-        img.to_str().unwrap(),
-        "--socket",
-        sock.to_str().unwrap(),
-        "--control",
-        ctl.to_str().unwrap(),
-        "--num-queues",
-        "1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = support::serve_args(support::path_str(&img), &sock, &ctl, 1, &[]);
     let daemon = Serve::start(&args, &p("snapblk.log"));
     let want = NEW_MIB * MIB / SECTOR as u64;
     let mut guest = BackgroundGuest::start(
@@ -65,7 +52,7 @@ fn a_running_guest_sees_its_disk_grow_and_uses_the_new_end() {
         now,
         format!("SNAPBLK-RESIZE-NOW: size_sectors={}", OLD_MIB * MIB / 512)
     );
-    let (ok, out, err) = snapblk_cli(&ctl, &["resize", "origin", &format!("{NEW_MIB}M")]);
+    let (ok, out, err) = support::cli(&ctl, &["resize", "origin", &format!("{NEW_MIB}M")]);
     assert!(ok, "resize failed: {err}\n{}", daemon.log_text());
     assert!(
         out.contains("VM was told"),

@@ -51,30 +51,19 @@ impl Env {
     }
 
     fn serve(&self) -> Serve {
-        let args: Vec<String> = [
-            "--origin",
-            self.img().to_str().unwrap(),
-            "--socket",
-            self.origin_sock().to_str().unwrap(),
-            "--control",
-            self.ctl().to_str().unwrap(),
-            "--num-queues",
-            &NUM_QUEUES.to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let img = self.img();
+        let args = support::serve_args(
+            support::path_str(&img),
+            &self.origin_sock(),
+            &self.ctl(),
+            NUM_QUEUES,
+            &[],
+        );
         Serve::start(&args, &self.p("snapblk.log"))
     }
 
-    fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        support::guest::snapblk_cli(&self.ctl(), args)
-    }
-
     fn ok(&self, args: &[&str]) -> String {
-        let (ok, out, err) = self.cli(args);
-        assert!(ok, "snapblk {args:?} failed: {err}{out}");
-        out
+        support::cli_ok(&self.ctl(), args)
     }
 
     fn list(&self) -> Vec<Value> {

@@ -15,9 +15,8 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
-use support::{make_image, Daemon, BIN};
+use support::{cli_ok as cli, make_image, Daemon};
 use vmm_sys_util::eventfd::EventFd;
 
 const MIB: usize = 1 << 20;
@@ -154,22 +153,6 @@ fn with_snapshots() -> Setup {
         devices,
         control: Some(ctl),
     }
-}
-
-/// Runs the CLI against the control socket `ctl`; panics if it fails.
-fn cli(ctl: &Path, args: &[&str]) -> String {
-    let out = Command::new(BIN)
-        .args(args)
-        .arg("--control")
-        .arg(ctl)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "snapblk {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Connects a libblkio client to `dev` and reads 4 KiB, retrying until `within` has passed

@@ -16,7 +16,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use support::{make_image, pattern, Daemon, BIN};
+use support::{cli_ok, make_image, path_str, pattern, serve_args, Daemon, BIN};
 
 const MIB: usize = 1 << 20;
 const CHUNK: u64 = 64 << 10;
@@ -45,41 +45,18 @@ impl Setup {
     }
 
     fn serve(&self, extra: &[&str]) -> Daemon {
-        let (img, sock, ctl, nbd) = (
-            self.p("origin.img"),
-            self.p("origin.sock"),
-            self.p("ctl.sock"),
-            self.nbd(),
-        );
-        let mut args = vec![
-            "--origin",
-            img.to_str().unwrap(),
-            "--socket",
-            sock.to_str().unwrap(),
-            "--control",
-            ctl.to_str().unwrap(),
-            "--nbd",
-            nbd.to_str().unwrap(),
-            "--num-queues",
-            "1",
-        ];
-        args.extend_from_slice(extra);
+        let (img, sock, nbd) = (self.p("origin.img"), self.p("origin.sock"), self.nbd());
+        let mut args = serve_args(path_str(&img), &sock, &self.p("ctl.sock"), 1, extra);
+        args.extend(["--nbd".to_string(), path_str(&nbd).to_string()]);
         Daemon::start(&args, &sock)
     }
 
     fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        try_run(
-            Command::new(BIN)
-                .args(args)
-                .arg("--control")
-                .arg(self.p("ctl.sock")),
-        )
+        support::cli(&self.p("ctl.sock"), args)
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let (ok, out, err) = self.cli(args);
-        assert!(ok, "snapblk {args:?} failed: {err}");
-        out
+        cli_ok(&self.p("ctl.sock"), args)
     }
 
     /// Waits until `name` has `n` NBD clients (a closed connection ends asynchronously).
@@ -861,19 +838,8 @@ fn exports_are_served_on_tcp_when_asked() {
     let golden = make_image(&s.p("origin.img"), 4 * MIB, 12);
     let img = s.p("origin.img");
     let (sock, ctl) = (s.p("origin.sock"), s.p("ctl.sock"));
-    let args = [
-        "--origin",
-        img.to_str().unwrap(),
-        "--socket",
-        sock.to_str().unwrap(),
-        "--control",
-        ctl.to_str().unwrap(),
-        "--num-queues",
-        "1",
-        "--no-nbd",
-        "--nbd-listen",
-        "127.0.0.1:0",
-    ];
+    let extra = ["--no-nbd", "--nbd-listen", "127.0.0.1:0"];
+    let args = serve_args(path_str(&img), &sock, &ctl, 1, &extra);
     let _d = Daemon::start(&args, &sock);
     assert!(!s.nbd().exists());
     let uri = s.device("origin")["nbd_uri"].as_str().unwrap().to_string();

@@ -58,38 +58,16 @@ impl Env {
     }
 
     fn serve(&self, origin: &str, extra: &[&str]) -> Daemon {
-        let (sock, cache, ctl, nbd) = (
-            self.p("o.sock"),
-            self.p("cache.obj"),
-            self.p("ctl.sock"),
-            self.p("nbd.sock"),
-        );
-        let mut args = vec![
-            "--origin",
-            origin,
-            "--socket",
-            sock.to_str().unwrap(),
-            "--cache",
-            cache.to_str().unwrap(),
-            "--control",
-            ctl.to_str().unwrap(),
-            "--nbd",
-            nbd.to_str().unwrap(),
-            "--num-queues",
-            "2",
-        ];
-        args.extend_from_slice(extra);
+        let (sock, cache, nbd) = (self.p("o.sock"), self.p("cache.obj"), self.p("nbd.sock"));
+        let mut args = support::serve_args(origin, &sock, &self.p("ctl.sock"), 2, extra);
+        for (flag, path) in [("--cache", &cache), ("--nbd", &nbd)] {
+            args.extend([flag.to_string(), support::path_str(path).to_string()]);
+        }
         Daemon::start(&args, &sock)
     }
 
-    fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        support::guest::snapblk_cli(&self.p("ctl.sock"), args)
-    }
-
     fn ok(&self, args: &[&str]) -> String {
-        let (ok, out, err) = self.cli(args);
-        assert!(ok, "snapblk {args:?} failed: {err}{out}");
-        out
+        support::cli_ok(&self.p("ctl.sock"), args)
     }
 
     fn stats(&self) -> Value {

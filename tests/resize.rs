@@ -9,12 +9,13 @@ use serde_json::Value;
 use snapblk::testkit::blkio_client::Client;
 use snapblk::testkit::frontend::RawFrontend;
 use snapblk::testkit::loopdev::LoopDevice;
+use snapblk::testkit::nbd;
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use support::{make_image, Daemon};
+use support::{make_image, path_str, Daemon};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::VhostUserFrontend;
 
@@ -46,9 +47,21 @@ impl Setup {
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let (ok, out, err) = self.cli(args);
-        assert!(ok, "snapblk {args:?} failed: {err}");
-        out
+        support::cli_ok(&self.p("ctl.sock"), args)
+    }
+
+    /// Creates the writable snapshot `name` of the origin, served on `NAME.sock`.
+    fn writable_snapshot(&self, name: &str) -> PathBuf {
+        let sock = self.p(&format!("{name}.sock"));
+        self.ok(&[
+            "snapshot",
+            "create",
+            name,
+            "--writable",
+            "--socket",
+            path_str(&sock),
+        ]);
+        sock
     }
 
     fn size(&self, name: &str) -> u64 {
@@ -81,15 +94,7 @@ fn backend_message(ch: &mut UnixStream, timeout: Duration) -> Option<[u8; 12]> {
 fn a_connected_frontend_is_told_and_reads_the_new_capacity() {
     let s = Setup::new();
     let _d = s.serve();
-    let vm1 = s.p("vm1.sock");
-    s.ok(&[
-        "snapshot",
-        "create",
-        "vm1",
-        "--writable",
-        "--socket",
-        vm1.to_str().unwrap(),
-    ]);
+    let vm1 = s.writable_snapshot("vm1");
     let mut f =
         RawFrontend::connect_with(&vm1, 1, VhostUserProtocolFeatures::BACKEND_REQ, 0).unwrap();
     let (ours, theirs) = UnixStream::pair().unwrap();
@@ -143,15 +148,7 @@ fn client(sock: &Path) -> Client {
 fn grown_devices_read_zeros_take_writes_and_keep_their_size_across_a_restart() {
     let s = Setup::new();
     let mut d = s.serve();
-    let vm1 = s.p("vm1.sock");
-    s.ok(&[
-        "snapshot",
-        "create",
-        "vm1",
-        "--writable",
-        "--socket",
-        vm1.to_str().unwrap(),
-    ]);
+    let vm1 = s.writable_snapshot("vm1");
     s.ok(&["resize", "origin", "6M"]);
     assert_eq!(std::fs::metadata(s.p("origin.img")).unwrap().len(), 6 * MIB);
     s.ok(&["resize", "vm1", "12M"]);
@@ -220,23 +217,9 @@ fn grown_devices_read_zeros_take_writes_and_keep_their_size_across_a_restart() {
         serde_json::from_str(&s.ok(&["snapshot", "diff", "origin", "vm1", "--json"])).unwrap();
     assert_eq!(diff["size"].as_u64(), Some(5 * MIB), "{diff}");
     // A new NBD connection sees the new size.
-    let uri = format!(
-        "nbd+unix:///vm1?socket={}",
-        s.p("origin.nbd.sock").display()
-    );
-    let out = Command::new("nbdinfo")
-        .args(["--size", &uri])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        (12 * MIB).to_string()
-    );
+    let uri = nbd::uri(&s.p("origin.nbd.sock"), "vm1");
+    let out = nbd::run(Command::new("nbdinfo").args(["--size", &uri]));
+    assert_eq!(out.trim(), (12 * MIB).to_string());
 }
 
 /// A block-device origin: the daemon cannot grow it, so a size beyond the device is refused
@@ -248,18 +231,7 @@ fn a_block_device_origin_grows_only_as_far_as_the_device() {
     };
     let s = Setup::new();
     let (sock, ctl, cache) = (s.p("origin.sock"), s.p("ctl.sock"), s.p("cache.obj"));
-    let args = [
-        "--origin",
-        origin.arg(),
-        "--cache",
-        cache.to_str().unwrap(),
-        "--socket",
-        sock.to_str().unwrap(),
-        "--control",
-        ctl.to_str().unwrap(),
-        "--num-queues",
-        "1",
-    ];
+    let args = support::serve_args(origin.arg(), &sock, &ctl, 1, &["--cache", path_str(&cache)]);
     let _d = Daemon::start(&args, &sock);
     let (ok, _, err) = s.cli(&["resize", "origin", "8M"]);
     assert!(!ok && err.contains("grow it first"), "{err}");

@@ -10,7 +10,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use support::{make_image, pattern, Daemon, BIN};
+use support::{cli_ok, make_image, path_str, pattern, serve_args, Daemon, BIN};
 
 const MIB: usize = 1 << 20;
 
@@ -30,20 +30,8 @@ impl Setup {
     }
 
     fn serve(&self, extra: &[&str]) -> Daemon {
-        let img = self.p("golden.img");
-        let sock = self.p("origin.sock");
-        let ctl = self.p("ctl.sock");
-        let mut args = vec![
-            "--origin",
-            img.to_str().unwrap(),
-            "--socket",
-            sock.to_str().unwrap(),
-            "--control",
-            ctl.to_str().unwrap(),
-            "--num-queues",
-            "1",
-        ];
-        args.extend_from_slice(extra);
+        let (img, sock) = (self.p("golden.img"), self.p("origin.sock"));
+        let args = serve_args(path_str(&img), &sock, &self.p("ctl.sock"), 1, extra);
         Daemon::start(&args, &sock)
     }
 
@@ -65,9 +53,7 @@ impl Setup {
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let (ok, out, err) = self.cli(args);
-        assert!(ok, "snapblk {args:?} failed: {err}");
-        out
+        cli_ok(&self.p("ctl.sock"), args)
     }
 
     fn list(&self) -> Vec<Value> {

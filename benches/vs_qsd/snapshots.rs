@@ -306,20 +306,7 @@ fn snapshot_run(
         }
         Side::Qcow2 => {
             let ovl = dir.join(format!("overlay-{seq}.qcow2"));
-            let _ = std::fs::remove_file(&ovl);
-            let out = Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2", "-b"])
-                .arg(ctx.img)
-                .args(["-F", "raw", "-o", "cluster_size=65536"])
-                .arg(&ovl)
-                .output()
-                .map_err(|e| format!("qemu-img: {e}"))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "qemu-img create failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                ));
-            }
+            crate::create_overlay(ctx.img, &ovl)?;
             let sock = dir.join(format!("qsd-qcow2-{seq}.sock"));
             let mut cmd = Command::new("qemu-storage-daemon");
             cmd.args(["--object", "iothread,id=io0"])

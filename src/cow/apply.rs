@@ -58,18 +58,15 @@ impl Meta {
         writable: bool,
         name: &str,
     ) -> Result<(), MetaError> {
-        if self.dev(id).is_some() || id == NO_PARENT {
+        if id == NO_PARENT {
             return Err(MetaError::DuplicateDevice(id));
         }
         let p = self.dev_mut(parent)?;
         if p.inoperative {
             return Err(MetaError::NoDevice(parent));
         }
-        // A free slot within bounds, before anything changes.
-        let slot = devids::slot(id).ok_or(MetaError::DeviceRange(id))?;
-        if self.devices.get(slot).is_some_and(Option::is_some) {
-            return Err(MetaError::DuplicateDevice(id));
-        }
+        // Refused before anything changes (the clock, below).
+        self.free_slot(id)?;
         let otime = self.child_otime(parent)?;
         let mut dev = Dev::new(id, parent, name.to_owned(), writable, otime);
         dev.table = self.child_table(parent, otime)?;

@@ -242,15 +242,20 @@ impl Meta {
             .ok_or(MetaError::NoDevice(id))
     }
 
-    /// Puts a new device in the slot its id names (free, and within [`devids::MAX_SLOTS`]).
-    pub(super) fn put_device(&mut self, dev: Dev) -> Result<(), MetaError> {
-        let id = dev.id;
+    /// The slot a new device `id` takes: within [`devids::MAX_SLOTS`] and free.
+    pub(super) fn free_slot(&self, id: u64) -> Result<usize, MetaError> {
         let slot = devids::slot(id).ok_or(MetaError::DeviceRange(id))?;
+        if self.devices.get(slot).is_some_and(Option::is_some) {
+            return Err(MetaError::DuplicateDevice(id));
+        }
+        Ok(slot)
+    }
+
+    /// Puts a new device in the slot its id names ([`Meta::free_slot`]).
+    pub(super) fn put_device(&mut self, dev: Dev) -> Result<(), MetaError> {
+        let slot = self.free_slot(dev.id)?;
         if self.devices.len() <= slot {
             self.devices.resize_with(slot + 1, || None);
-        }
-        if self.devices[slot].is_some() {
-            return Err(MetaError::DuplicateDevice(id));
         }
         self.devices[slot] = Some(Box::new(dev));
         Ok(())

@@ -599,18 +599,3 @@ impl Drop for Serve {
         }
     }
 }
-
-/// Runs `snapblk ARGS --control CTRL`; returns (success, stdout, stderr).
-pub fn snapblk_cli(control: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_snapblk"))
-        .args(args)
-        .arg("--control")
-        .arg(control)
-        .output()
-        .expect("run snapblk");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}

@@ -4,6 +4,7 @@
 
 pub mod guest;
 
+use std::ffi::OsStr;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileTypeExt;
@@ -25,20 +26,20 @@ pub struct Daemon {
 
 impl Daemon {
     /// Starts `snapblk serve ARGS` and waits for `socket` to accept connections.
-    pub fn start(args: &[&str], socket: &Path) -> Daemon {
+    pub fn start<S: AsRef<OsStr>>(args: &[S], socket: &Path) -> Daemon {
         Self::start_in(None, args, socket)
     }
 
     /// Starts `snapblk serve ARGS` in directory `dir` (where its default paths lie).
-    pub fn start_in(dir: Option<&Path>, args: &[&str], socket: &Path) -> Daemon {
+    pub fn start_in<S: AsRef<OsStr>>(dir: Option<&Path>, args: &[S], socket: &Path) -> Daemon {
         Self::start_with(dir, &[], args, socket)
     }
 
     /// [`Daemon::start_in`] with extra environment variables.
-    pub fn start_with(
+    pub fn start_with<S: AsRef<OsStr>>(
         dir: Option<&Path>,
         env: &[(&str, &str)],
-        args: &[&str],
+        args: &[S],
         socket: &Path,
     ) -> Daemon {
         let mut cmd = Command::new(BIN);
@@ -232,19 +233,51 @@ pub fn serve_origin(dir: &Path, extra: &[&str]) -> Daemon {
     Daemon::start(&args, &sock)
 }
 
-/// Runs the CLI against the daemon whose control socket is `ctl`: (success, stdout, stderr).
+/// The arguments of `snapblk serve` that most tests start from: the origin `origin` (a path or
+/// a URI) on the vhost-user socket `sock`, the control socket `ctl`, `queues` queues; then
+/// `extra`.
+pub fn serve_args(
+    origin: &str,
+    sock: &Path,
+    ctl: &Path,
+    queues: u32,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = ["--origin", origin, "--socket", path_str(sock)]
+        .into_iter()
+        .chain(["--control", path_str(ctl), "--num-queues"])
+        .map(str::to_string)
+        .collect();
+    args.push(queues.to_string());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// A test path as an argument (tests make their paths UTF-8).
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("a UTF-8 test path")
+}
+
+/// Runs `snapblk ARGS --control CTL`: (success, stdout, stderr).
 pub fn cli(ctl: &Path, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(BIN)
         .args(args)
         .arg("--control")
         .arg(ctl)
         .output()
-        .unwrap();
+        .expect("run snapblk");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// [`cli`] that must succeed: its standard output.
+pub fn cli_ok(ctl: &Path, args: &[&str]) -> String {
+    let (ok, out, err) = cli(ctl, args);
+    assert!(ok, "snapblk {args:?} failed: {err}{out}");
+    out
 }
 
 /// Makes a raw image of `len` bytes filled with a recognizable pattern.
