@@ -31,6 +31,7 @@ mod iopool;
 mod memory;
 mod pipeline;
 mod pooled;
+mod pressure;
 mod queue;
 mod request;
 mod sched;

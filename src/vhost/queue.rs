@@ -191,7 +191,6 @@ impl QueueWorker {
             return Ok(());
         }
         self.adapt_poll(ctx.max_poll);
-        let poll = self.poll;
         if self.active.is_none() {
             self.active = Some(ctx.sched.activate());
         }
@@ -201,7 +200,7 @@ impl QueueWorker {
             // whoever starts it next, from the position reported then.
             return Ok(());
         }
-        let drained = self.drain(ctx, vring, &mut state, poll);
+        let drained = self.drain(ctx, vring, &mut state);
         if ctx.request.logging.load(Ordering::Relaxed) {
             // The frontend logs our writes (a migration) and the workers' view of guest
             // memory has none (`view.rs`): mark the used ring the drain wrote, before the
@@ -251,14 +250,13 @@ impl QueueWorker {
     }
 
     /// Serves the ring until it stays empty (or the connection is closing): drains it, signals
-    /// the driver, polls it for the `poll` window, then re-enables notifications and looks
+    /// the driver, polls it for the adaptive window, then re-enables notifications and looks
     /// once more before going idle.
     fn drain(
         &mut self,
         ctx: &QueueContext<'_>,
         vring: &Vring,
         state: &mut VringStateGuard<'_>,
-        poll: Duration,
     ) -> Result<(), QueueFault> {
         loop {
             {
@@ -269,10 +267,14 @@ impl QueueWorker {
                     .disable_notification(&*guard)
                     .map_err(QueueFault::Ring)?;
             }
+            let popped_from = state.get_queue().next_avail();
             let Drained {
                 used_any,
                 unsignaled,
             } = self.serve_available(ctx, vring, state)?;
+            // One request per drain is a driver at queue depth 1: the only case where a spin
+            // on a contended host costs more than it saves (`pressure.rs`).
+            let one_at_a_time = state.get_queue().next_avail().wrapping_sub(popped_from) <= 1;
             let guard = ctx.mem.memory();
             let mem = &*guard;
             if unsignaled {
@@ -285,9 +287,9 @@ impl QueueWorker {
                 self.batcher.trim(&guard);
                 return Ok(());
             }
-            if !poll.is_zero() && used_any {
+            if !self.poll.is_zero() && used_any && !(one_at_a_time && ctx.sched.cpu_contended()) {
                 if let Some(_permit) = ctx.sched.poll_permit() {
-                    if poll_ring(state.get_queue_mut(), mem, poll).map_err(QueueFault::Ring)? {
+                    if poll_ring(state.get_queue_mut(), mem, self.poll).map_err(QueueFault::Ring)? {
                         continue;
                     }
                 }

@@ -16,6 +16,7 @@
 
 use super::guest::GuestMemGuard;
 use super::iopool::IoPool;
+use super::pressure::CpuPressure;
 use super::request::{InFlight, RequestContext};
 use crate::virtio_blk::RequestKind;
 use log::warn;
@@ -119,6 +120,8 @@ pub struct Scheduler {
     split_pool: OnceLock<Option<rayon::ThreadPool>>,
     /// Queue workers polling right now.
     pollers: OwnLine,
+    /// Whether other tasks wait for a CPU: then nobody polls (`pressure.rs`).
+    pressure: CpuPressure,
     /// Queues in use: those that have served a request since their frontend connected.
     active_queues: AtomicUsize,
 }
@@ -147,6 +150,7 @@ impl Scheduler {
             io_pool: OnceLock::new(),
             split_pool: OnceLock::new(),
             pollers: OwnLine::default(),
+            pressure: CpuPressure::open(),
             active_queues: AtomicUsize::new(0),
         }
     }
@@ -176,6 +180,11 @@ impl Scheduler {
         self.split_pool
             .get_or_init(|| build_pool(self.config.cpus, "split"))
             .as_ref()
+    }
+
+    /// Whether tasks (ours, the VMs' or other processes') wait for the host's CPUs.
+    pub(super) fn cpu_contended(&self) -> bool {
+        self.pressure.contended()
     }
 
     /// Permission for one worker to spin, if fewer than half the CPUs do: pollers must never
