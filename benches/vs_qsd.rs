@@ -64,6 +64,8 @@ enum Backend {
     /// fresh cache object (its writes are first touches: fill a new block from the origin),
     /// the like-for-like of a qcow2 overlay.
     SnapblkWsnap,
+    /// snapblk-wsnap of the `SNAPBLK_BASE_BIN` build (an A/B of snapshot reads and writes).
+    SnapblkBaseWsnap,
 }
 
 impl Backend {
@@ -78,6 +80,7 @@ impl Backend {
             Backend::QsdDefaultRaw => "qsd-default-raw",
             Backend::QsdNativeRaw => "qsd-native-raw",
             Backend::SnapblkWsnap => "snapblk-wsnap",
+            Backend::SnapblkBaseWsnap => "snapblk-base-wsnap",
         }
     }
 
@@ -85,7 +88,10 @@ impl Backend {
     fn is_snapblk(self) -> bool {
         matches!(
             self,
-            Backend::Snapblk | Backend::SnapblkBase | Backend::SnapblkWsnap
+            Backend::Snapblk
+                | Backend::SnapblkBase
+                | Backend::SnapblkWsnap
+                | Backend::SnapblkBaseWsnap
         )
     }
 
@@ -120,8 +126,10 @@ impl Backend {
             "qsd-default-raw" => Ok(Backend::QsdDefaultRaw),
             "qsd-native-raw" => Ok(Backend::QsdNativeRaw),
             "snapblk-wsnap" => Ok(Backend::SnapblkWsnap),
+            "snapblk-base-wsnap" => Ok(Backend::SnapblkBaseWsnap),
             other => Err(format!(
                 "unknown backend {other:?} (expected snapblk, snapblk-base, snapblk-wsnap, \
+                 snapblk-base-wsnap, \
                  qsd-fast, qsd-default, qsd-native, qsd-fast-raw, qsd-default-raw, \
                  qsd-native-raw)"
             )),
@@ -238,7 +246,7 @@ usage: cargo bench --bench vs_qsd -- [OPTIONS] [FILTER]
 backends: snapblk, snapblk-base (env SNAPBLK_BASE_BIN), snapblk-wsnap (snapblk serving a
   writable snapshot of the origin taken just before each run on a fresh cache object, with or
   without --snapshot: its first writes fill a new block from the origin, the like-for-like of
-  a qcow2 overlay), qsd-fast (aio=io_uring, iothread), qsd-native (aio=native, iothread,
+  a qcow2 overlay), snapblk-base-wsnap (the same with SNAPBLK_BASE_BIN), qsd-fast (aio=io_uring, iothread), qsd-native (aio=native, iothread,
   always cache.direct=on), qsd-default (thread pool AIO, no iothread), and
   qsd-fast-raw, qsd-native-raw, qsd-default-raw (the same on the raw image even under
   --snapshot)
@@ -423,7 +431,7 @@ fn daemon_command(
         return qsd_command(backend.qsd_kind(), img, sock, nq, overlay);
     }
     let bin = match backend {
-        Backend::SnapblkBase => snapblk_base_bin().unwrap_or_default(),
+        Backend::SnapblkBase | Backend::SnapblkBaseWsnap => snapblk_base_bin().unwrap_or_default(),
         _ => snapblk_bin(),
     };
     let mut c = Command::new(bin);
@@ -957,7 +965,7 @@ fn run_one(
     cell: usize,
 ) -> Result<Measured, String> {
     let (cfg, img) = (ctx.cfg, ctx.img);
-    let wsnap = backend == Backend::SnapblkWsnap;
+    let wsnap = matches!(backend, Backend::SnapblkWsnap | Backend::SnapblkBaseWsnap);
     let snap = backend.is_snapblk() && (cfg.snapshot || wsnap);
     let cache = {
         let mut name = img.file_name().unwrap_or_default().to_os_string();
@@ -1239,7 +1247,8 @@ fn main() {
         );
         std::process::exit(2);
     }
-    if cfg.backends.contains(&Backend::SnapblkBase)
+    if (cfg.backends.contains(&Backend::SnapblkBase)
+        || cfg.backends.contains(&Backend::SnapblkBaseWsnap))
         && !snapblk_base_bin().is_some_and(|b| b.is_file())
     {
         eprintln!("vs_qsd: backend snapblk-base needs SNAPBLK_BASE_BIN, the other snapblk binary");
@@ -1300,7 +1309,8 @@ fn main() {
         println!("# snapblk: {}", snapblk_bin().display());
     }
     if let (true, Some(base)) = (
-        cfg.backends.contains(&Backend::SnapblkBase),
+        cfg.backends.contains(&Backend::SnapblkBase)
+            || cfg.backends.contains(&Backend::SnapblkBaseWsnap),
         snapblk_base_bin(),
     ) {
         println!("# snapblk-base: {}", base.display());
