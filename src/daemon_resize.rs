@@ -3,7 +3,7 @@
 //! tells the guest). NBD clients see the new size when they connect next (NBD has no way to
 //! tell a connected client).
 
-use crate::cow::DeviceId;
+use crate::cow::{DeviceId, NewSize};
 use crate::daemon::{user_name, Daemon, DaemonError, Outcome};
 use log::info;
 
@@ -18,15 +18,24 @@ pub struct ResizeOutcome {
 }
 
 impl Daemon {
-    /// Sets device `name`'s size to `size` bytes, a multiple of the logical block size the
-    /// devices are served with; a smaller size only with `force`.
-    pub fn resize(&self, name: &str, size: u64, force: bool) -> Outcome<ResizeOutcome> {
+    /// Sets device `name`'s size to a size (or grows it by a size: from its size when the
+    /// resize runs), a multiple of the logical block size the devices are served with; a
+    /// smaller size only with `force`.
+    pub fn resize(&self, name: &str, new: NewSize, force: bool) -> Outcome<ResizeOutcome> {
         let dev = self.find(name)?;
         let lbs = u64::from(self.defaults().logical_block_size);
-        if size == 0 || !size.is_multiple_of(lbs) {
-            return Err(DaemonError::Invalid(format!(
-                "size {size} is not a non-zero multiple of the logical block size ({lbs} bytes)"
-            )));
+        match new {
+            NewSize::To(size) if size == 0 || !size.is_multiple_of(lbs) => {
+                return Err(DaemonError::Invalid(format!(
+                    "size {size} is not a non-zero multiple of the logical block size ({lbs} bytes)"
+                )));
+            }
+            NewSize::GrowBy(add) if add == 0 || !add.is_multiple_of(lbs) => {
+                return Err(DaemonError::Invalid(format!(
+                    "growth {add} is not a non-zero multiple of the logical block size ({lbs} bytes)"
+                )));
+            }
+            _ => {}
         }
         let id = DeviceId(dev.id);
         if id == DeviceId::ORIGIN && self.defaults().origin_read_only {
@@ -36,7 +45,7 @@ impl Daemon {
                     .into(),
             ));
         }
-        let done = self.engine().resize_device(id, size, force)?;
+        let done = self.engine().resize_device_to(id, new, force)?;
         let notified = done.old != done.new && self.config_changed(id);
         let name = user_name(&dev);
         if done.old != done.new {

@@ -137,6 +137,25 @@ fn a_connected_frontend_is_told_and_reads_the_new_capacity() {
     assert_eq!(capacity(&mut f), 6 * MIB / 512);
 }
 
+/// `+SIZE` grows from the size the device has when the resize runs: growths asked at once
+/// all count (none reads a size another is about to change).
+#[test]
+fn growths_asked_at_once_all_count() {
+    let s = Setup::new();
+    let _d = s.serve();
+    s.writable_snapshot("vm1");
+    let s = &s;
+    std::thread::scope(|scope| {
+        for _ in 0..8 {
+            scope.spawn(move || s.ok(&["resize", "vm1", "+1M"]));
+        }
+    });
+    assert_eq!(s.size("vm1"), 12 * MIB, "4 MiB grown by 8 x 1 MiB");
+    let (ok, _, err) = s.cli(&["resize", "vm1", "+1000"]);
+    assert!(!ok && err.contains("multiple"), "{err}");
+    assert_eq!(s.size("vm1"), 12 * MIB);
+}
+
 fn client(sock: &Path) -> Client {
     Client::connect(sock, 1)
 }

@@ -5,15 +5,9 @@ use super::error::CliError;
 use super::output::outln;
 use super::units::{human, parse_size};
 use crate::control::protocol::Command;
+pub use crate::cow::NewSize;
 use crate::daemon_resize::ResizeOutcome;
 use std::path::Path;
-
-/// A size as `resize` takes it: the new size, or `+SIZE` to grow by that much.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NewSize {
-    To(u64),
-    GrowBy(u64),
-}
 
 /// Parses `8G` (the new size) or `+1G` (grow by that much).
 pub fn parse_new_size(s: &str) -> Result<NewSize, String> {

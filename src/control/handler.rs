@@ -6,7 +6,7 @@ use super::protocol::{
     Request, StatsView, MAX_WAIT_MS,
 };
 use super::server::ControlHandler;
-use crate::cow::{CowError, DeviceState, SizeLimit};
+use crate::cow::{CowError, DeviceState, NewSize, SizeLimit};
 use crate::daemon::{Daemon, DaemonError, DeviceStatus};
 use crate::device::{BlockDevice, IoCounters};
 use crate::nbd::Mode;
@@ -161,7 +161,8 @@ fn resize(daemon: &Daemon, size: Option<u64>, auto: bool) -> Reply {
     }
 }
 
-/// `resize`: a new size, or the size now plus `grow_by`.
+/// `resize`: a new size, or the size now plus `grow_by` (taken under the engine's resize
+/// lock, so two growths at once both count).
 fn resize_device(
     daemon: &Daemon,
     name: &str,
@@ -169,16 +170,12 @@ fn resize_device(
     grow_by: Option<u64>,
     force: bool,
 ) -> Reply {
-    let size = match (size, grow_by) {
-        (Some(s), None) => Ok(s),
-        (None, Some(add)) => daemon.find(name).and_then(|d| {
-            d.size
-                .checked_add(add)
-                .ok_or_else(|| DaemonError::Invalid(format!("{name}: size + {add} overflows")))
-        }),
+    let new = match (size, grow_by) {
+        (Some(s), None) => NewSize::To(s),
+        (None, Some(add)) => NewSize::GrowBy(add),
         _ => return Reply::err(ErrorCode::BadRequest, "give either \"size\" or \"grow_by\""),
     };
-    reply(size.and_then(|s| daemon.resize(name, s, force)))
+    reply(daemon.resize(name, new, force))
 }
 
 /// Starts (or stops) hydrating a remote origin; replies with where it is.

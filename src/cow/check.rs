@@ -48,6 +48,8 @@ pub struct CheckReport {
     pub checkpoint_blocks: u64,
     pub journal_transactions: u64,
     pub journal_bytes: u64,
+    /// The origin's size now (resizes change it; the header keeps the size at creation).
+    pub origin_size: Option<u64>,
 }
 
 impl CheckReport {
@@ -60,15 +62,16 @@ impl CheckReport {
 impl fmt::Display for CheckReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(h) = &self.header {
+            let origin = match self.origin_size {
+                Some(now) if now != h.origin_size => {
+                    format!("{now} B (created at {} B)", h.origin_size)
+                }
+                _ => format!("{} B", h.origin_size),
+            };
             writeln!(
                 f,
-                "cache object: format v{}, generation {}, chunk {} B, origin {} B (tag {:?}), limit {} B",
-                h.version,
-                h.generation,
-                h.chunk_size,
-                h.origin_size,
-                h.origin_tag,
-                h.max_size
+                "cache object: format v{}, generation {}, chunk {} B, origin {origin} (tag {:?}), limit {} B",
+                h.version, h.generation, h.chunk_size, h.origin_tag, h.max_size
             )?;
         }
         writeln!(
@@ -148,6 +151,7 @@ pub fn check_cache(cache: &dyn Storage) -> CheckReport {
 fn check_meta(m: &Meta, h: &Header, file_size: u64, ckpt: &[u64], r: &mut CheckReport) {
     let devs: Vec<_> = m.devs().collect();
     r.devices = devs.len() as u64;
+    r.origin_size = Some(m.origin_size());
     check_tree(m, &devs, r);
     // Every block's users: how many, and at which chunk index (the first one seen).
     let mut uses: HashMap<u64, (u32, u64)> = HashMap::new();

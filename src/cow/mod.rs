@@ -80,5 +80,5 @@ pub use info::{CacheInfo, DeviceInfo, DeviceState, Stats};
 pub use limit::{host_reserve, SizeLimit, AUTO_MAX_SIZE};
 pub use open::{CreateOptions, OpenOptions};
 pub use origin_copies::HydrationInfo;
-pub use resize::{Resized, MAX_DEVICE_SIZE};
+pub use resize::{NewSize, Resized, MAX_DEVICE_SIZE};
 pub use waitlist::{OnFull, MAX_SPACE_WAITERS};

@@ -52,22 +52,41 @@ pub struct Resized {
     pub new: u64,
 }
 
+/// A device's new size: so many bytes, or its size at the time plus so many.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewSize {
+    To(u64),
+    /// Grow by this much, from the size the device has when the resize runs (two at once
+    /// both count: resizes run one at a time).
+    GrowBy(u64),
+}
+
 impl CacheObject {
     /// Sets the size of device `dev` to `size` bytes (a non-zero multiple of 512). Growing is
     /// always allowed (the origin within what its image can hold); shrinking discards the cut
     /// range and is refused unless `force`. Durable on return. See the module comment.
     pub fn resize_device(&self, dev: DeviceId, size: u64, force: bool) -> Result<Resized> {
-        if size == 0 || !size.is_multiple_of(SECTOR_SIZE) || size > MAX_DEVICE_SIZE {
-            return Err(CowError::InvalidOption(format!(
-                "size {size} must be a non-zero multiple of 512 bytes, at most 2^56"
-            )));
-        }
+        self.resize_device_to(dev, NewSize::To(size), force)
+    }
+
+    /// [`CacheObject::resize_device`] to a size given absolutely or as growth.
+    pub fn resize_device_to(&self, dev: DeviceId, new: NewSize, force: bool) -> Result<Resized> {
         let _one_at_a_time = self.resizing.lock().unwrap_or_else(PoisonError::into_inner);
         let old = {
             let st = self.read_state();
             Self::check_dev(&st.meta, dev.0)?;
             self.device_size(dev)?
         };
+        let size = match new {
+            NewSize::To(size) => size,
+            // Saturated: past the largest size, refused below.
+            NewSize::GrowBy(add) => old.saturating_add(add),
+        };
+        if size == 0 || !size.is_multiple_of(SECTOR_SIZE) || size > MAX_DEVICE_SIZE {
+            return Err(CowError::InvalidOption(format!(
+                "size {size} must be a non-zero multiple of 512 bytes, at most 2^56"
+            )));
+        }
         if dev == DeviceId::ORIGIN {
             self.check_origin_resizable(old, size)?;
         }

@@ -73,6 +73,11 @@ fn grow_origin_and_snapshots_and_reopen() {
     assert!(all(&read(eng, s, 8 * C, 2 * C + 512), 0));
     eng.verify_in_memory().unwrap();
     eng.flush().unwrap();
+    // The checker reports the origin's size now, and the size it was created with.
+    let report = check_cache(&*m.cache);
+    assert_eq!(report.origin_size, Some(10 * C));
+    let line = format!("origin {} B (created at {} B)", 10 * C, 8 * C);
+    assert!(report.to_string().contains(&line), "{report}");
     let eng = reopen(&m.origin, &m.cache);
     assert_eq!(eng.device_size(s).unwrap(), 12 * C);
     assert_eq!(eng.device_size(t).unwrap(), 10 * C);
@@ -170,6 +175,31 @@ fn bad_sizes_and_devices_are_refused() {
         .unwrap();
     r.engine.resize_device(s, 16 * C, false).unwrap();
     assert!(all(&read(&r.engine, s, 8 * C, 8 * C), 0));
+}
+
+/// `GrowBy` grows from the size the device has when the resize runs; growth past the largest
+/// size (or overflowing) is refused like a size past it.
+#[test]
+fn growth_counts_from_the_size_at_the_time() {
+    let m = mem_engine(8).build();
+    let eng = &m.engine;
+    let s = eng.create_snapshot(DeviceId::ORIGIN, "s", true).unwrap();
+    let done = eng
+        .resize_device_to(s, NewSize::GrowBy(2 * C), false)
+        .unwrap();
+    assert_eq!((done.old, done.new), (8 * C, 10 * C));
+    let done = eng.resize_device_to(s, NewSize::GrowBy(C), false).unwrap();
+    assert_eq!((done.old, done.new), (10 * C, 11 * C));
+    for bad in [u64::MAX - 511, MAX_DEVICE_SIZE, 100] {
+        assert!(
+            matches!(
+                eng.resize_device_to(s, NewSize::GrowBy(bad), false),
+                Err(CowError::InvalidOption(_))
+            ),
+            "{bad}"
+        );
+    }
+    assert_eq!(eng.device_size(s).unwrap(), 11 * C);
 }
 
 /// A cache object never resized keeps its format (no flag: older builds open it); the first
