@@ -400,6 +400,74 @@ fn thirty_two_requests_are_in_flight_at_once_with_io_uring() {
     assert_eq!(counter(&p.origin_io(), "peak_in_flight"), 0);
 }
 
+/// A snapshot's reads under `--direct` go to the device from the queue's io_uring too (the
+/// guest's queue depth reaches it, `cow/direct.rs`), and each returns the snapshot's view:
+/// read through to the origin, its own blocks, and the origin's preserved copies while another
+/// client overwrites the origin under it.
+#[test]
+fn a_snapshots_reads_go_through_io_uring_and_keep_its_view() {
+    if let Err(e) = snapblk::vhost::probe_io_uring() {
+        eprintln!("skipped: no io_uring here: {e}");
+        return;
+    }
+    let dir = disk_dir();
+    let img = dir.path().join("origin.img");
+    let size = 16 * MIB;
+    let mut want = make_image(&img, size, 2);
+    let p = Paths::in_dir(dir.path());
+    let d = p.start(&img, None, &["--direct"]);
+    let wsock = dir.path().join("w.sock");
+    p.ok(&[
+        "snapshot",
+        "create",
+        "w",
+        "--writable",
+        "--socket",
+        path_str(&wsock),
+    ]);
+    let mut w = Client::connect(&wsock, 1);
+    // Blocks of w's own: a whole chunk, and part of one (filled from the origin).
+    for (off, len, byte) in [(MIB, 64 << 10, 0xab), (3 * MIB + 4096, 8192, 0xcd)] {
+        let data = vec![byte; len];
+        assert_eq!(w.write(0, off as u64, &data), 0);
+        want[off..off + len].copy_from_slice(&data);
+    }
+    // Meanwhile the origin is overwritten: its old chunks are preserved for w.
+    let osock = d.socket.clone();
+    let writer = std::thread::spawn(move || {
+        let mut o = Client::connect(&osock, 1);
+        for k in 0..(8 * MIB) / (64 << 10) {
+            assert_eq!(o.write(0, (k * (64 << 10)) as u64, &[0xee; 64 << 10]), 0);
+        }
+    });
+    let n = 32;
+    for round in 0..60usize {
+        let offsets: Vec<usize> = (0..n)
+            .map(|i| ((round * n + i) * 4096 * 5) % size)
+            .collect();
+        for (i, &off) in offsets.iter().enumerate() {
+            let buf = w.buf(0).wrapping_add(i * 4096);
+            w.queues[0].read(off as u64, buf, 4096, 0, blkio::ReqFlags::empty());
+        }
+        wait_burst(&mut w, n, "a snapshot read failed");
+        let got = w.buf_slice(0, n * 4096).to_vec();
+        for (i, &off) in offsets.iter().enumerate() {
+            assert!(
+                got[i * 4096..(i + 1) * 4096] == want[off..off + 4096],
+                "round {round}: w at {off:#x} is not its view"
+            );
+        }
+    }
+    writer.join().unwrap();
+    let v: Value = serde_json::from_str(&p.ok(&["stats", "--json"])).unwrap();
+    let peak = counter(&v["devices"]["w"], "peak_in_flight");
+    assert!(peak >= 24, "w: at most {peak} reads in flight at once: {v}");
+    assert!(
+        w.read(0, 0, 8 * MIB).unwrap() == want[..8 * MIB],
+        "w after the origin writes"
+    );
+}
+
 /// Submits one 4 KiB write per entry of `writes` (offset, data) at once on queue 0 and waits
 /// until all of them completed successfully.
 fn write_burst(c: &mut Client, writes: &[(u64, Vec<u8>)]) {
@@ -534,6 +602,9 @@ fn batched_first_touch_writes_under_direct_io_survive_sigkill() {
         );
     }
     drop((c, s, d));
+    // Killed again: the snapshot's ring registered the cache object too (its reads are the
+    // ring's), and goes a moment after the process.
+    wait_unlocked(&[&img, &cache]);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_snapblk"))
         .args(["check", cache.to_str().unwrap()])
         .output()

@@ -13,7 +13,6 @@ use super::meta::{Meta, META_REF};
 use super::metaio::write_header;
 use crate::storage::AlignedBuf;
 use std::sync::atomic::Ordering;
-use std::sync::PoisonError;
 
 impl CacheObject {
     /// Makes every completed write (origin and snapshots) and every metadata change durable.
@@ -134,7 +133,7 @@ impl CacheObject {
             return;
         }
         for stripe in self.stripes.iter() {
-            drop(stripe.write().unwrap_or_else(PoisonError::into_inner));
+            drop(stripe.write());
         }
         self.release_blocks(blocks);
     }

@@ -52,6 +52,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 
 /// Number of stripe locks.
 pub(super) const STRIPES: usize = 1024;
+
+/// A stripe lock. `parking_lot`'s, each in an `Arc`: a read held across a queue's own direct
+/// transfer (`direct.rs`) is an owned guard that the transfer keeps until it completes.
+pub(super) type Stripe = Arc<parking_lot::RwLock<()>>;
+pub(super) type StripeReadGuard<'a> = parking_lot::RwLockReadGuard<'a, ()>;
+pub(super) type StripeWriteGuard<'a> = parking_lot::RwLockWriteGuard<'a, ()>;
 /// Slots of [`State::chunk_epochs`].
 pub(super) const CHUNK_EPOCH_SLOTS: usize = 1 << 16;
 
@@ -156,7 +162,7 @@ pub struct CacheObject {
     pub(super) registry: Arc<Registry>,
     /// The origin's preserved copies (the same object as the state's), read without any lock.
     pub(super) history: Arc<OriginHistory>,
-    pub(super) stripes: Box<[RwLock<()>]>,
+    pub(super) stripes: Box<[Stripe]>,
     pub(super) journal: Mutex<Journal>,
     pub(super) durable_epoch: AtomicU64,
     /// Records up to this epoch have their data (the copies and fills they map) durable: it
@@ -289,7 +295,7 @@ impl CacheObject {
     }
 
     #[inline]
-    pub(super) fn stripe(&self, c: u64) -> &RwLock<()> {
+    pub(super) fn stripe(&self, c: u64) -> &Stripe {
         &self.stripes[(c as usize) % STRIPES]
     }
 

@@ -18,7 +18,7 @@ use super::error::{CowError, DeviceId, Result};
 use super::format::{ENTRY_UNMAPPED, ENTRY_ZERO};
 use super::meta::{ReadSide, ReadStatus, View, ORIGIN_ID};
 use crate::storage::SECTOR_SIZE;
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 
 /// Most chunks one query looks at (1 GiB of 64 KiB chunks).
 pub const MAX_QUERY_CHUNKS: u64 = 1 << 14;
@@ -157,10 +157,7 @@ impl CacheObject {
         while pos < end {
             let c = pos >> self.chunk_shift;
             let next = ((c + 1) << self.chunk_shift).min(end);
-            let _stripe = self
-                .stripe(c)
-                .read()
-                .unwrap_or_else(PoisonError::into_inner);
+            let _stripe = self.stripe(c).read();
             f(c, pos, next - pos)?;
             pos = next;
         }

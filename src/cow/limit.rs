@@ -192,7 +192,7 @@ impl CacheObject {
         let blocks = (max_size - self.data_offset) >> self.chunk_shift;
         self.write_state().meta.alloc_limit = blocks;
         for s in self.stripes.iter() {
-            drop(s.write().unwrap_or_else(PoisonError::into_inner));
+            drop(s.write());
         }
         let mut j = match self.journal_for_limit() {
             Ok(j) => j,

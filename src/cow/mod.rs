@@ -71,6 +71,7 @@ mod waits;
 mod write;
 
 pub use check::{check_cache, check_cache_path, CheckReport};
+pub use direct::{ChunkReadHold, ReadFile, TransferHold};
 pub use engine::CacheObject;
 pub use error::{CowError, DeviceId, Result};
 pub use extents::{DiffRun, Extent, Holes, Source, MAX_HOLES, MAX_QUERY_CHUNKS};

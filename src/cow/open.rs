@@ -2,7 +2,7 @@
 //! identity check, raising the growth limit, and the engine built from what recovery found.
 
 use super::copyouts::CopyOuts;
-use super::engine::{CacheObject, Counters, Journal, State, CHUNK_EPOCH_SLOTS, STRIPES};
+use super::engine::{CacheObject, Counters, Journal, State, Stripe, CHUNK_EPOCH_SLOTS, STRIPES};
 use super::error::{CowError, Result};
 use super::format::{
     Header, COMPAT_HOST_LIMIT, FORMAT_VERSION, INCOMPAT_DEVICE_SIZES, INCOMPAT_ORIGIN_COPIES,
@@ -158,7 +158,7 @@ impl CacheObject {
         // follow (its limit is its size).
         let host =
             (header.compat & COMPAT_HOST_LIMIT != 0 && !cache.fixed_size()).then(HostRoom::default);
-        let stripes = (0..STRIPES).map(|_| RwLock::new(())).collect();
+        let stripes = (0..STRIPES).map(|_| Stripe::default()).collect();
         let registry = Arc::new(ArcSwap::from_pointee(meta.read_sides()));
         let history = meta.history.clone();
         let cor = meta.origin_copies.then(|| {

@@ -10,12 +10,12 @@
 //! difference between one device request and sixteen in a row.
 
 use super::devids;
-use super::engine::{CacheObject, STRIPES};
+use super::engine::{CacheObject, StripeReadGuard, STRIPES};
 use super::error::{CowError, DeviceId, Result};
 use super::format::ENTRY_UNMAPPED;
 use super::meta::{ReadSide, ReadStatus, View};
 use std::io::IoSliceMut;
-use std::sync::{Arc, PoisonError, RwLockReadGuard};
+use std::sync::Arc;
 
 /// Most chunks one pass of a read resolves, holding their stripe locks, before it reads.
 const PASS_CHUNKS: usize = 32;
@@ -101,11 +101,7 @@ impl CacheObject {
             let n = (end - pos) as usize;
             let last = (end - 1) >> self.chunk_shift;
             // One chunk (most requests): its one stripe, without the array.
-            let _stripe = (last == first).then(|| {
-                self.stripe(first)
-                    .read()
-                    .unwrap_or_else(PoisonError::into_inner)
-            });
+            let _stripe = (last == first).then(|| self.stripe(first).read());
             let _stripes = (last != first).then(|| self.read_stripes(first, last));
             // A device made inoperative meanwhile may have lost blocks, which may have been
             // reused: fail rather than return another device's data, and wipe what was read so
@@ -130,11 +126,7 @@ impl CacheObject {
 
     /// The stripe locks of chunks `first..=last` (at most [`PASS_CHUNKS`]), shared, each
     /// taken once and in ascending order, as batched writers take theirs (`write.rs`).
-    fn read_stripes(
-        &self,
-        first: u64,
-        last: u64,
-    ) -> [Option<RwLockReadGuard<'_, ()>>; PASS_CHUNKS] {
+    fn read_stripes(&self, first: u64, last: u64) -> [Option<StripeReadGuard<'_>>; PASS_CHUNKS] {
         let n = (last - first + 1) as usize;
         debug_assert!(n <= PASS_CHUNKS);
         let mut idx = [0usize; PASS_CHUNKS];
@@ -142,14 +134,10 @@ impl CacheObject {
             *slot = ((first as usize) + k) % STRIPES;
         }
         idx[..n].sort_unstable();
-        let mut guards: [Option<RwLockReadGuard<'_, ()>>; PASS_CHUNKS] = Default::default();
+        let mut guards: [Option<StripeReadGuard<'_>>; PASS_CHUNKS] = Default::default();
         for k in 0..n {
             if k == 0 || idx[k] != idx[k - 1] {
-                guards[k] = Some(
-                    self.stripes[idx[k]]
-                        .read()
-                        .unwrap_or_else(PoisonError::into_inner),
-                );
+                guards[k] = Some(self.stripes[idx[k]].read());
             }
         }
         guards
@@ -233,10 +221,7 @@ impl CacheObject {
             let inoff = pos & (self.chunk_size - 1);
             let n = ((self.chunk_size - inoff) as usize).min(buf.len() - done);
             let piece = &mut buf[done..done + n];
-            let stripe = self
-                .stripe(c)
-                .read()
-                .unwrap_or_else(PoisonError::into_inner);
+            let stripe = self.stripe(c).read();
             Self::check_read_status(side, dev)?;
             match self.view(side, c) {
                 View::Origin => {

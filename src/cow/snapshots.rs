@@ -7,7 +7,6 @@ use super::format::{Record, INCOMPAT_SLOT_IDS};
 use super::meta::{View, ORIGIN_ID};
 use super::write::Src;
 use crate::storage::AlignedBuf;
-use std::sync::PoisonError;
 
 impl CacheObject {
     /// Creates a snapshot of `parent` (the origin or any snapshot) in O(1): a table sharing the
@@ -89,7 +88,7 @@ impl CacheObject {
         };
         // Wait out requests that resolved a mapping of the deleted device before it went.
         for s in self.stripes.iter() {
-            drop(s.write().unwrap_or_else(PoisonError::into_inner));
+            drop(s.write());
         }
         self.commit(epoch, false)
     }
@@ -120,10 +119,7 @@ impl CacheObject {
         }
         let mut buf = AlignedBuf::zeroed(self.chunk_size as usize);
         for c in 0..self.origin_chunks() {
-            let _stripe = self
-                .stripe(c)
-                .write()
-                .unwrap_or_else(PoisonError::into_inner);
+            let _stripe = self.stripe(c).write();
             Self::check_read_status(side, from.0)?;
             let view = self.view(side, c);
             let clen = self.chunk_len(c);

@@ -18,12 +18,11 @@
 //! (`CommitFirst`), or when a child of `dev` appeared while the state lock was dropped
 //! ([`Mapped::ChildAppeared`]).
 
-use super::engine::{CacheObject, State, StateGuard, CHUNK_EPOCH_SLOTS, STRIPES};
+use super::engine::{CacheObject, State, StateGuard, StripeWriteGuard, CHUNK_EPOCH_SLOTS, STRIPES};
 use super::error::{CowError, DeviceId, Result};
 use super::format::{entry_block, entry_to_block, Record, ENTRY_ZERO};
 use super::meta::{View, ORIGIN_ID};
 use std::sync::atomic::Ordering;
-use std::sync::{PoisonError, RwLockWriteGuard};
 
 /// Multi-chunk origin writes up to this many chunks lock their stripes without allocating.
 const SMALL_BATCH: usize = 16;
@@ -191,14 +190,10 @@ impl CacheObject {
                 *slot = ((first as usize) + k) % STRIPES;
             }
             idx[..n].sort_unstable();
-            let mut guards: [Option<RwLockWriteGuard<'_, ()>>; SMALL_BATCH] = Default::default();
+            let mut guards: [Option<StripeWriteGuard<'_>>; SMALL_BATCH] = Default::default();
             for k in 0..n {
                 if k == 0 || idx[k] != idx[k - 1] {
-                    guards[k] = Some(
-                        self.stripes[idx[k]]
-                            .write()
-                            .unwrap_or_else(PoisonError::into_inner),
-                    );
+                    guards[k] = Some(self.stripes[idx[k]].write());
                 }
             }
             return self.write_origin_batched_locked(offset, len, src);
@@ -206,14 +201,7 @@ impl CacheObject {
         let mut stripes: Vec<usize> = (first..=last).map(|c| (c as usize) % STRIPES).collect();
         stripes.sort_unstable();
         stripes.dedup();
-        let _guards: Vec<_> = stripes
-            .iter()
-            .map(|&i| {
-                self.stripes[i]
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner)
-            })
-            .collect();
+        let _guards: Vec<_> = stripes.iter().map(|&i| self.stripes[i].write()).collect();
         self.write_origin_batched_locked(offset, len, src)
     }
 
@@ -256,10 +244,7 @@ impl CacheObject {
                 self.prefetch_for_write(cor, dev, c);
             }
         }
-        let _stripe = self
-            .stripe(c)
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let _stripe = self.stripe(c).write();
         self.write_chunk_locked(dev, c, inoff, len, src)
     }
 

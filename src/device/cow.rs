@@ -7,7 +7,7 @@
 //! logical block): the window is aligned, so the engine gets nothing to bounce again.
 
 use super::{BlockDevice, DirectTarget, IoCounters};
-use crate::cow::{CacheObject, CowError, DeviceId};
+use crate::cow::{CacheObject, CowError, DeviceId, ReadFile, TransferHold};
 use crate::storage::{AlignedBuf, Cursor, IoAlign, SECTOR_SIZE};
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::RawFd;
@@ -161,21 +161,39 @@ impl BlockDevice for CowDevice {
     }
 
     /// The origin image: the origin's reads (and, with no snapshot, its writes) need nothing
-    /// of the engine.
+    /// of the engine. A snapshot: the origin image and the cache object, for its reads (the
+    /// engine says where each lies, [`CacheObject::snapshot_read_target`]).
     fn direct_files(&self) -> Vec<RawFd> {
-        match self.engine.origin_fd() {
-            Some(fd) if self.id == DeviceId::ORIGIN => vec![fd],
+        match (self.engine.origin_fd(), self.engine.cache_fd()) {
+            (Some(origin), _) if self.id == DeviceId::ORIGIN => vec![origin],
+            (Some(origin), Some(cache)) => vec![origin, cache],
             _ => Vec::new(),
         }
     }
 
     fn direct_target(&self, write: bool, offset: u64, len: u64) -> Option<DirectTarget> {
+        if self.id != DeviceId::ORIGIN {
+            if write {
+                return None;
+            }
+            let (file, offset, hold) = self.engine.snapshot_read_target(self.id, offset, len)?;
+            return Some(DirectTarget {
+                file: match file {
+                    ReadFile::Origin => 0,
+                    ReadFile::Cache => 1,
+                },
+                offset,
+                hold: Some(TransferHold::ChunkRead(hold)),
+            });
+        }
         let end = offset.checked_add(len)?;
-        if self.id != DeviceId::ORIGIN || end > self.engine.origin_size() {
+        if end > self.engine.origin_size() {
             return None;
         }
         let hold = if write {
-            Some(self.engine.origin_write_ticket()?)
+            Some(TransferHold::OriginWrite(
+                self.engine.origin_write_ticket()?,
+            ))
         } else {
             None
         };

@@ -15,7 +15,7 @@ pub mod raw;
 pub use cow::CowDevice;
 pub use raw::RawDevice;
 
-use crate::cow::OriginWriteTicket;
+use crate::cow::TransferHold;
 use crate::storage::IoAlign;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::RawFd;
@@ -91,8 +91,9 @@ pub struct DirectTarget {
     pub file: usize,
     /// Offset in that file.
     pub offset: u64,
-    /// Held until the transfer completes: an origin write's leave to bypass the engine.
-    pub hold: Option<OriginWriteTicket>,
+    /// Held until the transfer completes: an origin write's leave to bypass the engine, or a
+    /// snapshot read's chunk.
+    pub hold: Option<TransferHold>,
 }
 
 /// Per-device I/O counters, updated with relaxed atomics (one cache line per device).

@@ -15,7 +15,7 @@ use super::pooled::{PoolRuns, Settle};
 use super::request::{InFlight, RequestContext, Start};
 use super::sched::Scheduler;
 use super::uring::{Op, Ring};
-use crate::cow::OriginWriteTicket;
+use crate::cow::TransferHold;
 use crate::device::{BlockDevice, IoCounters};
 use crate::virtio_blk::RequestKind;
 use std::collections::VecDeque;
@@ -45,7 +45,7 @@ struct Transfer {
     op: Option<Op>,
     left: u64,
     /// Dropped when the transfer is over (it only needs to live until then).
-    _hold: Option<OriginWriteTicket>,
+    _hold: Option<TransferHold>,
 }
 
 /// One queue's io_uring engine.
@@ -204,6 +204,13 @@ impl Pipeline {
         _n: usize,
     ) {
         let pool = sched.io_pool();
+        if pool.is_none() {
+            // Inline, a request may wait for a chunk a read in the ring holds (a write
+            // waiting for the stripe): let those finish first.
+            if let Err(e) = self.drain_ring(ctx, mem) {
+                log::warn!("io_uring: waiting for the transfers in flight: {e}");
+            }
+        }
         for i in 0..self.stage.len() {
             if self.stage[i] != Stage::Run {
                 continue;
@@ -229,6 +236,28 @@ impl Pipeline {
                 }
             }
         }
+    }
+
+    /// Waits for every transfer in the ring and answers it: afterwards the pipeline holds no
+    /// snapshot chunk and no origin-write leave. Before anything waits for something a
+    /// transfer's hold may keep waiting (a request run inline, the pool settling after an
+    /// error): the ring's transfers complete by themselves, whatever else waits.
+    pub(super) fn drain_ring(
+        &mut self,
+        ctx: &RequestContext<'_>,
+        mem: &GuestMemGuard,
+    ) -> io::Result<()> {
+        while self.ring.in_flight() > 0 {
+            self.ring.wait(1)?;
+            let mut reaped = std::mem::take(&mut self.reaped);
+            self.ring.reap(|i, _, res| reaped.push((i, res)));
+            for &(i, res) in &reaped {
+                self.stage[i] = self.completed(ctx, mem, i, res);
+            }
+            reaped.clear();
+            self.reaped = reaped;
+        }
+        Ok(())
     }
 
     /// Answers the requests done on the I/O pool.
@@ -356,8 +385,20 @@ impl Pipeline {
 }
 
 impl Drop for Pipeline {
-    /// Waits for the requests on the I/O pool before their slots (in the ring) go.
+    /// Waits for the requests on the I/O pool before their slots (in the ring) go; first for
+    /// the ring's transfers, and lets go of what they hold (a request on the pool may wait for
+    /// a chunk one of them holds).
     fn drop(&mut self) {
+        while self.ring.in_flight() > 0 {
+            if let Err(e) = self.ring.wait(1) {
+                log::error!("io_uring: cannot wait for the transfers in flight: {e}");
+                break;
+            }
+            self.ring.reap(|_, _, _| {});
+        }
+        for t in &mut self.transfers {
+            *t = Transfer::default();
+        }
         self.pooled.settle();
     }
 }

@@ -157,7 +157,8 @@ impl QueueWorker {
             self.engine = if ctx.sched.config().engine != IoEngine::Uring {
                 EngineState::Unavailable
             } else if ctx.request.device.direct_files().is_empty() {
-                // Every request needs the device's own code (a snapshot): no ring.
+                // Every request needs the device's own code (a snapshot of an origin copied
+                // on read): no ring.
                 EngineState::Unavailable
             } else {
                 match Pipeline::new(ctx.request.device, usize::from(slots)) {
@@ -396,10 +397,29 @@ fn serve_pipelined(
     vring: &Vring,
     state: &mut VringStateGuard<'_>,
 ) -> Result<Drained, QueueFault> {
-    let mut used_any = false;
     // Requests on the I/O pool borrow the context: this returns (or unwinds) only once they
     // are done (`pooled.rs`).
     let _settle = p.settle_guard();
+    let served = serve_pipelined_until_empty(p, answered, ctx, vring, state);
+    if served.is_err() {
+        // A request on the pool may wait for a chunk a read in the ring holds: the settle
+        // must not wait for it before those are done.
+        let guard = ctx.mem.memory();
+        if let Err(e) = p.drain_ring(&ctx.request, &guard) {
+            warn!("io_uring: waiting for the transfers in flight: {e}");
+        }
+    }
+    served
+}
+
+fn serve_pipelined_until_empty(
+    p: &mut Pipeline,
+    answered: &mut Vec<(u16, u32)>,
+    ctx: &QueueContext<'_>,
+    vring: &Vring,
+    state: &mut VringStateGuard<'_>,
+) -> Result<Drained, QueueFault> {
+    let mut used_any = false;
     loop {
         let guard = ctx.mem.memory();
         let queue = state.get_queue_mut();
