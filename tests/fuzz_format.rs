@@ -485,3 +485,79 @@ fn a_block_past_the_end_is_refused_without_allocating() {
         assert!(peak < SMALL_PEAK, "block {block}: open held {peak} bytes");
     }
 }
+
+/// Found by tests/fuzz_cache_object.rs (docs/testing.md): a table's bitmap of its own
+/// chunks, its page tree's top level and the origin's history were vectors indexed by chunk
+/// (or page), so one record naming a chunk near the end of a 2^56-byte origin (which a
+/// checksummed header may claim) sized them for every chunk below it: 2 TiB for the bitmap.
+/// Now they hold what the records set (`cow/pagedir.rs`, `cow/table.rs`). The checker, which
+/// has no origin, takes the claim and stays small; `open` refuses the claim against the real
+/// origin before recovering anything.
+#[test]
+fn a_huge_origin_size_is_checked_without_allocating() {
+    let mut o = Object::new();
+    o.header.origin_size = 1 << 56;
+    o.write_header();
+    let last = (1u64 << 44) - 1;
+    o.append(&[
+        Record::SetEntry {
+            dev: o.snap,
+            chunk: last,
+            entry: ENTRY_ZERO,
+        },
+        Record::SetEntry {
+            dev: o.snap,
+            chunk: 1 << 36,
+            entry: ENTRY_ZERO,
+        },
+        Record::ShareDown {
+            dev: 0,
+            chunk: last - 1,
+            entry: ENTRY_ZERO,
+        },
+        Record::Preserve {
+            chunk: last - 2,
+            time: 1,
+            entry: entry_block(2),
+        },
+    ]);
+    let (report, _, peak) = o.check();
+    assert!(report.contains("origin 72057594037927936 B"), "{report}");
+    assert!(peak < SMALL_PEAK, "the checker held {peak} bytes\n{report}");
+    let (err, peak) = o.open();
+    let err = err.expect("opened against a 256 KiB origin");
+    assert!(err.contains("origin is 262144 bytes"), "{err}");
+    assert!(peak < SMALL_PEAK, "open held {peak} bytes");
+}
+
+/// The same sizes reached without a lie: a snapshot grown to 2^56 bytes and written at its
+/// end holds a page there, not a bit for every chunk below it (the old code asked for 2 TiB);
+/// it reopens and checks clean, small.
+#[test]
+fn a_write_at_the_end_of_a_huge_snapshot_costs_a_page() {
+    let f = mem_engine(64).build();
+    let snap = f
+        .engine
+        .create_snapshot(DeviceId::ORIGIN, "s", true)
+        .unwrap();
+    let (_, peak) = fuzz::peak_allocation(|| {
+        f.engine.resize_device(snap, 1 << 56, false).unwrap();
+        f.engine.write(snap, (1 << 56) - 4096, &[3; 4096]).unwrap();
+        let mut back = [0u8; 4096];
+        f.engine.read(snap, (1 << 56) - 4096, &mut back).unwrap();
+        assert_eq!(back, [3; 4096]);
+        f.engine.flush().unwrap();
+    });
+    assert!(peak < SMALL_PEAK, "the write held {peak} bytes");
+    drop(f.engine);
+    let (r, peak) = fuzz::peak_allocation(|| check_cache(f.cache.as_ref()));
+    assert!(r.is_clean(), "{r}");
+    assert!(peak < SMALL_PEAK, "the checker held {peak} bytes");
+    let (e, peak) = fuzz::peak_allocation(|| {
+        CacheObject::open(f.origin.clone(), f.cache.clone(), OpenOptions::default()).unwrap()
+    });
+    assert!(peak < SMALL_PEAK, "open held {peak} bytes");
+    let mut back = [0u8; 4096];
+    e.read(snap, (1 << 56) - 4096, &mut back).unwrap();
+    assert_eq!(back, [3; 4096]);
+}

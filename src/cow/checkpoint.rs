@@ -4,7 +4,11 @@
 use super::devids;
 use super::format::{entry_to_block, Dec, Enc, FormatError, ENTRY_UNMAPPED};
 use super::meta::{Dev, Meta, MetaError, NO_OTIME, ORIGIN_ID};
+use super::resize::MAX_DEVICE_SIZE;
 use std::collections::BTreeMap;
+
+/// The most chunks a device has: the largest device in the smallest chunks (4 KiB).
+const MAX_CHUNKS: u64 = MAX_DEVICE_SIZE >> 12;
 
 impl Meta {
     /// Serializes the state for a checkpoint (format version 2).
@@ -82,7 +86,11 @@ impl Meta {
         m.devices.clear();
         let mut d = Dec::new(buf, "checkpoint");
         let sizes = if m.sized {
-            m.nchunks = m.nchunks.max(d.u64()?);
+            let bound = d.u64()?;
+            if bound > MAX_CHUNKS {
+                return Err(FormatError::Malformed("checkpoint chunk bound").into());
+            }
+            m.nchunks = m.nchunks.max(bound);
             decode_sizes(&mut d)?
         } else {
             Vec::new()
