@@ -13,9 +13,11 @@ use proptest::prelude::*;
 use proptest::test_runner::RngSeed;
 use snapblk::cow::format::*;
 use snapblk::cow::meta::Meta;
-use snapblk::cow::DeviceId;
+use snapblk::cow::{check_cache, CacheObject, DeviceId, OpenOptions};
 use snapblk::testkit::engine::mem_engine;
 use snapblk::testkit::fuzz::{self, BoundedAlloc};
+use snapblk::testkit::storage::MemStorage;
+use std::sync::Arc;
 
 #[global_allocator]
 static ALLOC: BoundedAlloc = BoundedAlloc::new(256 << 20);
@@ -367,4 +369,195 @@ fn a_huge_device_id_is_refused_without_allocating() {
 fn the_real_checkpoint_decodes() {
     let (bytes, nchunks, max_blocks) = real_checkpoint();
     Meta::decode_checkpoint(&bytes, FORMAT_VERSION, false, nchunks, max_blocks).unwrap();
+}
+
+/// The most a check or an open of the small objects below may hold at once: the objects are
+/// a few hundred KiB, their metadata a few KiB.
+const SMALL_PEAK: u64 = 16 << 20;
+
+/// A small cache object made by the engine fixture (a snapshot `snap` of the origin, both
+/// written, closed cleanly), the header in use, and where the next journal transaction goes.
+struct Object {
+    origin: Vec<u8>,
+    cache: Vec<u8>,
+    header: Header,
+    snap: u64,
+    next_seq: u64,
+    next_pos: u64,
+}
+
+impl Object {
+    fn new() -> Self {
+        let f = mem_engine(64).journal(1 << 20).build();
+        let e = &f.engine;
+        let snap = e.create_snapshot(DeviceId::ORIGIN, "s", true).unwrap();
+        for i in 0..8u64 {
+            e.write(DeviceId::ORIGIN, i * 4096, &[1; 4096]).unwrap();
+            e.write(snap, (8 + i) * 4096, &[2; 4096]).unwrap();
+            e.flush().unwrap();
+        }
+        drop(f.engine);
+        let cache = f.cache.to_bytes();
+        let header = (0..2)
+            .filter_map(|s| Header::decode(&cache[s * 4096..(s + 1) * 4096]).ok())
+            .max_by_key(|h| h.generation)
+            .unwrap();
+        let before = check_cache(&MemStorage::from_bytes(cache.clone()));
+        assert!(before.is_clean(), "{before}");
+        Self {
+            origin: f.origin.to_bytes(),
+            next_seq: header.ckpt_seq + before.journal_transactions + 1,
+            next_pos: header.journal_start + before.journal_bytes,
+            cache,
+            header,
+            snap: snap.0,
+        }
+    }
+
+    /// Writes `self.header` (with its checksum) over the slot in use.
+    fn write_header(&mut self) {
+        let at = (self.header.generation % 2) as usize * 4096;
+        self.cache[at..at + 4096].copy_from_slice(&self.header.encode());
+    }
+
+    /// Appends a well-formed, checksummed transaction of `records` after the last one.
+    fn append(&mut self, records: &[Record]) {
+        let mut e = Enc::default();
+        for r in records {
+            r.encode(&mut e);
+        }
+        let txn = encode_txn(self.next_seq, 0, &e.0);
+        let at = (JOURNAL_OFFSET + self.next_pos) as usize;
+        self.cache[at..at + txn.len()].copy_from_slice(&txn);
+        self.next_seq += 1;
+        self.next_pos += txn.len() as u64;
+    }
+
+    /// The checker's report and the most it held at once.
+    fn check(&self) -> (String, bool, u64) {
+        let cache = MemStorage::from_bytes(self.cache.clone());
+        let (r, peak) = fuzz::peak_allocation(|| check_cache(&cache));
+        (r.to_string(), r.is_clean(), peak)
+    }
+
+    /// `CacheObject::open` over the real origin: its error, if any, and the most it held.
+    fn open(&self) -> (Option<String>, u64) {
+        let origin = Arc::new(MemStorage::from_bytes(self.origin.clone()));
+        let cache = Arc::new(MemStorage::from_bytes(self.cache.clone()));
+        fuzz::peak_allocation(|| {
+            CacheObject::open(origin, cache, OpenOptions::default())
+                .err()
+                .map(|e| e.to_string())
+        })
+    }
+}
+
+/// Found by tests/fuzz_cache_object.rs (docs/testing.md): reference counts are a vector
+/// indexed by block, and a record naming block b sized it to b + 1, bounded only by the size
+/// limit. A block's data is written before a record maps it, so a block past the end of the
+/// cache object was never written: recovery now refuses such a record (the checker reports
+/// it) before anything is sized from it. Under the old code block 2^40 asked for a 4 TiB
+/// vector (this binary's allocator aborts) and 2^25 for 128 MiB (over the meter's bound).
+#[test]
+fn a_block_past_the_end_is_refused_without_allocating() {
+    let pristine = Object::new();
+    let h = &pristine.header;
+    let stored = (pristine.cache.len() as u64 - h.data_offset).div_ceil(h.chunk_size);
+    for block in [1 << 25, 1 << 40, (1 << 44) - 300, stored] {
+        let mut o = Object::new();
+        // A limit of 2^44 blocks: only the file bounds what a record may name.
+        o.header.max_size = 1 << 56;
+        o.write_header();
+        o.append(&[Record::SetEntry {
+            dev: o.snap,
+            chunk: 20,
+            entry: entry_block(block),
+        }]);
+        let (report, clean, peak) = o.check();
+        assert!(!clean && report.contains("past the end"), "{report}");
+        assert!(
+            peak < SMALL_PEAK,
+            "block {block}: the checker held {peak} bytes"
+        );
+        let (err, peak) = o.open();
+        let err = err.unwrap_or_else(|| panic!("block {block}: opened"));
+        assert!(err.contains("past the end"), "{err}");
+        assert!(peak < SMALL_PEAK, "block {block}: open held {peak} bytes");
+    }
+}
+
+/// Found by tests/fuzz_cache_object.rs (docs/testing.md): a table's bitmap of its own
+/// chunks, its page tree's top level and the origin's history were vectors indexed by chunk
+/// (or page), so one record naming a chunk near the end of a 2^56-byte origin (which a
+/// checksummed header may claim) sized them for every chunk below it: 2 TiB for the bitmap.
+/// Now they hold what the records set (`cow/pagedir.rs`, `cow/table.rs`). The checker, which
+/// has no origin, takes the claim and stays small; `open` refuses the claim against the real
+/// origin before recovering anything.
+#[test]
+fn a_huge_origin_size_is_checked_without_allocating() {
+    let mut o = Object::new();
+    o.header.origin_size = 1 << 56;
+    o.write_header();
+    let last = (1u64 << 44) - 1;
+    o.append(&[
+        Record::SetEntry {
+            dev: o.snap,
+            chunk: last,
+            entry: ENTRY_ZERO,
+        },
+        Record::SetEntry {
+            dev: o.snap,
+            chunk: 1 << 36,
+            entry: ENTRY_ZERO,
+        },
+        Record::ShareDown {
+            dev: 0,
+            chunk: last - 1,
+            entry: ENTRY_ZERO,
+        },
+        Record::Preserve {
+            chunk: last - 2,
+            time: 1,
+            entry: entry_block(2),
+        },
+    ]);
+    let (report, _, peak) = o.check();
+    assert!(report.contains("origin 72057594037927936 B"), "{report}");
+    assert!(peak < SMALL_PEAK, "the checker held {peak} bytes\n{report}");
+    let (err, peak) = o.open();
+    let err = err.expect("opened against a 256 KiB origin");
+    assert!(err.contains("origin is 262144 bytes"), "{err}");
+    assert!(peak < SMALL_PEAK, "open held {peak} bytes");
+}
+
+/// The same sizes reached without a lie: a snapshot grown to 2^56 bytes and written at its
+/// end holds a page there, not a bit for every chunk below it (the old code asked for 2 TiB);
+/// it reopens and checks clean, small.
+#[test]
+fn a_write_at_the_end_of_a_huge_snapshot_costs_a_page() {
+    let f = mem_engine(64).build();
+    let snap = f
+        .engine
+        .create_snapshot(DeviceId::ORIGIN, "s", true)
+        .unwrap();
+    let (_, peak) = fuzz::peak_allocation(|| {
+        f.engine.resize_device(snap, 1 << 56, false).unwrap();
+        f.engine.write(snap, (1 << 56) - 4096, &[3; 4096]).unwrap();
+        let mut back = [0u8; 4096];
+        f.engine.read(snap, (1 << 56) - 4096, &mut back).unwrap();
+        assert_eq!(back, [3; 4096]);
+        f.engine.flush().unwrap();
+    });
+    assert!(peak < SMALL_PEAK, "the write held {peak} bytes");
+    drop(f.engine);
+    let (r, peak) = fuzz::peak_allocation(|| check_cache(f.cache.as_ref()));
+    assert!(r.is_clean(), "{r}");
+    assert!(peak < SMALL_PEAK, "the checker held {peak} bytes");
+    let (e, peak) = fuzz::peak_allocation(|| {
+        CacheObject::open(f.origin.clone(), f.cache.clone(), OpenOptions::default()).unwrap()
+    });
+    assert!(peak < SMALL_PEAK, "open held {peak} bytes");
+    let mut back = [0u8; 4096];
+    e.read(snap, (1 << 56) - 4096, &mut back).unwrap();
+    assert_eq!(back, [3; 4096]);
 }

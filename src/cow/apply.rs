@@ -365,6 +365,9 @@ impl Meta {
             if b >= self.max_blocks {
                 return Err(MetaError::BlockRange(b));
             }
+            if b >= self.stored_blocks {
+                return Err(MetaError::BlockPastEnd(b));
+            }
         }
         Ok(())
     }

@@ -4,7 +4,11 @@
 use super::devids;
 use super::format::{entry_to_block, Dec, Enc, FormatError, ENTRY_UNMAPPED};
 use super::meta::{Dev, Meta, MetaError, NO_OTIME, ORIGIN_ID};
+use super::resize::MAX_DEVICE_SIZE;
 use std::collections::BTreeMap;
+
+/// The most chunks a device has: the largest device in the smallest chunks (4 KiB).
+const MAX_CHUNKS: u64 = MAX_DEVICE_SIZE >> 12;
 
 impl Meta {
     /// Serializes the state for a checkpoint (format version 2).
@@ -67,28 +71,26 @@ impl Meta {
         nchunks: u64,
         max_blocks: u64,
     ) -> Result<Self, MetaError> {
-        Self::decode_checkpoint_sized(buf, version, origin_copies, false, nchunks, max_blocks)
-    }
-
-    /// [`Meta::decode_checkpoint`] of a cache object whose devices may have sizes of their
-    /// own (`sized`: the checkpoint begins with them). Without, sizes are left for the caller
-    /// to set ([`Meta::init_sizes`]).
-    pub fn decode_checkpoint_sized(
-        buf: &[u8],
-        version: u32,
-        origin_copies: bool,
-        sized: bool,
-        nchunks: u64,
-        max_blocks: u64,
-    ) -> Result<Self, MetaError> {
-        let v1 = version < 2;
         let mut m = Meta::new(nchunks, max_blocks);
         m.origin_copies = origin_copies;
-        m.sized = sized;
+        m.load_checkpoint(buf, version)
+    }
+
+    /// [`Meta::decode_checkpoint`] into `self`, a new state with the bounds records are held
+    /// to (`nchunks`, `max_blocks`, `stored_blocks`) and the cache object's flags
+    /// (`origin_copies`; `sized`: its devices have sizes of their own, which the checkpoint
+    /// begins with; without, they are left for the caller to set: [`Meta::init_sizes`]).
+    pub(super) fn load_checkpoint(self, buf: &[u8], version: u32) -> Result<Self, MetaError> {
+        let v1 = version < 2;
+        let mut m = self;
         m.devices.clear();
         let mut d = Dec::new(buf, "checkpoint");
-        let sizes = if sized {
-            m.nchunks = m.nchunks.max(d.u64()?);
+        let sizes = if m.sized {
+            let bound = d.u64()?;
+            if bound > MAX_CHUNKS {
+                return Err(FormatError::Malformed("checkpoint chunk bound").into());
+            }
+            m.nchunks = m.nchunks.max(bound);
             decode_sizes(&mut d)?
         } else {
             Vec::new()

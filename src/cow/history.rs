@@ -24,6 +24,7 @@
 //! answer as before.
 
 use super::format::ENTRY_UNMAPPED;
+use super::pagedir::Dir;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -143,15 +144,16 @@ impl Page {
 }
 
 /// Per origin chunk, its preserved copies. Pages are allocated when a chunk of theirs is first
-/// preserved and never freed; the page vector is republished (copied) when it grows.
+/// preserved and never freed; the page directory is republished (one group and its top level
+/// copied, `pagedir.rs`) when one is added.
 pub struct OriginHistory {
-    pages: ArcSwap<Vec<Option<Arc<Page>>>>,
+    pages: ArcSwap<Dir<Page>>,
 }
 
 impl std::fmt::Debug for OriginHistory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OriginHistory")
-            .field("pages", &self.pages.load().iter().flatten().count())
+            .field("pages", &self.pages.load().pages().count())
             .finish()
     }
 }
@@ -159,26 +161,23 @@ impl std::fmt::Debug for OriginHistory {
 impl Default for OriginHistory {
     fn default() -> Self {
         Self {
-            pages: ArcSwap::from_pointee(Vec::new()),
+            pages: ArcSwap::from_pointee(Dir::default()),
         }
     }
 }
 
 impl OriginHistory {
     fn page(&self, chunk: u64) -> Option<Arc<Page>> {
-        self.pages
-            .load()
-            .get((chunk >> PAGE_SHIFT) as usize)?
-            .clone()
+        self.pages.load().page(chunk >> PAGE_SHIFT).cloned()
     }
 
     /// Calls `f` with the copies of `chunk` (none if its page does not exist). Lock-free.
     #[inline]
     fn with_copies<R>(&self, chunk: u64, f: impl FnOnce(&[Preserved]) -> R) -> R {
         let pages = self.pages.load();
-        match pages.get((chunk >> PAGE_SHIFT) as usize) {
-            Some(Some(page)) => page.with_copies((chunk as usize) & (PAGE - 1), f),
-            _ => f(&[]),
+        match pages.page(chunk >> PAGE_SHIFT) {
+            Some(page) => page.with_copies((chunk as usize) & (PAGE - 1), f),
+            None => f(&[]),
         }
     }
 
@@ -253,13 +252,11 @@ impl OriginHistory {
     }
 
     fn add_page(&self, chunk: u64) -> Arc<Page> {
-        let pi = (chunk >> PAGE_SHIFT) as usize;
-        let mut pages: Vec<Option<Arc<Page>>> = self.pages.load().as_ref().clone();
-        if pages.len() <= pi {
-            pages.resize(pi + 1, None);
-        }
         let page = Arc::new(Page::new());
-        pages[pi] = Some(page.clone());
+        let pages = self
+            .pages
+            .load()
+            .with_page(chunk >> PAGE_SHIFT, page.clone());
         self.pages.store(Arc::new(pages));
         page
     }
@@ -268,8 +265,7 @@ impl OriginHistory {
     /// order, without allocating. Visits only the pages holding such a stamp.
     pub fn for_each_in(&self, lo: u64, hi: u64, mut f: impl FnMut(u64, &[Preserved])) {
         let pages = self.pages.load();
-        for (pi, page) in pages.iter().enumerate() {
-            let Some(page) = page else { continue };
+        for (pi, page) in pages.pages() {
             if !page.has_stamps_in(lo, hi) {
                 continue;
             }
@@ -279,7 +275,7 @@ impl OriginHistory {
                 }
                 page.with_copies(i, |copies| {
                     if copies.iter().any(|p| (lo..hi).contains(&p.time)) {
-                        f(((pi << PAGE_SHIFT) + i) as u64, copies);
+                        f((pi << PAGE_SHIFT) + i as u64, copies);
                     }
                 });
             }
@@ -299,11 +295,11 @@ impl OriginHistory {
         self.with_stamps_in(0, u64::MAX)
     }
 
-    /// Bytes of memory held: pages, side lists and the page vector.
+    /// Bytes of memory held: pages, side lists and the page directory.
     pub fn memory(&self) -> usize {
         let pages = self.pages.load();
-        let mut bytes = pages.len() * 8;
-        for page in pages.iter().flatten() {
+        let mut bytes = pages.memory();
+        for (_, page) in pages.pages() {
             // The page and its `Arc`'s two counts.
             bytes += std::mem::size_of::<Page>() + 16;
             bytes += page

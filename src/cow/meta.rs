@@ -109,6 +109,8 @@ pub enum MetaError {
     ChunkRange(u64),
     #[error("block {0} out of range")]
     BlockRange(u64),
+    #[error("block {0} lies past the end of the cache object (never written)")]
+    BlockPastEnd(u64),
     #[error("operation not allowed on the origin")]
     Origin,
     #[error("copy of chunk {0} stamped {1} is out of order or from the future")]
@@ -136,6 +138,12 @@ pub struct Meta {
     /// Blocks below this may be allocated: `max_blocks`, except while a lower limit is being
     /// put in place (`CacheObject::resize`).
     pub alloc_limit: u64,
+    /// While a cache object is recovered, the blocks that lie in its store (`recovery.rs`):
+    /// a block is written, and synced, before a record maps it, so a record naming one at
+    /// or past this names a block never written. It is refused as damage before anything is
+    /// sized from it (reference counts, the free map). `u64::MAX` otherwise: live, a block
+    /// is allocated past the end of the file and written before its record commits.
+    pub stored_blocks: u64,
     /// Slot `id` holds device `id` (ids are never reused).
     /// By slot ([`super::devids`]); boxed so that a slot costs a pointer.
     pub devices: Vec<Option<Box<Dev>>>,
@@ -176,6 +184,7 @@ impl Meta {
             sized: false,
             max_blocks,
             alloc_limit: max_blocks,
+            stored_blocks: u64::MAX,
             devices: vec![Some(Box::new(origin))],
             next_id: 1,
             refcounts: Vec::new(),

@@ -58,6 +58,7 @@ pub mod meta;
 mod metaio;
 mod open;
 mod origin_copies;
+mod pagedir;
 mod prealloc;
 mod read;
 mod recovery;

@@ -95,11 +95,17 @@ pub(crate) fn read_checkpoint(cache: &dyn Storage, h: &Header) -> Result<Checkpo
         return Ok(Checkpoint { bytes, blocks });
     }
     let max_blocks = (h.max_size - h.data_offset) / h.chunk_size;
+    let stored = stored_blocks(cache, h);
     let mut buf = AlignedBuf::zeroed(h.chunk_size as usize);
     let mut b = h.ckpt_block;
     while b != NO_BLOCK {
         if b >= max_blocks || blocks.len() as u64 > max_blocks {
             return Err(corrupt(format!("checkpoint block {b} out of range")));
+        }
+        if b >= stored {
+            return Err(corrupt(format!(
+                "checkpoint block {b} lies past the end of the cache object"
+            )));
         }
         cache.read_at(&mut buf, h.data_offset + b * h.chunk_size)?;
         let (bh, data) = decode_ckpt_block(&buf)?;
@@ -114,6 +120,19 @@ pub(crate) fn read_checkpoint(cache: &dyn Storage, h: &Header) -> Result<Checkpo
         return Err(FormatError::Checksum("checkpoint").into());
     }
     Ok(Checkpoint { bytes, blocks })
+}
+
+/// The blocks that lie in the cache object's store (a file's size, a block device's), at most
+/// the header's limit. Every block a record or the checkpoint names lies there: its data is
+/// written and synced before the record that maps it is committed (the checkpoint's before the
+/// header names it). A short last block, the copy of an origin's short last chunk, counts.
+fn stored_blocks(cache: &dyn Storage, h: &Header) -> u64 {
+    let max_blocks = (h.max_size - h.data_offset) / h.chunk_size;
+    let stored = cache
+        .size()
+        .saturating_sub(h.data_offset)
+        .div_ceil(h.chunk_size);
+    stored.min(max_blocks)
 }
 
 /// State rebuilt from a checkpoint and the journal.
@@ -150,13 +169,15 @@ pub(crate) fn replay(cache: &dyn Storage, h: &Header, ckpt: Checkpoint) -> Resul
     let origin_copies = h.incompat & INCOMPAT_ORIGIN_COPIES != 0;
     // The flag is set together with a checkpoint that holds the sizes (`resize.rs`).
     let sized = h.incompat & INCOMPAT_DEVICE_SIZES != 0;
-    let mut meta = if h.ckpt_block == NO_BLOCK {
-        let mut m = Meta::new(nchunks, max_blocks);
-        m.origin_copies = origin_copies;
-        m
-    } else {
-        Meta::decode_checkpoint_sized(&bytes, h.version, origin_copies, sized, nchunks, max_blocks)?
-    };
+    let mut meta = Meta::new(nchunks, max_blocks);
+    meta.origin_copies = origin_copies;
+    // Records name blocks in the store only: a lying one is refused before it sizes the
+    // reference counts (bounded by the file, not by the limit: 2^40 blocks under a large one).
+    meta.stored_blocks = stored_blocks(cache, h);
+    if h.ckpt_block != NO_BLOCK {
+        meta.sized = sized;
+        meta = meta.load_checkpoint(&bytes, h.version)?;
+    }
     meta.chunk_size = h.chunk_size;
     if !meta.sized {
         meta.init_sizes(h.origin_size);
@@ -224,6 +245,7 @@ pub(crate) fn replay(cache: &dyn Storage, h: &Header, ckpt: Checkpoint) -> Resul
         }
     }
     meta.rebuild_allocator(&blocks);
+    meta.stored_blocks = u64::MAX;
     Ok(Recovered {
         meta,
         ckpt_blocks: blocks,

@@ -2,7 +2,9 @@
 //! [`ReadSide`] (what readers load without any engine-wide lock).
 
 use super::format::{ENTRY_UNMAPPED, ENTRY_ZERO};
+use super::pagedir::Dir;
 use arc_swap::ArcSwap;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
@@ -13,10 +15,6 @@ pub const PAGE_BYTES: usize = PAGE * 8;
 
 const PAGE_SHIFT: u32 = 9;
 const PAGE: usize = 1 << PAGE_SHIFT;
-
-/// Pages per group (the middle level of a table's page tree).
-const GROUP_SHIFT: u32 = 8;
-const GROUP: usize = 1 << GROUP_SHIFT;
 
 /// Resolved entries of one page of chunks. Atomic because a reader holding only its chunk's
 /// stripe lock loads its entry while the owning table stores other entries of the page.
@@ -39,53 +37,37 @@ impl Page {
     }
 }
 
-/// Up to [`GROUP`] pages. Never changed once published: a new page means a new group.
-struct Group(Box<[Option<Arc<Page>>]>);
-
-/// The page tree of a table: groups of pages. Never changed once published, except the
-/// entries of pages the owning table may write in place. Two levels keep installing a page
-/// O(pages per group + groups) instead of O(pages) (a 1 TiB origin has 32 Ki pages of 64 KiB
-/// chunks), and cost 8 bytes per page per table.
+/// The page tree of a table: its pages in a [`Dir`], never changed once published, except the
+/// entries of pages the owning table may write in place. Installing a page costs one group of
+/// pages and the directory's top level, not O(pages); and what the tree holds is bounded by
+/// its pages, not by the highest chunk one holds (`pagedir.rs`).
 #[derive(Default)]
-struct Tree(Box<[Option<Arc<Group>>]>);
+struct Tree(Dir<Page>);
 
 impl Tree {
     #[inline]
-    fn page(&self, pi: usize) -> Option<&Arc<Page>> {
-        self.0
-            .get(pi >> GROUP_SHIFT)?
-            .as_ref()?
-            .0
-            .get(pi & (GROUP - 1))?
-            .as_ref()
+    fn page(&self, pi: u64) -> Option<&Arc<Page>> {
+        self.0.page(pi)
     }
 
     #[inline]
     fn entry(&self, chunk: u64) -> u64 {
-        match self.page((chunk >> PAGE_SHIFT) as usize) {
+        match self.page(chunk >> PAGE_SHIFT) {
             Some(p) => p.get((chunk as usize) & (PAGE - 1)),
             None => ENTRY_UNMAPPED,
         }
     }
+}
 
-    /// A tree equal to this one but with `page` at page index `pi`.
-    fn with_page(&self, pi: usize, page: Arc<Page>) -> Self {
-        let (gi, si) = (pi >> GROUP_SHIFT, pi & (GROUP - 1));
-        let mut group: Vec<Option<Arc<Page>>> = match self.0.get(gi) {
-            Some(Some(g)) => g.0.to_vec(),
-            _ => Vec::new(),
-        };
-        if group.len() <= si {
-            group.resize(si + 1, None);
-        }
-        group[si] = Some(page);
-        let mut top = self.0.to_vec();
-        if top.len() <= gi {
-            top.resize(gi + 1, None);
-        }
-        top[gi] = Some(Arc::new(Group(group.into())));
-        Self(top.into())
-    }
+/// What a table keeps of one page of chunks for itself: the chunks it maps, and whether the
+/// tree's page there is its own to store into.
+#[derive(Default)]
+struct Marks {
+    /// One bit per chunk of the page that the table maps itself.
+    own: [u64; PAGE / 64],
+    /// The table's [`Table::epoch`] when it allocated the tree's page here (0: it never did):
+    /// it may store into it in place while its epoch is still that one (not shared since).
+    made: u64,
 }
 
 /// Whether a device can be read, as readers without the state lock see it.
@@ -181,8 +163,9 @@ impl ReadSide {
 /// snapshot create is O(1) (one `Arc` clone of the page tree) and a read costs one lookup at
 /// any depth. This is sound because of the write rule: before a device's view of a chunk
 /// changes, every child unmapped there is given its own mapping, so an unmapped chunk's
-/// resolved entry never goes stale. Memory: 8 bytes per chunk per page a device has changed,
-/// plus 1 bit per chunk.
+/// resolved entry never goes stale. Memory: 8 bytes per chunk of each page a device has
+/// changed, plus 1 bit per chunk of each page where it maps a chunk itself; nothing for the
+/// chunks of other pages, wherever they lie.
 ///
 /// Concurrency: all changes are made under the engine's state lock (`&mut self`), and readers
 /// load entries through the [`ReadSide`] with no engine-wide lock. That is sound because every
@@ -196,9 +179,12 @@ pub struct Table {
     side: Arc<ReadSide>,
     /// The tree published in `side`, for the owner to read without arc-swap's protocol.
     tree: Arc<Tree>,
-    own: Vec<u64>,
-    /// Per page: allocated by this table since it was last shared, so stores go in place.
-    writable: Vec<u64>,
+    /// By page index, for the pages where the table maps a chunk or allocated the page: a
+    /// map, so that it holds what the table changed and nothing for the chunks below.
+    marks: HashMap<u64, Marks>,
+    /// Counts the times the table was shared, from 1: pages it allocated before the last
+    /// share are read by another table too ([`Marks::made`]).
+    epoch: u64,
 }
 
 impl Default for Table {
@@ -210,27 +196,25 @@ impl Default for Table {
 impl std::fmt::Debug for Table {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Table")
-            .field("groups", &self.tree.0.len())
+            .field("pages", &self.tree.0.pages().count())
             .field(
                 "own_chunks",
-                &self.own.iter().map(|w| w.count_ones()).sum::<u32>(),
+                &self
+                    .marks
+                    .values()
+                    .flat_map(|m| m.own.iter())
+                    .map(|w| w.count_ones())
+                    .sum::<u32>(),
             )
             .finish()
     }
 }
 
+/// The page of `chunk`, and the word and bit of its [`Marks::own`].
 #[inline]
-fn bit(bits: &[u64], i: u64) -> bool {
-    bits.get((i / 64) as usize)
-        .is_some_and(|w| w & (1 << (i % 64)) != 0)
-}
-
-fn set_bit(bits: &mut Vec<u64>, i: u64) {
-    let w = (i / 64) as usize;
-    if bits.len() <= w {
-        bits.resize(w + 1, 0);
-    }
-    bits[w] |= 1 << (i % 64);
+fn locate(chunk: u64) -> (u64, usize, u64) {
+    let i = (chunk as usize) & (PAGE - 1);
+    (chunk >> PAGE_SHIFT, i / 64, 1 << (i % 64))
 }
 
 impl Table {
@@ -238,15 +222,15 @@ impl Table {
         Self {
             side: Arc::new(ReadSide::new(tree.clone(), otime, through, size)),
             tree,
-            own: Vec::new(),
-            writable: Vec::new(),
+            marks: HashMap::new(),
+            epoch: 1,
         }
     }
 
     /// A table whose unmapped chunks read what `self` reads now. From now on both copy a
     /// page before changing it: the other one reads it too.
     pub fn share(&mut self) -> Self {
-        self.writable.clear();
+        self.epoch += 1;
         let side = &self.side;
         Self::with_tree(self.tree.clone(), side.otime, side.through(), side.size())
     }
@@ -287,20 +271,16 @@ impl Table {
     /// The chunks from `from` on whose resolved entries (own or inherited) are cache blocks.
     pub fn blocks_from(&self, from: u64) -> Vec<u64> {
         let mut out = Vec::new();
-        for (gi, g) in self.tree.0.iter().enumerate() {
-            let Some(g) = g else { continue };
-            for (si, p) in g.0.iter().enumerate() {
-                let Some(p) = p else { continue };
-                let base = (((gi << GROUP_SHIFT) + si) << PAGE_SHIFT) as u64;
-                if base + PAGE as u64 <= from {
-                    continue;
-                }
-                for i in 0..PAGE {
-                    let c = base + i as u64;
-                    let e = p.get(i);
-                    if c >= from && e != ENTRY_UNMAPPED && e != ENTRY_ZERO {
-                        out.push(c);
-                    }
+        for (pi, p) in self.tree.0.pages() {
+            let base = pi << PAGE_SHIFT;
+            if base + PAGE as u64 <= from {
+                continue;
+            }
+            for i in 0..PAGE {
+                let c = base + i as u64;
+                let e = p.get(i);
+                if c >= from && e != ENTRY_UNMAPPED && e != ENTRY_ZERO {
+                    out.push(c);
                 }
             }
         }
@@ -333,7 +313,8 @@ impl Table {
     /// The device's own entry at `chunk` (ENTRY_UNMAPPED if it reads through).
     #[inline]
     pub fn get(&self, chunk: u64) -> u64 {
-        if bit(&self.own, chunk) {
+        let (pi, w, bit) = locate(chunk);
+        if self.marks.get(&pi).is_some_and(|m| m.own[w] & bit != 0) {
             self.resolved(chunk)
         } else {
             ENTRY_UNMAPPED
@@ -342,53 +323,55 @@ impl Table {
 
     /// Sets the device's own entry; `ENTRY_UNMAPPED` makes it read `inherited`.
     pub fn set(&mut self, chunk: u64, entry: u64, inherited: u64) {
-        if entry == ENTRY_UNMAPPED {
-            if let Some(word) = self.own.get_mut((chunk / 64) as usize) {
-                *word &= !(1 << (chunk % 64));
-            }
-        } else {
-            set_bit(&mut self.own, chunk);
-        }
+        let (pi, w, bit) = locate(chunk);
         let value = if entry == ENTRY_UNMAPPED {
+            if let Some(m) = self.marks.get_mut(&pi) {
+                m.own[w] &= !bit;
+            }
             inherited
         } else {
+            self.marks.entry(pi).or_default().own[w] |= bit;
             entry
         };
         if self.tree.entry(chunk) == value {
             return;
         }
-        let pi = chunk >> PAGE_SHIFT;
         let i = (chunk as usize) & (PAGE - 1);
-        if bit(&self.writable, pi) {
-            if let Some(p) = self.tree.page(pi as usize) {
+        if self.marks.get(&pi).is_some_and(|m| m.made == self.epoch) {
+            if let Some(p) = self.tree.page(pi) {
                 // Relaxed: readers of this entry are ordered by the chunk's stripe lock.
                 p.0[i].store(value, Ordering::Relaxed);
                 return;
             }
         }
         // Readers may be using the current page and tree: publish new ones.
-        let page = match self.tree.page(pi as usize) {
+        let page = match self.tree.page(pi) {
             Some(p) => p.copy(),
             None => Page::filled(ENTRY_UNMAPPED),
         };
         page.0[i].store(value, Ordering::Relaxed);
-        self.tree = Arc::new(self.tree.with_page(pi as usize, Arc::new(page)));
+        self.tree = Arc::new(Tree(self.tree.0.with_page(pi, Arc::new(page))));
         self.side.tree.store(self.tree.clone());
-        set_bit(&mut self.writable, pi);
+        self.marks.entry(pi).or_default().made = self.epoch;
     }
 
-    /// Every (chunk, own entry).
+    /// Every (chunk, own entry), in chunk order.
     pub fn mapped(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.own.iter().enumerate().flat_map(move |(wi, &w)| {
-            let mut bits = w;
-            std::iter::from_fn(move || {
-                if bits == 0 {
-                    return None;
-                }
-                let b = bits.trailing_zeros() as u64;
-                bits &= bits - 1;
-                let c = wi as u64 * 64 + b;
-                Some((c, self.resolved(c)))
+        let mut pages: Vec<(u64, &[u64; PAGE / 64])> =
+            self.marks.iter().map(|(&pi, m)| (pi, &m.own)).collect();
+        pages.sort_unstable_by_key(|p| p.0);
+        pages.into_iter().flat_map(move |(pi, own)| {
+            own.iter().enumerate().flat_map(move |(wi, &w)| {
+                let mut bits = w;
+                std::iter::from_fn(move || {
+                    if bits == 0 {
+                        return None;
+                    }
+                    let b = bits.trailing_zeros() as u64;
+                    bits &= bits - 1;
+                    let c = (pi << PAGE_SHIFT) + wi as u64 * 64 + b;
+                    Some((c, self.resolved(c)))
+                })
             })
         })
     }
@@ -397,12 +380,9 @@ impl Table {
     /// included, for the caller to count once) and the bytes of the rest: its page tree (a
     /// shared group counted in full by each table) and bitmaps.
     pub fn memory(&self) -> (Vec<usize>, usize) {
-        let mut pages = Vec::new();
-        let mut bytes = self.tree.0.len() * 8 + (self.own.len() + self.writable.len()) * 8;
-        for g in self.tree.0.iter().flatten() {
-            bytes += g.0.len() * 8;
-            pages.extend(g.0.iter().flatten().map(|p| Arc::as_ptr(p) as usize));
-        }
-        (pages, bytes)
+        let pages = self.tree.0.pages().map(|(_, p)| Arc::as_ptr(p) as usize);
+        // A map's slot: the key, the marks and a control byte (hashbrown's layout).
+        let marks = self.marks.capacity() * (8 + std::mem::size_of::<Marks>() + 1);
+        (pages.collect(), self.tree.0.memory() + marks)
     }
 }

@@ -7,9 +7,11 @@
 //!   allocation above a limit, naming the case being run. Decoding hostile bytes must never
 //!   size a buffer from an unchecked length field: a length of 2^60 then aborts the harness
 //!   (with the case's description) instead of swapping or being killed.
+//!   It also meters a thread's allocations on demand: [`peak_allocation`].
 //! - [`Watchdog`]: aborts the harness, naming the case, if one case runs longer than a limit.
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -59,6 +61,51 @@ fn report(msg: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{msg}");
 }
 
+/// A thread's allocation meter: on while [`peak_allocation`] runs; bytes the thread holds
+/// that it allocated (less those it freed) since, and the most it held at once.
+#[derive(Clone, Copy)]
+struct Meter {
+    on: bool,
+    live: i64,
+    peak: i64,
+}
+
+thread_local! {
+    // A const initializer and no destructor: the allocator may use it without allocating.
+    static METER: Cell<Meter> = const { Cell::new(Meter { on: false, live: 0, peak: 0 }) };
+}
+
+/// Counts `delta` bytes on this thread's meter, if it is on.
+#[inline]
+fn meter(delta: i64) {
+    let _ = METER.try_with(|m| {
+        let mut v = m.get();
+        if v.on {
+            v.live += delta;
+            v.peak = v.peak.max(v.live);
+            m.set(v);
+        }
+    });
+}
+
+/// Runs `f` and returns its result and the most memory this thread held at once while it
+/// ran, beyond what it held before: bytes it allocated (and had not freed) meanwhile. Counts
+/// only in a binary whose global allocator is a [`BoundedAlloc`] (elsewhere it reports 0).
+/// A regression test asserts with it that hostile input does not make a decoder allocate far
+/// beyond what the input holds, also below the allocator's single-allocation limit.
+pub fn peak_allocation<R>(f: impl FnOnce() -> R) -> (R, u64) {
+    let before = METER.with(|m| {
+        m.replace(Meter {
+            on: true,
+            live: 0,
+            peak: 0,
+        })
+    });
+    let r = f();
+    let v = METER.with(|m| m.replace(before));
+    (r, v.peak.max(0) as u64)
+}
+
 /// A global allocator that refuses (returns null for) any single allocation larger than its
 /// limit. Use as `#[global_allocator] static A: BoundedAlloc = BoundedAlloc::new(LIMIT);` in a
 /// harness binary. A refusal aborts the process (`handle_alloc_error`) after printing the
@@ -100,6 +147,7 @@ unsafe impl GlobalAlloc for BoundedAlloc {
             self.refuse(layout.size());
             return std::ptr::null_mut();
         }
+        meter(layout.size() as i64);
         // SAFETY: the caller upholds `alloc`'s contract (non-zero size), passed on as is.
         unsafe { System.alloc(layout) }
     }
@@ -109,11 +157,13 @@ unsafe impl GlobalAlloc for BoundedAlloc {
             self.refuse(layout.size());
             return std::ptr::null_mut();
         }
+        meter(layout.size() as i64);
         // SAFETY: as for `alloc`.
         unsafe { System.alloc_zeroed(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        meter(-(layout.size() as i64));
         // SAFETY: `ptr` was allocated by `System` (through this allocator) with `layout`.
         unsafe { System.dealloc(ptr, layout) }
     }
@@ -123,6 +173,7 @@ unsafe impl GlobalAlloc for BoundedAlloc {
             self.refuse(new_size);
             return std::ptr::null_mut();
         }
+        meter(new_size as i64 - layout.size() as i64);
         // SAFETY: `ptr` was allocated by `System` with `layout`; the caller upholds the rest.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
