@@ -400,16 +400,18 @@ fn serve_pipelined(
     // Requests on the I/O pool borrow the context: this returns (or unwinds) only once they
     // are done (`pooled.rs`).
     let _settle = p.settle_guard();
-    let served = serve_pipelined_until_empty(p, answered, ctx, vring, state);
-    if served.is_err() {
-        // A request on the pool may wait for a chunk a read in the ring holds: the settle
-        // must not wait for it before those are done.
+    // A request on the pool may wait for a chunk a read in the ring holds: after a fault (or
+    // a panic), the settle must not wait for it before those transfers are done.
+    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        serve_pipelined_until_empty(p, answered, ctx, vring, state)
+    }));
+    if !matches!(served, Ok(Ok(_))) {
         let guard = ctx.mem.memory();
         if let Err(e) = p.drain_ring(&ctx.request, &guard) {
             warn!("io_uring: waiting for the transfers in flight: {e}");
         }
     }
-    served
+    served.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 fn serve_pipelined_until_empty(
