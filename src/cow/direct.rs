@@ -8,10 +8,12 @@
 //! could bring a reader of the old data back after a crash), and no snapshot is being created
 //! (the gate, `gate.rs`, which creation closes and waits on).
 //!
-//! A snapshot read within one chunk may too, holding the chunk's stripe lock shared until the
-//! transfer completes ([`ChunkReadHold`]), exactly as the engine's own read holds it across its
-//! read: no view of that chunk changes meanwhile (the origin is not overwritten under a
-//! snapshot reading through to it, no block is freed or reused, `engine.rs`). The lock is only
+//! A snapshot read whose chunks (up to [`MAX_HELD_CHUNKS`]) lie end to end in one file may
+//! too, holding their stripe locks shared until the transfer completes ([`ChunkReadHold`]),
+//! exactly as the engine's own read holds them across its read: no view of those chunks
+//! changes meanwhile (the origin is not overwritten under a snapshot reading through to it),
+//! and no block is freed or reused (the blocks a deleted or inoperative snapshot leaves are
+//! released only after a barrier over the stripes, `engine.rs` `State::log`). The lock is only
 //! ever *tried* here: a queue thread never waits on a stripe (a writer waiting for a read this
 //! same queue has in flight would wait forever), it hands the request to the engine instead.
 
@@ -32,7 +34,7 @@ type StripeHold = parking_lot::ArcRwLockReadGuard<parking_lot::RawRwLock, ()>;
 /// The device's status is checked when the read is resolved, not again after: while the
 /// stripes are held, blocks a device made inoperative meanwhile left behind are not freed
 /// (that waits for a barrier over the stripes, `commit.rs`), so the read returns the view it
-/// resolved, never another device's data.
+/// resolved, never another device's data. (The same holds for a deleted device's blocks.)
 pub enum ChunkReadHold {
     /// One chunk (most reads): no allocation.
     One(StripeHold),
@@ -225,6 +227,43 @@ mod tests {
         assert!(eng.snapshot_read_target(s, 0, 0).is_none());
         assert!(eng.snapshot_read_target(DeviceId::ORIGIN, 0, 512).is_none());
         assert!(eng.snapshot_read_target(DeviceId(77), 0, 512).is_none());
+    }
+
+    /// A snapshot deleted while a read of its block is held: the block is not handed to
+    /// another device's write (even once the deletion is durable) until the hold goes.
+    #[test]
+    fn a_deleted_snapshots_block_is_not_reused_while_a_read_holds_it() {
+        let eng = std::sync::Arc::new(mem_engine(8).build().engine);
+        let s = eng.create_snapshot(DeviceId::ORIGIN, "s", true).unwrap();
+        let t = eng.create_snapshot(DeviceId::ORIGIN, "t", true).unwrap();
+        eng.write(s, CHUNK, &[3u8; CHUNK as usize]).unwrap();
+        eng.flush().unwrap();
+        let (file, held_at, hold) = eng.snapshot_read_target(s, CHUNK, 512).unwrap();
+        assert_eq!(file, ReadFile::Cache);
+        let spawn = |f: Box<dyn FnOnce(&CacheObject) + Send>| {
+            let eng = eng.clone();
+            std::thread::spawn(move || f(&eng))
+        };
+        let deleter = spawn(Box::new(move |e| e.delete_snapshot(s).unwrap()));
+        std::thread::sleep(Duration::from_millis(50));
+        let flusher = spawn(Box::new(|e| e.flush().unwrap()));
+        let (tx, rx) = mpsc::channel();
+        let writer = spawn(Box::new(move |e| {
+            e.write(t, 5 * CHUNK, &[7u8; CHUNK as usize]).unwrap();
+            tx.send(()).unwrap();
+        }));
+        if rx.recv_timeout(Duration::from_millis(300)).is_ok() {
+            let (_, at, _h) = eng.snapshot_read_target(t, 5 * CHUNK, 512).unwrap();
+            assert_ne!(at, held_at, "t's new block is the one a read still holds");
+        }
+        let mut got = [0u8; 512];
+        eng.cache.read_at(&mut got, held_at).unwrap();
+        assert_eq!(got, [3u8; 512], "the held block still holds s's data");
+        drop(hold);
+        for th in [deleter, flusher, writer] {
+            th.join().unwrap();
+        }
+        eng.verify_in_memory().unwrap();
     }
 
     /// The hold keeps the chunk's view: an origin write there (which must copy the old data

@@ -242,7 +242,13 @@ impl State {
         let mut dropped = std::mem::take(&mut self.meta.dropped);
         dropped.sort_unstable();
         dropped.dedup();
-        let fenced = matches!(rec, Record::SetInoperative { .. });
+        // Blocks a snapshot made inoperative or deleted left behind wait for a barrier over
+        // the stripes after they are durable: a read holding a stripe across its transfer
+        // (the engine's, or a queue's own, `direct.rs`) may still be reading one.
+        let fenced = matches!(
+            rec,
+            Record::SetInoperative { .. } | Record::DeleteDevice { .. }
+        );
         for b in dropped {
             self.pending_unref.insert(b, epoch);
             if self.meta.refcount(b) == 0 {

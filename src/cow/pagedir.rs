@@ -47,6 +47,9 @@ impl<P> Dir<P> {
     fn group(&self, gi: u64) -> Option<&Group<P>> {
         match self.near.get(gi as usize) {
             Some(g) => g.as_deref(),
+            // Inline: a read of a chunk no page holds (a fresh snapshot's read through to
+            // the origin misses both its table and the history) must not pay a call.
+            None if self.far.is_empty() => None,
             None => self.far_group(gi),
         }
     }

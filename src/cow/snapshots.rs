@@ -7,6 +7,7 @@ use super::format::{Record, INCOMPAT_SLOT_IDS};
 use super::meta::{View, ORIGIN_ID};
 use super::write::Src;
 use crate::storage::AlignedBuf;
+use std::sync::atomic::Ordering;
 
 impl CacheObject {
     /// Creates a snapshot of `parent` (the origin or any snapshot) in O(1): a table sharing the
@@ -84,13 +85,18 @@ impl CacheObject {
             if st.meta.dev(id.0).is_none() {
                 return Err(CowError::NoDevice(id));
             }
-            st.log(Record::DeleteDevice { id: id.0 })?
+            let epoch = st.log(Record::DeleteDevice { id: id.0 })?;
+            self.fenced_pending.store(true, Ordering::Release);
+            epoch
         };
         // Wait out requests that resolved a mapping of the deleted device before it went.
         for s in self.stripes.iter() {
             drop(s.write());
         }
-        self.commit(epoch, false)
+        self.commit(epoch, false)?;
+        // Its blocks: free once durable, after another barrier (`State::log`).
+        self.release_fenced();
+        Ok(())
     }
 
     /// Rolls the origin back to snapshot `from`: every chunk where `from` does not read through

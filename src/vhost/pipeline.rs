@@ -48,6 +48,9 @@ struct Transfer {
     _hold: Option<TransferHold>,
 }
 
+/// Times [`Pipeline::drain_ring`] tries to wait for the ring (10 ms apart) before it gives up.
+const DRAIN_TRIES: u32 = 100;
+
 /// One queue's io_uring engine.
 pub(super) struct Pipeline {
     ring: Ring<InFlight>,
@@ -247,8 +250,25 @@ impl Pipeline {
         ctx: &RequestContext<'_>,
         mem: &GuestMemGuard,
     ) -> io::Result<()> {
+        let mut failed = 0;
         while self.ring.in_flight() > 0 {
-            self.ring.wait(1)?;
+            if let Err(e) = self.ring.wait(1) {
+                failed += 1;
+                if failed < DRAIN_TRIES {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    continue;
+                }
+                // A ring that cannot be waited on must not keep chunks held for ever (every
+                // writer and barrier on those stripes would wait with it): let them go.
+                log::error!(
+                    "io_uring: cannot wait for {} transfers, letting go of what they hold: {e}",
+                    self.ring.in_flight()
+                );
+                for t in &mut self.transfers {
+                    t._hold = None;
+                }
+                return Err(e);
+            }
             let mut reaped = std::mem::take(&mut self.reaped);
             self.ring.reap(|i, _, res| reaped.push((i, res)));
             for &(i, res) in &reaped {

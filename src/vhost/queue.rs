@@ -401,17 +401,32 @@ fn serve_pipelined(
     // are done (`pooled.rs`).
     let _settle = p.settle_guard();
     // A request on the pool may wait for a chunk a read in the ring holds: after a fault (or
-    // a panic), the settle must not wait for it before those transfers are done.
-    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        serve_pipelined_until_empty(p, answered, ctx, vring, state)
-    }));
-    if !matches!(served, Ok(Ok(_))) {
-        let guard = ctx.mem.memory();
-        if let Err(e) = p.drain_ring(&ctx.request, &guard) {
+    // a panic), the settle must not wait for it before those transfers are done. (Dropped
+    // before `_settle`.)
+    let mut serving = DrainBeforeSettle { p, ctx, ok: false };
+    let served = serve_pipelined_until_empty(serving.p, answered, ctx, vring, state);
+    serving.ok = served.is_ok();
+    served
+}
+
+/// Drains a pipeline's ring when dropped after a fault or during a panic (see
+/// [`Pipeline::drain_ring`]).
+struct DrainBeforeSettle<'p, 'c> {
+    p: &'p mut Pipeline,
+    ctx: &'c QueueContext<'c>,
+    ok: bool,
+}
+
+impl Drop for DrainBeforeSettle<'_, '_> {
+    fn drop(&mut self) {
+        if self.ok {
+            return;
+        }
+        let guard = self.ctx.mem.memory();
+        if let Err(e) = self.p.drain_ring(&self.ctx.request, &guard) {
             warn!("io_uring: waiting for the transfers in flight: {e}");
         }
     }
-    served.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 fn serve_pipelined_until_empty(
