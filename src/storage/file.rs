@@ -26,6 +26,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 /// How to open a [`FileStorage`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -45,6 +46,9 @@ pub struct FileStorage {
     geometry: Geometry,
     /// Calls served through a bounce buffer (see `direct.rs`).
     unaligned: AtomicU64,
+    /// A second open of the same file, without the lock, for io_uring to register (see
+    /// [`Storage::raw_fd`]); opened on first use, `None` if that failed.
+    ring_file: OnceLock<Option<File>>,
 }
 
 impl FileStorage {
@@ -107,7 +111,24 @@ impl FileStorage {
             geometry,
             file,
             unaligned: AtomicU64::new(0),
+            ring_file: OnceLock::new(),
         })
+    }
+
+    /// The file opened again (a new open file description, so without this one's lock), with
+    /// the same access mode and direct I/O, and never exclusively.
+    fn reopen(&self) -> io::Result<File> {
+        let flags = rustix::fs::fcntl_getfl(&self.file)?;
+        let mut custom = libc::O_CLOEXEC;
+        if flags.contains(rustix::fs::OFlags::DIRECT) {
+            custom |= libc::O_DIRECT;
+        }
+        let writable = flags.contains(rustix::fs::OFlags::RDWR);
+        OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .custom_flags(custom)
+            .open(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
     }
 
     /// Takes a whole-file lock (see [`super::lock`]); `path` names the file in the error. It
@@ -479,7 +500,17 @@ impl Storage for FileStorage {
     }
 
     fn raw_fd(&self) -> Option<RawFd> {
-        Some(self.file.as_raw_fd())
+        let reopened = self.ring_file.get_or_init(|| {
+            self.reopen()
+                .map_err(|e| {
+                    log::warn!(
+                        "cannot open the file again for io_uring (after a SIGKILL its lock may \
+                         outlive the process a moment): {e}"
+                    )
+                })
+                .ok()
+        });
+        Some(reopened.as_ref().unwrap_or(&self.file).as_raw_fd())
     }
 }
 

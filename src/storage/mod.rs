@@ -151,8 +151,11 @@ pub trait Storage: Send + Sync {
         0
     }
 
-    /// The open file descriptor, for an engine that submits its own I/O (io_uring). It stays
-    /// open as long as the store lives. `None` for stores without one.
+    /// An open file descriptor, for an engine that submits its own I/O (io_uring). It stays
+    /// open as long as the store lives. `None` for stores without one. A file is opened a
+    /// second time for it, so that a ring registering it holds no lock: the kernel tears a
+    /// killed process's rings down after the process, and a restarted daemon must find the
+    /// file free at once.
     fn raw_fd(&self) -> Option<RawFd> {
         None
     }
