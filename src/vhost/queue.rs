@@ -140,6 +140,13 @@ impl QueueWorker {
     pub(super) fn reset(&mut self) {
         self.broken = false;
         self.checked = None;
+        // A drain a fault ended may have left requests of the old ring in the pipeline
+        // (answered, not yet added to the used ring): they must not reach the new one. Its
+        // drop waits for what is in flight; the next drain builds a fresh one. (An engine
+        // found unavailable stays so: no warning again at every reset a guest asks for.)
+        if matches!(self.engine, EngineState::Ready(_)) {
+            self.engine = EngineState::Untried;
+        }
     }
 
     /// Lets go of guest memory tables other than `current` (the frontend changed its memory
