@@ -3,12 +3,14 @@
 //!
 //! A popped read or write whose buffers meet the device's alignment and which the device
 //! lets the queue do itself ([`BlockDevice::direct_target`](crate::device::BlockDevice::direct_target):
-//! origin reads; origin writes when no snapshot needs them preserved; a raw image) is
-//! submitted to the queue's [`Ring`] at once. Everything else runs through the device as
-//! before: inline, or several on the daemon's I/O pool. A flush waits until every request
-//! popped before it is done, and nothing is popped after it until it is. Completions arrive in
-//! any order; answers go to the used ring in the order the requests were popped (the reconnect
-//! rule, `queue.rs`): [`Pipeline::answered`] gives only the answered ones at the front.
+//! origin reads; origin writes when no snapshot needs them preserved; a snapshot's reads
+//! whose chunks lie end to end in one file, those chunks held until the transfer is over; a
+//! raw image) is submitted to the queue's [`Ring`] at once. Everything else runs through the
+//! device as before: inline, or several on the daemon's I/O pool. A flush waits until every
+//! request popped before it is done, and nothing is popped after it until it is. Completions
+//! arrive in any order; answers go to the used ring in the order the requests were popped
+//! (the reconnect rule, `queue.rs`): [`Pipeline::answered`] gives only the answered ones at
+//! the front.
 
 use super::guest::GuestMemGuard;
 use super::pooled::{PoolRuns, Settle};
