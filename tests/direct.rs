@@ -338,17 +338,18 @@ fn the_engine_is_chosen_at_start_and_the_fallback_is_logged() {
 
 /// Submits `n` 4 KiB reads at once on queue 0 and waits for all of them.
 fn read_burst(c: &mut Client, n: usize, first: u64) {
-    for i in 0..n {
+    let offsets: Vec<u64> = (0..n).map(|i| first + (i * 4096 * 7) as u64).collect();
+    read_burst_at(c, &offsets, "a read failed");
+}
+
+/// Submits a 4 KiB read at each of `offsets` at once on queue 0, into consecutive 4 KiB of its
+/// buffer, and waits for all of them.
+fn read_burst_at(c: &mut Client, offsets: &[u64], failed: &str) {
+    for (i, &off) in offsets.iter().enumerate() {
         let p = c.buf(0).wrapping_add(i * 4096);
-        c.queues[0].read(
-            first + (i * 4096 * 7) as u64,
-            p,
-            4096,
-            0,
-            blkio::ReqFlags::empty(),
-        );
+        c.queues[0].read(off, p, 4096, 0, blkio::ReqFlags::empty());
     }
-    wait_burst(c, n, "a read failed");
+    wait_burst(c, offsets.len(), failed);
 }
 
 /// Waits until the `n` requests submitted on queue 0 completed, each successfully.
@@ -442,16 +443,13 @@ fn a_snapshots_reads_go_through_io_uring_and_keep_its_view() {
     });
     let n = 32;
     for round in 0..60usize {
-        let offsets: Vec<usize> = (0..n)
-            .map(|i| ((round * n + i) * 4096 * 5) % size)
+        let offsets: Vec<u64> = (0..n)
+            .map(|i| (((round * n + i) * 4096 * 5) % size) as u64)
             .collect();
-        for (i, &off) in offsets.iter().enumerate() {
-            let buf = w.buf(0).wrapping_add(i * 4096);
-            w.queues[0].read(off as u64, buf, 4096, 0, blkio::ReqFlags::empty());
-        }
-        wait_burst(&mut w, n, "a snapshot read failed");
+        read_burst_at(&mut w, &offsets, "a snapshot read failed");
         let got = w.buf_slice(0, n * 4096).to_vec();
         for (i, &off) in offsets.iter().enumerate() {
+            let off = off as usize;
             assert!(
                 got[i * 4096..(i + 1) * 4096] == want[off..off + 4096],
                 "round {round}: w at {off:#x} is not its view"

@@ -35,16 +35,11 @@ type StripeHold = parking_lot::ArcRwLockReadGuard<parking_lot::RawRwLock, ()>;
 /// stripes are held, blocks a device made inoperative meanwhile left behind are not freed
 /// (that waits for a barrier over the stripes, `commit.rs`), so the read returns the view it
 /// resolved, never another device's data. (The same holds for a deleted device's blocks.)
+#[derive(Debug)]
 pub enum ChunkReadHold {
     /// One chunk (most reads): no allocation.
     One(StripeHold),
     Many(Vec<StripeHold>),
-}
-
-impl std::fmt::Debug for ChunkReadHold {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ChunkReadHold")
-    }
 }
 
 /// What a transfer a queue submits itself holds until it completes.

@@ -58,6 +58,21 @@ pub(super) const STRIPES: usize = 1024;
 pub(super) type Stripe = Arc<parking_lot::RwLock<()>>;
 pub(super) type StripeReadGuard<'a> = parking_lot::RwLockReadGuard<'a, ()>;
 pub(super) type StripeWriteGuard<'a> = parking_lot::RwLockWriteGuard<'a, ()>;
+
+/// The stripes of chunks `first..first + n` (`n <= N`) in ascending order: the order in which
+/// whoever holds several stripes at once takes them (batched origin writes, reads over several
+/// chunks), so that none can deadlock. `N` consecutive chunks never share a stripe (`N` is at
+/// most [`STRIPES`]), so each comes once. Returns them and how many.
+pub(super) fn stripe_order<const N: usize>(first: u64, n: usize) -> ([usize; N], usize) {
+    const { assert!(N <= STRIPES) };
+    debug_assert!(n <= N);
+    let mut idx = [0usize; N];
+    for (k, slot) in idx.iter_mut().enumerate().take(n) {
+        *slot = ((first as usize) + k) % STRIPES;
+    }
+    idx[..n].sort_unstable();
+    (idx, n)
+}
 /// Slots of [`State::chunk_epochs`].
 pub(super) const CHUNK_EPOCH_SLOTS: usize = 1 << 16;
 

@@ -10,7 +10,7 @@
 //! difference between one device request and sixteen in a row.
 
 use super::devids;
-use super::engine::{CacheObject, StripeReadGuard, STRIPES};
+use super::engine::{stripe_order, CacheObject, StripeReadGuard};
 use super::error::{CowError, DeviceId, Result};
 use super::format::ENTRY_UNMAPPED;
 use super::meta::{ReadSide, ReadStatus, View};
@@ -127,18 +127,10 @@ impl CacheObject {
     /// The stripe locks of chunks `first..=last` (at most [`PASS_CHUNKS`]), shared, each
     /// taken once and in ascending order, as batched writers take theirs (`write.rs`).
     fn read_stripes(&self, first: u64, last: u64) -> [Option<StripeReadGuard<'_>>; PASS_CHUNKS] {
-        let n = (last - first + 1) as usize;
-        debug_assert!(n <= PASS_CHUNKS);
-        let mut idx = [0usize; PASS_CHUNKS];
-        for (k, slot) in idx.iter_mut().enumerate().take(n) {
-            *slot = ((first as usize) + k) % STRIPES;
-        }
-        idx[..n].sort_unstable();
+        let (idx, n) = stripe_order::<PASS_CHUNKS>(first, (last - first + 1) as usize);
         let mut guards: [Option<StripeReadGuard<'_>>; PASS_CHUNKS] = Default::default();
-        for k in 0..n {
-            if k == 0 || idx[k] != idx[k - 1] {
-                guards[k] = Some(self.stripes[idx[k]].read());
-            }
+        for (guard, &i) in guards.iter_mut().zip(&idx[..n]) {
+            *guard = Some(self.stripes[i].read());
         }
         guards
     }
@@ -387,6 +379,18 @@ mod tests {
             assert!(buf[c..2 * c].iter().all(|&b| b == 0), "chunk 1: zeros");
             assert!(buf[2 * c..].iter().all(|&b| b == 1), "chunk 2: the origin");
         }
+    }
+
+    /// Stripes in the order multi-stripe holders take them: ascending, each once, also where
+    /// the chunks wrap around the stripe count.
+    #[test]
+    fn stripe_order_is_ascending_and_each_once() {
+        use crate::cow::engine::{stripe_order, STRIPES};
+        let first = (STRIPES - 2) as u64;
+        let (idx, n) = stripe_order::<8>(first, 4);
+        assert_eq!(&idx[..n], &[0, 1, STRIPES - 2, STRIPES - 1]);
+        let (idx, n) = stripe_order::<8>(5, 1);
+        assert_eq!(&idx[..n], &[5]);
     }
 
     /// A fresh snapshot's read over many chunks is one read of the origin per pass, not one

@@ -18,7 +18,9 @@
 //! (`CommitFirst`), or when a child of `dev` appeared while the state lock was dropped
 //! ([`Mapped::ChildAppeared`]).
 
-use super::engine::{CacheObject, State, StateGuard, StripeWriteGuard, CHUNK_EPOCH_SLOTS, STRIPES};
+use super::engine::{
+    stripe_order, CacheObject, State, StateGuard, StripeWriteGuard, CHUNK_EPOCH_SLOTS, STRIPES,
+};
 use super::error::{CowError, DeviceId, Result};
 use super::format::{entry_block, entry_to_block, Record, ENTRY_ZERO};
 use super::meta::{View, ORIGIN_ID};
@@ -185,16 +187,10 @@ impl CacheObject {
         let n = (last - first + 1) as usize;
         if n <= SMALL_BATCH {
             // Common case (a guest segment spanning a few chunks): no allocation.
-            let mut idx = [0usize; SMALL_BATCH];
-            for (k, slot) in idx.iter_mut().enumerate().take(n) {
-                *slot = ((first as usize) + k) % STRIPES;
-            }
-            idx[..n].sort_unstable();
+            let (idx, n) = stripe_order::<SMALL_BATCH>(first, n);
             let mut guards: [Option<StripeWriteGuard<'_>>; SMALL_BATCH] = Default::default();
-            for k in 0..n {
-                if k == 0 || idx[k] != idx[k - 1] {
-                    guards[k] = Some(self.stripes[idx[k]].write());
-                }
+            for (guard, &i) in guards.iter_mut().zip(&idx[..n]) {
+                *guard = Some(self.stripes[i].write());
             }
             return self.write_origin_batched_locked(offset, len, src);
         }

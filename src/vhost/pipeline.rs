@@ -47,7 +47,7 @@ struct Transfer {
     op: Option<Op>,
     left: u64,
     /// Dropped when the transfer is over (it only needs to live until then).
-    _hold: Option<TransferHold>,
+    hold: Option<TransferHold>,
 }
 
 /// Times [`Pipeline::drain_ring`] tries to wait for the ring (10 ms apart) before it gives up.
@@ -155,7 +155,7 @@ impl Pipeline {
                         self.transfers[i] = Transfer {
                             op: Some(op),
                             left: len,
-                            _hold: target.hold,
+                            hold: target.hold,
                         };
                         self.launch(ctx, mem, i)
                     }
@@ -267,19 +267,24 @@ impl Pipeline {
                     self.ring.in_flight()
                 );
                 for t in &mut self.transfers {
-                    t._hold = None;
+                    t.hold = None;
                 }
                 return Err(e);
             }
-            let mut reaped = std::mem::take(&mut self.reaped);
-            self.ring.reap(|i, _, res| reaped.push((i, res)));
-            for &(i, res) in &reaped {
-                self.stage[i] = self.completed(ctx, mem, i, res);
-            }
-            reaped.clear();
-            self.reaped = reaped;
+            self.reap_ring(ctx, mem);
         }
         Ok(())
+    }
+
+    /// Takes the ring's completions there are and moves their slots on (`completed`).
+    fn reap_ring(&mut self, ctx: &RequestContext<'_>, mem: &GuestMemGuard) {
+        let mut reaped = std::mem::take(&mut self.reaped);
+        self.ring.reap(|i, _, res| reaped.push((i, res)));
+        for &(i, res) in &reaped {
+            self.stage[i] = self.completed(ctx, mem, i, res);
+        }
+        reaped.clear();
+        self.reaped = reaped;
     }
 
     /// Answers the requests done on the I/O pool.
@@ -324,13 +329,7 @@ impl Pipeline {
                 self.peak = self.ring.in_flight();
                 IoCounters::raise(&ctx.device.counters().peak_in_flight, self.peak as u64);
             }
-            let mut reaped = std::mem::take(&mut self.reaped);
-            self.ring.reap(|i, _, res| reaped.push((i, res)));
-            for &(i, res) in &reaped {
-                self.stage[i] = self.completed(ctx, mem, i, res);
-            }
-            reaped.clear();
-            self.reaped = reaped;
+            self.reap_ring(ctx, mem);
         }
         if self.flush_pending && self.ring.in_flight() == 0 && self.on_pool == 0 {
             if let Some(&i) = self.order.back() {
