@@ -135,6 +135,11 @@ impl Daemon {
     /// Takes over an opened engine; serve the devices with [`Daemon::serve_all`].
     pub fn new(engine: Arc<CacheObject>, defaults: ServeDefaults) -> Arc<Self> {
         let io_engine = defaults.io_engine;
+        // Origin writes waiting for a commit complete before it (cow/held.rs); without the
+        // thread they wait in the request, as before.
+        if let Err(e) = engine.start_write_behind() {
+            log::warn!("origin writes wait for their commits: no committer thread ({e})");
+        }
         Arc::new(Daemon {
             nbd: nbd::Registry::new(engine.clone()),
             engine,

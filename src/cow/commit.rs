@@ -16,20 +16,33 @@ use std::sync::atomic::Ordering;
 
 impl CacheObject {
     /// Makes every completed write (origin and snapshots) and every metadata change durable.
+    /// Fails, once, when an origin write held past its completion could not be written
+    /// afterwards (`held.rs`), as an fsync reports a page cache's writeback error.
     pub fn flush(&self) -> Result<()> {
-        let e = self.read_state().epoch;
-        self.commit(e, true)?;
-        self.origin.sync()?;
-        self.release_fenced();
-        Ok(())
+        self.flush_everything()?;
+        self.held_write_error()
     }
 
     /// FLUSH as a device sees it: every completed write of `dev` durable. Writes of one device
     /// can depend on other devices' metadata (copy-outs, shared blocks), so this makes
-    /// everything durable; it fails only for a device that does not exist or is inoperative.
+    /// everything durable; it fails only for a device that does not exist or is inoperative,
+    /// or for the origin, as [`CacheObject::flush`] does.
     pub fn flush_device(&self, dev: DeviceId) -> Result<()> {
         Self::check_dev(&self.read_state().meta, dev.0)?;
-        self.flush()
+        if dev == DeviceId::ORIGIN {
+            return self.flush();
+        }
+        self.flush_everything()
+    }
+
+    fn flush_everything(&self) -> Result<()> {
+        let e = self.read_state().epoch;
+        // Held origin writes first: they are completed writes too.
+        self.land_held()?;
+        self.commit(e, true)?;
+        self.origin.sync()?;
+        self.release_fenced();
+        Ok(())
     }
 
     /// Makes every record up to `epoch` durable. Concurrent callers share one commit: whoever
@@ -438,6 +451,8 @@ impl Drop for CacheObject {
                 log::error!("flush on close failed: {e}");
             }
         }
+        // After the flush, which lands what is still held with the landers' help.
+        self.stop_write_behind();
     }
 }
 

@@ -112,13 +112,7 @@ impl CacheObject {
         let registry = self.registry.load();
         let side = Self::read_side(&registry, dev.0).ok()?;
         self.check_range(side.size(), offset, len).ok()?;
-        let stripe = |c: u64| self.stripes[(c as usize) % STRIPES].try_read_arc();
-        let hold = if first == last {
-            ChunkReadHold::One(stripe(first)?)
-        } else {
-            // Tried, never waited for: no order to keep among them.
-            ChunkReadHold::Many((first..=last).map(stripe).collect::<Option<_>>()?)
-        };
+        let hold = self.try_hold_chunks(first, last)?;
         Self::check_read_status(side, dev.0).ok()?;
         let inoff = offset & (self.chunk_size - 1);
         let start = match self.view(side, first) {
@@ -141,6 +135,33 @@ impl CacheObject {
         Some((start.0, start.1, hold))
     }
 
+    /// Chunks `first..=last`' stripes, shared, if each is free right now.
+    fn try_hold_chunks(&self, first: u64, last: u64) -> Option<ChunkReadHold> {
+        let stripe = |c: u64| self.stripes[(c as usize) % STRIPES].try_read_arc();
+        Some(if first == last {
+            ChunkReadHold::One(stripe(first)?)
+        } else {
+            // Tried, never waited for: no order to keep among them.
+            ChunkReadHold::Many((first..=last).map(stripe).collect::<Option<_>>()?)
+        })
+    }
+
+    /// What an origin read of `len` bytes at `offset` a queue submits itself must hold:
+    /// nothing (`Some(None)`) unless origin writes are held (`held.rs`); then the chunks'
+    /// stripes, if free right now and at most [`MAX_HELD_CHUNKS`]; `None`: the engine must
+    /// read it (it waits for the held write to land).
+    pub fn origin_read_hold(&self, offset: u64, len: u64) -> Option<Option<ChunkReadHold>> {
+        if !self.held.any() {
+            return Some(None);
+        }
+        let first = offset >> self.chunk_shift;
+        let last = offset.checked_add(len.max(1) - 1)? >> self.chunk_shift;
+        if last - first >= MAX_HELD_CHUNKS {
+            return None;
+        }
+        self.try_hold_chunks(first, last).map(Some)
+    }
+
     /// Leave for one origin write to go to the origin image directly, held until it completes;
     /// `None`: it must go through [`CacheObject::write`].
     pub fn origin_write_ticket(&self) -> Option<OriginWriteTicket> {
@@ -154,7 +175,9 @@ impl CacheObject {
             return None;
         }
         let pending = self.read_state().epoch;
-        (pending <= self.durable_epoch.load(Ordering::Acquire)).then_some(ticket)
+        // A held write must land before any later write of its range.
+        (pending <= self.durable_epoch.load(Ordering::Acquire) && !self.held.any())
+            .then_some(ticket)
     }
 }
 

@@ -37,6 +37,7 @@ use super::copyouts::CopyOuts;
 use super::error::{CowError, DeviceId, Result};
 use super::format::{entry_to_block, Enc, Header, Record, ENTRY_UNMAPPED};
 use super::gate::DirectGate;
+use super::held::HeldWrites;
 use super::history::OriginHistory;
 use super::hostroom::HostRoom;
 use super::meta::{Meta, ReadSide};
@@ -57,7 +58,6 @@ pub(super) const STRIPES: usize = 1024;
 /// transfer (`direct.rs`) is an owned guard that the transfer keeps until it completes.
 pub(super) type Stripe = Arc<parking_lot::RwLock<()>>;
 pub(super) type StripeReadGuard<'a> = parking_lot::RwLockReadGuard<'a, ()>;
-pub(super) type StripeWriteGuard<'a> = parking_lot::RwLockWriteGuard<'a, ()>;
 
 /// The stripes of chunks `first..first + n` (`n <= N`) in ascending order: the order in which
 /// whoever holds several stripes at once takes them (batched origin writes, reads over several
@@ -210,6 +210,9 @@ pub struct CacheObject {
     /// Copy-on-read of a read-only origin (`cor.rs`): `None` for a local origin image, whose
     /// reads go straight to it.
     pub(super) cor: Option<Box<CopyOnRead>>,
+    /// Origin writes completed before the commit they wait for, and their committer
+    /// (`held.rs`).
+    pub(super) held: Arc<HeldWrites>,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -68,6 +68,13 @@ pub struct Stats {
     /// already covered the data their records map.
     #[serde(default)]
     pub data_syncs_skipped: u64,
+    /// Origin writes that completed before the commit they waited for, then landed
+    /// (write-behind, engine.md "Held origin writes").
+    #[serde(default)]
+    pub origin_writes_held: u64,
+    /// Of those, writes the origin refused when they landed (reported by the next FLUSH).
+    #[serde(default)]
+    pub origin_writes_lost: u64,
     pub checkpoints: u64,
     pub devices: u64,
     pub inoperative_devices: u64,
@@ -271,6 +278,7 @@ impl CacheObject {
         let pending = (st.pending_free.len() + st.fenced_free.len()) as u64;
         let c = &self.counters;
         let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let (held, lost) = self.held.counts();
         let mut stats = Stats {
             chunk_size: self.chunk_size,
             blocks_used,
@@ -284,6 +292,8 @@ impl CacheObject {
             bytes_copied: l(&c.bytes_copied),
             cow_fills: l(&c.cow_fills),
             data_syncs_skipped: l(&c.data_syncs_skipped),
+            origin_writes_held: held,
+            origin_writes_lost: lost,
             commits: l(&c.commits),
             checkpoints: l(&c.checkpoints),
             devices: m.devs().count() as u64,

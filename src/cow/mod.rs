@@ -13,6 +13,8 @@
 //!   damage detection: shared with the checker), `read.rs` (the read path), `write.rs` (the
 //!   write rule), `space.rs` (block allocation, the cache-full rule), `commit.rs` (group
 //!   commit, checkpoints, flush) over `copyouts.rs` (the copy-outs a commit waits to gather),
+//!   `held.rs` (write-behind: origin writes held until their commit, then landed) under
+//!   `writebehind.rs` (the engine's side: holding, the committer thread, landing for FLUSH),
 //!   `snapshots.rs` (create, delete, restore, attributes),
 //!   `info.rs` (device listings, stats), `extents.rs` (block-status queries: sources and
 //!   depths of a device's chunks, where two devices differ, the origin's holes),
@@ -49,6 +51,7 @@ mod error;
 mod extents;
 pub mod format;
 mod gate;
+mod held;
 pub mod history;
 mod hostroom;
 mod hydrate;
@@ -70,6 +73,7 @@ mod verify;
 mod waitlist;
 mod waits;
 mod write;
+mod writebehind;
 
 pub use check::{check_cache, check_cache_path, CheckReport};
 pub use direct::{ChunkReadHold, ReadFile, TransferHold};

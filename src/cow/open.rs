@@ -167,6 +167,7 @@ impl CacheObject {
         });
         Ok(Self {
             cor: cor.flatten(),
+            held: Arc::default(),
             origin,
             cache,
             chunk_size: cs,

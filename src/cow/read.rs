@@ -68,6 +68,9 @@ impl CacheObject {
         let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         if dev == DeviceId::ORIGIN && self.cor.is_none() {
             self.check_range(self.origin_size(), offset, len)?;
+            if self.held.any() {
+                return self.read_origin_held(offset, len as usize, bufs);
+            }
             self.origin.read_vectored_at(bufs, offset)?;
             return Ok(());
         }
@@ -114,6 +117,31 @@ impl CacheObject {
                 with_range(bufs, done, n, fill_zero);
                 return Err(e);
             }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// An origin read while writes are held (`held.rs`): pass by pass under the chunks'
+    /// stripes, shared, so that it waits for a held write there to land.
+    fn read_origin_held(
+        &self,
+        offset: u64,
+        total: usize,
+        bufs: &mut [IoSliceMut<'_>],
+    ) -> Result<()> {
+        let mut done = 0usize;
+        while done < total {
+            let pos = offset + done as u64;
+            let first = pos >> self.chunk_shift;
+            let end = ((first + PASS_CHUNKS as u64) << self.chunk_shift).min(offset + total as u64);
+            let n = (end - pos) as usize;
+            let last = (end - 1) >> self.chunk_shift;
+            let _stripe = (last == first).then(|| self.stripe(first).read());
+            let _stripes = (last != first).then(|| self.read_stripes(first, last));
+            with_range(bufs, done, n, |parts| {
+                self.origin.read_vectored_at(parts, pos)
+            })?;
             done += n;
         }
         Ok(())

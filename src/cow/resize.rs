@@ -165,6 +165,11 @@ impl CacheObject {
             self.change_unchecked(dev, size, old - size, Src::Discard)?;
         }
         self.commit_size(dev, old, size)?;
+        if dev == DeviceId::ORIGIN {
+            // A held write past the new end must not land after the cut (it would extend
+            // the file again).
+            self.land_held()?;
+        }
         if dev == DeviceId::ORIGIN && !self.origin.fixed_size() {
             // After the commit: a crash before this leaves the file longer than recorded.
             if let Err(e) = self.origin.set_size(size).and_then(|()| self.origin.sync()) {

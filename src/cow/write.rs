@@ -18,11 +18,10 @@
 //! (`CommitFirst`), or when a child of `dev` appeared while the state lock was dropped
 //! ([`Mapped::ChildAppeared`]).
 
-use super::engine::{
-    stripe_order, CacheObject, State, StateGuard, StripeWriteGuard, CHUNK_EPOCH_SLOTS, STRIPES,
-};
+use super::engine::{stripe_order, CacheObject, State, StateGuard, CHUNK_EPOCH_SLOTS, STRIPES};
 use super::error::{CowError, DeviceId, Result};
 use super::format::{entry_block, entry_to_block, Record, ENTRY_ZERO};
+use super::held::{HeldStripe, HeldStripes};
 use super::meta::{View, ORIGIN_ID};
 use std::sync::atomic::Ordering;
 
@@ -188,28 +187,49 @@ impl CacheObject {
         if n <= SMALL_BATCH {
             // Common case (a guest segment spanning a few chunks): no allocation.
             let (idx, n) = stripe_order::<SMALL_BATCH>(first, n);
-            let mut guards: [Option<StripeWriteGuard<'_>>; SMALL_BATCH] = Default::default();
+            let mut guards: [Option<HeldStripe>; SMALL_BATCH] = Default::default();
             for (guard, &i) in guards.iter_mut().zip(&idx[..n]) {
-                *guard = Some(self.stripes[i].write());
+                *guard = Some(self.stripes[i].write_arc());
             }
-            return self.write_origin_batched_locked(offset, len, src);
+            // Collected only if the write is held.
+            let keep = || Some(HeldStripes::Many(guards.into_iter().flatten().collect()));
+            return self.write_origin_batched_locked(offset, len, src, keep);
         }
         let mut stripes: Vec<usize> = (first..=last).map(|c| (c as usize) % STRIPES).collect();
         stripes.sort_unstable();
         stripes.dedup();
-        let _guards: Vec<_> = stripes.iter().map(|&i| self.stripes[i].write()).collect();
-        self.write_origin_batched_locked(offset, len, src)
+        let guards: Vec<_> = stripes
+            .iter()
+            .map(|&i| self.stripes[i].write_arc())
+            .collect();
+        let keep = || Some(HeldStripes::Many(guards));
+        self.write_origin_batched_locked(offset, len, src, keep)
     }
 
-    fn write_origin_batched_locked(&self, offset: u64, len: u64, src: Src<'_>) -> Result<()> {
+    /// The batched write with its chunks' stripes taken (`stripes` hands them over to be
+    /// kept if the write is held; otherwise they are dropped after it).
+    fn write_origin_batched_locked(
+        &self,
+        offset: u64,
+        len: u64,
+        src: Src<'_>,
+        stripes: impl FnOnce() -> Option<HeldStripes>,
+    ) -> Result<()> {
         // Every chunk's plan, folded into the one epoch they all need durable.
         let mut wait = 0u64;
         self.for_each_chunk(offset, len, |c, _, _, _| {
             wait = wait.max(self.plan_origin_chunk(c)?.durable_before_write());
             Ok(())
         })?;
+        let _kept;
         if wait > self.durable_epoch.load(Ordering::Acquire) {
             // Copies and mappings durable before the origin changes.
+            if self.held.accepting() {
+                match self.hold_origin_write(offset, len, src, wait, stripes()) {
+                    Ok(()) => return Ok(()),
+                    Err(back) => _kept = back,
+                }
+            }
             self.commit(wait, false)?;
         }
         self.write_origin(offset, len, src)
@@ -240,6 +260,13 @@ impl CacheObject {
                 self.prefetch_for_write(cor, dev, c);
             }
         }
+        if dev == ORIGIN_ID {
+            // Owned: a held write keeps it until it lands (`held.rs`).
+            let stripe = self.stripe(c).write_arc();
+            let plan = self.plan_origin_chunk(c)?;
+            let piece = Piece { c, inoff, len, src };
+            return self.write_origin_piece(plan, piece, Some(HeldStripes::One(stripe)));
+        }
         let _stripe = self.stripe(c).write();
         self.write_chunk_locked(dev, c, inoff, len, src)
     }
@@ -256,7 +283,7 @@ impl CacheObject {
         let piece = Piece { c, inoff, len, src };
         if dev == ORIGIN_ID {
             let plan = self.plan_origin_chunk(c)?;
-            return self.write_origin_piece(plan, piece);
+            return self.write_origin_piece(plan, piece, None);
         }
         self.write_snapshot_chunk(dev, piece)
     }
@@ -406,17 +433,30 @@ impl CacheObject {
         }
     }
 
-    /// Carries out a single chunk's [`OriginPlan`]: its commits, then the origin write.
-    fn write_origin_piece(&self, plan: OriginPlan, piece: Piece<'_>) -> Result<()> {
-        if plan.shield > self.durable_epoch.load(Ordering::Acquire) {
-            self.commit(plan.shield, false)?;
-        }
-        if let Some(e) = plan.preserved {
-            // The copy and the mapping to it must be durable before the origin changes.
-            self.commit(e, false)?;
-        }
+    /// Carries out a single chunk's [`OriginPlan`]: its commit, then the origin write; or,
+    /// given the chunk's stripe to keep, holds the write until the commit (`held.rs`).
+    fn write_origin_piece(
+        &self,
+        plan: OriginPlan,
+        piece: Piece<'_>,
+        stripe: Option<HeldStripes>,
+    ) -> Result<()> {
         let pos = (piece.c << self.chunk_shift) + piece.inoff as u64;
-        self.write_origin(pos, piece.len as u64, piece.src)
+        let len = piece.len as u64;
+        let wait = plan.durable_before_write();
+        // Kept until the write is done when it is not held.
+        let _kept;
+        if wait > self.durable_epoch.load(Ordering::Acquire) {
+            // The copy and the mapping to it must be durable before the origin changes.
+            if self.held.accepting() {
+                match self.hold_origin_write(pos, len, piece.src, wait, stripe) {
+                    Ok(()) => return Ok(()),
+                    Err(back) => _kept = back,
+                }
+            }
+            self.commit(wait, false)?;
+        }
+        self.write_origin(pos, len, piece.src)
     }
 
     /// Steps 1 and 2 for a snapshot's chunk, starting over while the state changes under

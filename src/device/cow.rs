@@ -130,7 +130,7 @@ impl BlockDevice for CowDevice {
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.engine.flush().map_err(cow_to_io)
+        self.engine.flush_device(self.id).map_err(cow_to_io)
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -195,7 +195,10 @@ impl BlockDevice for CowDevice {
                 self.engine.origin_write_ticket()?,
             ))
         } else {
-            None
+            // Held origin writes (cow/held.rs) are waited for under their chunks' stripes.
+            self.engine
+                .origin_read_hold(offset, len)?
+                .map(TransferHold::ChunkRead)
         };
         Some(DirectTarget {
             file: 0,

@@ -1,0 +1,318 @@
+//! Origin writes held until the commit they wait for is durable (write-behind).
+//!
+//! An origin write whose chunk had to be copied out for snapshots must not reach the origin
+//! before the copy and its mapping are durable (docs/engine.md, "Durability"). Waiting for
+//! that commit in the request made the guest pay a data sync and a journal sync for every
+//! group of first touches, and a guest's queue depth capped how many a commit gathered. So,
+//! once its copy-out is logged, such a write is *held*: its data is copied into daemon memory,
+//! its chunks' stripe locks stay taken, and the request completes. The committer thread
+//! (`writebehind.rs`, started by `CacheObject::start_write_behind`) commits everything queued
+//! in one group, then lands the held writes on the origin (on several threads when the origin
+//! takes direct I/O) and lets their stripes go. virtio-blk's volatile write cache (VIRTIO_BLK_F_FLUSH) promises
+//! durability only at FLUSH, and a FLUSH lands everything held before it completes
+//! (`CacheObject::land_held`).
+//!
+//! Why every view stays right meanwhile: the held stripes. A copy-out, a snapshot read and a
+//! later write of those chunks take them, so they find the write landed, never half done.
+//! Origin reads take no stripe as a rule (`read.rs`); while writes are held ([`HeldWrites::any`])
+//! they do, in the engine and in a queue's ring alike (`direct.rs`), so a read issued after a
+//! write completed returns its data. Origin writes bypassing the engine are refused meanwhile
+//! (`direct.rs`), so none can overtake a held write. A crash loses held writes, as a volatile
+//! cache may, but never lands one before the copy it waited for is durable.
+//!
+//! Bounds: at most [`HELD_BYTES_MAX`] bytes are held; past that a write waits for its commit
+//! in the request, as without write-behind (backpressure). A write the origin refuses when it
+//! lands (EIO, ENOSPC on a thin device) can no longer fail its request: it is logged, counted
+//! (`stats`), and the next FLUSH of the origin fails, as a page cache reports a writeback
+//! error at fsync.
+
+use crate::storage::{AlignedBuf, Storage};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+
+/// Most bytes of origin writes held at once (their copies live in daemon memory).
+pub(super) const HELD_BYTES_MAX: usize = 64 << 20;
+
+/// A held write's stripe locks, taken exclusively when the write began.
+pub(super) type HeldStripe = parking_lot::ArcRwLockWriteGuard<parking_lot::RawRwLock, ()>;
+
+/// The stripes a held write keeps until it lands: one (a write within a chunk, no
+/// allocation) or those of a write spanning chunks.
+#[expect(
+    dead_code,
+    reason = "held for their drop: the locks go when the write has landed"
+)]
+pub(super) enum HeldStripes {
+    One(HeldStripe),
+    Many(Vec<HeldStripe>),
+}
+
+/// What a held write puts into its range.
+pub(super) enum HeldData {
+    Data(AlignedBuf),
+    Zeroes,
+    Discard,
+}
+
+/// An origin write completed to its requester but not yet on the origin.
+pub(super) struct HeldWrite {
+    offset: u64,
+    len: u64,
+    data: HeldData,
+    /// The epoch that must be durable before it lands.
+    epoch: u64,
+    _stripes: HeldStripes,
+}
+
+impl HeldWrite {
+    /// A write of `data` to `[offset, offset+len)` of the origin, to land once `epoch` is
+    /// durable, keeping `stripes` until then.
+    pub(super) fn new(
+        offset: u64,
+        len: u64,
+        data: HeldData,
+        epoch: u64,
+        stripes: HeldStripes,
+    ) -> Self {
+        Self {
+            offset,
+            len,
+            data,
+            epoch,
+            _stripes: stripes,
+        }
+    }
+
+    fn land(&self, origin: &dyn Storage) -> std::io::Result<()> {
+        match &self.data {
+            HeldData::Data(buf) => origin.write_at(buf, self.offset),
+            HeldData::Zeroes => origin.write_zeroes(self.offset, self.len),
+            HeldData::Discard => origin.punch_hole(self.offset, self.len),
+        }
+    }
+}
+
+/// The held writes of one engine.
+#[derive(Default)]
+pub(super) struct HeldWrites {
+    pub(super) queue: Mutex<Queue>,
+    /// The committer waits here for writes to commit.
+    pub(super) work: Condvar,
+    /// One batch commits and lands at a time (the committer's, or a FLUSH's): batches land in
+    /// the order they were held.
+    pub(super) landing: Mutex<()>,
+    /// Every write with a sequence number up to this one has landed (or failed to).
+    pub(super) landed_seq: AtomicU64,
+    /// Writes held and not yet landed: origin reads take their stripes while there are any.
+    pub(super) pending: AtomicUsize,
+    /// A committer runs: writes may be held.
+    pub(super) running: AtomicBool,
+    pub(super) landers: Landers,
+    pub(super) counts: HeldCounts,
+}
+
+#[derive(Default)]
+pub(super) struct Queue {
+    pub(super) writes: Vec<HeldWrite>,
+    /// Bytes of writes held and not yet landed.
+    pub(super) bytes: usize,
+    /// Sequence number of the last write held.
+    pub(super) seq: u64,
+    /// The engine is gone: the committer stops.
+    pub(super) stop: bool,
+}
+
+/// Counters for `stats`.
+#[derive(Default)]
+pub(super) struct HeldCounts {
+    /// Writes that completed before their commit.
+    pub(super) held: AtomicU64,
+    /// Held writes the origin refused when they landed.
+    pub(super) lost: AtomicU64,
+    /// Lost writes no FLUSH of the origin has reported yet.
+    pub(super) unreported: AtomicU64,
+    /// A landing failed since the last report: later ones are not logged.
+    failing: AtomicBool,
+}
+
+/// Threads that land a committed batch's writes beside the committer.
+#[derive(Default)]
+pub(super) struct Landers {
+    batch: Mutex<LandingBatch>,
+    ready: Condvar,
+    done: Condvar,
+}
+
+#[derive(Default)]
+struct LandingBatch {
+    writes: Vec<HeldWrite>,
+    /// Writes of the batch not yet landed (taken or not).
+    left: usize,
+    failed: u64,
+    stop: bool,
+}
+
+impl HeldWrites {
+    /// Whether writes are held: origin reads must then take their chunks' stripes.
+    #[inline]
+    pub(super) fn any(&self) -> bool {
+        // SeqCst: a read issued after a held write completed (which counted it first) sees it.
+        self.pending.load(Ordering::SeqCst) != 0
+    }
+
+    /// Whether a committer runs, so writes may be held.
+    #[inline]
+    pub(super) fn accepting(&self) -> bool {
+        self.running.load(Ordering::Acquire)
+    }
+
+    pub(super) fn counts(&self) -> (u64, u64) {
+        let c = &self.counts;
+        (
+            c.held.load(Ordering::Relaxed),
+            c.lost.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Holds `w`; gives it back when the engine is closing or the bound is reached (the
+    /// caller then waits for the commit itself).
+    pub(super) fn hold(&self, w: HeldWrite) -> std::result::Result<(), HeldWrite> {
+        let mut q = lock(&self.queue);
+        let len = w.len as usize;
+        if q.stop || q.bytes + len > HELD_BYTES_MAX {
+            return Err(w);
+        }
+        // Counted before the request completes (see `any`).
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        self.counts.held.fetch_add(1, Ordering::Relaxed);
+        q.bytes += len;
+        q.seq += 1;
+        q.writes.push(w);
+        drop(q);
+        self.work.notify_one();
+        Ok(())
+    }
+
+    /// The reported-once error for lost writes, if any since the last report.
+    pub(super) fn take_lost(&self) -> Option<u64> {
+        let n = self.counts.unreported.swap(0, Ordering::AcqRel);
+        self.counts.failing.store(false, Ordering::Relaxed);
+        (n > 0).then_some(n)
+    }
+
+    pub(super) fn stop(&self) {
+        lock(&self.queue).stop = true;
+        self.work.notify_all();
+        lock(&self.landers.batch).stop = true;
+        self.landers.ready.notify_all();
+    }
+
+    /// Takes every write held so far: the batch, the sequence number of its last write, and
+    /// its bytes.
+    pub(super) fn take_batch(&self) -> (Vec<HeldWrite>, u64, usize) {
+        let mut q = lock(&self.queue);
+        let batch = std::mem::take(&mut q.writes);
+        let bytes = batch.iter().map(|w| w.len as usize).sum();
+        (batch, q.seq, bytes)
+    }
+
+    /// The highest epoch a batch's writes wait for.
+    pub(super) fn epoch_of(batch: &[HeldWrite]) -> u64 {
+        batch.iter().map(|w| w.epoch).max().unwrap_or(0)
+    }
+
+    /// A batch of `n` writes (`bytes`) is done, `failed` of them lost; every write up to
+    /// `upto` has landed.
+    pub(super) fn finish_batch(&self, n: usize, bytes: usize, failed: u64, upto: u64) {
+        if failed > 0 {
+            self.counts.lost.fetch_add(failed, Ordering::Relaxed);
+            self.counts.unreported.fetch_add(failed, Ordering::AcqRel);
+        }
+        lock(&self.queue).bytes -= bytes;
+        self.pending.fetch_sub(n, Ordering::SeqCst);
+        self.landed_seq.fetch_max(upto, Ordering::AcqRel);
+    }
+
+    /// Lands a committed batch on `origin` (with the landers when `parallel`), each write's
+    /// stripes released once it is there; returns how many failed.
+    pub(super) fn land_all(
+        &self,
+        batch: Vec<HeldWrite>,
+        origin: &dyn Storage,
+        parallel: bool,
+    ) -> u64 {
+        if batch.len() < 2 || !parallel {
+            return batch
+                .into_iter()
+                .map(|w| self.land_one(w, origin) as u64)
+                .sum();
+        }
+        let landers = &self.landers;
+        let mut b = lock(&landers.batch);
+        b.left = batch.len();
+        b.failed = 0;
+        b.writes = batch;
+        drop(b);
+        landers.ready.notify_all();
+        // Lands beside the landers, then waits for the last of theirs.
+        let mut b = lock(&landers.batch);
+        while let Some(w) = b.writes.pop() {
+            drop(b);
+            let failed = self.land_one(w, origin);
+            b = lock(&landers.batch);
+            b.left -= 1;
+            b.failed += failed as u64;
+        }
+        while b.left > 0 {
+            b = landers.done.wait(b).unwrap_or_else(PoisonError::into_inner);
+        }
+        b.failed
+    }
+
+    /// Lands one write and lets its stripes go; whether it failed (logged once until a FLUSH
+    /// reports it).
+    fn land_one(&self, w: HeldWrite, origin: &dyn Storage) -> bool {
+        let Err(e) = w.land(origin) else {
+            return false;
+        };
+        if !self.counts.failing.swap(true, Ordering::Relaxed) {
+            log::error!(
+                "origin write of {} bytes at {} failed after completing: {e} (the next FLUSH \
+                 of the origin fails)",
+                w.len,
+                w.offset
+            );
+        }
+        true
+    }
+
+    /// A lander thread: lands writes of the batch the committer handed over, one at a time.
+    pub(super) fn lander(&self, origin: &dyn Storage) {
+        let landers = &self.landers;
+        let mut b = lock(&landers.batch);
+        loop {
+            if b.stop {
+                return;
+            }
+            let Some(w) = b.writes.pop() else {
+                b = landers
+                    .ready
+                    .wait(b)
+                    .unwrap_or_else(PoisonError::into_inner);
+                continue;
+            };
+            drop(b);
+            let failed = self.land_one(w, origin);
+            b = lock(&landers.batch);
+            b.failed += failed as u64;
+            b.left -= 1;
+            if b.left == 0 {
+                landers.done.notify_all();
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
