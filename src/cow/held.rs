@@ -47,6 +47,14 @@ pub(super) enum HeldStripes {
     Many(Vec<HeldStripe>),
 }
 
+/// How an origin write goes on after `CacheObject::commit_or_hold` (`writebehind.rs`).
+pub(super) enum AfterCommit {
+    /// Held: it lands after its commit, nothing more to do.
+    Held,
+    /// Its commit is durable: write it now, keeping these stripes until it is written.
+    WriteNow(Option<HeldStripes>),
+}
+
 /// What a held write puts into its range.
 pub(super) enum HeldData {
     Data(AlignedBuf),
@@ -61,7 +69,7 @@ pub(super) struct HeldWrite {
     data: HeldData,
     /// The epoch that must be durable before it lands.
     epoch: u64,
-    _stripes: HeldStripes,
+    stripes: HeldStripes,
 }
 
 impl HeldWrite {
@@ -79,8 +87,13 @@ impl HeldWrite {
             len,
             data,
             epoch,
-            _stripes: stripes,
+            stripes,
         }
+    }
+
+    /// Its stripes, for a write that could not be held.
+    pub(super) fn into_stripes(self) -> HeldStripes {
+        self.stripes
     }
 
     fn land(&self, origin: &dyn Storage) -> std::io::Result<()> {

@@ -21,7 +21,7 @@
 use super::engine::{stripe_order, CacheObject, State, StateGuard, CHUNK_EPOCH_SLOTS, STRIPES};
 use super::error::{CowError, DeviceId, Result};
 use super::format::{entry_block, entry_to_block, Record, ENTRY_ZERO};
-use super::held::{HeldStripe, HeldStripes};
+use super::held::{AfterCommit, HeldStripe, HeldStripes};
 use super::meta::{View, ORIGIN_ID};
 use std::sync::atomic::Ordering;
 
@@ -223,14 +223,10 @@ impl CacheObject {
         })?;
         let _kept;
         if wait > self.durable_epoch.load(Ordering::Acquire) {
-            // Copies and mappings durable before the origin changes.
-            if self.held.accepting() {
-                match self.hold_origin_write(offset, len, src, wait, stripes()) {
-                    Ok(()) => return Ok(()),
-                    Err(back) => _kept = back,
-                }
+            match self.commit_or_hold(offset, len, src, wait, stripes())? {
+                AfterCommit::Held => return Ok(()),
+                AfterCommit::WriteNow(stripes) => _kept = stripes,
             }
-            self.commit(wait, false)?;
         }
         self.write_origin(offset, len, src)
     }
@@ -262,10 +258,8 @@ impl CacheObject {
         }
         if dev == ORIGIN_ID {
             // Owned: a held write keeps it until it lands (`held.rs`).
-            let stripe = self.stripe(c).write_arc();
-            let plan = self.plan_origin_chunk(c)?;
-            let piece = Piece { c, inoff, len, src };
-            return self.write_origin_piece(plan, piece, Some(HeldStripes::One(stripe)));
+            let stripe = HeldStripes::One(self.stripe(c).write_arc());
+            return self.write_origin_chunk(Piece { c, inoff, len, src }, Some(stripe));
         }
         let _stripe = self.stripe(c).write();
         self.write_chunk_locked(dev, c, inoff, len, src)
@@ -282,10 +276,16 @@ impl CacheObject {
     ) -> Result<()> {
         let piece = Piece { c, inoff, len, src };
         if dev == ORIGIN_ID {
-            let plan = self.plan_origin_chunk(c)?;
-            return self.write_origin_piece(plan, piece, None);
+            return self.write_origin_chunk(piece, None);
         }
         self.write_snapshot_chunk(dev, piece)
+    }
+
+    /// Steps 1 and 2 for the origin's chunk, its stripe taken (and given, if owned, to be
+    /// kept by a held write).
+    fn write_origin_chunk(&self, piece: Piece<'_>, stripe: Option<HeldStripes>) -> Result<()> {
+        let plan = self.plan_origin_chunk(piece.c)?;
+        self.write_origin_piece(plan, piece, stripe)
     }
 
     /// The state lock, for a change of `dev`'s view: `dev` exists, is operative and writable.
@@ -447,14 +447,10 @@ impl CacheObject {
         // Kept until the write is done when it is not held.
         let _kept;
         if wait > self.durable_epoch.load(Ordering::Acquire) {
-            // The copy and the mapping to it must be durable before the origin changes.
-            if self.held.accepting() {
-                match self.hold_origin_write(pos, len, piece.src, wait, stripe) {
-                    Ok(()) => return Ok(()),
-                    Err(back) => _kept = back,
-                }
+            match self.commit_or_hold(pos, len, piece.src, wait, stripe)? {
+                AfterCommit::Held => return Ok(()),
+                AfterCommit::WriteNow(stripe) => _kept = stripe,
             }
-            self.commit(wait, false)?;
         }
         self.write_origin(pos, len, piece.src)
     }

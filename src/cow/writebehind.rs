@@ -4,7 +4,7 @@
 
 use super::engine::{lock, CacheObject};
 use super::error::{CowError, Result};
-use super::held::{HeldData, HeldStripes, HeldWrite, HeldWrites};
+use super::held::{AfterCommit, HeldData, HeldStripes, HeldWrite, HeldWrites};
 use super::write::Src;
 use crate::storage::AlignedBuf;
 use std::sync::atomic::Ordering;
@@ -46,28 +46,37 @@ impl CacheObject {
         Ok(())
     }
 
-    /// Holds an origin write of `src` to `[offset, offset+len)` that waits for `epoch` (module
-    /// doc), keeping `stripes` until it lands. When it cannot be held, gives back what the
-    /// caller must keep until it has committed and written itself.
-    pub(super) fn hold_origin_write(
+    /// For an origin write of `src` to `[offset, offset+len)` that must wait until `epoch`
+    /// is durable: holds it, keeping `stripes` until it lands (`held.rs`), when a committer
+    /// runs and `stripes` are given; otherwise commits. The copy and the mapping to it must be
+    /// durable before the origin changes.
+    pub(super) fn commit_or_hold(
         &self,
         offset: u64,
         len: u64,
         src: Src<'_>,
         epoch: u64,
         stripes: Option<HeldStripes>,
-    ) -> std::result::Result<(), Option<HeldWrite>> {
-        let Some(stripes) = stripes else {
-            return Err(None);
+    ) -> Result<AfterCommit> {
+        let stripes = match stripes {
+            Some(stripes) if self.held.accepting() => {
+                let data = match src {
+                    Src::Data(buf) => HeldData::Data(AlignedBuf::from_slice(buf)),
+                    Src::Zeroes | Src::Trim => HeldData::Zeroes,
+                    Src::Discard => HeldData::Discard,
+                };
+                match self
+                    .held
+                    .hold(HeldWrite::new(offset, len, data, epoch, stripes))
+                {
+                    Ok(()) => return Ok(AfterCommit::Held),
+                    Err(refused) => Some(refused.into_stripes()),
+                }
+            }
+            other => other,
         };
-        let data = match src {
-            Src::Data(buf) => HeldData::Data(AlignedBuf::from_slice(buf)),
-            Src::Zeroes | Src::Trim => HeldData::Zeroes,
-            Src::Discard => HeldData::Discard,
-        };
-        self.held
-            .hold(HeldWrite::new(offset, len, data, epoch, stripes))
-            .map_err(Some)
+        self.commit(epoch, false)?;
+        Ok(AfterCommit::WriteNow(stripes))
     }
 
     /// Commits and lands every write held so far (a FLUSH, a resize, a close).
