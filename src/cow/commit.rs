@@ -145,9 +145,7 @@ impl CacheObject {
         if blocks.is_empty() {
             return;
         }
-        for stripe in self.stripes.iter() {
-            drop(stripe.write());
-        }
+        self.stripe_barrier();
         self.release_blocks(blocks);
     }
 

@@ -17,6 +17,7 @@ use super::engine::CacheObject;
 use super::error::{CowError, DeviceId, Result};
 use super::format::{ENTRY_UNMAPPED, ENTRY_ZERO};
 use super::meta::{ReadSide, ReadStatus, View, ORIGIN_ID};
+use super::stripes::stripe_of;
 use crate::storage::SECTOR_SIZE;
 use std::sync::Arc;
 
@@ -157,7 +158,7 @@ impl CacheObject {
         while pos < end {
             let c = pos >> self.chunk_shift;
             let next = ((c + 1) << self.chunk_shift).min(end);
-            let _stripe = self.stripe(c).read();
+            let _stripe = self.read_stripe(stripe_of(c));
             f(c, pos, next - pos)?;
             pos = next;
         }

@@ -29,9 +29,21 @@
 use crate::storage::{AlignedBuf, Storage};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 /// Most bytes of origin writes held at once (their copies live in daemon memory).
 pub(super) const HELD_BYTES_MAX: usize = 64 << 20;
+
+/// How long the committer gathers held writes before it commits them, unless urged
+/// ([`HeldWrites::urge`]) or [`GATHER_BYTES`] are held. Each commit costs the device two
+/// flushes, which stall the copy-outs and writes in flight beside them (a host fsync on a
+/// virtual disk): committing as soon as anything was held made about twice as many commits
+/// (docs/benchmarks.md, 2026-12-04). Short, because a request that meets a held write's stripe
+/// waits for a commit either way (it urges one), and a longer gather measured no better.
+pub(super) const GATHER: Duration = Duration::from_millis(10);
+
+/// Held bytes past which the committer stops gathering.
+pub(super) const GATHER_BYTES: usize = HELD_BYTES_MAX / 4;
 
 /// A held write's stripe locks, taken exclusively when the write began.
 pub(super) type HeldStripe = parking_lot::ArcRwLockWriteGuard<parking_lot::RawRwLock, ()>;
@@ -120,6 +132,10 @@ pub(super) struct HeldWrites {
     pub(super) pending: AtomicUsize,
     /// A committer runs: writes may be held.
     pub(super) running: AtomicBool,
+    /// Someone waits for a stripe a held write may keep: commit and land without gathering.
+    urgent: AtomicBool,
+    /// How long the committer gathers ([`GATHER`]; tests set others), in microseconds.
+    gather_us: AtomicU64,
     pub(super) landers: Landers,
     pub(super) counts: HeldCounts,
 }
@@ -131,6 +147,8 @@ pub(super) struct Queue {
     pub(super) bytes: usize,
     /// Sequence number of the last write held.
     pub(super) seq: u64,
+    /// When the oldest write of `writes` was held.
+    since: Option<Instant>,
     /// The engine is gone: the committer stops.
     pub(super) stop: bool,
 }
@@ -198,12 +216,75 @@ impl HeldWrites {
         // Counted before the request completes (see `any`).
         self.pending.fetch_add(1, Ordering::SeqCst);
         self.counts.held.fetch_add(1, Ordering::Relaxed);
+        // The committer waits for the first write, then gathers until a deadline or a bound.
+        let wake = q.writes.is_empty() || (q.bytes < GATHER_BYTES && q.bytes + len >= GATHER_BYTES);
+        if q.writes.is_empty() {
+            q.since = Some(Instant::now());
+        }
         q.bytes += len;
         q.seq += 1;
         q.writes.push(w);
         drop(q);
-        self.work.notify_one();
+        if wake {
+            self.work.notify_one();
+        }
         Ok(())
+    }
+
+    /// How long the committer gathers held writes before it commits them.
+    pub(super) fn gather(&self) -> Duration {
+        match self.gather_us.load(Ordering::Relaxed) {
+            0 => GATHER,
+            us => Duration::from_micros(us),
+        }
+    }
+
+    /// Sets how long the committer gathers (tests: long, to see what urges it).
+    #[cfg(test)]
+    pub(super) fn set_gather(&self, d: Duration) {
+        self.gather_us
+            .store(d.as_micros().max(1) as u64, Ordering::Relaxed);
+    }
+
+    /// Asks the committer to commit and land what is held now: someone waits for a stripe,
+    /// which a held write may keep. Nothing to do (one load) while nothing is held.
+    pub(super) fn urge(&self) {
+        if !self.any() || self.urgent.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // Under the queue's lock, so that a committer about to wait sees the flag.
+        drop(lock(&self.queue));
+        self.work.notify_one();
+    }
+
+    /// The committer's wait: until writes are held and it is time to commit them (gathered
+    /// for [`gather`](Self::gather), [`GATHER_BYTES`] held, or urged). `None` when the engine
+    /// is closing (or, checked now and then while idle, `gone` says it is gone).
+    pub(super) fn wait_to_commit(&self, gone: impl Fn() -> bool) -> Option<()> {
+        const IDLE_CHECK: Duration = Duration::from_millis(500);
+        let mut q = lock(&self.queue);
+        loop {
+            if q.stop {
+                return None;
+            }
+            let timeout = match q.since {
+                None => IDLE_CHECK,
+                Some(_) if q.bytes >= GATHER_BYTES || self.urgent.load(Ordering::Acquire) => {
+                    return Some(())
+                }
+                Some(since) => match self.gather().checked_sub(since.elapsed()) {
+                    Some(left) if !left.is_zero() => left,
+                    _ => return Some(()),
+                },
+            };
+            q = match self.work.wait_timeout(q, timeout) {
+                Ok((q, _)) => q,
+                Err(e) => e.into_inner().0,
+            };
+            if q.writes.is_empty() && gone() {
+                return None;
+            }
+        }
     }
 
     /// The reported-once error for lost writes, if any since the last report.
@@ -225,6 +306,9 @@ impl HeldWrites {
     pub(super) fn take_batch(&self) -> (Vec<HeldWrite>, u64, usize) {
         let mut q = lock(&self.queue);
         let batch = std::mem::take(&mut q.writes);
+        q.since = None;
+        // Urges from now on are for writes held after this batch.
+        self.urgent.store(false, Ordering::Release);
         let bytes = batch.iter().map(|w| w.len as usize).sum();
         (batch, q.seq, bytes)
     }

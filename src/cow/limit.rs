@@ -191,9 +191,7 @@ impl CacheObject {
     fn lower_limit(&self, max_size: u64) -> Result<()> {
         let blocks = (max_size - self.data_offset) >> self.chunk_shift;
         self.write_state().meta.alloc_limit = blocks;
-        for s in self.stripes.iter() {
-            drop(s.write());
-        }
+        self.stripe_barrier();
         let mut j = match self.journal_for_limit() {
             Ok(j) => j,
             Err(e) => {

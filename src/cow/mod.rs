@@ -68,6 +68,7 @@ mod recovery;
 mod resize;
 mod snapshots;
 mod space;
+mod stripes;
 mod table;
 mod verify;
 mod waitlist;

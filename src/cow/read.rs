@@ -14,6 +14,7 @@ use super::engine::{stripe_order, CacheObject, StripeReadGuard};
 use super::error::{CowError, DeviceId, Result};
 use super::format::ENTRY_UNMAPPED;
 use super::meta::{ReadSide, ReadStatus, View};
+use super::stripes::stripe_of;
 use std::io::IoSliceMut;
 use std::sync::Arc;
 
@@ -104,7 +105,7 @@ impl CacheObject {
             let n = (end - pos) as usize;
             let last = (end - 1) >> self.chunk_shift;
             // One chunk (most requests): its one stripe, without the array.
-            let _stripe = (last == first).then(|| self.stripe(first).read());
+            let _stripe = (last == first).then(|| self.read_stripe(stripe_of(first)));
             let _stripes = (last != first).then(|| self.read_stripes(first, last));
             // A device made inoperative meanwhile may have lost blocks, which may have been
             // reused: fail rather than return another device's data, and wipe what was read so
@@ -137,7 +138,7 @@ impl CacheObject {
             let end = ((first + PASS_CHUNKS as u64) << self.chunk_shift).min(offset + total as u64);
             let n = (end - pos) as usize;
             let last = (end - 1) >> self.chunk_shift;
-            let _stripe = (last == first).then(|| self.stripe(first).read());
+            let _stripe = (last == first).then(|| self.read_stripe(stripe_of(first)));
             let _stripes = (last != first).then(|| self.read_stripes(first, last));
             with_range(bufs, done, n, |parts| {
                 self.origin.read_vectored_at(parts, pos)
@@ -158,7 +159,7 @@ impl CacheObject {
         let (idx, n) = stripe_order::<PASS_CHUNKS>(first, (last - first + 1) as usize);
         let mut guards: [Option<StripeReadGuard<'_>>; PASS_CHUNKS] = Default::default();
         for (guard, &i) in guards.iter_mut().zip(&idx[..n]) {
-            *guard = Some(self.stripes[i].read());
+            *guard = Some(self.read_stripe(i));
         }
         guards
     }
@@ -241,7 +242,7 @@ impl CacheObject {
             let inoff = pos & (self.chunk_size - 1);
             let n = ((self.chunk_size - inoff) as usize).min(buf.len() - done);
             let piece = &mut buf[done..done + n];
-            let stripe = self.stripe(c).read();
+            let stripe = self.read_stripe(stripe_of(c));
             Self::check_read_status(side, dev)?;
             match self.view(side, c) {
                 View::Origin => {

@@ -5,6 +5,7 @@ use super::engine::CacheObject;
 use super::error::{CowError, DeviceId, Result};
 use super::format::{Record, INCOMPAT_SLOT_IDS};
 use super::meta::{View, ORIGIN_ID};
+use super::stripes::stripe_of;
 use super::write::Src;
 use crate::storage::AlignedBuf;
 use std::sync::atomic::Ordering;
@@ -90,9 +91,7 @@ impl CacheObject {
             epoch
         };
         // Wait out requests that resolved a mapping of the deleted device before it went.
-        for s in self.stripes.iter() {
-            drop(s.write());
-        }
+        self.stripe_barrier();
         self.commit(epoch, false)?;
         // Its blocks: free once durable, after another barrier (`State::log`).
         self.release_fenced();
@@ -125,7 +124,7 @@ impl CacheObject {
         }
         let mut buf = AlignedBuf::zeroed(self.chunk_size as usize);
         for c in 0..self.origin_chunks() {
-            let _stripe = self.stripe(c).write();
+            let _stripe = self.write_stripe(stripe_of(c));
             Self::check_read_status(side, from.0)?;
             let view = self.view(side, c);
             let clen = self.chunk_len(c);

@@ -23,6 +23,7 @@ use super::error::{CowError, DeviceId, Result};
 use super::format::{entry_block, entry_to_block, Record, ENTRY_ZERO};
 use super::held::{AfterCommit, HeldStripe, HeldStripes};
 use super::meta::{View, ORIGIN_ID};
+use super::stripes::stripe_of;
 use std::sync::atomic::Ordering;
 
 /// Multi-chunk origin writes up to this many chunks lock their stripes without allocating.
@@ -189,7 +190,7 @@ impl CacheObject {
             let (idx, n) = stripe_order::<SMALL_BATCH>(first, n);
             let mut guards: [Option<HeldStripe>; SMALL_BATCH] = Default::default();
             for (guard, &i) in guards.iter_mut().zip(&idx[..n]) {
-                *guard = Some(self.stripes[i].write_arc());
+                *guard = Some(self.write_stripe_arc(i));
             }
             // Collected only if the write is held.
             let keep = || Some(HeldStripes::Many(guards.into_iter().flatten().collect()));
@@ -198,10 +199,7 @@ impl CacheObject {
         let mut stripes: Vec<usize> = (first..=last).map(|c| (c as usize) % STRIPES).collect();
         stripes.sort_unstable();
         stripes.dedup();
-        let guards: Vec<_> = stripes
-            .iter()
-            .map(|&i| self.stripes[i].write_arc())
-            .collect();
+        let guards: Vec<_> = stripes.iter().map(|&i| self.write_stripe_arc(i)).collect();
         let keep = || Some(HeldStripes::Many(guards));
         self.write_origin_batched_locked(offset, len, src, keep)
     }
@@ -258,10 +256,10 @@ impl CacheObject {
         }
         if dev == ORIGIN_ID {
             // Owned: a held write keeps it until it lands (`held.rs`).
-            let stripe = HeldStripes::One(self.stripe(c).write_arc());
+            let stripe = HeldStripes::One(self.write_stripe_arc(stripe_of(c)));
             return self.write_origin_chunk(Piece { c, inoff, len, src }, Some(stripe));
         }
-        let _stripe = self.stripe(c).write();
+        let _stripe = self.write_stripe(stripe_of(c));
         self.write_chunk_locked(dev, c, inoff, len, src)
     }
 

@@ -9,12 +9,9 @@ use super::write::Src;
 use crate::storage::AlignedBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
 /// Threads landing held writes on an origin that takes direct I/O (each one write at a time).
 const LANDERS: usize = 16;
-/// How often an idle committer looks whether its engine is gone.
-const IDLE_CHECK: Duration = Duration::from_millis(500);
 
 impl CacheObject {
     /// Starts the committer thread (and, for an origin taking direct I/O, its landers): from
@@ -133,25 +130,10 @@ impl CacheObject {
     }
 }
 
-/// The committer: waits for held writes, then commits and lands them batch by batch, while
-/// its engine lives.
+/// The committer: waits for held writes to gather (`HeldWrites::wait_to_commit`), then
+/// commits and lands them batch by batch, while its engine lives.
 fn committer(held: &HeldWrites, engine: &Weak<CacheObject>) {
-    loop {
-        {
-            let mut q = lock(&held.queue);
-            while q.writes.is_empty() && !q.stop {
-                q = match held.work.wait_timeout(q, IDLE_CHECK) {
-                    Ok((q, _)) => q,
-                    Err(e) => e.into_inner().0,
-                };
-                if q.writes.is_empty() && engine.strong_count() == 0 {
-                    return;
-                }
-            }
-            if q.stop {
-                return;
-            }
-        }
+    while held.wait_to_commit(|| engine.strong_count() == 0).is_some() {
         // Upgraded only while a batch lands: the engine's last owner drops it, and the drop
         // lands what is left itself.
         let Some(eng) = engine.upgrade() else { return };
@@ -170,6 +152,7 @@ mod tests {
     use crate::testkit::engine::{mem_engine, CHUNK};
     use crate::testkit::storage::{CrashController, FaultyStorage, MemStorage};
     use std::sync::mpsc;
+    use std::time::Duration;
 
     const C: usize = CHUNK as usize;
 
@@ -239,6 +222,75 @@ mod tests {
     /// writes over many chunks (single and spanning chunks) have landed, unsynced, and the
     /// snapshot still reads its point-in-time data everywhere, whatever subset of the unsynced
     /// writes the cut kept (or tore); the origin reads old or new data per sector.
+    /// The committer gathers held writes before it commits them (each commit costs two
+    /// flushes), until a request meets the stripe of one and urges it. With a 30 s gather: held
+    /// writes stay off the origin and nothing commits while nothing needs their chunks; an
+    /// origin read of one chunk and a later write to the other each get through within
+    /// seconds, the read with the held data, the write after the held one landed.
+    #[test]
+    fn the_committer_gathers_held_writes_until_a_request_waits_for_one() {
+        let m = mem_engine(8).build();
+        let origin = m.origin.clone();
+        let eng = Arc::new(m.engine);
+        eng.held.set_gather(Duration::from_secs(30));
+        eng.start_write_behind().expect("committer thread");
+        eng.write(DeviceId::ORIGIN, 0, &[1u8; 2 * C]).unwrap();
+        let s = eng.create_snapshot(DeviceId::ORIGIN, "s", false).unwrap();
+        eng.write(DeviceId::ORIGIN, 512, &[2u8; 1024]).unwrap();
+        eng.write(DeviceId::ORIGIN, C as u64, &[3u8; 512]).unwrap();
+        assert_eq!(eng.stats().origin_writes_held, 2);
+        let commits = eng.stats().commits;
+        std::thread::sleep(Duration::from_millis(300));
+        let mut on_disk = [0u8; 1024];
+        origin.read_at(&mut on_disk, 512).unwrap();
+        assert_eq!(on_disk, [1u8; 1024], "landed before the gather ended");
+        assert_eq!(eng.stats().commits, commits, "committed while gathering");
+
+        let start = std::time::Instant::now();
+        let mut got = vec![0u8; 2048];
+        eng.read(DeviceId::ORIGIN, 0, &mut got).unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "a read of a held chunk waited for the gather: {:?}",
+            start.elapsed()
+        );
+        assert_eq!(&got[..512], &[1u8; 512]);
+        assert_eq!(&got[512..1536], &[2u8; 1024]);
+
+        // Both landed with that commit; hold another on chunk 1, then write over it.
+        eng.write(DeviceId::ORIGIN, C as u64 + 512, &[4u8; 512])
+            .unwrap();
+        let s2 = eng.create_snapshot(DeviceId::ORIGIN, "s2", false).unwrap();
+        eng.write(DeviceId::ORIGIN, C as u64, &[5u8; 512]).unwrap();
+        assert_eq!(
+            eng.stats().origin_writes_held,
+            3,
+            "held again: a new copy-out"
+        );
+        let start = std::time::Instant::now();
+        eng.write(DeviceId::ORIGIN, C as u64, &[6u8; 1024]).unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "a write to a held chunk waited for the gather: {:?}",
+            start.elapsed()
+        );
+        wait_landed(&eng);
+        let mut on_disk = [0u8; 1536];
+        origin.read_at(&mut on_disk, C as u64).unwrap();
+        assert_eq!(
+            &on_disk[..1024],
+            &[6u8; 1024],
+            "the later write landed last"
+        );
+        assert_eq!(&on_disk[1024..], &[1u8; 512]);
+        let mut snap = [0u8; 1024];
+        eng.read(s, C as u64, &mut snap).unwrap();
+        assert_eq!(snap[..512], [1u8; 512], "s keeps its view");
+        eng.read(s2, C as u64, &mut snap).unwrap();
+        assert_eq!(&snap[..512], &[3u8; 512], "s2 keeps its view");
+        assert_eq!(&snap[512..], &[4u8; 512]);
+    }
+
     #[test]
     fn a_power_cut_after_held_writes_landed_keeps_every_snapshot_exact() {
         const CHUNKS: u64 = 16;
