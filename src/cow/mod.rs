@@ -15,6 +15,7 @@
 //!   commit, checkpoints, flush) over `copyouts.rs` (the copy-outs a commit waits to gather),
 //!   `held.rs` (write-behind: origin writes held until their commit, then landed) under
 //!   `writebehind.rs` (the engine's side: holding, the committer thread, landing for FLUSH),
+//!   `stripes.rs` (taking stripe locks; a taken one urges the committer),
 //!   `snapshots.rs` (create, delete, restore, attributes),
 //!   `info.rs` (device listings, stats), `extents.rs` (block-status queries: sources and
 //!   depths of a device's chunks, where two devices differ, the origin's holes),
