@@ -6,11 +6,12 @@
 //! group of first touches, and a guest's queue depth capped how many a commit gathered. So,
 //! once its copy-out is logged, such a write is *held*: its data is copied into daemon memory,
 //! its chunks' stripe locks stay taken, and the request completes. The committer thread
-//! (`writebehind.rs`, started by `CacheObject::start_write_behind`) commits everything queued
-//! in one group, then lands the held writes on the origin (on several threads when the origin
-//! takes direct I/O) and lets their stripes go. virtio-blk's volatile write cache (VIRTIO_BLK_F_FLUSH) promises
-//! durability only at FLUSH, and a FLUSH lands everything held before it completes
-//! (`CacheObject::land_held`).
+//! (`writebehind.rs`, started by `CacheObject::start_write_behind`) gathers held writes for
+//! [`GATHER`] (or until someone waiting for a held chunk urges it, `stripes.rs`), commits them
+//! in one group, then lands them on the origin (on several threads when the origin takes
+//! direct I/O) and lets their stripes go. virtio-blk's volatile write cache
+//! (VIRTIO_BLK_F_FLUSH) promises durability only at FLUSH, and a FLUSH lands everything held
+//! before it completes (`CacheObject::land_held`).
 //!
 //! Why every view stays right meanwhile: the held stripes. A copy-out, a snapshot read and a
 //! later write of those chunks take them, so they find the write landed, never half done.
