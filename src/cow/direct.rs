@@ -17,7 +17,7 @@
 //! ever *tried* here: a queue thread never waits on a stripe (a writer waiting for a read this
 //! same queue has in flight would wait forever), it hands the request to the engine instead.
 
-use super::engine::{CacheObject, STRIPES};
+use super::engine::{stripe_of, CacheObject};
 use super::error::DeviceId;
 use super::gate::OriginWriteTicket;
 use super::meta::View;
@@ -137,7 +137,7 @@ impl CacheObject {
 
     /// Chunks `first..=last`' stripes, shared, if each is free right now.
     fn try_hold_chunks(&self, first: u64, last: u64) -> Option<ChunkReadHold> {
-        let stripe = |c: u64| self.stripes[(c as usize) % STRIPES].try_read_arc();
+        let stripe = |c: u64| self.stripes[stripe_of(c)].try_read_arc();
         Some(if first == last {
             ChunkReadHold::One(stripe(first)?)
         } else {

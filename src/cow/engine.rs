@@ -62,6 +62,12 @@ pub(super) const STRIPES: usize = 65536;
 pub(super) type Stripe = Arc<parking_lot::RwLock<()>>;
 pub(super) type StripeReadGuard<'a> = parking_lot::RwLockReadGuard<'a, ()>;
 
+/// The stripe lock of chunk `c`, as an index into `CacheObject::stripes`.
+#[inline]
+pub(super) fn stripe_of(c: u64) -> usize {
+    (c as usize) % STRIPES
+}
+
 /// The stripes of chunks `first..first + n` (`n <= N`) in ascending order: the order in which
 /// whoever holds several stripes at once takes them (batched origin writes, reads over several
 /// chunks), so that none can deadlock. `N` consecutive chunks never share a stripe (`N` is at
@@ -71,7 +77,7 @@ pub(super) fn stripe_order<const N: usize>(first: u64, n: usize) -> ([usize; N],
     debug_assert!(n <= N);
     let mut idx = [0usize; N];
     for (k, slot) in idx.iter_mut().enumerate().take(n) {
-        *slot = ((first as usize) + k) % STRIPES;
+        *slot = stripe_of(first + k as u64);
     }
     idx[..n].sort_unstable();
     (idx, n)

@@ -13,11 +13,10 @@
 //! Work is bounded: one query looks at [`MAX_QUERY_CHUNKS`] chunks at most and answers for a
 //! prefix of the range (at least one run); callers ask again from where the answer ends.
 
-use super::engine::CacheObject;
+use super::engine::{stripe_of, CacheObject};
 use super::error::{CowError, DeviceId, Result};
 use super::format::{ENTRY_UNMAPPED, ENTRY_ZERO};
 use super::meta::{ReadSide, ReadStatus, View, ORIGIN_ID};
-use super::stripes::stripe_of;
 use crate::storage::SECTOR_SIZE;
 use std::sync::Arc;
 

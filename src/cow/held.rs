@@ -38,8 +38,8 @@ pub(super) const HELD_BYTES_MAX: usize = 64 << 20;
 /// How long the committer gathers held writes before it commits them, unless urged
 /// ([`HeldWrites::urge`]) or [`GATHER_BYTES`] are held. Each commit costs the device two
 /// flushes, which stall the copy-outs and writes in flight beside them (a host fsync on a
-/// virtual disk): committing as soon as anything was held made about twice as many commits
-/// (docs/benchmarks.md, 2026-12-04). Short, because a request that meets a held write's stripe
+/// virtual disk): committing as soon as anything was held made two to five times as many
+/// commits (docs/benchmarks.md, 2026-12-04). Short, because a request that meets a held write's stripe
 /// waits for a commit either way (it urges one), and a longer gather measured no better.
 pub(super) const GATHER: Duration = Duration::from_millis(10);
 

@@ -10,11 +10,10 @@
 //! difference between one device request and sixteen in a row.
 
 use super::devids;
-use super::engine::{stripe_order, CacheObject, StripeReadGuard};
+use super::engine::{stripe_of, stripe_order, CacheObject, StripeReadGuard};
 use super::error::{CowError, DeviceId, Result};
 use super::format::ENTRY_UNMAPPED;
 use super::meta::{ReadSide, ReadStatus, View};
-use super::stripes::stripe_of;
 use std::io::IoSliceMut;
 use std::sync::Arc;
 

@@ -1,11 +1,10 @@
 //! The control plane's changes: snapshot create, delete and restore, and device attributes.
 //! Each returns once its records are durable.
 
-use super::engine::CacheObject;
+use super::engine::{stripe_of, CacheObject};
 use super::error::{CowError, DeviceId, Result};
 use super::format::{Record, INCOMPAT_SLOT_IDS};
 use super::meta::{View, ORIGIN_ID};
-use super::stripes::stripe_of;
 use super::write::Src;
 use crate::storage::AlignedBuf;
 use std::sync::atomic::Ordering;

@@ -8,12 +8,6 @@
 use super::engine::{CacheObject, StripeReadGuard, STRIPES};
 use super::held::HeldStripe;
 
-/// The stripe lock of chunk `c`, as an index into `CacheObject::stripes`.
-#[inline]
-pub(super) fn stripe_of(c: u64) -> usize {
-    (c as usize) % STRIPES
-}
-
 impl CacheObject {
     /// Stripe `i`, shared (reads of a chunk's mapping and data).
     #[inline]

@@ -18,12 +18,11 @@
 //! (`CommitFirst`), or when a child of `dev` appeared while the state lock was dropped
 //! ([`Mapped::ChildAppeared`]).
 
-use super::engine::{stripe_order, CacheObject, State, StateGuard, CHUNK_EPOCH_SLOTS, STRIPES};
+use super::engine::{stripe_of, stripe_order, CacheObject, State, StateGuard, CHUNK_EPOCH_SLOTS};
 use super::error::{CowError, DeviceId, Result};
 use super::format::{entry_block, entry_to_block, Record, ENTRY_ZERO};
 use super::held::{AfterCommit, HeldStripe, HeldStripes};
 use super::meta::{View, ORIGIN_ID};
-use super::stripes::stripe_of;
 use std::sync::atomic::Ordering;
 
 /// Multi-chunk origin writes up to this many chunks lock their stripes without allocating.
@@ -196,7 +195,7 @@ impl CacheObject {
             let keep = || Some(HeldStripes::Many(guards.into_iter().flatten().collect()));
             return self.write_origin_batched_locked(offset, len, src, keep);
         }
-        let mut stripes: Vec<usize> = (first..=last).map(|c| (c as usize) % STRIPES).collect();
+        let mut stripes: Vec<usize> = (first..=last).map(stripe_of).collect();
         stripes.sort_unstable();
         stripes.dedup();
         let guards: Vec<_> = stripes.iter().map(|&i| self.write_stripe_arc(i)).collect();

@@ -218,10 +218,6 @@ mod tests {
         assert!(!eng.held.any());
     }
 
-    /// A held write lands only after the copy it waited for is durable: cut the power once
-    /// writes over many chunks (single and spanning chunks) have landed, unsynced, and the
-    /// snapshot still reads its point-in-time data everywhere, whatever subset of the unsynced
-    /// writes the cut kept (or tore); the origin reads old or new data per sector.
     /// The committer gathers held writes before it commits them (each commit costs two
     /// flushes), until a request meets the stripe of one and urges it. With a 30 s gather: held
     /// writes stay off the origin and nothing commits while nothing needs their chunks; an
@@ -291,6 +287,10 @@ mod tests {
         assert_eq!(&snap[512..], &[4u8; 512]);
     }
 
+    /// A held write lands only after the copy it waited for is durable: cut the power once
+    /// writes over many chunks (single and spanning chunks) have landed, unsynced, and the
+    /// snapshot still reads its point-in-time data everywhere, whatever subset of the unsynced
+    /// writes the cut kept (or tore); the origin reads old or new data per sector.
     #[test]
     fn a_power_cut_after_held_writes_landed_keeps_every_snapshot_exact() {
         const CHUNKS: u64 = 16;
