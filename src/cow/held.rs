@@ -13,6 +13,10 @@
 //! (VIRTIO_BLK_F_FLUSH) promises durability only at FLUSH, and a FLUSH lands everything held
 //! before it completes (`CacheObject::land_held`).
 //!
+//! A later write of a held chunk that needs no copy-out of its own (no snapshot since) is held
+//! behind that write rather than urging its commit: a *follower* ([`HeldWrites::follow`]),
+//! landed right after it.
+//!
 //! Why every view stays right meanwhile: the held stripes. A copy-out, a snapshot read and a
 //! later write of those chunks take them, so they find the write landed, never half done.
 //! Origin reads take no stripe as a rule (`read.rs`); while writes are held ([`HeldWrites::any`])
@@ -28,6 +32,7 @@
 //! error at fsync.
 
 use crate::storage::{AlignedBuf, Storage};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -39,9 +44,11 @@ pub(super) const HELD_BYTES_MAX: usize = 64 << 20;
 /// ([`HeldWrites::urge`]) or [`GATHER_BYTES`] are held. Each commit costs the device two
 /// flushes, which stall the copy-outs and writes in flight beside them (a host fsync on a
 /// virtual disk): committing as soon as anything was held made two to five times as many
-/// commits (docs/benchmarks.md, 2026-12-04). Short, because a request that meets a held write's stripe
-/// waits for a commit either way (it urges one), and a longer gather measured no better.
-pub(super) const GATHER: Duration = Duration::from_millis(10);
+/// commits (docs/benchmarks.md, 2026-12-04). A read of a held chunk urges, a FLUSH lands what
+/// is held itself, and a rewrite of a held chunk follows ([`HeldWrites::follow`]), so nobody
+/// waits for the gathering: first touches at QD32 measured 1.2 times faster with 200 ms than
+/// with 50 ms, and no faster with 1 s (docs/benchmarks.md, 2026-12-04 night).
+pub(super) const GATHER: Duration = Duration::from_millis(200);
 
 /// Held bytes past which the committer stops gathering.
 pub(super) const GATHER_BYTES: usize = HELD_BYTES_MAX / 4;
@@ -68,6 +75,16 @@ pub(super) enum AfterCommit {
     WriteNow(Option<HeldStripes>),
 }
 
+/// What became of a write that found its chunk's stripe taken ([`HeldWrites::follow`]).
+pub(super) enum Follow {
+    /// Held behind the held write keeping the stripe.
+    Held,
+    /// Kept by a held write it cannot follow, and not yet committing: urge the commit.
+    Urge,
+    /// Kept by a request or a batch already committing: wait (it may be held meanwhile).
+    Wait,
+}
+
 /// What a held write puts into its range.
 pub(super) enum HeldData {
     Data(AlignedBuf),
@@ -80,20 +97,33 @@ pub(super) struct HeldWrite {
     offset: u64,
     len: u64,
     data: HeldData,
-    /// The epoch that must be durable before it lands.
+    /// The epoch that must be durable before it lands (and its followers).
     epoch: u64,
     stripes: HeldStripes,
+    /// The chunks it spans (first, last): later writes of a chunk it alone spans may follow it.
+    chunks: (u64, u64),
+    /// Later writes of its chunk held behind it ([`HeldWrites::follow`]), landed after it in
+    /// the order they came.
+    followers: Vec<Follower>,
+}
+
+/// A write held behind an earlier held write of its chunk.
+struct Follower {
+    offset: u64,
+    len: u64,
+    data: HeldData,
 }
 
 impl HeldWrite {
     /// A write of `data` to `[offset, offset+len)` of the origin, to land once `epoch` is
-    /// durable, keeping `stripes` until then.
+    /// durable, keeping `stripes` (those of `chunks`, first and last) until then.
     pub(super) fn new(
         offset: u64,
         len: u64,
         data: HeldData,
         epoch: u64,
         stripes: HeldStripes,
+        chunks: (u64, u64),
     ) -> Self {
         Self {
             offset,
@@ -101,7 +131,14 @@ impl HeldWrite {
             data,
             epoch,
             stripes,
+            chunks,
+            followers: Vec::new(),
         }
+    }
+
+    /// Bytes it holds, with its followers.
+    fn bytes(&self) -> usize {
+        self.len as usize + self.followers.iter().map(|f| f.len as usize).sum::<usize>()
     }
 
     /// Its stripes, for a write that could not be held.
@@ -109,12 +146,25 @@ impl HeldWrite {
         self.stripes
     }
 
-    fn land(&self, origin: &dyn Storage) -> std::io::Result<()> {
-        match &self.data {
-            HeldData::Data(buf) => origin.write_at(buf, self.offset),
-            HeldData::Zeroes => origin.write_zeroes(self.offset, self.len),
-            HeldData::Discard => origin.punch_hole(self.offset, self.len),
+    /// Lands it, then its followers in order: the first error, if any, and how many of them
+    /// failed.
+    fn land(&self, origin: &dyn Storage) -> (Option<std::io::Error>, u64) {
+        let mut first = None;
+        let mut failed = 0;
+        let pieces = std::iter::once((self.offset, self.len, &self.data))
+            .chain(self.followers.iter().map(|f| (f.offset, f.len, &f.data)));
+        for (offset, len, data) in pieces {
+            let result = match data {
+                HeldData::Data(buf) => origin.write_at(buf, offset),
+                HeldData::Zeroes => origin.write_zeroes(offset, len),
+                HeldData::Discard => origin.punch_hole(offset, len),
+            };
+            if let Err(e) = result {
+                failed += 1;
+                first.get_or_insert(e);
+            }
         }
+        (first, failed)
     }
 }
 
@@ -150,6 +200,9 @@ pub(super) struct Queue {
     pub(super) seq: u64,
     /// When the oldest write of `writes` was held.
     since: Option<Instant>,
+    /// The write of `writes` keeping each stripe: who is in the way of a write that finds
+    /// one taken ([`HeldWrites::follow`]).
+    by_stripe: HashMap<usize, usize>,
     /// The engine is gone: the committer stops.
     pub(super) stop: bool,
 }
@@ -159,6 +212,8 @@ pub(super) struct Queue {
 pub(super) struct HeldCounts {
     /// Writes that completed before their commit.
     pub(super) held: AtomicU64,
+    /// Of those, writes held behind an earlier held write of their chunk.
+    pub(super) followed: AtomicU64,
     /// Held writes the origin refused when they landed.
     pub(super) lost: AtomicU64,
     /// Lost writes no FLUSH of the origin has reported yet.
@@ -198,17 +253,23 @@ impl HeldWrites {
         self.running.load(Ordering::Acquire)
     }
 
-    pub(super) fn counts(&self) -> (u64, u64) {
+    /// Writes held, of them followers, and of them lost.
+    pub(super) fn counts(&self) -> (u64, u64, u64) {
         let c = &self.counts;
         (
             c.held.load(Ordering::Relaxed),
+            c.followed.load(Ordering::Relaxed),
             c.lost.load(Ordering::Relaxed),
         )
     }
 
-    /// Holds `w`; gives it back when the engine is closing or the bound is reached (the
-    /// caller then waits for the commit itself).
-    pub(super) fn hold(&self, w: HeldWrite) -> std::result::Result<(), HeldWrite> {
+    /// Holds `w` (`stripe_of` names the stripe of each of its chunks); gives it back when the
+    /// engine is closing or the bound is reached (the caller then waits for the commit itself).
+    pub(super) fn hold(
+        &self,
+        w: HeldWrite,
+        stripe_of: impl Fn(u64) -> usize,
+    ) -> std::result::Result<(), HeldWrite> {
         let mut q = lock(&self.queue);
         let len = w.len as usize;
         if q.stop || q.bytes + len > HELD_BYTES_MAX {
@@ -224,12 +285,64 @@ impl HeldWrites {
         }
         q.bytes += len;
         q.seq += 1;
+        let at = q.writes.len();
+        for c in w.chunks.0..=w.chunks.1 {
+            q.by_stripe.insert(stripe_of(c), at);
+        }
         q.writes.push(w);
         drop(q);
         if wake {
             self.work.notify_one();
         }
         Ok(())
+    }
+
+    /// For a write of `[offset, offset+len)`, within `chunk`, that found `chunk`'s stripe
+    /// taken: holds it behind the held write keeping that stripe, if that write alone spans
+    /// the chunk, is not yet taken for a commit, and `followable` (the caller found that the
+    /// chunk needs no copy-out: that write's served every snapshot since). It then lands right
+    /// after it, once `epoch` is durable too. A snapshot taken after the check leaves that true
+    /// for this write: concurrent with it, and landing before any read of the chunk (the held
+    /// stripe), it counts as written before it. `data` is called only if the write is held.
+    pub(super) fn follow(
+        &self,
+        at: (usize, u64),
+        range: (u64, u64),
+        followable: bool,
+        epoch: u64,
+        data: impl FnOnce() -> HeldData,
+    ) -> Follow {
+        let ((stripe, chunk), (offset, len)) = (at, range);
+        let mut q = lock(&self.queue);
+        let Some(&at) = q.by_stripe.get(&stripe) else {
+            // A request keeps it, or a batch being committed: it lets go without an urge.
+            return Follow::Wait;
+        };
+        let n = len as usize;
+        if !followable
+            || q.writes[at].chunks != (chunk, chunk)
+            || q.stop
+            || q.bytes + n > HELD_BYTES_MAX
+        {
+            return Follow::Urge;
+        }
+        let wake = q.bytes < GATHER_BYTES && q.bytes + n >= GATHER_BYTES;
+        let leader = &mut q.writes[at];
+        leader.epoch = leader.epoch.max(epoch);
+        leader.followers.push(Follower {
+            offset,
+            len,
+            data: data(),
+        });
+        q.bytes += n;
+        // No sequence number of its own: it lands with its leader, in whichever batch.
+        drop(q);
+        self.counts.held.fetch_add(1, Ordering::Relaxed);
+        self.counts.followed.fetch_add(1, Ordering::Relaxed);
+        if wake {
+            self.work.notify_one();
+        }
+        Follow::Held
     }
 
     /// How long the committer gathers held writes before it commits them.
@@ -307,11 +420,17 @@ impl HeldWrites {
     pub(super) fn take_batch(&self) -> (Vec<HeldWrite>, u64, usize) {
         let mut q = lock(&self.queue);
         let batch = std::mem::take(&mut q.writes);
+        q.by_stripe.clear();
         q.since = None;
         // Urges from now on are for writes held after this batch.
         self.urgent.store(false, Ordering::Release);
-        let bytes = batch.iter().map(|w| w.len as usize).sum();
+        let bytes = batch.iter().map(HeldWrite::bytes).sum();
         (batch, q.seq, bytes)
+    }
+
+    /// Writes in a batch, followers counted.
+    pub(super) fn writes_in(batch: &[HeldWrite]) -> u64 {
+        batch.iter().map(|w| 1 + w.followers.len() as u64).sum()
     }
 
     /// The highest epoch a batch's writes wait for.
@@ -340,10 +459,7 @@ impl HeldWrites {
         parallel: bool,
     ) -> u64 {
         if batch.len() < 2 || !parallel {
-            return batch
-                .into_iter()
-                .map(|w| self.land_one(w, origin) as u64)
-                .sum();
+            return batch.into_iter().map(|w| self.land_one(w, origin)).sum();
         }
         let landers = &self.landers;
         let mut b = lock(&landers.batch);
@@ -359,7 +475,7 @@ impl HeldWrites {
             let failed = self.land_one(w, origin);
             b = lock(&landers.batch);
             b.left -= 1;
-            b.failed += failed as u64;
+            b.failed += failed;
         }
         while b.left > 0 {
             b = landers.done.wait(b).unwrap_or_else(PoisonError::into_inner);
@@ -369,9 +485,9 @@ impl HeldWrites {
 
     /// Lands one write and lets its stripes go; whether it failed (logged once until a FLUSH
     /// reports it).
-    fn land_one(&self, w: HeldWrite, origin: &dyn Storage) -> bool {
-        let Err(e) = w.land(origin) else {
-            return false;
+    fn land_one(&self, w: HeldWrite, origin: &dyn Storage) -> u64 {
+        let (Some(e), failed) = w.land(origin) else {
+            return 0;
         };
         if !self.counts.failing.swap(true, Ordering::Relaxed) {
             log::error!(
@@ -381,7 +497,7 @@ impl HeldWrites {
                 w.offset
             );
         }
-        true
+        failed
     }
 
     /// A lander thread: lands writes of the batch the committer handed over, one at a time.
@@ -402,7 +518,7 @@ impl HeldWrites {
             drop(b);
             let failed = self.land_one(w, origin);
             b = lock(&landers.batch);
-            b.failed += failed as u64;
+            b.failed += failed;
             b.left -= 1;
             if b.left == 0 {
                 landers.done.notify_all();

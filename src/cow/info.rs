@@ -72,6 +72,10 @@ pub struct Stats {
     /// (write-behind, engine.md "Held origin writes").
     #[serde(default)]
     pub origin_writes_held: u64,
+    /// Of those, writes held behind an earlier held write of their chunk, which they did not
+    /// wait for (held.rs, "followers").
+    #[serde(default)]
+    pub origin_writes_followed: u64,
     /// Of those, writes the origin refused when they landed (reported by the next FLUSH).
     #[serde(default)]
     pub origin_writes_lost: u64,
@@ -278,7 +282,7 @@ impl CacheObject {
         let pending = (st.pending_free.len() + st.fenced_free.len()) as u64;
         let c = &self.counters;
         let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        let (held, lost) = self.held.counts();
+        let (held, followed, lost) = self.held.counts();
         let mut stats = Stats {
             chunk_size: self.chunk_size,
             blocks_used,
@@ -293,6 +297,7 @@ impl CacheObject {
             cow_fills: l(&c.cow_fills),
             data_syncs_skipped: l(&c.data_syncs_skipped),
             origin_writes_held: held,
+            origin_writes_followed: followed,
             origin_writes_lost: lost,
             commits: l(&c.commits),
             checkpoints: l(&c.checkpoints),

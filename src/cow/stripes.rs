@@ -3,7 +3,8 @@
 //! more writes into one commit. Whoever finds a stripe taken therefore urges the committer to
 //! commit and land now ([`HeldWrites::urge`](super::held::HeldWrites::urge)), then waits: a
 //! guest waiting on a held write never waits for the gathering too. Uncontended, a lock here is
-//! one try, as before.
+//! one try, as before. (An origin write within one chunk does not come here when its stripe is
+//! taken: it may follow the held write, `writebehind.rs` `follow_or_take`.)
 
 use super::engine::{CacheObject, StripeReadGuard, STRIPES};
 use super::held::HeldStripe;

@@ -254,9 +254,18 @@ impl CacheObject {
             }
         }
         if dev == ORIGIN_ID {
-            // Owned: a held write keeps it until it lands (`held.rs`).
-            let stripe = HeldStripes::One(self.write_stripe_arc(stripe_of(c)));
-            return self.write_origin_chunk(Piece { c, inoff, len, src }, Some(stripe));
+            let piece = Piece { c, inoff, len, src };
+            // Owned: a held write keeps it until it lands (`held.rs`); taken by one, a later
+            // write of its chunk may follow it rather than wait.
+            let i = stripe_of(c);
+            let stripe = match self.stripes[i].try_write_arc() {
+                Some(stripe) => stripe,
+                None => match self.follow_or_take(piece, i)? {
+                    Some(stripe) => stripe,
+                    None => return Ok(()),
+                },
+            };
+            return self.write_origin_chunk(piece, Some(HeldStripes::One(stripe)));
         }
         let _stripe = self.write_stripe(stripe_of(c));
         self.write_chunk_locked(dev, c, inoff, len, src)
