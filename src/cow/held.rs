@@ -263,12 +263,12 @@ impl HeldWrites {
         )
     }
 
-    /// Holds `w` (`stripe_of` names the stripe of each of its chunks); gives it back when the
-    /// engine is closing or the bound is reached (the caller then waits for the commit itself).
+    /// Holds `w`, which keeps `stripes`; gives it back when the engine is closing or the bound
+    /// is reached (the caller then waits for the commit itself).
     pub(super) fn hold(
         &self,
         w: HeldWrite,
-        stripe_of: impl Fn(u64) -> usize,
+        stripes: impl Iterator<Item = usize>,
     ) -> std::result::Result<(), HeldWrite> {
         let mut q = lock(&self.queue);
         let len = w.len as usize;
@@ -286,8 +286,8 @@ impl HeldWrites {
         q.bytes += len;
         q.seq += 1;
         let at = q.writes.len();
-        for c in w.chunks.0..=w.chunks.1 {
-            q.by_stripe.insert(stripe_of(c), at);
+        for i in stripes {
+            q.by_stripe.insert(i, at);
         }
         q.writes.push(w);
         drop(q);

@@ -2,7 +2,7 @@
 //! whose commit it would wait for, the committer thread that commits and lands held writes,
 //! and landing them all for a FLUSH, a resize or a close.
 
-use super::engine::{lock, stripe_of, CacheObject};
+use super::engine::{lock, stripe_of, CacheObject, STRIPES};
 use super::error::{CowError, Result};
 use super::held::{AfterCommit, Follow, HeldData, HeldStripe, HeldStripes, HeldWrite, HeldWrites};
 use super::meta::ORIGIN_ID;
@@ -70,10 +70,12 @@ impl CacheObject {
                 };
                 let chunks = (
                     offset >> self.chunk_shift,
-                    (offset + len - 1) >> self.chunk_shift,
+                    (offset + len.max(1) - 1) >> self.chunk_shift,
                 );
+                // Past STRIPES chunks, every stripe is named.
+                let named = (chunks.0..=chunks.1).take(STRIPES).map(stripe_of);
                 let w = HeldWrite::new(offset, len, data, epoch, stripes, chunks);
-                match self.held.hold(w, stripe_of) {
+                match self.held.hold(w, named) {
                     Ok(()) => return Ok(AfterCommit::Held),
                     Err(refused) => Some(refused.into_stripes()),
                 }
