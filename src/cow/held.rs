@@ -18,7 +18,8 @@
 //! landed right after it.
 //!
 //! Why every view stays right meanwhile: the held stripes. A copy-out, a snapshot read and a
-//! later write of those chunks take them, so they find the write landed, never half done.
+//! later write of those chunks take them, so they find the write landed, never half done (a
+//! later write that follows takes none: it lands right after the held write, with its stripe).
 //! Origin reads take no stripe as a rule (`read.rs`); while writes are held ([`HeldWrites::any`])
 //! they do, in the engine and in a queue's ring alike (`direct.rs`), so a read issued after a
 //! write completed returns its data. Origin writes bypassing the engine are refused meanwhile
@@ -44,11 +45,15 @@ pub(super) const HELD_BYTES_MAX: usize = 64 << 20;
 /// ([`HeldWrites::urge`]) or [`GATHER_BYTES`] are held. Each commit costs the device two
 /// flushes, which stall the copy-outs and writes in flight beside them (a host fsync on a
 /// virtual disk): committing as soon as anything was held made two to five times as many
-/// commits (docs/benchmarks.md, 2026-12-04). A read of a held chunk urges, a FLUSH lands what
-/// is held itself, and a rewrite of a held chunk follows ([`HeldWrites::follow`]), so nobody
-/// waits for the gathering: first touches at QD32 measured 1.2 times faster with 200 ms than
+/// commits (docs/benchmarks.md, 2026-12-04). A read of a held chunk urges (again every
+/// millisecond while it waits, `stripes.rs`), a FLUSH lands what is held itself, and a rewrite
+/// of a held chunk follows ([`HeldWrites::follow`]), so nobody waits for the gathering: first touches at QD32 measured 1.2 times faster with 200 ms than
 /// with 50 ms, and no faster with 1 s (docs/benchmarks.md, 2026-12-04 night).
 pub(super) const GATHER: Duration = Duration::from_millis(200);
+
+/// Most writes held behind one held write ([`HeldWrites::follow`]): they land one after the
+/// other, with the chunk's stripe kept.
+pub(super) const MAX_FOLLOWERS: usize = 64;
 
 /// Held bytes past which the committer stops gathering.
 pub(super) const GATHER_BYTES: usize = HELD_BYTES_MAX / 4;
@@ -146,9 +151,9 @@ impl HeldWrite {
         self.stripes
     }
 
-    /// Lands it, then its followers in order: the first error, if any, and how many of them
-    /// failed.
-    fn land(&self, origin: &dyn Storage) -> (Option<std::io::Error>, u64) {
+    /// Lands it, then its followers in order: the first failure (its error, offset and
+    /// length), if any, and how many of them failed.
+    fn land(&self, origin: &dyn Storage) -> (Option<(std::io::Error, u64, u64)>, u64) {
         let mut first = None;
         let mut failed = 0;
         let pieces = std::iter::once((self.offset, self.len, &self.data))
@@ -161,7 +166,7 @@ impl HeldWrite {
             };
             if let Err(e) = result {
                 failed += 1;
-                first.get_or_insert(e);
+                first.get_or_insert((e, offset, len));
             }
         }
         (first, failed)
@@ -303,14 +308,18 @@ impl HeldWrites {
     /// chunk needs no copy-out: that write's served every snapshot since). It then lands right
     /// after it, once `epoch` is durable too. A snapshot taken after the check leaves that true
     /// for this write: concurrent with it, and landing before any read of the chunk (the held
-    /// stripe), it counts as written before it. `data` is called only if the write is held.
+    /// stripe), it counts as written before it. `data` is taken only if the write is held.
+    ///
+    /// A write of exactly the range of the last write held there replaces its data (the older
+    /// would be overwritten at once); past [`MAX_FOLLOWERS`] others, a write urges instead, so
+    /// that one chunk's landing stays short.
     pub(super) fn follow(
         &self,
         at: (usize, u64),
         range: (u64, u64),
         followable: bool,
         epoch: u64,
-        data: impl FnOnce() -> HeldData,
+        data: &mut Option<HeldData>,
     ) -> Follow {
         let ((stripe, chunk), (offset, len)) = (at, range);
         let mut q = lock(&self.queue);
@@ -318,22 +327,36 @@ impl HeldWrites {
             // A request keeps it, or a batch being committed: it lets go without an urge.
             return Follow::Wait;
         };
-        let n = len as usize;
+        let leader = &q.writes[at];
+        let rewrite = leader
+            .followers
+            .last()
+            .map_or((leader.offset, leader.len), |f| (f.offset, f.len))
+            == (offset, len);
+        let n = if rewrite { 0 } else { len as usize };
         if !followable
-            || q.writes[at].chunks != (chunk, chunk)
+            || leader.chunks != (chunk, chunk)
+            || (!rewrite && leader.followers.len() >= MAX_FOLLOWERS)
             || q.stop
             || q.bytes + n > HELD_BYTES_MAX
         {
             return Follow::Urge;
         }
+        let Some(new) = data.take() else {
+            return Follow::Urge;
+        };
         let wake = q.bytes < GATHER_BYTES && q.bytes + n >= GATHER_BYTES;
         let leader = &mut q.writes[at];
         leader.epoch = leader.epoch.max(epoch);
-        leader.followers.push(Follower {
-            offset,
-            len,
-            data: data(),
-        });
+        match leader.followers.last_mut() {
+            Some(last) if rewrite => last.data = new,
+            None if rewrite => leader.data = new,
+            _ => leader.followers.push(Follower {
+                offset,
+                len,
+                data: new,
+            }),
+        }
         q.bytes += n;
         // No sequence number of its own: it lands with its leader, in whichever batch.
         drop(q);
@@ -486,15 +509,13 @@ impl HeldWrites {
     /// Lands one write and lets its stripes go; whether it failed (logged once until a FLUSH
     /// reports it).
     fn land_one(&self, w: HeldWrite, origin: &dyn Storage) -> u64 {
-        let (Some(e), failed) = w.land(origin) else {
+        let (Some((e, offset, len)), failed) = w.land(origin) else {
             return 0;
         };
         if !self.counts.failing.swap(true, Ordering::Relaxed) {
             log::error!(
-                "origin write of {} bytes at {} failed after completing: {e} (the next FLUSH \
-                 of the origin fails)",
-                w.len,
-                w.offset
+                "origin write of {len} bytes at {offset} failed after completing: {e} (the \
+                 next FLUSH of the origin fails)"
             );
         }
         failed

@@ -13,9 +13,10 @@
 //!   damage detection: shared with the checker), `read.rs` (the read path), `write.rs` (the
 //!   write rule), `space.rs` (block allocation, the cache-full rule), `commit.rs` (group
 //!   commit, checkpoints, flush) over `copyouts.rs` (the copy-outs a commit waits to gather),
-//!   `held.rs` (write-behind: origin writes held until their commit, then landed) under
+//!   `held.rs` (write-behind: origin writes held until their commit, then landed; later
+//!   writes of a held chunk follow it) under
 //!   `writebehind.rs` (the engine's side: holding, the committer thread, landing for FLUSH),
-//!   `stripes.rs` (taking stripe locks; a taken one urges the committer),
+//!   `stripes.rs` (taking stripe locks; a taken one urges the committer, again while waited),
 //!   `snapshots.rs` (create, delete, restore, attributes),
 //!   `info.rs` (device listings, stats), `extents.rs` (block-status queries: sources and
 //!   depths of a device's chunks, where two devices differ, the origin's holes),
