@@ -21,30 +21,14 @@ impl CacheObject {
     #[inline]
     pub(super) fn read_stripe(&self, i: usize) -> StripeReadGuard<'_> {
         let stripe = &self.stripes[i];
-        if let Some(guard) = stripe.try_read() {
-            return guard;
-        }
-        loop {
-            self.held.urge();
-            if let Some(guard) = stripe.try_read_for(STRIPE_POLL) {
-                return guard;
-            }
-        }
+        self.take_urging(|| stripe.try_read(), |t| stripe.try_read_for(t))
     }
 
     /// Stripe `i`, exclusive (any change of a chunk's view).
     #[inline]
     pub(super) fn write_stripe(&self, i: usize) -> parking_lot::RwLockWriteGuard<'_, ()> {
         let stripe = &self.stripes[i];
-        if let Some(guard) = stripe.try_write() {
-            return guard;
-        }
-        loop {
-            self.held.urge();
-            if let Some(guard) = stripe.try_write_for(STRIPE_POLL) {
-                return guard;
-            }
-        }
+        self.take_urging(|| stripe.try_write(), |t| stripe.try_write_for(t))
     }
 
     /// Stripe `i`, exclusive and owned: an origin write that may be held keeps it until it
@@ -52,12 +36,22 @@ impl CacheObject {
     #[inline]
     pub(super) fn write_stripe_arc(&self, i: usize) -> HeldStripe {
         let stripe = &self.stripes[i];
-        if let Some(guard) = stripe.try_write_arc() {
+        self.take_urging(|| stripe.try_write_arc(), |t| stripe.try_write_arc_for(t))
+    }
+
+    /// One try; if taken, urge and wait [`STRIPE_POLL`] at a time, urging again each time.
+    #[inline]
+    fn take_urging<G>(
+        &self,
+        try_now: impl FnOnce() -> Option<G>,
+        try_for: impl Fn(Duration) -> Option<G>,
+    ) -> G {
+        if let Some(guard) = try_now() {
             return guard;
         }
         loop {
             self.held.urge();
-            if let Some(guard) = stripe.try_write_arc_for(STRIPE_POLL) {
+            if let Some(guard) = try_for(STRIPE_POLL) {
                 return guard;
             }
         }

@@ -59,11 +59,7 @@ impl CacheObject {
     ) -> Result<AfterCommit> {
         let stripes = match stripes {
             Some(stripes) if self.held.accepting() => {
-                let data = match src {
-                    Src::Data(buf) => HeldData::Data(AlignedBuf::from_slice(buf)),
-                    Src::Zeroes | Src::Trim => HeldData::Zeroes,
-                    Src::Discard => HeldData::Discard,
-                };
+                let data = held_data(src);
                 let chunks = (
                     offset >> self.chunk_shift,
                     (offset + len.max(1) - 1) >> self.chunk_shift,
@@ -90,11 +86,7 @@ impl CacheObject {
     pub(super) fn follow_or_take(&self, piece: Piece<'_>, i: usize) -> Result<Option<HeldStripe>> {
         let offset = (piece.c << self.chunk_shift) + piece.inoff as u64;
         // Copied once, outside the queue's lock; given up if it is not held.
-        let mut data = Some(match piece.src {
-            Src::Data(buf) => HeldData::Data(AlignedBuf::from_slice(buf)),
-            Src::Zeroes | Src::Trim => HeldData::Zeroes,
-            Src::Discard => HeldData::Discard,
-        });
+        let mut data = Some(held_data(piece.src));
         loop {
             if self.held.any() {
                 let (followable, epoch) = {
@@ -173,6 +165,15 @@ impl CacheObject {
         };
         self.held.finish_batch(n, bytes, failed, upto);
         result
+    }
+}
+
+/// What a write of `src` holds: a copy of its data, or what it puts there.
+fn held_data(src: Src<'_>) -> HeldData {
+    match src {
+        Src::Data(buf) => HeldData::Data(AlignedBuf::from_slice(buf)),
+        Src::Zeroes | Src::Trim => HeldData::Zeroes,
+        Src::Discard => HeldData::Discard,
     }
 }
 
@@ -662,14 +663,7 @@ mod tests {
             tx.send(got).unwrap();
         });
         // The reader's first urge lands chunk 2's write.
-        let start = std::time::Instant::now();
-        while eng.held.any() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "the first urge commits"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_landed(&eng);
         // Now the "request" is held, keeping the stripe, in a fresh gather.
         let w = HeldWrite::new(
             CHUNK,
