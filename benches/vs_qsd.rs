@@ -1102,8 +1102,12 @@ fn cow_counters(ctl: &Path) -> String {
         Some(st) => {
             let k = &st["cache"];
             format!(
-                "copies {} cow_fills {} commits {} data_syncs_skipped {}",
-                k["copies"], k["cow_fills"], k["commits"], k["data_syncs_skipped"]
+                "copies {} copy_writes {} cow_fills {} commits {} data_syncs_skipped {}",
+                k["copies"],
+                k["copy_writes"],
+                k["cow_fills"],
+                k["commits"],
+                k["data_syncs_skipped"]
             )
         }
         None => "no stats".to_string(),

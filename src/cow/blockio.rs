@@ -1,23 +1,32 @@
-//! The data-block I/O of the write path: the origin's chunk copied out for its readers, a new
-//! block filled for a snapshot's write, a snapshot's in-place write into its own block, and
-//! the origin's own write.
+//! The data-block I/O of the write path: the origin's chunk copied out for its readers (at
+//! once, or staged for the commit that maps it, `staged.rs`), a new block filled for a
+//! snapshot's write, a snapshot's in-place write into its own block, and the origin's own
+//! write.
 //!
-//! A write to the cache object here comes before any record that would map its block, so
+//! A write to the cache object here comes before any record that would map its block is
+//! committed (a staged copy's record is logged, but its commit writes the copy first), so
 //! when the host refuses it (ENOSPC, EIO, ...) memory and disk still agree: the engine goes
 //! on, and the failure is a space failure ([`CowError::NoSpace`] for lack of space,
 //! [`CowError::CacheWrite`] otherwise), handled by the cache-full rule (docs/engine.md,
-//! "Cache full"). It is logged once per episode, not per request. Reads that fail (the origin
-//! or an old block) fail the request alone.
+//! "Cache full"); a staged copy's failure fails the snapshots mapping its block by records
+//! that commit with its own. It is logged once per episode, not per request. Reads that fail
+//! (the origin or an old block) fail the request alone.
 
-use super::engine::CacheObject;
+use super::engine::{CacheObject, State, StateGuard};
 use super::error::{CowError, Result};
+use super::format::{entry_block, Record};
 use super::meta::View;
+use super::meta::ORIGIN_ID;
 use super::metaio::io_block;
 use super::prealloc::WINDOW_BYTES;
-use super::write::{Piece, Src};
+use super::staged::StagedCopy;
+use super::write::{Piece, Readers, Src};
 use crate::storage::AlignedBuf;
-use std::io;
+use std::io::{self, IoSlice};
 use std::sync::atomic::Ordering;
+
+/// Most blocks one write of staged copies takes (under the kernel's 1024 buffers per call).
+const RUN_BLOCKS: usize = 256;
 
 /// Whether an I/O error says the file system had no room (rather than failing otherwise).
 fn is_no_space(e: &io::Error) -> bool {
@@ -56,14 +65,7 @@ impl CacheObject {
 
     /// Writes `buf` at the start of block `b`.
     pub(super) fn write_block(&self, buf: &[u8], b: u64) -> Result<()> {
-        if !self.cache.io_align().is_none() {
-            // Direct I/O: space for new blocks taken a window ahead (`prealloc.rs`).
-            let window = WINDOW_BYTES / self.chunk_size;
-            self.prealloc.prepare(b, window, |from, upto| {
-                let len = (upto - from) * self.chunk_size;
-                self.cache.allocate(self.block_offset(from), len)
-            });
-        }
+        self.take_space(b);
         match self.cache.write_at(buf, self.block_offset(b)) {
             Ok(()) => {
                 self.cache_write_ok();
@@ -73,8 +75,20 @@ impl CacheObject {
         }
     }
 
+    /// Under direct I/O, takes the file system's space for block `b` (and those after it) a
+    /// window ahead of its write (`prealloc.rs`).
+    fn take_space(&self, b: u64) {
+        if !self.cache.io_align().is_none() {
+            let window = WINDOW_BYTES / self.chunk_size;
+            self.prealloc.prepare(b, window, |from, upto| {
+                let len = (upto - from) * self.chunk_size;
+                self.cache.allocate(self.block_offset(from), len)
+            });
+        }
+    }
+
     /// A data-block write succeeded: an episode of refused writes is over.
-    fn cache_write_ok(&self) {
+    pub(super) fn cache_write_ok(&self) {
         if self.host_full.load(Ordering::Relaxed) && self.host_full.swap(false, Ordering::Relaxed) {
             log::info!("the cache object's file system takes writes again");
         }
@@ -163,18 +177,177 @@ impl CacheObject {
         Ok(())
     }
 
+    /// Writes every staged copy, until none is left; a copy the host refuses fails the
+    /// snapshots that map its block. For a commit, journal lock held, before it takes the
+    /// records (see the module doc).
+    pub(super) fn write_staged(&self) -> Result<()> {
+        loop {
+            let copies = self.write_state().staged.take();
+            if copies.is_empty() {
+                return Ok(());
+            }
+            let lost = self.write_copies(copies);
+            if !lost.is_empty() {
+                let mut st = self.write_state();
+                for (chunk, block, e) in lost {
+                    self.fail_lost_copy(&mut st, chunk, block, &e)?;
+                }
+            }
+        }
+    }
+
+    /// Writes `copies`, runs of consecutive blocks in one call each; returns the chunk, block
+    /// and error of those the host refused.
+    fn write_copies(&self, mut copies: Vec<StagedCopy>) -> Vec<(u64, u64, CowError)> {
+        copies.sort_by_key(|s| s.block);
+        let mut lost = Vec::new();
+        let mut rest = &copies[..];
+        while let Some(first) = rest.first() {
+            let n = rest
+                .iter()
+                .zip(first.block..)
+                .take(RUN_BLOCKS)
+                .take_while(|(s, b)| s.block == *b)
+                .count();
+            let (run, after) = rest.split_at(n);
+            rest = after;
+            let bufs: Vec<IoSlice<'_>> = run.iter().map(|s| IoSlice::new(&s.data)).collect();
+            let at = self.block_offset(first.block);
+            self.counters.copy_writes.fetch_add(1, Ordering::Relaxed);
+            if self.cache.write_vectored_at(&bufs, at).is_ok() {
+                self.cache_write_ok();
+                run.iter().for_each(|s| self.count_copy(s.chunk));
+                continue;
+            }
+            // Which of them the host refuses: one at a time.
+            for s in run {
+                match self.cache.write_at(&s.data, self.block_offset(s.block)) {
+                    Ok(()) => {
+                        self.cache_write_ok();
+                        self.count_copy(s.chunk);
+                    }
+                    // Logged once per episode; the snapshots it fails, each once.
+                    Err(e) => lost.push((s.chunk, s.block, self.cache_write_failed(e))),
+                }
+            }
+        }
+        lost
+    }
+
+    /// The copy for `block` at `chunk` is lost (`e`): every snapshot mapping it (and those
+    /// reading through them) goes inoperative, as when no block was left for the copy. A block
+    /// the host failed otherwise than for lack of space (EIO) is not reused until the next
+    /// open, as [`CacheObject::give_back`] does.
+    fn fail_lost_copy(&self, st: &mut State, chunk: u64, block: u64, e: &CowError) -> Result<()> {
+        self.fail_readers(st, chunk, View::Block(block))?;
+        if matches!(e, CowError::CacheWrite(_)) {
+            if let Some(i) = st.fenced_free.iter().position(|&(_, b)| b == block) {
+                st.fenced_free.swap_remove(i);
+                st.quarantined += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// A copy of the origin's chunk `c` is written.
+    fn count_copy(&self, c: u64) {
+        self.counters.copies.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .bytes_copied
+            .fetch_add(self.chunk_len(c) as u64, Ordering::Relaxed);
+    }
+
+    /// Step 1's copy: the origin's chunk `c` into the new block `nb`, with the state lock
+    /// dropped, then given to the readers still there. If the host refuses the copy, the
+    /// readers are failed as when there is no block (after one commit, if that frees some).
+    pub(super) fn copy_for_readers<'a>(
+        &'a self,
+        st: StateGuard<'a>,
+        dev: u64,
+        c: u64,
+        nb: u64,
+        space_retried: &mut bool,
+    ) -> Result<Readers<'a>> {
+        // Counted until its record is logged: a commit meanwhile waits to take it along.
+        let _in_flight = self.copy_outs.begin();
+        // The origin's write waits for the commit of this copy's record (or is held until it),
+        // keeping the chunk's stripe: that commit writes the copy (`staged.rs`).
+        let mut st = st;
+        let stage = dev == ORIGIN_ID
+            && st.staged.may_stage(self.chunk_size as usize, || {
+                self.cache.host_space().map(|s| s.available)
+            });
+        drop(st);
+        let copied = if stage {
+            self.read_origin_copy(c, nb).map(Some)
+        } else {
+            self.copy_origin_chunk(c, nb).map(|()| None)
+        };
+        let mut st = self.write_state();
+        let copied = copied.and_then(|data| Self::check_dev(&st.meta, dev).map(|()| data));
+        let staged = match copied {
+            Ok(data) => data,
+            Err(e) => {
+                Self::give_back(&mut st, nb, &e);
+                if matches!(e, CowError::NoSpace) && !*space_retried && !st.pending_free.is_empty()
+                {
+                    // The file system gets the blocks freed by records not yet durable back when
+                    // a commit makes them durable and punches them out.
+                    *space_retried = true;
+                    return Ok(Readers::CommitFirst(st.epoch));
+                }
+                if dev == ORIGIN_ID && e.is_space_failure() {
+                    // The host refused the copy: as with no block, the readers it was for fail.
+                    let e = self.fail_unpreservable(&mut st, c)?;
+                    return Ok(Readers::Served(st, Some(e)));
+                }
+                return Err(e);
+            }
+        };
+        if !st.meta.view_shared(dev, c) {
+            Self::free_unused(&mut st, nb);
+            return Ok(Readers::Served(st, None));
+        }
+        let entry = entry_block(nb);
+        let rec = if dev == ORIGIN_ID {
+            // Stamped now: a snapshot taken during the copy shares it,
+            // as the origin chunk could not change meanwhile.
+            Record::Preserve {
+                chunk: c,
+                time: st.meta.clock,
+                entry,
+            }
+        } else {
+            Record::ShareDown {
+                dev,
+                chunk: c,
+                entry,
+            }
+        };
+        let e = st.log(rec)?;
+        if let Some(data) = staged {
+            st.staged.push(e, c, nb, data);
+        }
+        Ok(Readers::Served(st, Some(e)))
+    }
+
     /// Copies the origin's chunk `c` into block `b`.
     pub(super) fn copy_origin_chunk(&self, c: u64, b: u64) -> Result<()> {
+        let buf = self.read_origin_copy(c, b)?;
+        self.write_block(&buf, b)?;
+        self.count_copy(c);
+        Ok(())
+    }
+
+    /// The copy of the origin's chunk `c` for block `b`, read, to be written (now, or staged
+    /// for the next commit, `staged.rs`).
+    pub(super) fn read_origin_copy(&self, c: u64, b: u64) -> Result<AlignedBuf> {
         let n = self.chunk_len(c);
         // The whole block: zeros past the image's end (see `fill_new_block`).
         let mut buf = AlignedBuf::zeroed(self.chunk_size as usize);
         self.read_origin_view(c, &mut buf[..n])?;
-        self.write_block(&buf, b)?;
-        self.counters.copies.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .bytes_copied
-            .fetch_add(n as u64, Ordering::Relaxed);
-        Ok(())
+        self.take_space(b);
+        Ok(buf)
     }
 }
 

@@ -156,9 +156,15 @@ impl CacheObject {
     /// journal, which still has the half it keeps for this, and the next commit tries again.
     /// Only a journal with no room left fails the commit (docs/engine.md, "Cache full").
     fn commit_locked(&self, j: &mut Journal, force_ckpt: bool) -> Result<(Vec<u64>, bool)> {
-        // Take the queued records; decide between a journal transaction and a checkpoint.
-        let (payload, upto, ckpt) = {
+        // Take the queued records, once every copy they map is written (`staged.rs`): none
+        // staged left; decide between a journal transaction and a checkpoint.
+        let (payload, upto, ckpt) = loop {
+            self.write_staged()?;
             let mut st = self.write_state();
+            if !st.staged.is_empty() {
+                // Staged while the others were written: theirs first.
+                continue;
+            }
             let payload = std::mem::take(&mut st.records);
             let upto = st.epoch;
             let need = txn_len(payload.len());
@@ -171,7 +177,7 @@ impl CacheObject {
             if ckpt.is_none() && !self.journal_fits(j, payload.len()) {
                 return Err(CowError::NoSpace);
             }
-            (payload, upto, ckpt)
+            break (payload, upto, ckpt);
         };
         let mut checkpointed = false;
         if let Some((bytes, blocks)) = ckpt {
@@ -250,9 +256,13 @@ impl CacheObject {
     }
 
     /// Syncs the cache file and notes which records' data that made durable: every record
-    /// logged before the sync started had its data written before it was logged.
+    /// logged before the sync started had its data written before it was logged, except
+    /// copies still staged (`staged.rs`), and those after them.
     fn sync_cache(&self) -> Result<()> {
-        let logged = self.read_state().epoch;
+        let logged = {
+            let st = self.read_state();
+            st.staged.first_epoch().map_or(st.epoch, |e| e - 1)
+        };
         self.cache.sync()?;
         self.data_durable_epoch.fetch_max(logged, Ordering::AcqRel);
         Ok(())

@@ -44,6 +44,7 @@ use super::meta::{Meta, ReadSide};
 use super::metaio::JournalTail;
 use super::origin_copies::CopyOnRead;
 use super::prealloc::Prealloc;
+use super::staged::StagedCopies;
 use super::waitlist::SpaceWaits;
 use crate::storage::{Storage, SECTOR_SIZE};
 use arc_swap::ArcSwap;
@@ -133,6 +134,8 @@ pub(super) struct State {
     /// a device made inoperative). Until it is durable a crash can bring that device back, so
     /// an origin write that made no copy because of it must wait for it.
     pub(super) readers_dropped_epoch: u64,
+    /// Copies of the origin's chunks waiting for the next commit to write them (`staged.rs`).
+    pub(super) staged: StagedCopies,
 }
 
 pub(super) struct Journal {
@@ -154,6 +157,9 @@ pub(super) struct Journal {
 pub(super) struct Counters {
     pub(super) copies: AtomicU64,
     pub(super) bytes_copied: AtomicU64,
+    /// Write calls that wrote staged copies (`staged.rs`): fewer than the copies, when
+    /// their blocks lie end to end.
+    pub(super) copy_writes: AtomicU64,
     pub(super) cow_fills: AtomicU64,
     pub(super) data_syncs_skipped: AtomicU64,
     pub(super) commits: AtomicU64,

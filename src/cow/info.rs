@@ -61,6 +61,10 @@ pub struct Stats {
     /// Chunks copied from the origin to preserve snapshot views.
     pub copies: u64,
     pub bytes_copied: u64,
+    /// Write calls that wrote origin copies staged for their commit (`staged.rs`): fewer than
+    /// the copies when their blocks lie end to end.
+    #[serde(default)]
+    pub copy_writes: u64,
     /// Partial writes to a snapshot that filled a new block from the old view.
     pub cow_fills: u64,
     pub commits: u64,
@@ -294,6 +298,7 @@ impl CacheObject {
             low_space: space.low(),
             copies: l(&c.copies),
             bytes_copied: l(&c.bytes_copied),
+            copy_writes: l(&c.copy_writes),
             cow_fills: l(&c.cow_fills),
             data_syncs_skipped: l(&c.data_syncs_skipped),
             origin_writes_held: held,

@@ -70,6 +70,7 @@ mod recovery;
 mod resize;
 mod snapshots;
 mod space;
+mod staged;
 mod stripes;
 mod table;
 mod verify;

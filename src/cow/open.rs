@@ -193,6 +193,7 @@ impl CacheObject {
                 host,
                 quarantined: 0,
                 readers_dropped_epoch: 0,
+                staged: Default::default(),
             }),
             stripes,
             journal: Mutex::new(Journal {

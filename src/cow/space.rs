@@ -94,10 +94,21 @@ impl CacheObject {
     /// newer than the chunk's newest copy and neither it nor an ancestor maps the chunk), with
     /// its subtree. O(devices), on this rare path only.
     pub(super) fn fail_unpreservable(&self, st: &mut State, c: u64) -> Result<u64> {
+        self.fail_readers(st, c, View::Origin)
+    }
+
+    /// Marks inoperative every operative snapshot whose view of chunk `c` is `old` (the origin
+    /// image no block was left to preserve, or a block whose copy the host refused to
+    /// write, `staged.rs`), with its subtree; returns the epoch of the last marking.
+    pub(super) fn fail_readers(&self, st: &mut State, c: u64, old: View) -> Result<u64> {
+        let why = match old {
+            View::Origin => "no space in the cache object to preserve",
+            _ => "the cache object refused the copy of",
+        };
         let m = &st.meta;
         let mut todo: Vec<u64> = m
             .devs()
-            .filter(|d| d.id != ORIGIN_ID && !d.inoperative && m.resolve(d.id, c) == View::Origin)
+            .filter(|d| d.id != ORIGIN_ID && !d.inoperative && m.resolve(d.id, c) == old)
             .map(|d| d.id)
             .collect();
         let mut epoch = st.epoch;
@@ -108,7 +119,7 @@ impl CacheObject {
                 continue;
             }
             log::error!(
-                "snapshot {} ({:?}) is now inoperative: no space in the cache object to preserve chunk {c}",
+                "snapshot {} ({:?}) is now inoperative: {why} chunk {c}",
                 id,
                 d.name
             );

@@ -59,7 +59,7 @@ pub(super) struct Piece<'a> {
 }
 
 /// Step 1's outcome.
-enum Readers<'a> {
+pub(super) enum Readers<'a> {
     /// The readers of the old view have it. The state lock is still held, with the epoch, if
     /// any, that must be durable before the origin changes: the record of the copy made for
     /// them, or of the snapshots made inoperative because no block was left for it.
@@ -365,61 +365,6 @@ impl CacheObject {
         }
     }
 
-    /// Step 1's copy: the origin's chunk `c` into the new block `nb`, with the state lock
-    /// dropped, then given to the readers still there. If the host refuses the copy, the
-    /// readers are failed as when there is no block (after one commit, if that frees some).
-    fn copy_for_readers<'a>(
-        &'a self,
-        st: StateGuard<'a>,
-        dev: u64,
-        c: u64,
-        nb: u64,
-        space_retried: &mut bool,
-    ) -> Result<Readers<'a>> {
-        // Counted until its record is logged: a commit meanwhile waits to take it along.
-        let _in_flight = self.copy_outs.begin();
-        drop(st);
-        let copied = self.copy_origin_chunk(c, nb);
-        let mut st = self.write_state();
-        if let Err(e) = copied.and_then(|()| Self::check_dev(&st.meta, dev)) {
-            Self::give_back(&mut st, nb, &e);
-            if matches!(e, CowError::NoSpace) && !*space_retried && !st.pending_free.is_empty() {
-                // The file system gets the blocks freed by records not yet durable back when
-                // a commit makes them durable and punches them out.
-                *space_retried = true;
-                return Ok(Readers::CommitFirst(st.epoch));
-            }
-            if dev == ORIGIN_ID && e.is_space_failure() {
-                // The host refused the copy: as with no block, the readers it was for fail.
-                let e = self.fail_unpreservable(&mut st, c)?;
-                return Ok(Readers::Served(st, Some(e)));
-            }
-            return Err(e);
-        }
-        if !st.meta.view_shared(dev, c) {
-            Self::free_unused(&mut st, nb);
-            return Ok(Readers::Served(st, None));
-        }
-        let entry = entry_block(nb);
-        let rec = if dev == ORIGIN_ID {
-            // Stamped now: a snapshot taken during the copy shares it,
-            // as the origin chunk could not change meanwhile.
-            Record::Preserve {
-                chunk: c,
-                time: st.meta.clock,
-                entry,
-            }
-        } else {
-            Record::ShareDown {
-                dev,
-                chunk: c,
-                entry,
-            }
-        };
-        let e = st.log(rec)?;
-        Ok(Readers::Served(st, Some(e)))
-    }
-
     /// Steps 1 and 2 for the origin's chunk `c`, up to the overwrite: its readers served, and
     /// what must be durable before the origin changes.
     fn plan_origin_chunk(&self, c: u64) -> Result<OriginPlan> {
@@ -432,6 +377,12 @@ impl CacheObject {
                     // be why no copy was needed, and a crash could bring that reader back.
                     let shield = st.chunk_epochs[(c as usize) % CHUNK_EPOCH_SLOTS]
                         .max(st.readers_dropped_epoch);
+                    // Staged copies past the mark: the committer writes them now.
+                    let urge = st.staged.past_urge_mark();
+                    drop(st);
+                    if urge {
+                        self.held.urge();
+                    }
                     return Ok(OriginPlan { shield, preserved });
                 }
                 Readers::CommitFirst(e) => self.commit(e, false)?,

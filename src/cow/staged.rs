@@ -1,0 +1,224 @@
+//! Staged copy-outs: the origin's old chunk, read for its snapshots before the origin's write,
+//! waits in memory for the commit that maps it, and that commit writes it, beside the others
+//! of its batch, before its data sync.
+//!
+//! An origin write must wait for that commit anyway (the copy and its mapping durable before
+//! the origin changes, DESIGN §5), and under write-behind (`held.rs`) a commit gathers up to
+//! 200 ms of them. Written there rather than one by one, copies allocated lowest block first
+//! go to the cache object as a few long sequential writes: on this project's host, a 64 KiB
+//! random write per first touch was what held the origin's first touches under `--direct` to
+//! a third of what the device's reads allowed (docs/benchmarks.md).
+//!
+//! Why nothing reads a staged block before it is written: a block is staged only for the
+//! origin's chunk `c` whose stripe the writer holds, and the writer keeps that stripe until
+//! the commit covering the copy's record is done (it waits for it, or its held write keeps the
+//! stripe until it lands, after that commit). Every read of a block (engine reads, a queue's
+//! own snapshot reads, restore, fills) holds its chunk's stripe; a block is only ever mapped
+//! at its own chunk; and a block freed meanwhile is released only after a commit, which wrote
+//! it first.
+//!
+//! Why the ordering holds: a copy is staged with its record, under the state lock, and every
+//! commit writes all staged copies (`blockio.rs`, `write_staged`), with the journal lock held,
+//! until none is left at the moment it takes the records (`commit.rs`): each record it commits has its data written
+//! before its data sync. `data_durable_epoch` only covers records logged before the first
+//! copy still staged (`commit.rs`, `sync_cache`).
+//!
+//! A copy the host refuses to write (ENOSPC, EIO) fails its readers, as a copy-out that fails
+//! at once does: the snapshots mapping its block are made inoperative by records logged before
+//! the commit takes them, so no mapping to a block without its data is ever durable.
+
+use crate::storage::AlignedBuf;
+use std::time::{Duration, Instant};
+
+/// Most bytes of copies staged at once; past it a copy-out writes its copy at once.
+pub(super) const STAGED_BYTES_MAX: usize = 64 << 20;
+
+/// Staged bytes past which a copy-out urges the committer (`held.rs`) to commit now: its
+/// gathering counts only the origin writes it holds, not the copies they staged.
+const URGE_BYTES: usize = STAGED_BYTES_MAX / 2;
+
+/// Free bytes the cache object's file system must have had at the last look for copies to be
+/// staged: room for every copy that may be staged, twice over. Closer to full, a copy-out
+/// writes at once, so that a copy the host refuses for lack of space is handled as before
+/// (a commit that frees blocks first, `write.rs`), not only at the commit.
+const ROOM_TO_STAGE: u64 = 2 * STAGED_BYTES_MAX as u64;
+
+/// How long a look at the file system's free space stays good.
+const ROOM_RECHECK: Duration = Duration::from_millis(500);
+
+/// The copy of the origin's chunk `chunk` for block `block`, mapped by the record of `epoch`.
+pub(super) struct StagedCopy {
+    epoch: u64,
+    pub(super) chunk: u64,
+    pub(super) block: u64,
+    pub(super) data: AlignedBuf,
+}
+
+/// The copies staged since the last commit took them, in the order they were logged.
+#[derive(Default)]
+pub(super) struct StagedCopies {
+    copies: Vec<StagedCopy>,
+    bytes: usize,
+    /// When the file system was last looked at, and whether it had [`ROOM_TO_STAGE`].
+    looked: Option<(Instant, bool)>,
+}
+
+impl StagedCopies {
+    /// Whether a copy of `n` bytes may be staged: under [`STAGED_BYTES_MAX`], and the file
+    /// system had room at the last look (`free` asks it for its free bytes; `None`: the store
+    /// lives on no file system, a block device or memory, whose space is all there).
+    pub(super) fn may_stage(&mut self, n: usize, free: impl FnOnce() -> Option<u64>) -> bool {
+        if self.bytes + n > STAGED_BYTES_MAX {
+            return false;
+        }
+        match self.looked {
+            Some((at, room)) if at.elapsed() < ROOM_RECHECK => room,
+            _ => {
+                let room = free().is_none_or(|f| f >= ROOM_TO_STAGE);
+                self.looked = Some((Instant::now(), room));
+                room
+            }
+        }
+    }
+
+    /// Stages `data`, the copy for `block` at `chunk` that the record of `epoch` maps.
+    pub(super) fn push(&mut self, epoch: u64, chunk: u64, block: u64, data: AlignedBuf) {
+        self.bytes += data.len();
+        self.copies.push(StagedCopy {
+            epoch,
+            chunk,
+            block,
+            data,
+        });
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.copies.is_empty()
+    }
+
+    /// Epoch of the oldest copy still staged: records from it on do not have their data
+    /// written.
+    pub(super) fn first_epoch(&self) -> Option<u64> {
+        self.copies.first().map(|s| s.epoch)
+    }
+
+    /// Whether [`URGE_BYTES`] or more are staged: the committer should commit now rather than
+    /// gather on, or later copy-outs would find no room and write at once.
+    pub(super) fn past_urge_mark(&self) -> bool {
+        self.bytes >= URGE_BYTES
+    }
+
+    pub(super) fn take(&mut self) -> Vec<StagedCopy> {
+        self.bytes = 0;
+        std::mem::take(&mut self.copies)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cow::DeviceId;
+    use crate::testkit::engine::{mem_engine, CHUNK};
+    use std::sync::Arc;
+
+    const C: usize = CHUNK as usize;
+
+    /// First touches gathered for one commit stage their copies: nothing is written until a
+    /// snapshot read of one of their chunks urges the commit, which writes all 16 copies, end
+    /// to end, in one call before the journal; the snapshot reads its old data, the origin the
+    /// new, before and after a FLUSH.
+    #[test]
+    fn a_gathered_batch_writes_its_copies_in_one_call_at_its_commit() {
+        let old: Vec<u8> = (0..16 * C).map(|i| (i / 512) as u8).collect();
+        let m = mem_engine(16).origin(old.clone()).build();
+        let eng = Arc::new(m.engine);
+        eng.held.set_gather(Duration::from_secs(30));
+        eng.start_write_behind().expect("committer thread");
+        let s = eng.create_snapshot(DeviceId::ORIGIN, "s", false).unwrap();
+        for c in 0..16u64 {
+            eng.write(DeviceId::ORIGIN, c * CHUNK + 512, &[0xEE; 512])
+                .unwrap();
+        }
+        let st = eng.stats();
+        assert_eq!(st.origin_writes_held, 16);
+        assert_eq!((st.copies, st.copy_writes), (0, 0), "staged, not written");
+
+        let mut got = vec![0u8; C];
+        eng.read(s, 5 * CHUNK, &mut got).unwrap();
+        assert!(
+            got == old[5 * C..6 * C],
+            "the snapshot's chunk 5 is its old data"
+        );
+        let st = eng.stats();
+        assert_eq!(
+            (st.copies, st.copy_writes),
+            (16, 1),
+            "one call for 16 copies"
+        );
+
+        let mut new = old.clone();
+        for c in 0..16 {
+            new[c * C + 512..c * C + 1024].fill(0xEE);
+        }
+        let check = |what: &str| {
+            let mut got = vec![0u8; 16 * C];
+            eng.read(s, 0, &mut got).unwrap();
+            assert!(got == old, "{what}: the snapshot changed");
+            eng.read(DeviceId::ORIGIN, 0, &mut got).unwrap();
+            assert!(got == new, "{what}: the origin lost a write");
+        };
+        check("landed");
+        eng.flush().unwrap();
+        check("flushed");
+        eng.verify_in_memory().unwrap();
+    }
+
+    fn copy(epoch: u64, n: usize) -> (u64, u64, u64, AlignedBuf) {
+        (epoch, epoch, epoch + 10, AlignedBuf::zeroed(n))
+    }
+
+    #[test]
+    fn staged_copies_are_counted_and_bounded() {
+        let mut s = StagedCopies::default();
+        assert!(s.is_empty() && s.first_epoch().is_none());
+        for e in [3u64, 4] {
+            let (e, c, b, d) = copy(e, 64 << 10);
+            s.push(e, c, b, d);
+        }
+        assert_eq!(
+            s.first_epoch(),
+            Some(3),
+            "the oldest bounds data_durable_epoch"
+        );
+        assert!(!s.past_urge_mark());
+        let mut looks = 0;
+        let mut plenty = || {
+            looks += 1;
+            Some(ROOM_TO_STAGE)
+        };
+        assert!(s.may_stage(STAGED_BYTES_MAX - (128 << 10), &mut plenty));
+        assert!(!s.may_stage(STAGED_BYTES_MAX - (128 << 10) + 1, &mut plenty));
+        assert!(s.may_stage(1, &mut plenty));
+        assert_eq!(looks, 1, "one look at the file system serves a while");
+        assert_eq!(s.take().len(), 2);
+        assert!(s.is_empty());
+        for e in 0..(URGE_BYTES / (64 << 10)) as u64 {
+            let (e, c, b, d) = copy(e, 64 << 10);
+            assert!(!s.past_urge_mark());
+            s.push(e, c, b, d);
+        }
+        assert!(s.past_urge_mark(), "half the bound staged: commit now");
+        s.take();
+        s.looked = None;
+        assert!(
+            !s.may_stage(1, || Some(ROOM_TO_STAGE - 1)),
+            "a file system near full"
+        );
+        assert!(
+            !s.may_stage(1, || Some(ROOM_TO_STAGE)),
+            "until looked at again"
+        );
+        s.looked = None;
+        assert!(s.may_stage(1, || None), "no file system: a block device");
+    }
+}
