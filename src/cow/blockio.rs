@@ -186,7 +186,9 @@ impl CacheObject {
             if copies.is_empty() {
                 return Ok(());
             }
+            let bytes = copies.iter().map(|s| s.data.len()).sum();
             let lost = self.write_copies(copies);
+            self.stage_budget.release(bytes);
             if !lost.is_empty() {
                 let mut st = self.write_state();
                 for (chunk, block, e) in lost {
@@ -216,16 +218,12 @@ impl CacheObject {
             self.counters.copy_writes.fetch_add(1, Ordering::Relaxed);
             if self.cache.write_vectored_at(&bufs, at).is_ok() {
                 self.cache_write_ok();
-                run.iter().for_each(|s| self.count_copy(s.chunk));
                 continue;
             }
             // Which of them the host refuses: one at a time.
             for s in run {
                 match self.cache.write_at(&s.data, self.block_offset(s.block)) {
-                    Ok(()) => {
-                        self.cache_write_ok();
-                        self.count_copy(s.chunk);
-                    }
+                    Ok(()) => self.cache_write_ok(),
                     // Logged once per episode; the snapshots it fails, each once.
                     Err(e) => lost.push((s.chunk, s.block, self.cache_write_failed(e))),
                 }
@@ -249,7 +247,7 @@ impl CacheObject {
         Ok(())
     }
 
-    /// A copy of the origin's chunk `c` is written.
+    /// A copy of the origin's chunk `c` is made: written, or staged for its commit.
     fn count_copy(&self, c: u64) {
         self.counters.copies.fetch_add(1, Ordering::Relaxed);
         self.counters
@@ -272,13 +270,15 @@ impl CacheObject {
         let _in_flight = self.copy_outs.begin();
         // The origin's write waits for the commit of this copy's record (or is held until it),
         // keeping the chunk's stripe: that commit writes the copy (`staged.rs`).
-        let mut st = st;
-        let stage = dev == ORIGIN_ID
-            && st.staged.may_stage(self.chunk_size as usize, || {
-                self.cache.host_space().map(|s| s.available)
-            });
         drop(st);
-        let copied = if stage {
+        let reserved = if dev == ORIGIN_ID {
+            self.stage_budget.reservation(self.chunk_size as usize, || {
+                self.cache.host_space().map(|s| s.available)
+            })
+        } else {
+            None
+        };
+        let copied = if reserved.is_some() {
             self.read_origin_copy(c, nb).map(Some)
         } else {
             self.copy_origin_chunk(c, nb).map(|()| None)
@@ -325,8 +325,10 @@ impl CacheObject {
             }
         };
         let e = st.log(rec)?;
-        if let Some(data) = staged {
+        if let (Some(data), Some(reserved)) = (staged, reserved) {
             st.staged.push(e, c, nb, data);
+            reserved.staged();
+            self.count_copy(c);
         }
         Ok(Readers::Served(st, Some(e)))
     }

@@ -73,6 +73,9 @@ impl CacheObject {
         force_ckpt: bool,
     ) -> Result<(Vec<u64>, bool)> {
         if self.failed.load(Ordering::Relaxed) {
+            // Copies staged still get written: a request waiting for a stripe their writer
+            // keeps reads the block once the writer gives up (`staged.rs`).
+            let _ = self.write_staged();
             return Err(CowError::Failed);
         }
         self.commit_locked(j, force_ckpt).inspect_err(|e| {

@@ -44,7 +44,7 @@ use super::meta::{Meta, ReadSide};
 use super::metaio::JournalTail;
 use super::origin_copies::CopyOnRead;
 use super::prealloc::Prealloc;
-use super::staged::StagedCopies;
+use super::staged::{StageBudget, StagedCopies};
 use super::waitlist::SpaceWaits;
 use crate::storage::{Storage, SECTOR_SIZE};
 use arc_swap::ArcSwap;
@@ -222,6 +222,9 @@ pub struct CacheObject {
     pub(super) copy_outs: CopyOuts,
     /// Space for new data blocks taken ahead of their writes, under direct I/O (`prealloc.rs`).
     pub(super) prealloc: Prealloc,
+    /// Memory for staged copy-outs, and whether the file system has room for them
+    /// (`staged.rs`).
+    pub(super) stage_budget: StageBudget,
     /// Copy-on-read of a read-only origin (`cor.rs`): `None` for a local origin image, whose
     /// reads go straight to it.
     pub(super) cor: Option<Box<CopyOnRead>>,

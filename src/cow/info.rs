@@ -58,7 +58,8 @@ pub struct Stats {
     /// next checkpoint.
     pub free_bytes: u64,
     pub low_space: bool,
-    /// Chunks copied from the origin to preserve snapshot views.
+    /// Chunks copied from the origin to preserve snapshot views (written, or staged for the
+    /// commit that writes them, `staged.rs`).
     pub copies: u64,
     pub bytes_copied: u64,
     /// Write calls that wrote origin copies staged for their commit (`staged.rs`): fewer than

@@ -218,6 +218,7 @@ impl CacheObject {
             direct_gate: Arc::default(),
             copy_outs: CopyOuts::default(),
             prealloc: Prealloc::default(),
+            stage_budget: Default::default(),
         })
     }
 }

@@ -28,9 +28,12 @@
 //! the commit takes them, so no mapping to a block without its data is ever durable.
 
 use crate::storage::AlignedBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-/// Most bytes of copies staged at once; past it a copy-out writes its copy at once.
+/// Most bytes of copies staged, being written or being read for staging at once; past it a
+/// copy-out writes its copy at once.
 pub(super) const STAGED_BYTES_MAX: usize = 64 << 20;
 
 /// Staged bytes past which a copy-out urges the committer (`held.rs`) to commit now: its
@@ -40,7 +43,8 @@ const URGE_BYTES: usize = STAGED_BYTES_MAX / 2;
 /// Free bytes the cache object's file system must have had at the last look for copies to be
 /// staged: room for every copy that may be staged, twice over. Closer to full, a copy-out
 /// writes at once, so that a copy the host refuses for lack of space is handled as before
-/// (a commit that frees blocks first, `write.rs`), not only at the commit.
+/// (after a commit that frees blocks, if one would, `blockio.rs`) rather than at the commit,
+/// which can only make its snapshots inoperative.
 const ROOM_TO_STAGE: u64 = 2 * STAGED_BYTES_MAX as u64;
 
 /// How long a look at the file system's free space stays good.
@@ -54,36 +58,17 @@ pub(super) struct StagedCopy {
     pub(super) data: AlignedBuf,
 }
 
-/// The copies staged since the last commit took them, in the order they were logged.
+/// The copies staged since the last commit took them, in the order they were logged (in the
+/// engine's state, under its lock: staged with their records).
 #[derive(Default)]
 pub(super) struct StagedCopies {
     copies: Vec<StagedCopy>,
-    bytes: usize,
-    /// When the file system was last looked at, and whether it had [`ROOM_TO_STAGE`].
-    looked: Option<(Instant, bool)>,
 }
 
 impl StagedCopies {
-    /// Whether a copy of `n` bytes may be staged: under [`STAGED_BYTES_MAX`], and the file
-    /// system had room at the last look (`free` asks it for its free bytes; `None`: the store
-    /// lives on no file system, a block device or memory, whose space is all there).
-    pub(super) fn may_stage(&mut self, n: usize, free: impl FnOnce() -> Option<u64>) -> bool {
-        if self.bytes + n > STAGED_BYTES_MAX {
-            return false;
-        }
-        match self.looked {
-            Some((at, room)) if at.elapsed() < ROOM_RECHECK => room,
-            _ => {
-                let room = free().is_none_or(|f| f >= ROOM_TO_STAGE);
-                self.looked = Some((Instant::now(), room));
-                room
-            }
-        }
-    }
-
-    /// Stages `data`, the copy for `block` at `chunk` that the record of `epoch` maps.
+    /// Stages `data`, the copy for `block` at `chunk` that the record of `epoch` maps (its
+    /// bytes reserved in the [`StageBudget`] beforehand).
     pub(super) fn push(&mut self, epoch: u64, chunk: u64, block: u64, data: AlignedBuf) {
-        self.bytes += data.len();
         self.copies.push(StagedCopy {
             epoch,
             chunk,
@@ -102,15 +87,92 @@ impl StagedCopies {
         self.copies.first().map(|s| s.epoch)
     }
 
-    /// Whether [`URGE_BYTES`] or more are staged: the committer should commit now rather than
-    /// gather on, or later copy-outs would find no room and write at once.
-    pub(super) fn past_urge_mark(&self) -> bool {
-        self.bytes >= URGE_BYTES
+    pub(super) fn take(&mut self) -> Vec<StagedCopy> {
+        std::mem::take(&mut self.copies)
+    }
+}
+
+/// The memory staging may take, and whether the file system has room for it; outside the
+/// state lock, so that neither its count nor a look at the file system (`fstatvfs`, which can
+/// stall on a network file system) holds up the engine.
+#[derive(Debug, Default)]
+pub(super) struct StageBudget {
+    /// Bytes of copies being read for staging, staged, or being written by a commit.
+    bytes: AtomicUsize,
+    /// When the file system was last looked at, and whether it had [`ROOM_TO_STAGE`].
+    looked: Mutex<Option<(Instant, bool)>>,
+}
+
+impl StageBudget {
+    /// [`reserve`](Self::reserve)s `n` bytes for a copy-out to stage its copy: given back when
+    /// the reservation is dropped, unless [`Reservation::staged`] says the copy was staged
+    /// (the commit that writes it gives them back).
+    pub(super) fn reservation(
+        &self,
+        n: usize,
+        free: impl FnOnce() -> Option<u64>,
+    ) -> Option<Reservation<'_>> {
+        self.reserve(n, free)
+            .then_some(Reservation { budget: self, n })
     }
 
-    pub(super) fn take(&mut self) -> Vec<StagedCopy> {
-        self.bytes = 0;
-        std::mem::take(&mut self.copies)
+    /// Reserves `n` bytes for a copy to stage, if they fit under [`STAGED_BYTES_MAX`] and the
+    /// file system had room at the last look (`free` asks it for its free bytes; `None`: the
+    /// store lives on no file system, a block device or memory, whose space is all there).
+    /// Whoever reserved gives the bytes back with [`release`](Self::release).
+    fn reserve(&self, n: usize, free: impl FnOnce() -> Option<u64>) -> bool {
+        if !self.room(free) {
+            return false;
+        }
+        self.bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                (b + n <= STAGED_BYTES_MAX).then_some(b + n)
+            })
+            .is_ok()
+    }
+
+    /// `n` reserved bytes are no longer needed: the copy was written, or never staged.
+    pub(super) fn release(&self, n: usize) {
+        self.bytes.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Whether [`URGE_BYTES`] or more are taken: the committer should commit now rather than
+    /// gather on, or later copy-outs would find no room and write at once.
+    pub(super) fn past_urge_mark(&self) -> bool {
+        self.bytes.load(Ordering::Acquire) >= URGE_BYTES
+    }
+
+    fn room(&self, free: impl FnOnce() -> Option<u64>) -> bool {
+        let mut looked = self.looked.lock().unwrap_or_else(PoisonError::into_inner);
+        match *looked {
+            Some((at, room)) if at.elapsed() < ROOM_RECHECK => room,
+            _ => {
+                let room = free().is_none_or(|f| f >= ROOM_TO_STAGE);
+                *looked = Some((Instant::now(), room));
+                room
+            }
+        }
+    }
+}
+
+/// Bytes a copy-out reserved to stage its copy; given back on drop unless staged.
+pub(super) struct Reservation<'a> {
+    budget: &'a StageBudget,
+    n: usize,
+}
+
+impl Reservation<'_> {
+    /// The copy is staged: its bytes stay taken until its commit has written it.
+    pub(super) fn staged(mut self) {
+        self.n = 0;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.n > 0 {
+            self.budget.release(self.n);
+        }
     }
 }
 
@@ -141,7 +203,7 @@ mod tests {
         }
         let st = eng.stats();
         assert_eq!(st.origin_writes_held, 16);
-        assert_eq!((st.copies, st.copy_writes), (0, 0), "staged, not written");
+        assert_eq!((st.copies, st.copy_writes), (16, 0), "staged, not written");
 
         let mut got = vec![0u8; C];
         eng.read(s, 5 * CHUNK, &mut got).unwrap();
@@ -173,52 +235,56 @@ mod tests {
         eng.verify_in_memory().unwrap();
     }
 
-    fn copy(epoch: u64, n: usize) -> (u64, u64, u64, AlignedBuf) {
-        (epoch, epoch, epoch + 10, AlignedBuf::zeroed(n))
-    }
-
     #[test]
-    fn staged_copies_are_counted_and_bounded() {
+    fn staged_copies_keep_their_order_and_the_budget_its_bound() {
         let mut s = StagedCopies::default();
         assert!(s.is_empty() && s.first_epoch().is_none());
         for e in [3u64, 4] {
-            let (e, c, b, d) = copy(e, 64 << 10);
-            s.push(e, c, b, d);
+            s.push(e, e, e + 10, AlignedBuf::zeroed(512));
         }
         assert_eq!(
             s.first_epoch(),
             Some(3),
             "the oldest bounds data_durable_epoch"
         );
-        assert!(!s.past_urge_mark());
+        assert_eq!(s.take().len(), 2);
+        assert!(s.is_empty());
+
+        let b = StageBudget::default();
         let mut looks = 0;
         let mut plenty = || {
             looks += 1;
             Some(ROOM_TO_STAGE)
         };
-        assert!(s.may_stage(STAGED_BYTES_MAX - (128 << 10), &mut plenty));
-        assert!(!s.may_stage(STAGED_BYTES_MAX - (128 << 10) + 1, &mut plenty));
-        assert!(s.may_stage(1, &mut plenty));
+        assert!(b.reserve(URGE_BYTES - 1, &mut plenty));
+        assert!(!b.past_urge_mark());
+        assert!(b.reserve(1, &mut plenty));
+        assert!(b.past_urge_mark(), "half the bound taken: commit now");
+        assert!(b.reserve(STAGED_BYTES_MAX - URGE_BYTES, &mut plenty));
+        assert!(!b.reserve(1, &mut plenty), "the bound");
         assert_eq!(looks, 1, "one look at the file system serves a while");
-        assert_eq!(s.take().len(), 2);
-        assert!(s.is_empty());
-        for e in 0..(URGE_BYTES / (64 << 10)) as u64 {
-            let (e, c, b, d) = copy(e, 64 << 10);
-            assert!(!s.past_urge_mark());
-            s.push(e, c, b, d);
-        }
-        assert!(s.past_urge_mark(), "half the bound staged: commit now");
-        s.take();
-        s.looked = None;
+        b.release(STAGED_BYTES_MAX);
+        assert!(!b.past_urge_mark());
+        let r = b.reservation(URGE_BYTES, || None).expect("room");
+        assert!(b.past_urge_mark());
+        drop(r);
         assert!(
-            !s.may_stage(1, || Some(ROOM_TO_STAGE - 1)),
+            !b.past_urge_mark(),
+            "a copy never staged gives its bytes back"
+        );
+        b.reservation(URGE_BYTES, || None).expect("room").staged();
+        assert!(b.past_urge_mark(), "a staged copy keeps them until written");
+        b.release(URGE_BYTES);
+        *b.looked.lock().unwrap() = None;
+        assert!(
+            !b.reserve(1, || Some(ROOM_TO_STAGE - 1)),
             "a file system near full"
         );
         assert!(
-            !s.may_stage(1, || Some(ROOM_TO_STAGE)),
+            !b.reserve(1, || Some(ROOM_TO_STAGE)),
             "until looked at again"
         );
-        s.looked = None;
-        assert!(s.may_stage(1, || None), "no file system: a block device");
+        *b.looked.lock().unwrap() = None;
+        assert!(b.reserve(1, || None), "no file system: a block device");
     }
 }

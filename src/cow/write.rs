@@ -214,10 +214,18 @@ impl CacheObject {
     ) -> Result<()> {
         // Every chunk's plan, folded into the one epoch they all need durable.
         let mut wait = 0u64;
-        self.for_each_chunk(offset, len, |c, _, _, _| {
+        let planned = self.for_each_chunk(offset, len, |c, _, _, _| {
             wait = wait.max(self.plan_origin_chunk(c)?.durable_before_write());
             Ok(())
-        })?;
+        });
+        if let Err(e) = planned {
+            // Chunks planned before the failure may have staged their copies: committed
+            // (so written) before their stripes are given up.
+            if wait > self.durable_epoch.load(Ordering::Acquire) {
+                self.commit(wait, false)?;
+            }
+            return Err(e);
+        }
         let _kept;
         if wait > self.durable_epoch.load(Ordering::Acquire) {
             match self.commit_or_hold(offset, len, src, wait, stripes())? {
@@ -377,10 +385,9 @@ impl CacheObject {
                     // be why no copy was needed, and a crash could bring that reader back.
                     let shield = st.chunk_epochs[(c as usize) % CHUNK_EPOCH_SLOTS]
                         .max(st.readers_dropped_epoch);
-                    // Staged copies past the mark: the committer writes them now.
-                    let urge = st.staged.past_urge_mark();
                     drop(st);
-                    if urge {
+                    if self.stage_budget.past_urge_mark() {
+                        // Staged copies past the mark: the committer writes them now.
                         self.held.urge();
                     }
                     return Ok(OriginPlan { shield, preserved });
