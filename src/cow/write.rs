@@ -577,4 +577,36 @@ mod tests {
             "the origin changed while the delete could still be undone by a crash"
         );
     }
+
+    /// A multi-chunk origin write whose second chunk's copy-out fails (the origin refuses the
+    /// read) has staged the first chunk's copy, mapped in memory: it must be written before
+    /// the write gives up its stripes, or the snapshot reads a block never written.
+    #[test]
+    fn a_multi_chunk_write_failing_after_a_staged_copy_writes_that_copy_first() {
+        use crate::testkit::storage::{FaultyStorage, MemStorage};
+        let c = CHUNK as usize;
+        let spec = mem_engine(4);
+        let origin = FaultyStorage::new(1 << 30);
+        crate::storage::Storage::write_at(&*origin, &vec![7u8; 4 * c], 0).unwrap();
+        let eng = spec.on(origin.clone(), std::sync::Arc::new(MemStorage::new(0)));
+        let s = eng.create_snapshot(DeviceId::ORIGIN, "s", false).unwrap();
+        origin.fail_reads_in(CHUNK..2 * CHUNK);
+        assert!(matches!(
+            eng.write(DeviceId::ORIGIN, 0, &vec![1u8; 2 * c]),
+            Err(CowError::Io(_))
+        ));
+        origin.fail_reads_in(0..0);
+        assert_eq!(
+            eng.stats().copies,
+            1,
+            "chunk 0 copied (staged) before chunk 1 failed"
+        );
+        let mut got = vec![0u8; 2 * c];
+        eng.read(s, 0, &mut got).unwrap();
+        assert!(
+            got == vec![7u8; 2 * c],
+            "the snapshot reads an unwritten block"
+        );
+        eng.verify_in_memory().unwrap();
+    }
 }
