@@ -279,7 +279,9 @@ impl CacheObject {
             None
         };
         let copied = if reserved.is_some() {
-            self.read_origin_copy(c, nb).map(Some)
+            // Its space taken now, as `write_block` would: the commit writes it.
+            self.take_space(nb);
+            self.read_origin_copy(c).map(Some)
         } else {
             self.copy_origin_chunk(c, nb).map(|()| None)
         };
@@ -335,20 +337,19 @@ impl CacheObject {
 
     /// Copies the origin's chunk `c` into block `b`.
     pub(super) fn copy_origin_chunk(&self, c: u64, b: u64) -> Result<()> {
-        let buf = self.read_origin_copy(c, b)?;
+        let buf = self.read_origin_copy(c)?;
         self.write_block(&buf, b)?;
         self.count_copy(c);
         Ok(())
     }
 
-    /// The copy of the origin's chunk `c` for block `b`, read, to be written (now, or staged
-    /// for the next commit, `staged.rs`).
-    pub(super) fn read_origin_copy(&self, c: u64, b: u64) -> Result<AlignedBuf> {
+    /// The copy of the origin's chunk `c`, read, to be written (now, or staged for the next
+    /// commit, `staged.rs`).
+    fn read_origin_copy(&self, c: u64) -> Result<AlignedBuf> {
         let n = self.chunk_len(c);
         // The whole block: zeros past the image's end (see `fill_new_block`).
         let mut buf = AlignedBuf::zeroed(self.chunk_size as usize);
         self.read_origin_view(c, &mut buf[..n])?;
-        self.take_space(b);
         Ok(buf)
     }
 }

@@ -47,8 +47,9 @@ pub(super) const HELD_BYTES_MAX: usize = 64 << 20;
 /// virtual disk): committing as soon as anything was held made two to five times as many
 /// commits (docs/benchmarks.md, 2026-12-04). A read of a held chunk urges (again every
 /// millisecond while it waits, `stripes.rs`), a FLUSH lands what is held itself, and a rewrite
-/// of a held chunk follows ([`HeldWrites::follow`]), so nobody waits for the gathering: first touches at QD32 measured 1.2 times faster with 200 ms than
-/// with 50 ms, and no faster with 1 s (docs/benchmarks.md, 2026-12-04 night).
+/// of a held chunk follows ([`HeldWrites::follow`]), so nobody waits for the gathering: first
+/// touches at QD32 measured 1.2 times faster with 200 ms than with 50 ms, and no faster with
+/// 1 s (docs/benchmarks.md, 2026-12-04 night).
 pub(super) const GATHER: Duration = Duration::from_millis(200);
 
 /// Most writes held behind one held write ([`HeldWrites::follow`]): they land one after the
