@@ -285,8 +285,16 @@ fn a_guest_streaming_to_its_disk_migrates_to_another_qemu_and_finishes_there() {
     };
     let env = Env::new();
     let (src, dst) = env.migrate(&env.p("origin.sock"));
-    Qmp::connect(&env.p("src.qmp")).execute("quit", json!({}));
+    // Quit the source, paused since the handover. Should it be gone already (seen once in CI,
+    // not reproduced), say how it ended rather than only that its monitor was closed.
+    // The monitor stays open until QEMU has quit (it answers as it goes).
+    let quit = json!({ "execute": "quit" });
+    let mut monitor = Qmp::connect(&env.p("src.qmp"));
+    if let Err(e) = writeln!(monitor.writer, "{quit}") {
+        panic!("the source QEMU was gone before quit ({e}): {:?}", src.wait());
+    }
     let src = src.wait();
+    drop(monitor);
     assert!(src.verdict.is_empty(), "the source ran no further: {src:?}");
     env.check_run(dst.wait());
     env.wait_disconnected("origin");
