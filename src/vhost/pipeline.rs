@@ -112,19 +112,21 @@ impl Pipeline {
 
     /// Pops every available request (up to a flush), submits those it can and runs the rest
     /// through the device (on the I/O pool when there are several). Returns how many it
-    /// popped.
+    /// popped, and whether it stopped because the ring had no more.
     pub(super) fn fill(
         &mut self,
         sched: &Scheduler,
         ctx: &RequestContext<'_>,
         queue: &mut Queue,
         mem: &GuestMemGuard,
-    ) -> usize {
+    ) -> (usize, bool) {
         let mut popped = 0;
         let mut to_run = 0;
+        let mut emptied = false;
         while !self.flush_pending {
             let Some(&i) = self.free.last() else { break };
             let Some(chain) = queue.pop_descriptor_chain(&**mem) else {
+                emptied = true;
                 break;
             };
             self.free.pop();
@@ -165,7 +167,7 @@ impl Pipeline {
         if to_run > 0 {
             self.run_the_rest(sched, ctx, mem, to_run);
         }
-        popped
+        (popped, emptied)
     }
 
     /// Submits what is left of slot `i`'s transfer; its stage.

@@ -448,15 +448,18 @@ fn serve_pipelined_until_empty(
         let guard = ctx.mem.memory();
         let queue = state.get_queue_mut();
         // Once the connection is closing, pop nothing more: finish what is in flight.
-        let popped = if ctx.quiescing() {
-            0
+        let (popped, emptied) = if ctx.quiescing() {
+            (0, false)
         } else {
             p.fill(ctx.sched, &ctx.request, queue, &guard)
         };
         if popped == 0 && p.is_empty() {
             break;
         }
-        p.progress(&ctx.request, &guard, popped == 0)
+        // Wait for a completion if there is nothing more to pop: the ring was found empty
+        // (one system call submits what was popped and waits, instead of one each; at QD1
+        // that is every request), or this found nothing at all (no free slot, a flush).
+        p.progress(&ctx.request, &guard, popped == 0 || emptied)
             .map_err(QueueFault::Engine)?;
         answered.clear();
         p.answered(answered);
