@@ -291,7 +291,10 @@ fn a_guest_streaming_to_its_disk_migrates_to_another_qemu_and_finishes_there() {
     let quit = json!({ "execute": "quit" });
     let mut monitor = Qmp::connect(&env.p("src.qmp"));
     if let Err(e) = writeln!(monitor.writer, "{quit}") {
-        panic!("the source QEMU was gone before quit ({e}): {:?}", src.wait());
+        panic!(
+            "the source QEMU was gone before quit ({e}): {:?}",
+            src.wait()
+        );
     }
     let src = src.wait();
     drop(monitor);
