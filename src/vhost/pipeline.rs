@@ -5,7 +5,8 @@
 //! lets the queue do itself ([`BlockDevice::direct_target`](crate::device::BlockDevice::direct_target):
 //! origin reads; origin writes when no snapshot needs them preserved; a snapshot's reads
 //! whose chunks lie end to end in one file, those chunks held until the transfer is over; a
-//! raw image) is submitted to the queue's [`Ring`] at once. Everything else runs through the
+//! raw image) is queued in the queue's [`Ring`] at once, and reaches the kernel with the next
+//! few (`uring.rs`, `SUBMIT_EVERY`) or when the worker waits. Everything else runs through the
 //! device as before: inline, or several on the daemon's I/O pool. A flush waits until every
 //! request popped before it is done, and nothing is popped after it until it is. Completions
 //! arrive in any order; answers go to the used ring in the order the requests were popped
@@ -112,7 +113,8 @@ impl Pipeline {
 
     /// Pops every available request (up to a flush), submits those it can and runs the rest
     /// through the device (on the I/O pool when there are several). Returns how many it
-    /// popped, and whether it stopped because the ring had no more.
+    /// popped, and whether it stopped because the ring gave no more (empty, or a ring the
+    /// driver broke: either way, nothing to pop before a completion).
     pub(super) fn fill(
         &mut self,
         sched: &Scheduler,

@@ -59,6 +59,8 @@ pub(super) struct Ring<T: IoBuffers> {
     in_flight: usize,
     /// A poll for readability of a wake-up descriptor is in the ring ([`Ring::arm_wake`]).
     wake_armed: bool,
+    /// Transfers queued since the kernel last took the submission queue.
+    unsubmitted: usize,
 }
 
 /// The `user_data` of the wake-up poll (slots use their index).
@@ -69,7 +71,7 @@ const WAKE: u64 = u64::MAX;
 /// plug, and the device sees none of it until the whole batch is through: a guest's 32
 /// writes reached the disk together, the disk idled meanwhile (it had either all 32 or none
 /// in flight), and they completed together, so the guest sent the next 32 together too.
-/// Handed over four at a time, QD32 4 KiB transfers ran 1.24-1.42 times as fast at one queue
+/// Handed over four at a time, QD32 4 KiB transfers ran 1.25-1.37 times as fast at one queue
 /// (docs/benchmarks.md, 2026-12-05), for one more system call per four requests; one or two
 /// at a time were no faster for writes and slower for reads.
 const SUBMIT_EVERY: usize = 4;
@@ -112,6 +114,7 @@ impl<T: IoBuffers + Default> Ring<T> {
             busy: vec![false; slots],
             in_flight: 0,
             wake_armed: false,
+            unsubmitted: 0,
         })
     }
 }
@@ -147,8 +150,8 @@ impl<T: IoBuffers> Ring<T> {
     }
 
     /// Queues slot `i`'s transfer; the slot is out of reach until its completion is reaped.
-    /// Handed to the kernel once [`SUBMIT_EVERY`] transfers are queued, or by the next
-    /// [`Ring::wait`].
+    /// Handed to the kernel once [`SUBMIT_EVERY`] transfers are queued (or the submission
+    /// queue is full), else by the next [`Ring::wait`].
     pub(super) fn submit(&mut self, i: usize, op: Op) -> io::Result<()> {
         if self.busy.get(i) != Some(&false) {
             return Err(io::Error::other(format!("slot {i} is busy or missing")));
@@ -179,15 +182,23 @@ impl<T: IoBuffers> Ring<T> {
         }
         self.busy[i] = true;
         self.in_flight += 1;
-        if self.ring.submission().len() >= SUBMIT_EVERY {
-            // The entry is queued and its slot busy whatever happens here: the kernel owns
-            // the slot from now on, so this must not fail the request. If the kernel refuses
-            // the entries now, they stay queued and the next `wait` reports the error.
-            if let Err(e) = self.enter(0) {
-                log::debug!("io_uring: submitting early failed, left for the next wait: {e}");
-            }
+        self.unsubmitted += 1;
+        if self.unsubmitted >= SUBMIT_EVERY {
+            self.submit_early();
         }
         Ok(())
+    }
+
+    /// Hands the queued entries to the kernel, once, without waiting for any. The entries are
+    /// queued and their slots busy whatever happens here (the kernel owns them from now on),
+    /// so nothing fails: entries the kernel does not take now (no memory for them, `EAGAIN`;
+    /// completions to reap first, `EBUSY`; a signal; anything else) stay queued for the next
+    /// [`Ring::wait`], which retries and reports what persists.
+    fn submit_early(&mut self) {
+        match self.ring.submit() {
+            Ok(_) => self.unsubmitted = 0,
+            Err(e) => log::debug!("io_uring: early submission left for the next wait: {e}"),
+        }
     }
 
     /// Submits what is queued and waits until at least `min` completions are ready (fewer if
@@ -221,7 +232,10 @@ impl<T: IoBuffers> Ring<T> {
     fn enter(&mut self, min: usize) -> io::Result<()> {
         loop {
             match self.ring.submit_and_wait(min) {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    self.unsubmitted = 0;
+                    return Ok(());
+                }
                 // Interrupted (a watchdog's signal), or the completion queue is full (reap
                 // first: the caller does, then waits again).
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
