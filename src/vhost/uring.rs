@@ -297,6 +297,9 @@ impl<T: IoBuffers> Drop for Ring<T> {
 mod tests {
     use super::*;
     use crate::storage::AlignedBuf;
+    use std::fs::File;
+    use std::os::fd::AsRawFd;
+    use std::path::PathBuf;
 
     /// A test buffer: one aligned allocation and its iovec.
     struct Buf {
@@ -323,22 +326,27 @@ mod tests {
         }
     }
 
-    #[test]
-    fn transfers_complete_and_slots_come_back() {
+    /// A file of `slots` zeroed 4 KiB blocks and a ring of `slots` slots on it, or `None`
+    /// (said) where io_uring is not available. The file's directory and handle come along:
+    /// the ring must not outlive them.
+    fn ring_on_file(slots: usize) -> Option<(tempfile::TempDir, PathBuf, File, Ring<Buf>)> {
         if let Err(e) = probe() {
             eprintln!("skipped: no io_uring here: {e}");
-            return;
+            return None;
         }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        std::fs::write(&path, vec![0u8; 16384]).unwrap();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
-        let mut ring: Ring<Buf> = Ring::new(4, &[fd]).unwrap();
+        std::fs::write(&path, vec![0u8; 4096 * slots]).unwrap();
+        let file = File::options().read(true).write(true).open(&path).unwrap();
+        let ring = Ring::new(slots, &[file.as_raw_fd()]).unwrap();
+        Some((dir, path, file, ring))
+    }
+
+    #[test]
+    fn transfers_complete_and_slots_come_back() {
+        let Some((_dir, path, _file, mut ring)) = ring_on_file(4) else {
+            return;
+        };
         for i in 0..4 {
             ring.slot_mut(i).unwrap().mem.fill(0x30 + i as u8);
             let op = Op {
@@ -390,21 +398,9 @@ mod tests {
 
     #[test]
     fn a_few_queued_transfers_reach_the_kernel_without_a_wait() {
-        if let Err(e) = probe() {
-            eprintln!("skipped: no io_uring here: {e}");
+        let Some((_dir, path, _file, mut ring)) = ring_on_file(SUBMIT_EVERY + 1) else {
             return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        let size = 4096 * (SUBMIT_EVERY + 1);
-        std::fs::write(&path, vec![0u8; size]).unwrap();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
-        let mut ring: Ring<Buf> = Ring::new(SUBMIT_EVERY + 1, &[fd]).unwrap();
+        };
         let write = |i: usize| Op {
             file: 0,
             offset: 4096 * i as u64,
