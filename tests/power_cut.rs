@@ -398,35 +398,20 @@ fn verify(ctx: &str, o: &Outcome, control: &Path) -> Vec<String> {
             ]));
         }
         let read_only = !(name == "origin" || name == "w");
-        // A first read on a fresh connection fails now and then (about once in 60 000
-        // connections) with "invalid guest address": the daemon's view of the client's
-        // memory lags behind the region the client added (an open vhost finding,
-        // docs/testing.md). It is counted, and the read is retried on a new connection;
-        // durability is judged on the data.
-        let mut data = None;
-        for attempt in 0..3 {
-            let mut c = Client::try_connect(socket, 1, read_only)
-                .unwrap_or_else(|e| panic!("{ctx}: connect to {name}: {e:?}"));
-            match c.read(0, 0, ORIGIN_SECTORS * SECTOR) {
-                Ok(d) => {
-                    data = Some(d);
-                    break;
-                }
-                Err(e) => {
-                    RETRIED_READS.fetch_add(1, Ordering::SeqCst);
-                    eprintln!("{ctx}: read of {name} failed ({e}), attempt {attempt}");
-                }
+        let mut c = Client::try_connect(socket, 1, read_only)
+            .unwrap_or_else(|e| panic!("{ctx}: connect to {name}: {e:?}"));
+        let data = match c.read(0, 0, ORIGIN_SECTORS * SECTOR) {
+            Ok(data) => data,
+            Err(e) => {
+                let entry = list["devices"]
+                    .as_array()
+                    .and_then(|a| a.iter().find(|d| d["name"] == name.as_str()));
+                bad.push(format!(
+                    "{name}: read failed after the restart ({e}); listed as {entry:?} \
+                     (acknowledged: {acknowledged})"
+                ));
+                continue;
             }
-        }
-        let Some(data) = data else {
-            let entry = list["devices"]
-                .as_array()
-                .and_then(|a| a.iter().find(|d| d["name"] == name.as_str()));
-            bad.push(format!(
-                "{name}: reads failed three times after the restart; listed as {entry:?} \
-                 (acknowledged: {acknowledged})"
-            ));
-            continue;
         };
         for (s, sector) in data.chunks(SECTOR).enumerate() {
             let t = sector_token(sector);
@@ -453,9 +438,6 @@ fn verify(ctx: &str, o: &Outcome, control: &Path) -> Vec<String> {
     }
     bad
 }
-
-/// Reads after the restart that failed and were retried (see `verify`).
-static RETRIED_READS: AtomicU64 = AtomicU64::new(0);
 
 /// Per cut: I/O events from arming to the cut, and devices checked.
 static STATS: Mutex<Vec<(u64, u64)>> = Mutex::new(Vec::new());
@@ -491,12 +473,11 @@ fn power_cuts_under_the_real_daemon_lose_nothing_flushed() {
     let devices: u64 = stats.iter().map(|s| s.1).sum();
     eprintln!(
         "power cuts: {} in {:?}, 0 violations; I/O events before the cut: min {:?} max {:?} \
-         mean {}; {devices} devices checked; {} reads retried",
+         mean {}; {devices} devices checked",
         seeds.len(),
         started.elapsed(),
         events.iter().min(),
         events.iter().max(),
         events.iter().sum::<u64>() / events.len().max(1) as u64,
-        RETRIED_READS.load(Ordering::SeqCst)
     );
 }

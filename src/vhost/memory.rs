@@ -13,7 +13,10 @@
 //!   file shrunk later.
 //!
 //! A table that fails is refused: the library's atomic is rolled back to the last accepted
-//! table and `update_memory` fails, on which the library ends the connection.
+//! table and `update_memory` fails, on which the library ends the connection. A table that
+//! passes replaces the workers' one, which is marked superseded before `update_memory`
+//! returns (and the frontend is told): a worker popping through it then loads the new one
+//! (`view.rs`, `pop_request`).
 
 use super::dirty::DirtyLog;
 use super::guest::{GuestMem, GuestMemGuard, GuestMemTable, MemView, WorkerMem};
@@ -105,10 +108,14 @@ impl WorkerMemory {
                 return Err(e);
             }
         };
+        let previous = self.mem.memory();
         self.mem
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .replace(view);
+        // Before the frontend hears the change is done (and may point a request at a region
+        // it added): a worker that pops such a request through the old table learns it.
+        previous.supersede();
         let published = self.mem.memory();
         state
             .published
@@ -203,6 +210,24 @@ mod tests {
     fn add(frontend: &GuestMem, region: Arc<GuestRegion>) {
         let table = frontend.memory().insert_region(region).unwrap();
         frontend.lock().unwrap().replace(table);
+    }
+
+    #[test]
+    fn a_new_table_supersedes_the_one_workers_loaded_before_the_update_returns() {
+        let frontend = GuestMemoryAtomic::new(GuestMemTable::new());
+        let workers = WorkerMemory::new(GuestMemoryAtomic::new(MemView::empty()));
+        add(&frontend, file_region(0, 8192, 8192));
+        let first = workers.update(&frontend).unwrap();
+        let loaded = workers.memory().memory();
+        assert!(!loaded.superseded());
+        add(&frontend, file_region(0x10000, 8192, 8192));
+        let second = workers.update(&frontend).unwrap();
+        assert!(loaded.superseded() && first.superseded());
+        assert!(!second.superseded() && !workers.memory().memory().superseded());
+        // A refused table publishes nothing: the current one stays current.
+        add(&frontend, file_region(0x20000, 8192, 4096));
+        assert!(workers.update(&frontend).is_err());
+        assert!(!second.superseded());
     }
 
     #[test]

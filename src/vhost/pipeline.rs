@@ -18,13 +18,14 @@ use super::pooled::{PoolRuns, Settle};
 use super::request::{InFlight, RequestContext, Start};
 use super::sched::Scheduler;
 use super::uring::{Op, Ring};
+use super::view::{pop_request, Popped};
 use crate::cow::TransferHold;
 use crate::device::{BlockDevice, IoCounters};
 use crate::virtio_blk::RequestKind;
 use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 
 /// Where a slot's request is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,7 +115,8 @@ impl Pipeline {
     /// Pops every available request (up to a flush), submits those it can and runs the rest
     /// through the device (on the I/O pool when there are several). Returns how many it
     /// popped, and whether it stopped because the ring gave no more (empty, or a ring the
-    /// driver broke: either way, nothing to pop before a completion).
+    /// driver broke: either way, nothing to pop before a completion). It also stops at a
+    /// request left for a newer memory table (`view.rs`), which the caller loads.
     pub(super) fn fill(
         &mut self,
         sched: &Scheduler,
@@ -127,9 +129,14 @@ impl Pipeline {
         let mut emptied = false;
         while !self.flush_pending {
             let Some(&i) = self.free.last() else { break };
-            let Some(chain) = queue.pop_descriptor_chain(&**mem) else {
-                emptied = true;
-                break;
+            let chain = match pop_request(queue, mem) {
+                Popped::Chain(chain) => chain,
+                Popped::Empty => {
+                    emptied = true;
+                    break;
+                }
+                // The caller loads the new table and comes back (`queue.rs`).
+                Popped::TableChanged => break,
             };
             self.free.pop();
             self.order.push_back(i);

@@ -351,6 +351,9 @@ impl QueueWorker {
                 .batcher
                 .run_next(ctx.sched, &ctx.request, queue, &guard, concurrent);
             if popped == 0 {
+                if guard.superseded() {
+                    continue; // a request was left for the new table (`view.rs`)
+                }
                 break;
             }
             for slot in self.batcher.answered(popped) {
@@ -453,13 +456,16 @@ fn serve_pipelined_until_empty(
         } else {
             p.fill(ctx.sched, &ctx.request, queue, &guard)
         };
-        if popped == 0 && p.is_empty() {
+        // A request was left for a newer memory table (`view.rs`): load it, without waiting.
+        let table_changed = guard.superseded();
+        if popped == 0 && p.is_empty() && !table_changed {
             break;
         }
         // Wait for a completion if there is nothing more to pop: the ring was found empty
         // (one system call submits what was popped and waits, instead of one each; at QD1
         // that is every request), or this found nothing at all (no free slot, a flush).
-        p.progress(&ctx.request, &guard, popped == 0 || emptied)
+        let wait = (popped == 0 || emptied) && !table_changed;
+        p.progress(&ctx.request, &guard, wait)
             .map_err(QueueFault::Engine)?;
         answered.clear();
         p.answered(answered);
@@ -792,5 +798,63 @@ mod tests {
         }
         let good = r.mem.read_obj::<u8>(GuestAddress(STATUS + 5)).unwrap();
         assert_eq!(good, VIRTIO_BLK_S_OK);
+    }
+
+    #[test]
+    fn a_request_into_a_region_added_after_the_worker_loaded_its_table_reads_there() {
+        use vhost_user_backend::VhostUserBackend;
+        use virtio_bindings::bindings::virtio_ring::{
+            VRING_DESC_F_NEXT as NEXT, VRING_DESC_F_WRITE as W,
+        };
+        use vm_memory::{GuestMemoryAtomic, GuestRegionMmap, MmapRegion};
+        const ADDED: u64 = 0x100_0000;
+        let r = rig(false);
+        let (_gm, vring) = ring(&r);
+        let ctx = r.backend.queue_context();
+        r.device.data.lock().unwrap()[..512].fill(0x5a);
+        // The worker loads its table (then, say, is preempted)...
+        let stale = r.gm.memory();
+        // ...the frontend adds a region and hears it is done (ADD_MEM_REG, REPLY_ACK)...
+        let region = GuestRegionMmap::new(MmapRegion::new(0x1_0000).unwrap(), GuestAddress(ADDED));
+        let table = r
+            .mem
+            .insert_region(std::sync::Arc::new(region.unwrap()))
+            .unwrap();
+        r.backend
+            .update_memory(GuestMemoryAtomic::new(table.clone()))
+            .unwrap();
+        // ...and makes a read into it available.
+        r.mem
+            .write_obj(RequestHeader::new(VIRTIO_BLK_T_IN, 0), GuestAddress(HDR))
+            .unwrap();
+        r.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let mut d = Driver {
+            mem: &r.mem,
+            avail: 0,
+        };
+        d.desc(0x1000, 0, (HDR, 16, NEXT, 1));
+        d.desc(0x1000, 1, (ADDED, 512, W | NEXT, 2));
+        d.desc(0x1000, 2, (STATUS, 1, W, 0));
+        d.offer(0);
+        let mut w = QueueWorker::default();
+        {
+            let mut state = vring.get_mut();
+            let queue = state.get_queue_mut();
+            let popped = w
+                .batcher
+                .run_next(ctx.sched, &ctx.request, queue, &stale, false);
+            assert_eq!(popped, 0, "not served through the table without the region");
+            assert_eq!(queue.next_avail(), 0, "left in the ring");
+        }
+        w.process_queue(&ctx, &vring).unwrap();
+        assert_eq!(r.mem.read_obj::<u16>(GuestAddress(0x3002)).unwrap(), 1);
+        let status = r.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap();
+        assert_eq!(status, VIRTIO_BLK_S_OK);
+        let mut data = [0u8; 512];
+        table.read_slice(&mut data, GuestAddress(ADDED)).unwrap();
+        assert!(
+            data.iter().all(|&b| b == 0x5a),
+            "the device's data, in the added region"
+        );
     }
 }

@@ -18,6 +18,7 @@ use super::guest::GuestMemGuard;
 use super::iopool::IoPool;
 use super::pressure::CpuPressure;
 use super::request::{InFlight, RequestContext};
+use super::view::{pop_request, Popped};
 use crate::virtio_blk::RequestKind;
 use log::warn;
 use std::fmt;
@@ -325,7 +326,9 @@ impl Batcher {
         mem: &GuestMemGuard,
         concurrent: bool,
     ) -> usize {
-        let Some(chain) = queue.pop_descriptor_chain(&**mem) else {
+        // A request left for a newer memory table counts as none popped: the caller sees the
+        // table changed and loads it (`queue.rs`).
+        let Popped::Chain(chain) = pop_request(queue, mem) else {
             return 0;
         };
         self.slots[0].prepare(ctx, chain, mem);
@@ -449,7 +452,8 @@ impl Batcher {
         queue: &mut Queue,
         mem: &GuestMemGuard,
     ) -> bool {
-        let Some(chain) = queue.pop_descriptor_chain(&**mem) else {
+        // A request left for a newer memory table ends the batch: the next batch loads it.
+        let Popped::Chain(chain) = pop_request(queue, mem) else {
             return false;
         };
         if n == self.slots.len() {

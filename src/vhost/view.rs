@@ -13,6 +13,8 @@
 
 use super::dirty::DirtyLog;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::bitmap::BS;
 use vm_memory::guest_memory::GuestMemorySliceIterator;
 use vm_memory::mmap::MmapRegionBuilder;
@@ -38,6 +40,9 @@ pub struct MemView {
     /// The table vhost-user-backend mapped: it owns the mappings, and its regions hold the
     /// dirty logs.
     owner: GuestMemTable,
+    /// A newer table was published to the workers (`memory.rs`) before the frontend was told
+    /// its change was done.
+    superseded: AtomicBool,
 }
 
 impl MemView {
@@ -48,7 +53,11 @@ impl MemView {
             regions.push(plain_region(region)?);
         }
         let plain = GuestMemoryMmap::from_regions(regions).map_err(io::Error::other)?;
-        Ok(MemView { plain, owner })
+        Ok(MemView {
+            plain,
+            owner,
+            superseded: AtomicBool::new(false),
+        })
     }
 
     /// An empty table.
@@ -56,12 +65,26 @@ impl MemView {
         MemView {
             plain: GuestMemoryMmap::new(),
             owner: GuestMemTable::new(),
+            superseded: AtomicBool::new(false),
         }
     }
 
     /// The table that owns the mappings and holds their dirty logs.
     pub(super) fn owner(&self) -> &GuestMemTable {
         &self.owner
+    }
+
+    /// Whether a newer table has been published. A request the driver made available after
+    /// this reads true may name memory only the newer table has: a worker that popped it
+    /// through this one must read it through the newer one (`guest.rs`, `pop_request`).
+    pub(super) fn superseded(&self) -> bool {
+        self.superseded.load(Ordering::Acquire)
+    }
+
+    /// Marks this table superseded, once the newer one is published and before the frontend
+    /// is told.
+    pub(super) fn supersede(&self) {
+        self.superseded.store(true, Ordering::Release);
     }
 }
 
@@ -83,6 +106,37 @@ fn plain_region(region: &GuestRegionMmap<DirtyLog>) -> io::Result<GuestRegionMma
     let plain = builder.build().map_err(io::Error::other)?;
     GuestRegionMmap::new(plain, region.start_addr())
         .ok_or_else(|| io::Error::other("guest region wraps around the address space"))
+}
+
+/// What [`pop_request`] found.
+pub(super) enum Popped<'m> {
+    /// The next request's descriptor chain.
+    Chain(DescriptorChain<&'m MemView>),
+    /// None available (or a ring the driver broke: virtio-queue says no more).
+    Empty,
+    /// One is available, but the frontend changed its memory table since `mem` was loaded:
+    /// the request is left in the ring, to pop again through the new table.
+    TableChanged,
+}
+
+/// Pops the next request through `mem`, unless `mem` is no longer the workers' current table.
+///
+/// The frontend may add a region (ADD_MEM_REG) and, once told it is done, make a request
+/// available whose buffers lie in it. A worker that loaded its table before that change (a
+/// moment before, then preempted) would pop that request and find its buffers outside guest
+/// memory: an I/O error for a correct driver. The new table is published and the old one
+/// marked superseded before the frontend is told, so the mark is visible to a worker that
+/// sees the request (it read the avail index with acquire ordering), and looked for after the
+/// pop the check has no window.
+pub(super) fn pop_request<'m>(queue: &mut Queue, mem: &'m MemView) -> Popped<'m> {
+    match queue.pop_descriptor_chain(mem) {
+        None => Popped::Empty,
+        Some(_) if mem.superseded() => {
+            queue.go_to_previous_position();
+            Popped::TableChanged
+        }
+        Some(chain) => Popped::Chain(chain),
+    }
 }
 
 // `GuestMemory` itself, not `GuestMemoryBackend`: every access then goes straight to the
@@ -117,7 +171,35 @@ impl GuestMemory for MemView {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
     use vm_memory::Bytes;
+
+    #[test]
+    fn a_request_popped_through_a_superseded_table_is_left_in_the_ring() {
+        let owner = GuestMemTable::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let old = MemView::new(owner.clone()).unwrap();
+        let new = MemView::new(owner).unwrap();
+        let mock = MockSplitQueue::new(&old, 16);
+        let desc = |addr| RawDescriptor::from(SplitDescriptor::new(addr, 16, 0, 0));
+        mock.add_desc_chains(&[desc(0x8_0000), desc(0x9_0000)], 0)
+            .unwrap();
+        let mut queue: Queue = mock.create_queue().unwrap();
+        assert!(matches!(pop_request(&mut queue, &old), Popped::Chain(_)));
+        old.supersede();
+        assert!(matches!(
+            pop_request(&mut queue, &old),
+            Popped::TableChanged
+        ));
+        assert_eq!(queue.next_avail(), 1, "the request stays available");
+        match pop_request(&mut queue, &new) {
+            Popped::Chain(mut chain) => {
+                assert_eq!(chain.next().map(|d| d.addr()), Some(GuestAddress(0x9_0000)));
+            }
+            _ => panic!("the new table pops the request left"),
+        }
+        assert!(matches!(pop_request(&mut queue, &new), Popped::Empty));
+    }
 
     #[test]
     fn the_view_reads_and_writes_the_owners_memory() {
