@@ -18,7 +18,8 @@ pub(super) type WorkerMem = GuestMemoryAtomic<MemView>;
 
 /// The workers' guest memory table at one moment (`WorkerMem::memory()`), loaded once per
 /// batch: the frontend may add a region (ADD_MEM_REG) at any time and point its next request
-/// there.
+/// there. A worker may load it just before such a change, so each pop checks that it is still
+/// the current one (`view.rs`, `pop_request`).
 pub(super) type GuestMemGuard = GuestMemoryLoadGuard<MemView>;
 
 /// The guest buffers of one request as host iovecs, and the memory table they point into.

@@ -116,6 +116,8 @@ impl WorkerMemory {
         // Before the frontend hears the change is done (and may point a request at a region
         // it added): a worker that pops such a request through the old table learns it.
         previous.supersede();
+        // Not kept past here: a region it alone maps is unregistered by the prune below.
+        drop(previous);
         let published = self.mem.memory();
         state
             .published

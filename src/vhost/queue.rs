@@ -343,7 +343,8 @@ impl QueueWorker {
         // Once the connection is closing, leave the rest for the next backend.
         while !ctx.quiescing() {
             // Load the memory table for every batch: the frontend may add a region
-            // (ADD_MEM_REG) at any time and point its next request there.
+            // (ADD_MEM_REG) at any time and point its next request there (and a request made
+            // after this load is left for the next one: `view.rs`, `pop_request`).
             let guard = ctx.mem.memory();
             let concurrent = self.batcher.concurrent(ctx.sched);
             let queue = state.get_queue_mut();

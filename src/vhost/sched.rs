@@ -444,7 +444,7 @@ impl Batcher {
     }
 
     /// Pops the next chain into `slots[n]` (growing `slots` to it) and parses it; false when
-    /// the ring has none.
+    /// the ring has none, or its next request is left for a newer memory table.
     fn pop_into(
         &mut self,
         n: usize,

@@ -10,6 +10,10 @@
 //! bitmap type, which cost what they cost without a dirty log, and the owning table, which
 //! keeps them mapped and whose logs the request path marks by hand while the frontend logs
 //! (`dirty.rs`: read data, status bytes, GET_ID answers and the used ring).
+//!
+//! Workers pop requests here too ([`pop_request`]): through a table, and only while no newer
+//! one has been published, so a request is never read through a table older than the one the
+//! frontend had when it made the request available.
 
 use super::dirty::DirtyLog;
 use std::io;
@@ -74,9 +78,9 @@ impl MemView {
         &self.owner
     }
 
-    /// Whether a newer table has been published. A request the driver made available after
-    /// this reads true may name memory only the newer table has: a worker that popped it
-    /// through this one must read it through the newer one (`guest.rs`, `pop_request`).
+    /// Whether a newer table has been published. It reads true for any worker that has seen a
+    /// request the driver made available after the frontend was told of a newer table (whose
+    /// buffers may lie in memory only that table has): see [`pop_request`].
     pub(super) fn superseded(&self) -> bool {
         self.superseded.load(Ordering::Acquire)
     }
