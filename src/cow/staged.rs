@@ -112,8 +112,13 @@ impl StageBudget {
         n: usize,
         free: impl FnOnce() -> Option<u64>,
     ) -> Option<Reservation<'_>> {
-        self.reserve(n, free)
-            .then_some(Reservation { budget: self, n })
+        // Built only once reserved (not with `then_some`, which builds it first): a
+        // `Reservation` gives its bytes back when dropped.
+        if self.reserve(n, free) {
+            Some(Reservation { budget: self, n })
+        } else {
+            None
+        }
     }
 
     /// Reserves `n` bytes for a copy to stage, if they fit under [`STAGED_BYTES_MAX`] and the
@@ -233,6 +238,28 @@ mod tests {
         eng.flush().unwrap();
         check("flushed");
         eng.verify_in_memory().unwrap();
+    }
+
+    /// A refused reservation gives back nothing it did not take: the count stays exact, so
+    /// the bound holds and the committer is urged only past the mark.
+    #[test]
+    fn a_refused_reservation_leaves_the_count_as_it_was() {
+        let b = StageBudget::default();
+        b.reservation(STAGED_BYTES_MAX, || None)
+            .expect("room")
+            .staged();
+        for _ in 0..3 {
+            assert!(b.reservation(4096, || None).is_none(), "past the bound");
+        }
+        b.release(STAGED_BYTES_MAX);
+        assert!(!b.past_urge_mark(), "nothing is staged");
+        b.reservation(URGE_BYTES, || None).expect("room").staged();
+        assert!(b.past_urge_mark());
+        b.release(URGE_BYTES);
+        assert!(
+            b.reservation(STAGED_BYTES_MAX, || None).is_some(),
+            "the whole budget is there again"
+        );
     }
 
     #[test]
