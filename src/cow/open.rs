@@ -14,6 +14,7 @@ use super::metaio::{write_header, JournalTail};
 use super::origin_copies::CopyOnRead;
 use super::prealloc::Prealloc;
 use super::recovery::{read_header, recover};
+use super::staged::StageBudget;
 use super::waitlist::SpaceWaits;
 use crate::storage::{Fingerprint, Storage, SECTOR_SIZE};
 use arc_swap::ArcSwap;
@@ -159,6 +160,7 @@ impl CacheObject {
         let host =
             (header.compat & COMPAT_HOST_LIMIT != 0 && !cache.fixed_size()).then(HostRoom::default);
         let stripes = (0..STRIPES).map(|_| Stripe::default()).collect();
+        let stage_budget = StageBudget::new(!cache.io_align().is_none());
         let registry = Arc::new(ArcSwap::from_pointee(meta.read_sides()));
         let history = meta.history.clone();
         let cor = meta.origin_copies.then(|| {
@@ -218,7 +220,7 @@ impl CacheObject {
             direct_gate: Arc::default(),
             copy_outs: CopyOuts::default(),
             prealloc: Prealloc::default(),
-            stage_budget: Default::default(),
+            stage_budget,
         })
     }
 }
