@@ -547,6 +547,12 @@ fn batched_first_touch_writes_under_direct_io_survive_sigkill() {
         counter(&st["cache"], "commits"),
     );
     assert_eq!(copies, 64, "one copy-out per first touch");
+    // Under --direct the copies are staged and their commits write them in runs.
+    let copy_writes = counter(&st["cache"], "copy_writes");
+    assert!(
+        (1..copies / 4).contains(&copy_writes),
+        "{copy_writes} writes of staged copies for {copies} copies"
+    );
     // Group commit: copy-outs in flight together share a commit (measured: 4 to 7 commits
     // here, the snapshot's creation and the flush included); one per copy-out would be 66.
     assert!(

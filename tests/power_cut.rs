@@ -239,7 +239,11 @@ fn one_cut(seed: u64, events_max: u64) {
     .map(|s| s.to_string())
     .collect();
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut daemon = Daemon::start(&argv, &socket);
+    // The files take no direct I/O, so the daemon writes each copy in its copy-out; every
+    // other cut stages copies for their commit instead, as a cache object under --direct does.
+    let staging = if seed % 2 == 1 { "1" } else { "0" };
+    let env = [(snapblk::cow::STAGE_ENV, staging)];
+    let mut daemon = Daemon::start_with(None, &env, &argv, &socket);
     let w_socket = tmp.path().join("w.sock");
     assert!(run_cli(&[
         "snapshot",
@@ -305,7 +309,7 @@ fn one_cut(seed: u64, events_max: u64) {
     for (name, img) in images {
         std::fs::write(mnt.join(name), img).unwrap();
     }
-    let ctx = format!("power cut seed {seed}");
+    let ctx = format!("power cut seed {seed} (copies staged: {staging})");
     let check = Command::new(BIN)
         .args(["check", cache.to_str().unwrap()])
         .output()

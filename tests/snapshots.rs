@@ -422,6 +422,11 @@ fn first_writes_under_a_snapshot_share_their_syncs() {
     let writes = (DEPTH * ROUNDS) as u64;
     let stats = s.stats();
     assert_eq!(stats["cache"]["copies"].as_u64().unwrap(), writes);
+    assert_eq!(
+        stats["cache"]["copy_writes"].as_u64().unwrap(),
+        0,
+        "through the page cache each copy is written by its copy-out, none staged for a commit"
+    );
     let commits = stats["cache"]["commits"].as_u64().unwrap() - commits_before;
     assert!(
         commits * 2 <= writes,

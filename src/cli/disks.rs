@@ -163,6 +163,13 @@ pub(super) fn block_size(requested: Option<u32>, device: u32) -> Result<u32, Cli
     }
 }
 
+/// Whether the engine writes each origin copy in its copy-out rather than staging it for the
+/// commit: through the page cache it does (`cow/staged.rs`), unless `SNAPBLK_STAGE_COPIES`
+/// says otherwise.
+fn copies_at_once(args: &Disks<'_>) -> bool {
+    cow::staging_from_env().map_or(!args.direct, |stage| !stage)
+}
+
 /// Whether a block device holds no cache object and nothing else at its start (its first
 /// 8 KiB, where the header slots go, are zeros): it may be made into one.
 fn blank(dev: &FileStorage) -> Result<bool, std::io::Error> {
@@ -211,6 +218,7 @@ pub(super) fn open_cache(
         low_space_threshold: args.low_space,
         origin_tag: Some(origin_tag(args.origin)),
         copy_on_read: args.remote,
+        copies_at_once: copies_at_once(args),
     };
     let engine = CacheObject::open(origin, Arc::new(cache), opts).map_err(cow_err)?;
     if let Some(limit) = args.cache_size {
@@ -248,6 +256,7 @@ fn create(
         low_space_threshold: args.low_space.unwrap_or(0),
         origin_tag: origin_tag(args.origin),
         copy_on_read: args.remote,
+        copies_at_once: copies_at_once(args),
         ..CreateOptions::default()
     };
     match CacheObject::create(origin, Arc::new(cache), opts) {

@@ -91,4 +91,5 @@ pub use limit::{host_reserve, SizeLimit, AUTO_MAX_SIZE};
 pub use open::{CreateOptions, OpenOptions};
 pub use origin_copies::HydrationInfo;
 pub use resize::{NewSize, Resized, MAX_DEVICE_SIZE};
+pub use staged::{staging_from_env, STAGE_ENV};
 pub use waitlist::{OnFull, MAX_SPACE_WAITERS};

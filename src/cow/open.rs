@@ -42,6 +42,9 @@ pub struct CreateOptions {
     /// object as they are read (`INCOMPAT_ORIGIN_COPIES`). Its identity is then its size and
     /// a fingerprint of its content, which replaces `origin_tag`.
     pub copy_on_read: bool,
+    /// Each origin copy is written by its copy-out rather than staged for the next commit
+    /// (`staged.rs`): the daemon's choice for a cache object without direct I/O.
+    pub copies_at_once: bool,
 }
 
 impl Default for CreateOptions {
@@ -54,6 +57,7 @@ impl Default for CreateOptions {
             origin_tag: String::new(),
             host_limit: false,
             copy_on_read: false,
+            copies_at_once: false,
         }
     }
 }
@@ -70,6 +74,8 @@ pub struct OpenOptions {
     /// The origin is read-only and copied on read: must match how the cache object was
     /// made, and the origin's content must match its fingerprint (`origin_tag` is ignored).
     pub copy_on_read: bool,
+    /// As [`CreateOptions::copies_at_once`].
+    pub copies_at_once: bool,
 }
 
 impl CacheObject {
@@ -108,6 +114,7 @@ impl CacheObject {
         let opts = OpenOptions {
             low_space_threshold: Some(opts.low_space_threshold),
             copy_on_read: opts.copy_on_read,
+            copies_at_once: opts.copies_at_once,
             ..Default::default()
         };
         // The fingerprint was just taken: no need to sample the origin again.
@@ -160,7 +167,7 @@ impl CacheObject {
         let host =
             (header.compat & COMPAT_HOST_LIMIT != 0 && !cache.fixed_size()).then(HostRoom::default);
         let stripes = (0..STRIPES).map(|_| Stripe::default()).collect();
-        let stage_budget = StageBudget::new(!cache.io_align().is_none());
+        let stage_budget = StageBudget::new(!opts.copies_at_once);
         let registry = Arc::new(ArcSwap::from_pointee(meta.read_sides()));
         let history = meta.history.clone();
         let cor = meta.origin_copies.then(|| {

@@ -27,15 +27,16 @@
 //! at once does: the snapshots mapping its block are made inoperative by records logged before
 //! the commit takes them, so no mapping to a block without its data is ever durable.
 //!
-//! Only a cache object taking direct I/O stages copies ([`StageBudget::new`]). Through the page
-//! cache a copy's write is a memory copy wherever it is made, and staged, it was made by the
-//! commit, on the one thread a guest's FLUSH waits for, rather than by the copy-outs, several at
-//! once: page-cache first touches ran 1.6-1.8 times as fast, and with a FLUSH every 256 writes
-//! 1.2 times, without staging (docs/benchmarks.md, 2026-12-05). [`STAGE_ENV`] overrides the
-//! choice (the power-cut test runs both ways).
+//! The daemon stages copies only when its cache object takes direct I/O (`--direct`, see
+//! `cli/disks.rs`; the engine's option is `copies_at_once`). Through the page cache a copy's
+//! write is a memory copy wherever it is made, and staged, it was made by the commit, on the
+//! one thread a guest's FLUSH waits for, rather than by the copy-outs, several at once:
+//! page-cache first touches ran 1.6-1.8 times as fast, and with a FLUSH every 256 writes 1.2
+//! times, without staging (docs/benchmarks.md, 2026-12-05). [`STAGE_ENV`] overrides the
+//! daemon's choice (the power-cut test runs both ways).
 
 use crate::storage::AlignedBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -57,8 +58,18 @@ const ROOM_TO_STAGE: u64 = 2 * STAGED_BYTES_MAX as u64;
 /// How long a look at the file system's free space stays good.
 const ROOM_RECHECK: Duration = Duration::from_millis(500);
 
-/// Set to `1` copies are staged whatever the cache object's I/O, to `0` never (module doc).
+/// Set to `1` the daemon stages copies whatever its cache object's I/O, to `0` never (module
+/// doc).
 pub const STAGE_ENV: &str = "SNAPBLK_STAGE_COPIES";
+
+/// What [`STAGE_ENV`] asks for: `Some(stage)`, or `None` when it is unset or says neither.
+pub fn staging_from_env() -> Option<bool> {
+    match std::env::var(STAGE_ENV).as_deref() {
+        Ok("1") => Some(true),
+        Ok("0") => Some(false),
+        _ => None,
+    }
+}
 
 /// The copy of the origin's chunk `chunk` for block `block`, mapped by the record of `epoch`.
 pub(super) struct StagedCopy {
@@ -108,7 +119,7 @@ impl StagedCopies {
 #[derive(Debug, Default)]
 pub(super) struct StageBudget {
     /// Whether copies are staged at all (module doc).
-    enabled: AtomicBool,
+    enabled: bool,
     /// Bytes of copies being read for staging, staged, or being written by a commit.
     bytes: AtomicUsize,
     /// When the file system was last looked at, and whether it had [`ROOM_TO_STAGE`].
@@ -116,24 +127,13 @@ pub(super) struct StageBudget {
 }
 
 impl StageBudget {
-    /// The budget of a cache object that takes direct I/O if `direct` (which stages copies),
-    /// unless [`STAGE_ENV`] says otherwise.
-    pub(super) fn new(direct: bool) -> Self {
-        let enabled = match std::env::var(STAGE_ENV).as_deref() {
-            Ok("1") => true,
-            Ok("0") => false,
-            _ => direct,
-        };
+    /// The budget of an engine that stages copies if `enabled` (otherwise every reservation
+    /// is refused and each copy-out writes its copy).
+    pub(super) fn new(enabled: bool) -> Self {
         StageBudget {
-            enabled: AtomicBool::new(enabled),
+            enabled,
             ..StageBudget::default()
         }
-    }
-
-    /// Stages copies from now on if `on` (tests of the staging itself, on memory stores).
-    #[cfg(test)]
-    pub(super) fn set_enabled(&self, on: bool) {
-        self.enabled.store(on, Ordering::Relaxed);
     }
 
     /// [`reserve`](Self::reserve)s `n` bytes for a copy-out to stage its copy: given back when
@@ -158,7 +158,7 @@ impl StageBudget {
     /// store lives on no file system, a block device or memory, whose space is all there).
     /// Whoever reserved gives the bytes back with [`release`](Self::release).
     fn reserve(&self, n: usize, free: impl FnOnce() -> Option<u64>) -> bool {
-        if !self.enabled.load(Ordering::Relaxed) || !self.room(free) {
+        if !self.enabled || !self.room(free) {
             return false;
         }
         self.bytes
@@ -272,11 +272,35 @@ mod tests {
         eng.verify_in_memory().unwrap();
     }
 
+    /// An engine told to write copies at once (the daemon's choice without direct I/O, module
+    /// doc) stages nothing, and the origin's write is held as before.
+    #[test]
+    fn through_the_page_cache_copies_are_written_at_once() {
+        let m = mem_engine(4)
+            .origin(vec![7u8; 4 * C])
+            .copies_at_once()
+            .build();
+        let eng = Arc::new(m.engine);
+        eng.held.set_gather(Duration::from_secs(30));
+        eng.start_write_behind().expect("committer thread");
+        let s = eng.create_snapshot(DeviceId::ORIGIN, "s", false).unwrap();
+        eng.write(DeviceId::ORIGIN, 512, &[1u8; 512]).unwrap();
+        assert!(eng.read_state().staged.is_empty(), "nothing staged");
+        let st = eng.stats();
+        assert_eq!(
+            (st.copies, st.copy_writes, st.origin_writes_held),
+            (1, 0, 1)
+        );
+        let mut got = vec![0u8; C];
+        eng.read(s, 0, &mut got).unwrap();
+        assert!(got == vec![7u8; C], "the snapshot keeps its data");
+    }
+
     /// A refused reservation gives back nothing it did not take: the count stays exact, so
     /// the bound holds and the committer is urged only past the mark.
     #[test]
     fn a_refused_reservation_leaves_the_count_as_it_was() {
-        let b = StageBudget::default();
+        let b = StageBudget::new(true);
         b.reservation(STAGED_BYTES_MAX, || None)
             .expect("room")
             .staged();
@@ -309,7 +333,7 @@ mod tests {
         assert_eq!(s.take().len(), 2);
         assert!(s.is_empty());
 
-        let b = StageBudget::default();
+        let b = StageBudget::new(true);
         let mut looks = 0;
         let mut plenty = || {
             looks += 1;

@@ -95,6 +95,12 @@ impl EngineSpec {
         self
     }
 
+    /// Each origin copy written by its copy-out, not staged (the daemon without direct I/O).
+    pub fn copies_at_once(mut self) -> Self {
+        self.opts.copies_at_once = true;
+        self
+    }
+
     /// Origin identity recorded in the cache object.
     pub fn tag(mut self, tag: &str) -> Self {
         self.opts.origin_tag = tag.to_string();
