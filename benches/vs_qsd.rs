@@ -930,14 +930,16 @@ fn run_queue(mut job: QueueJob) -> Result<QueueResult, String> {
             // SAFETY: wait_some initialized the first `n` completions.
             let c = unsafe { c.assume_init_read() };
             in_flight -= 1;
+            let slot = c.user_data;
+            let was_flush = flush_slot == Some(slot);
+            if was_flush {
+                flush_slot = None;
+            }
             if c.ret != 0 {
                 first_err.get_or_insert_with(|| completion_error(&c));
                 continue;
             }
-            let slot = c.user_data;
-            if flush_slot == Some(slot) {
-                flush_slot = None;
-            } else {
+            if !was_flush {
                 if let Err(e) = check(slot, slot_off[slot]) {
                     first_err.get_or_insert(e);
                     continue;

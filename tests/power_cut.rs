@@ -239,8 +239,8 @@ fn one_cut(seed: u64, events_max: u64) {
     .map(|s| s.to_string())
     .collect();
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    // The files take no direct I/O, so the daemon writes each copy in its copy-out; every
-    // other cut stages copies for their commit instead, as a cache object under --direct does.
+    // Without --direct the daemon writes each copy in its copy-out; every other cut stages
+    // copies for their commit instead, as it does under --direct.
     let staging = if seed % 2 == 1 { "1" } else { "0" };
     let env = [(snapblk::cow::STAGE_ENV, staging)];
     let mut daemon = Daemon::start_with(None, &env, &argv, &socket);

@@ -116,7 +116,7 @@ impl StagedCopies {
 /// The memory staging may take, and whether the file system has room for it; outside the
 /// state lock, so that neither its count nor a look at the file system (`fstatvfs`, which can
 /// stall on a network file system) holds up the engine.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct StageBudget {
     /// Whether copies are staged at all (module doc).
     enabled: bool,
@@ -132,7 +132,8 @@ impl StageBudget {
     pub(super) fn new(enabled: bool) -> Self {
         StageBudget {
             enabled,
-            ..StageBudget::default()
+            bytes: AtomicUsize::new(0),
+            looked: Mutex::new(None),
         }
     }
 
@@ -294,6 +295,10 @@ mod tests {
         let mut got = vec![0u8; C];
         eng.read(s, 0, &mut got).unwrap();
         assert!(got == vec![7u8; C], "the snapshot keeps its data");
+        eng.flush().unwrap();
+        eng.read(DeviceId::ORIGIN, 0, &mut got).unwrap();
+        assert!(got[512..1024] == [1u8; 512] && got[..512] == [7u8; 512]);
+        eng.verify_in_memory().unwrap();
     }
 
     /// A refused reservation gives back nothing it did not take: the count stays exact, so
