@@ -174,7 +174,7 @@ impl Pipeline {
             };
         }
         if to_run > 0 {
-            self.run_the_rest(sched, ctx, mem, to_run);
+            self.run_the_rest(sched, ctx, mem);
         }
         (popped, emptied)
     }
@@ -212,13 +212,7 @@ impl Pipeline {
     /// Runs the popped requests that go through the device: on the I/O pool, without waiting
     /// for them (`pooled.rs`: they say when they are done, and [`Pipeline::progress`] answers
     /// them), or one by one here when there is no pool.
-    fn run_the_rest(
-        &mut self,
-        sched: &Scheduler,
-        ctx: &RequestContext<'_>,
-        mem: &GuestMemGuard,
-        _n: usize,
-    ) {
+    fn run_the_rest(&mut self, sched: &Scheduler, ctx: &RequestContext<'_>, mem: &GuestMemGuard) {
         let pool = sched.io_pool();
         if pool.is_none() {
             // Inline, a request may wait for a chunk a read in the ring holds (a write
