@@ -223,6 +223,9 @@ struct Config {
     /// A snapshot of snapblk's origin taken before each run, on a fresh cache object: its
     /// writes are first touches, copying the old data out (`--snapshot`).
     snapshot: bool,
+    /// Write cells end with a FLUSH per queue inside the measured time, as fio's
+    /// `end_fsync=1` does (`--end-flush`).
+    end_flush: bool,
     /// `cargo bench` passes `--bench`; `cargo test --benches`/`--all-targets` does not.
     bench_mode: bool,
 }
@@ -262,6 +265,10 @@ usage: cargo bench --bench vs_qsd -- [OPTIONS] [FILTER]
                     back lazily, synced on FLUSH), the external-snapshot equivalent; the
                     qsd-*-raw backends keep serving the raw image (the cost of a snapshot)
                     (env VS_QSD_SNAPSHOT=1)
+  --end-flush       write cells end with a FLUSH per queue, inside the measured time (as fio's
+                    end_fsync=1): their IOPS count the time until the writes are durable, so
+                    a backend that leaves them in a volatile cache pays for them at the end
+                    (env VS_QSD_END_FLUSH=1)
 
 backends: snapblk, snapblk-base (env SNAPBLK_BASE_BIN), snapblk-wsnap (snapblk serving a
   writable snapshot of the origin taken just before each run on a fresh cache object, with or
@@ -301,6 +308,7 @@ fn parse_config() -> Result<Config, String> {
     let mut rounds = env_or("VS_QSD_ROUNDS", "3");
     let mut direct = env_or("VS_QSD_DIRECT", "") == "1";
     let mut snapshot = env_or("VS_QSD_SNAPSHOT", "") == "1";
+    let mut end_flush = env_or("VS_QSD_END_FLUSH", "") == "1";
 
     let mut bench_mode = false;
     let mut args = std::env::args().skip(1);
@@ -323,6 +331,7 @@ fn parse_config() -> Result<Config, String> {
             "--rounds" => rounds = value("--rounds")?,
             "--direct" => direct = true,
             "--snapshot" => snapshot = true,
+            "--end-flush" => end_flush = true,
             s if s.starts_with('-') => return Err(format!("unknown option {s:?}\n\n{HELP}")),
             s => filter = s.to_string(),
         }
@@ -370,6 +379,7 @@ fn parse_config() -> Result<Config, String> {
         rounds,
         direct,
         snapshot,
+        end_flush,
         bench_mode,
     })
 }
@@ -837,12 +847,16 @@ struct QueueJob {
     seed: u64,
     measure_start: Instant,
     end: Instant,
+    /// Send a FLUSH once the writes in flight at `end` are done (`--end-flush`).
+    end_flush: bool,
 }
 
 #[derive(Default)]
 struct QueueResult {
     ops: u64,
     bytes: u64,
+    /// When the end FLUSH completed (`--end-flush`).
+    durable_at: Option<Instant>,
 }
 
 fn run_queue(mut job: QueueJob) -> Result<QueueResult, String> {
@@ -962,10 +976,20 @@ fn run_queue(mut job: QueueJob) -> Result<QueueResult, String> {
             }
         }
     }
-    match first_err {
-        Some(e) => Err(e),
-        None => Ok(res),
+    if let Some(e) = first_err {
+        return Err(e);
     }
+    if job.end_flush && w.pattern == Pattern::RandWrite && !stopping() {
+        job.q.flush(0, ReqFlags::empty());
+        wait_some(&mut job.q, &mut comps[..1])?;
+        // SAFETY: wait_some initialized the first completion.
+        let c = unsafe { comps[0].assume_init_read() };
+        if c.ret != 0 {
+            return Err(format!("end flush: {}", completion_error(&c)));
+        }
+        res.durable_at = Some(Instant::now());
+    }
+    Ok(res)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1065,6 +1089,7 @@ fn run_one(
             seed: 0x5eed_0000 + (cell as u64) * 131 + i as u64,
             measure_start,
             end,
+            end_flush: cfg.end_flush,
         })
         .collect();
 
@@ -1088,6 +1113,8 @@ fn run_one(
     });
     let mut ops = 0;
     let mut bytes = 0;
+    // The measured time, plus how long after its end the last end FLUSH completed.
+    let mut secs = cfg.secs;
     for (i, r) in results.into_iter().enumerate() {
         let r = r.map_err(|e| {
             let alive = daemon.check_alive().err().unwrap_or_default();
@@ -1095,6 +1122,9 @@ fn run_one(
         })?;
         ops += r.ops;
         bytes += r.bytes;
+        if let Some(t) = r.durable_at {
+            secs = secs.max(cfg.secs + t.saturating_duration_since(end).as_secs_f64());
+        }
     }
     if stopping() {
         return Err("interrupted".into());
@@ -1120,8 +1150,8 @@ fn run_one(
             .map_err(|e| format!("fsync {}: {e}", img.display()))?;
     }
     Ok(Measured {
-        iops: ops as f64 / cfg.secs,
-        mbps: bytes as f64 / 1e6 / cfg.secs,
+        iops: ops as f64 / secs,
+        mbps: bytes as f64 / 1e6 / secs,
         cpu,
     })
 }
@@ -1362,7 +1392,7 @@ fn main() {
         command_version("qemu-storage-daemon", "--version")
     );
     println!(
-        "# mode: {}{}",
+        "# mode: {}{}{}",
         if cfg.direct {
             "direct I/O (snapblk --direct; qsd cache.direct=on, qsd-fast aio=io_uring, \
              qsd-native aio=native)"
@@ -1373,6 +1403,11 @@ fn main() {
             "; snapshot before each run (first-touch writes): snapblk's origin has a fresh \
              read-only snapshot, qsd-fast/-native/-default serve a fresh qcow2 overlay \
              (64 KiB clusters) of the image, qsd-*-raw the raw image"
+        } else {
+            ""
+        },
+        if cfg.end_flush {
+            "; write cells end with a FLUSH per queue, counted in their time (--end-flush)"
         } else {
             ""
         }
