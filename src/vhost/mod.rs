@@ -30,6 +30,7 @@ mod handover;
 mod iopool;
 mod memory;
 mod pipeline;
+mod poll;
 mod pooled;
 mod pressure;
 mod queue;

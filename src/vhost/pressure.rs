@@ -9,7 +9,8 @@
 //! spin still finds requests, only later. The kernel's pressure stall information can:
 //! `/proc/pressure/cpu` counts the time some runnable task waited for a CPU. It is sampled
 //! at most every [`SAMPLE_EVERY`] by whichever worker asks first. Without the file (old
-//! kernels, PSI off) nothing changes.
+//! kernels, PSI off) nothing changes. What a contended worker does instead (yield between
+//! looks, or sleep) is `poll.rs`'s choice.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

@@ -12,6 +12,7 @@
 use super::dirty::mark_used_ring;
 use super::guest::{GuestMem, GuestMemGuard, MemView, WorkerMem};
 use super::pipeline::Pipeline;
+use super::poll::{poll_kind, poll_ring, poll_ring_yielding, PollKind};
 use super::request::RequestContext;
 use super::sched::{ActiveQueue, Batcher, IoEngine, Scheduler};
 use super::vring::Vring;
@@ -281,7 +282,8 @@ impl QueueWorker {
                 unsignaled,
             } = self.serve_available(ctx, vring, state)?;
             // One request per drain is a driver at queue depth 1: the only case where a spin
-            // on a contended host costs more than it saves (`pressure.rs`).
+            // on a contended host costs more than it saves (`pressure.rs`); there a worker
+            // on io_uring polls by yielding instead.
             let one_at_a_time = state.get_queue().next_avail().wrapping_sub(popped_from) <= 1;
             let guard = ctx.mem.memory();
             let mem = &*guard;
@@ -295,11 +297,24 @@ impl QueueWorker {
                 self.batcher.trim(&guard);
                 return Ok(());
             }
-            if !self.poll.is_zero() && used_any && !(one_at_a_time && ctx.sched.cpu_contended()) {
-                if let Some(_permit) = ctx.sched.poll_permit() {
-                    if poll_ring(state.get_queue_mut(), mem, self.poll).map_err(QueueFault::Ring)? {
-                        continue;
+            if !self.poll.is_zero() && used_any {
+                let contended_qd1 = one_at_a_time && ctx.sched.cpu_contended();
+                let on_uring = matches!(self.engine, EngineState::Ready(_));
+                let queue = state.get_queue_mut();
+                let found = match poll_kind(contended_qd1, on_uring) {
+                    PollKind::Yield => {
+                        poll_ring_yielding(queue, mem, self.poll).map_err(QueueFault::Ring)?
                     }
+                    PollKind::Spin => match ctx.sched.poll_permit() {
+                        Some(_permit) => {
+                            poll_ring(queue, mem, self.poll).map_err(QueueFault::Ring)?
+                        }
+                        None => false,
+                    },
+                    PollKind::Sleep => false,
+                };
+                if found {
+                    continue;
                 }
             }
             // Re-enable notifications and look once more: a request that arrived in between
@@ -503,25 +518,6 @@ fn signal_if_wanted<M: GuestMemory>(
         vring.notify_driver(state);
     }
     Ok(())
-}
-
-/// Spins for at most `budget` until the driver makes a request available.
-fn poll_ring<M: GuestMemory>(
-    queue: &mut Queue,
-    mem: &M,
-    budget: Duration,
-) -> Result<bool, virtio_queue::Error> {
-    let start = Instant::now();
-    loop {
-        let avail = queue.avail_idx(mem, Ordering::Acquire)?;
-        if avail.0 != queue.next_avail() {
-            return Ok(true);
-        }
-        if start.elapsed() >= budget {
-            return Ok(false);
-        }
-        std::hint::spin_loop();
-    }
 }
 
 /// Fails if the driver's avail index claims more requests than the ring holds.

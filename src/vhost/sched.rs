@@ -121,7 +121,8 @@ pub struct Scheduler {
     split_pool: OnceLock<Option<rayon::ThreadPool>>,
     /// Queue workers polling right now.
     pollers: OwnLine,
-    /// Whether other tasks wait for a CPU: then nobody polls (`pressure.rs`).
+    /// Whether other tasks wait for a CPU: then no worker serving one request at a time spins
+    /// (`pressure.rs`, `poll.rs`).
     pressure: CpuPressure,
     /// Queues in use: those that have served a request since their frontend connected.
     active_queues: AtomicUsize,
