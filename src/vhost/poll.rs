@@ -57,7 +57,7 @@ pub(super) fn poll_kind(contended_qd1: bool, on_uring: bool) -> PollKind {
 /// (or another queue's worker) needs to make the next request; not polling at all costs a kick
 /// and a wakeup per request, which on a contended CPU wait their turn. Yielding lets the driver
 /// run at once and still catches its request without either: with one core kept busy and two
-/// queues at QD1, 1.19 times the requests for less CPU (docs/benchmarks.md, 2026-12-05).
+/// queues at QD1, 1.2-1.4 times the requests for the same CPU (docs/benchmarks.md, 2026-12-05).
 pub(super) fn poll_ring_yielding<M: GuestMemory>(
     queue: &mut Queue,
     mem: &M,
