@@ -319,8 +319,11 @@ fn injected_errors_are_retried_and_persistent_ones_fail() {
         &["error"],
         &["error-pread-rate=30%", "error=EIO", &file],
     );
-    // Errors only once the daemon has the image's identity.
-    let _daemon = env.serve(&server.uri(), &["--origin-timeout", "2"]);
+    // Errors only once the daemon has the image's identity. A fetch fails only if every
+    // attempt before its deadline fails: with 30% of reads failing and a 2 s deadline (6
+    // attempts) one fetch in 1 400 did, once in about 90 runs of this read (CI, 2026-12-05);
+    // with 10 s (10 attempts), one in 170 000.
+    let mut daemon = env.serve(&server.uri(), &["--origin-timeout", "10"]);
     fs::write(&trigger, b"").unwrap();
     let s = env.snapshot("s", false);
     assert!(
@@ -330,8 +333,13 @@ fn injected_errors_are_retried_and_persistent_ones_fail() {
     assert!(env.stat("origin_failed_requests") > 0);
     assert_eq!(env.stat("origin_fetch_errors"), 0);
 
-    // Every read fails while the file exists.
+    // A 2 s deadline from here on; a clean restart keeps the chunks fetched so far.
     fs::remove_file(&trigger).unwrap();
+    let st = daemon.signal_and_wait(libc::SIGTERM);
+    assert!(st.0.success(), "{}", st.1);
+    let _daemon = env.serve(&server.uri(), &["--origin-timeout", "2"]);
+
+    // Every read fails while the file exists.
     server.kill();
     let mut server = NbdServer::nbdkit(
         &env.p("golden.img"),
