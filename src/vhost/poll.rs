@@ -9,14 +9,24 @@ use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemory;
 
-/// Spins for at most `budget` until the driver makes a request available.
+/// Watches the ring for at most `budget` until the driver makes a request available, calling
+/// `between` before each look: [`std::hint::spin_loop`] to spin, or
+/// [`std::thread::yield_now`] for a driver at queue depth 1 on a contended CPU. A spin there
+/// takes the time the driver (or another queue's worker) needs to make the next request; not
+/// watching at all costs a kick and a wakeup per request, which on a contended CPU wait their
+/// turn. Yielding lets the driver run at once and still catches its request without either:
+/// with one core kept busy and two queues at QD1, 1.2-1.4 times the requests for the same CPU
+/// (docs/benchmarks.md, 2026-12-05).
 pub(super) fn poll_ring<M: GuestMemory>(
     queue: &mut Queue,
     mem: &M,
     budget: Duration,
+    between: impl Fn(),
 ) -> Result<bool, virtio_queue::Error> {
     let start = Instant::now();
     loop {
+        // The caller has just found the ring empty.
+        between();
         let avail = queue.avail_idx(mem, Ordering::Acquire)?;
         if avail.0 != queue.next_avail() {
             return Ok(true);
@@ -24,16 +34,15 @@ pub(super) fn poll_ring<M: GuestMemory>(
         if start.elapsed() >= budget {
             return Ok(false);
         }
-        std::hint::spin_loop();
     }
 }
 
 /// How a worker watches its ring after a drain, before it sleeps until the next kick.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum PollKind {
-    /// [`poll_ring`], if a poll permit is free.
+    /// [`poll_ring`] spinning, if a poll permit is free.
     Spin,
-    /// [`poll_ring_yielding`].
+    /// [`poll_ring`] yielding between looks.
     Yield,
     /// Not at all.
     Sleep,
@@ -49,30 +58,6 @@ pub(super) fn poll_kind(contended_qd1: bool, on_uring: bool) -> PollKind {
         (false, _) => PollKind::Spin,
         (true, true) => PollKind::Yield,
         (true, false) => PollKind::Sleep,
-    }
-}
-
-/// Like [`poll_ring`], for a driver at queue depth 1 on a contended CPU: gives the CPU away
-/// between looks (`sched_yield`) rather than spinning. A spin there takes the time the driver
-/// (or another queue's worker) needs to make the next request; not polling at all costs a kick
-/// and a wakeup per request, which on a contended CPU wait their turn. Yielding lets the driver
-/// run at once and still catches its request without either: with one core kept busy and two
-/// queues at QD1, 1.2-1.4 times the requests for the same CPU (docs/benchmarks.md, 2026-12-05).
-pub(super) fn poll_ring_yielding<M: GuestMemory>(
-    queue: &mut Queue,
-    mem: &M,
-    budget: Duration,
-) -> Result<bool, virtio_queue::Error> {
-    let start = Instant::now();
-    loop {
-        std::thread::yield_now();
-        let avail = queue.avail_idx(mem, Ordering::Acquire)?;
-        if avail.0 != queue.next_avail() {
-            return Ok(true);
-        }
-        if start.elapsed() >= budget {
-            return Ok(false);
-        }
     }
 }
 
@@ -102,7 +87,7 @@ mod tests {
         let budget = Duration::from_millis(20);
         let start = Instant::now();
         assert!(
-            !poll_ring_yielding(queue, &r.mem, budget).unwrap(),
+            !poll_ring(queue, &r.mem, budget, std::thread::yield_now).unwrap(),
             "nothing available"
         );
         assert!(start.elapsed() >= budget, "polled for its whole budget");
@@ -113,7 +98,13 @@ mod tests {
                 r.mem.write_obj(1u16, GuestAddress(0x2002)).unwrap();
             });
             let start = Instant::now();
-            let found = poll_ring_yielding(queue, &r.mem, Duration::from_secs(10)).unwrap();
+            let found = poll_ring(
+                queue,
+                &r.mem,
+                Duration::from_secs(10),
+                std::thread::yield_now,
+            )
+            .unwrap();
             assert!(found, "the request made during the poll");
             assert!(start.elapsed() < Duration::from_secs(5), "found when made");
         });

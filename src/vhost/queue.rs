@@ -12,7 +12,7 @@
 use super::dirty::mark_used_ring;
 use super::guest::{GuestMem, GuestMemGuard, MemView, WorkerMem};
 use super::pipeline::Pipeline;
-use super::poll::{poll_kind, poll_ring, poll_ring_yielding, PollKind};
+use super::poll::{poll_kind, poll_ring, PollKind};
 use super::request::RequestContext;
 use super::sched::{ActiveQueue, Batcher, IoEngine, Scheduler};
 use super::vring::Vring;
@@ -302,13 +302,11 @@ impl QueueWorker {
                 let on_uring = matches!(self.engine, EngineState::Ready(_));
                 let queue = state.get_queue_mut();
                 let found = match poll_kind(contended_qd1, on_uring) {
-                    PollKind::Yield => {
-                        poll_ring_yielding(queue, mem, self.poll).map_err(QueueFault::Ring)?
-                    }
+                    PollKind::Yield => poll_ring(queue, mem, self.poll, std::thread::yield_now)
+                        .map_err(QueueFault::Ring)?,
                     PollKind::Spin => match ctx.sched.poll_permit() {
-                        Some(_permit) => {
-                            poll_ring(queue, mem, self.poll).map_err(QueueFault::Ring)?
-                        }
+                        Some(_permit) => poll_ring(queue, mem, self.poll, std::hint::spin_loop)
+                            .map_err(QueueFault::Ring)?,
                         None => false,
                     },
                     PollKind::Sleep => false,
